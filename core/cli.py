@@ -1,0 +1,138 @@
+"""Command line: ``python -m core {score,prune,eval,models}`` — the same engine as the dashboard."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import HFPruneError
+
+
+def _common(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded alias, hub id, model folder or .gguf file")
+    if data:
+        parser.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
+        parser.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+        parser.add_argument("--source", default="wiki", help="calibration text: wiki, news, or a .txt/.jsonl path")
+        parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
+        parser.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .criteria import REGISTRY
+    from .pipeline import ALLOCATIONS
+
+    parser = argparse.ArgumentParser(prog="python -m core", description="HFPrune Studio engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    score = sub.add_parser("score", help="score every MLP neuron and save the scores (.safetensors)")
+    _common(score)
+    score.add_argument("--criterion", default="entropy", choices=sorted(REGISTRY))
+    score.add_argument("--out", required=True, help="output .safetensors file")
+
+    prune = sub.add_parser("prune", help="score, prune and export a smaller model folder")
+    _common(prune)
+    prune.add_argument("--criterion", default="entropy", choices=sorted(REGISTRY))
+    prune.add_argument("--scores", help="reuse a scores file from 'score' instead of scoring again")
+    prune.add_argument("--ratio", type=float, required=True, help="fraction of MLP neurons removed, 0 <= R < 1")
+    prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    prune.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (8/64/128)")
+    prune.add_argument("--export", default="hf-native", choices=["hf-native"])
+    prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+
+    ev = sub.add_parser("eval", help="perplexity and fidelity to a reference model")
+    _common(ev, data=False)
+    ev.add_argument("--reference", help="model to compare against (KL, top-1 agreement, top-10 overlap)")
+    ev.add_argument("--text", default="wiki", help="evaluation text: wiki (held-out articles), news, or a file")
+    ev.add_argument("--windows", type=int, default=8, help="non-overlapping evaluation windows")
+    ev.add_argument("--seq-len", type=int, default=128)
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("models", help="list the embedded model aliases")
+    return parser
+
+
+def _cmd_score(args) -> dict:
+    from .models import load_model
+    from .pipeline import score_model
+
+    out = Path(args.out)
+    if out.exists():
+        raise HFPruneError(f"Output file {out} already exists; choose a new path.")
+    if out.suffix != ".safetensors":
+        raise HFPruneError(f"--out must end in .safetensors, got '{out.name}'.")
+    if not out.parent.exists():
+        raise HFPruneError(f"Parent folder {out.parent} does not exist.")
+    loaded = load_model(args.model)
+    result = score_model(loaded, args.criterion, source=args.source, samples=args.samples, seq_len=args.seq_len,
+                         seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    result.save(out)
+    tokens = result.config["tokens"]
+    return {"out": str(out), "seconds": round(result.seconds, 2),
+            "seconds_per_1k_tokens": round(1000 * result.seconds / tokens, 3), **result.config}
+
+
+def _cmd_prune(args) -> dict:
+    from .allocate import check_ratio
+    from .bench import count_params
+    from .export import check_output_dir, save_pruned
+    from .models import load_model
+    from .pipeline import ScoreResult, prune_with_scores, score_model
+
+    check_ratio(args.ratio)
+    check_output_dir(args.out)
+    loaded = load_model(args.model)
+    if args.scores:
+        result = ScoreResult.load(args.scores)
+    else:
+        result = score_model(loaded, args.criterion, source=args.source, samples=args.samples, seq_len=args.seq_len,
+                             seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    pruned = prune_with_scores(loaded, result, args.ratio, allocation=args.allocation, round_to=args.round_to)
+    target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=args.export)
+    before, after = count_params(loaded.model), count_params(pruned.model)
+    return {"out": str(target), "criterion": result.config.get("criterion"), "ratio": args.ratio,
+            "intermediate_sizes": pruned.widths, "params_before": before["params"], "params_after": after["params"],
+            "scoring_seconds": round(result.seconds, 2)}
+
+
+def _cmd_eval(args) -> dict:
+    from .data import evaluation_windows
+    from .evaluate import evaluate
+    from .models import load_model
+
+    loaded = load_model(args.model)
+    windows = evaluation_windows(loaded.tokenizer, args.text, args.windows, args.seq_len, max_length=loaded.max_length)
+    reference = load_model(args.reference).model if args.reference else None
+    result = evaluate(loaded.model, windows, reference, batch_size=args.batch_size, progress=not args.quiet)
+    return {"model": args.model, "reference": args.reference, "text": args.text, **result.to_dict()}
+
+
+def _cmd_models(_args) -> dict:
+    from .models import EMBEDDED
+
+    return {alias: entry.description for alias, entry in EMBEDDED.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = {"score": _cmd_score, "prune": _cmd_prune, "eval": _cmd_eval, "models": _cmd_models}[args.command]
+    try:
+        result = handler(args)
+    except HFPruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False) or args.command != "eval":
+        print(json.dumps(result, indent=None if getattr(args, "json", False) else 2))
+    else:
+        for key, value in result.items():
+            print(f"{key:>18}: {value}")
+    return 0

@@ -1,0 +1,202 @@
+"""Calibration and evaluation text, and fixed-length token windows.
+
+Built-in sources (no network): ``wiki`` — the English Wikipedia excerpt shipped in the gensim
+wheel, cleaned and split *by article* into disjoint calibration / evaluation sets; ``news`` — the
+300 Lee news paragraphs shipped with gensim (split by paragraph). A path to a .txt or .jsonl file
+(``text`` field per line) is used as is for both roles.
+"""
+from __future__ import annotations
+
+import bz2
+import functools
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+from .paths import data_dir
+
+BUILTIN_SOURCES = ("wiki", "news")
+SPLITS = ("calibration", "evaluation")
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILE = "lee_background.cor"
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+_CLEAN_VERSION = 1
+
+
+def _gensim_test_data() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise DataError("The built-in corpora need the 'gensim' package (pip install gensim==4.4.0).")
+    return Path(spec.origin).parent / "test" / "test_data"
+
+
+_MARKUP_LINE = re.compile(r"^\s*(\||\{|\}|!|=|\[\[|<|thumb\b)")
+
+
+def clean_wiki_text(raw: str) -> str:
+    """Wiki markup → plain paragraphs: gensim's filter_wiki, then drop headings/table/markup lines."""
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(raw)
+    kept = []
+    for line in text.splitlines():
+        line = line.replace("'''", "").replace("''", "").strip()
+        line = re.sub(r"\s+([,.;:)])", r"\1", re.sub(r"\(\s*[,;]?\s*\)", "", line))
+        line = re.sub(r"\s{2,}", " ", line)
+        if not line or _MARKUP_LINE.match(line) or len(line.split()) < 6:
+            continue
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def _is_evaluation_article(title: str) -> bool:
+    """Fixed, seed-independent split: one article in four (by title hash) is held out for evaluation."""
+    return int(hashlib.md5(title.encode("utf-8")).hexdigest(), 16) % 4 == 0
+
+
+@functools.lru_cache(maxsize=1)
+def wiki_articles() -> tuple[tuple[str, str, str], ...]:
+    """All cleaned articles as (title, split, text), cached as JSON under the data cache."""
+    cache = data_dir() / f"wiki_clean_v{_CLEAN_VERSION}.json"
+    if cache.exists():
+        return tuple(tuple(row) for row in json.loads(cache.read_text()))
+    from gensim.corpora.wikicorpus import extract_pages
+
+    source = _gensim_test_data() / WIKI_FILE
+    if not source.exists():
+        raise DataError(f"The Wikipedia excerpt is missing from gensim ({source}).")
+    rows = []
+    with bz2.BZ2File(source) as handle:
+        for title, raw, _pageid in extract_pages(handle):
+            if raw.lstrip().lower().startswith("#redirect"):
+                continue
+            text = clean_wiki_text(raw)
+            if len(text) < 500:
+                continue
+            rows.append((title, "evaluation" if _is_evaluation_article(title) else "calibration", text))
+    rows.sort(key=lambda row: row[0])
+    tmp = cache.with_suffix(".partial")
+    tmp.write_text(json.dumps(rows))
+    os.replace(tmp, cache)
+    return tuple(rows)
+
+
+def news_paragraphs() -> list[str]:
+    path = _gensim_test_data() / NEWS_FILE
+    if not path.exists():
+        raise DataError(f"The news paragraphs are missing from gensim ({path}).")
+    return [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+
+
+def read_text_file(path: str | os.PathLike) -> list[str]:
+    """User text: a .txt (blank-line separated documents) or .jsonl with a ``text`` field per line."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"Text file not found: {path}.")
+    size = file.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise DataError(f"Text file {file.name} is {size / 2**20:.0f} MiB; the limit is {MAX_UPLOAD_BYTES // 2**20} MiB.")
+    try:
+        content = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Text file {file.name} is not UTF-8 text.") from exc
+    if file.suffix.lower() == ".jsonl":
+        docs = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{file.name} line {number} is not valid JSON.") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{file.name} line {number} has no string 'text' field.")
+            docs.append(record["text"])
+    elif file.suffix.lower() in (".txt", ".md", ".text", ""):
+        docs = [block.strip() for block in re.split(r"\n\s*\n", content)]
+    else:
+        raise DataError(f"Unsupported text file type '{file.suffix}'; use .txt or .jsonl.")
+    docs = [doc for doc in docs if doc.strip()]
+    if not docs:
+        raise DataError(f"Text file {file.name} contains no text.")
+    return docs
+
+
+def documents(source: str, split: str) -> list[str]:
+    """The documents of a source for one role (``calibration`` or ``evaluation``)."""
+    if split not in SPLITS:
+        raise DataError(f"Unknown split '{split}'; use one of {SPLITS}.")
+    if source == "wiki":
+        return [text for _title, part, text in wiki_articles() if part == split]
+    if source == "news":
+        paragraphs = news_paragraphs()
+        return [p for i, p in enumerate(paragraphs) if (i % 4 == 3) == (split == "evaluation")]
+    return read_text_file(source)
+
+
+def _tokenizer_key(tokenizer) -> str:
+    return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+
+
+_TOKEN_CACHE: dict[tuple[str, str, str, float], torch.Tensor] = {}
+
+
+def token_stream(tokenizer, source: str, split: str) -> torch.Tensor:
+    """All documents tokenised and joined with the EOS token: 1-D LongTensor of token ids."""
+    mtime = os.path.getmtime(source) if os.path.isfile(source) else 0.0
+    key = (_tokenizer_key(tokenizer), source, split, mtime)
+    if key not in _TOKEN_CACHE:
+        docs = documents(source, split)
+        eos = tokenizer.eos_token_id
+        ids: list[int] = []
+        for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+            ids.extend(encoded)
+            if eos is not None:
+                ids.append(eos)
+        if len(_TOKEN_CACHE) > 16:
+            _TOKEN_CACHE.clear()
+        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+    return _TOKEN_CACHE[key]
+
+
+def _check_lengths(count: int, seq_len: int, max_length: int | None, what: str) -> None:
+    if count < 1:
+        raise DataError(f"The number of {what} must be at least 1 (got {count}).")
+    if seq_len < 8:
+        raise DataError(f"Sequence length must be at least 8 tokens (got {seq_len}).")
+    if max_length is not None and seq_len > max_length:
+        raise DataError(f"Sequence length {seq_len} is longer than the model allows ({max_length} tokens).")
+
+
+def calibration_windows(tokenizer, source: str = "wiki", samples: int = 16, seq_len: int = 128,
+                        seed: int = 0, max_length: int | None = None) -> torch.Tensor:
+    """``samples`` non-overlapping windows of ``seq_len`` tokens from the calibration split,
+    chosen at random by ``seed`` (deterministic). Returns LongTensor (samples, seq_len)."""
+    _check_lengths(samples, seq_len, max_length, "calibration samples")
+    stream = token_stream(tokenizer, source, "calibration")
+    available = len(stream) // seq_len
+    if available < samples:
+        raise DataError(f"The calibration text has {len(stream)} tokens: enough for {available} windows of "
+                        f"{seq_len}, but {samples} were asked for.")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=generator)[:samples].sort().values * seq_len
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+
+
+def evaluation_windows(tokenizer, source: str = "wiki", windows: int = 8, seq_len: int = 128,
+                       max_length: int | None = None) -> torch.Tensor:
+    """The first ``windows`` non-overlapping windows of the evaluation split: (windows, seq_len)."""
+    _check_lengths(windows, seq_len, max_length, "evaluation windows")
+    stream = token_stream(tokenizer, source, "evaluation")
+    available = len(stream) // seq_len
+    if available < windows:
+        raise DataError(f"The evaluation text has {len(stream)} tokens: enough for {available} windows of "
+                        f"{seq_len}, but {windows} were asked for.")
+    return stream[: windows * seq_len].view(windows, seq_len).clone()

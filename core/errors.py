@@ -1,0 +1,21 @@
+"""Errors the engine raises for input a user can fix; each carries one clear sentence."""
+
+
+class HFPruneError(Exception):
+    """Base class: the message is meant to be shown to the user as is."""
+
+
+class ModelLoadError(HFPruneError):
+    """The model spec could not be resolved or loaded."""
+
+
+class UnsupportedArchitectureError(HFPruneError):
+    """The model loaded but its MLPs are not of a kind the engine knows how to prune."""
+
+
+class DataError(HFPruneError):
+    """Calibration/evaluation text is missing, empty, too short or malformed."""
+
+
+class PruneConfigError(HFPruneError):
+    """Ratio, widths or export options are invalid for this model."""

@@ -1,0 +1,55 @@
+"""Physically remove MLP neurons: slice gate/up rows and down columns; the result is a smaller model."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .adapters import mlp_handles
+from .errors import PruneConfigError
+
+
+def _sliced_linear(layer: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping ``index`` along ``dim`` of the weight (0 = output rows, 1 = input columns)."""
+    weight = layer.weight.detach().index_select(dim, index.to(layer.weight.device)).clone()
+    has_bias = layer.bias is not None
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if has_bias:
+            bias = layer.bias.detach()
+            new.bias.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    return new
+
+
+def prune_mlp_neurons(model: nn.Module, kept: list[torch.Tensor], inplace: bool = False) -> nn.Module:
+    """Keep only the neurons ``kept[l]`` (ascending LongTensor) in each layer's MLP.
+
+    Updates ``config.intermediate_size`` when all layers end equal, else records the per-layer
+    widths in ``config.intermediate_sizes``. Returns the pruned model (a copy unless inplace).
+    """
+    target = model if inplace else copy.deepcopy(model)
+    handles = mlp_handles(target)
+    if len(kept) != len(handles):
+        raise PruneConfigError(f"Got kept indices for {len(kept)} layers; the model has {len(handles)}.")
+    for h, index in zip(handles, kept):
+        index = torch.as_tensor(index, dtype=torch.long)
+        if index.numel() < 1:
+            raise PruneConfigError(f"Layer {h.index} would keep no neurons.")
+        if index.min() < 0 or index.max() >= h.width or index.unique().numel() != index.numel():
+            raise PruneConfigError(f"Layer {h.index}: kept indices must be unique and within [0, {h.width}).")
+        h.mlp.gate_proj = _sliced_linear(h.gate, index, 0)
+        h.mlp.up_proj = _sliced_linear(h.up, index, 0)
+        h.mlp.down_proj = _sliced_linear(h.down, index, 1)
+        if hasattr(h.mlp, "intermediate_size"):
+            h.mlp.intermediate_size = int(index.numel())
+    widths = [h.width for h in mlp_handles(target)]
+    if len(set(widths)) == 1:
+        target.config.intermediate_size = widths[0]
+        if hasattr(target.config, "intermediate_sizes"):
+            del target.config.intermediate_sizes
+    else:
+        target.config.intermediate_sizes = widths
+    return target
