@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from .errors import HFPruneError
+
+# Modules that add subcommands: each defines ``register(subparsers)`` and sets ``handler=`` on its
+# parsers via ``set_defaults``; the handler takes the parsed args and returns a JSON-able dict.
+EXTENSIONS: list[str] = []
 
 
 def _common(parser: argparse.ArgumentParser, data: bool = True) -> None:
@@ -53,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("models", help="list the embedded model aliases")
+    for module in EXTENSIONS:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    handler = {"score": _cmd_score, "prune": _cmd_prune, "eval": _cmd_eval, "models": _cmd_models}[args.command]
+    builtin = {"score": _cmd_score, "prune": _cmd_prune, "eval": _cmd_eval, "models": _cmd_models}
+    handler = getattr(args, "handler", None) or builtin[args.command]
     try:
         result = handler(args)
     except HFPruneError as exc:
