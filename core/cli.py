@@ -12,7 +12,7 @@ from .errors import HFPruneError
 
 # Modules that add subcommands: each defines ``register(subparsers)`` and sets ``handler=`` on its
 # parsers via ``set_defaults``; the handler takes the parsed args and returns a JSON-able dict.
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["core.cli_quantize"]
 
 
 def _common(parser: argparse.ArgumentParser, data: bool = True) -> None:
@@ -88,11 +88,13 @@ def _cmd_prune(args) -> dict:
     from .bench import count_params
     from .export import check_output_dir, save_pruned
     from .models import load_model
-    from .pipeline import ScoreResult, prune_with_scores, score_model
+    from .pipeline import ScoreResult, plan_widths, prune_with_scores, score_model
 
     check_ratio(args.ratio)
     check_output_dir(args.out)
     loaded = load_model(args.model)
+    if args.allocation == "uniform":  # fail on a layer-emptying ratio before spending time on scoring
+        plan_widths(loaded.model, args.ratio, args.allocation, args.round_to)
     if args.scores:
         result = ScoreResult.load(args.scores)
     else:

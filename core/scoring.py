@@ -2,7 +2,7 @@
 
 Taylor importance (HFPrune §3): capture ``a`` (B, T, d_ff) at the input of each ``down_proj``
 and ``g = dL/da`` in the backward pass, and accumulate ``I_j = Σ_samples Σ_t |a_tj · g_tj|`` in
-fp32. All weights are frozen; the gradient enters at the embedding output, so no weight gradient
+fp32. All weights are frozen; the gradient enters at the first MLP's input, so no weight gradient
 is ever computed or stored. The loss over the vocabulary is evaluated in position chunks on the
 final hidden states with a two-stage backward, so (B·T, V) fp32 logits never exist at once.
 """
@@ -108,11 +108,16 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
                 a.register_hook(grad_hook)
         return pre_hook
 
-    def embed_hook(_module, _args, output):
-        return output.requires_grad_(True)  # let the gradient flow from the embedding output
+    def grad_entry_hook(_module, args, kwargs):
+        # The gradient enters at the first MLP's input: nothing below it (embeddings, layer 0
+        # attention) needs a backward pass, and no weight ever needs a gradient.
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: kwargs[key].detach().requires_grad_(True)}
 
     registered = [h.down.register_forward_pre_hook(make_pre_hook(h.index)) for h in handles]
-    registered.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+    registered.append(handles[0].mlp.register_forward_pre_hook(grad_entry_hook, with_kwargs=True))
     device = next(model.parameters()).device
     with frozen(model), hooks(registered), torch.enable_grad():
         for batch in tqdm(batches(windows, batch_size), desc="scoring", unit="batch", disable=not progress):

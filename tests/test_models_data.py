@@ -1,0 +1,127 @@
+"""Model resolution (alias, folder, .gguf, hub id) and calibration/evaluation data."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from core import data
+from core.errors import DataError, ModelLoadError, UnsupportedArchitectureError
+from core.models import load_model
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, real_tokenizer):
+    """A local model folder built from a config (stands in for any hub download)."""
+    model = make_tiny("qwen3")
+    model.save_pretrained(tmp_path / "qwen3")
+    real_tokenizer.save_pretrained(tmp_path / "qwen3")
+    return tmp_path / "qwen3", model
+
+
+def test_local_folder_loads_with_same_logits(tiny_folder):
+    folder, model = tiny_folder
+    loaded = load_model(str(folder))
+    ids = torch.randint(0, 49152, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert loaded.model.config.model_type == "qwen3" and not loaded.model.training
+
+
+def test_unknown_hub_id_offline_is_one_clear_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not an embedded alias.*Hugging Face Hub could not provide it"):
+        load_model("someone/does-not-exist-model")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("", "No model given"),
+    ("./missing-folder", "Model folder not found"),
+    ("missing.gguf", "GGUF file not found"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(spec)
+
+
+def test_folder_without_config_and_corrupt_weights(tmp_path, tiny_folder):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    folder, _ = tiny_folder
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="Could not load"):
+        load_model(str(folder))
+    plain = tmp_path / "notes.txt"
+    plain.write_text("hi")
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        load_model(str(plain))
+
+
+def test_unsupported_architecture_names_supported_ones(tmp_path, real_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    real_tokenizer.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported.*llama, mistral, qwen2, qwen3"):
+        load_model(str(tmp_path / "gpt2"))
+
+
+def test_wiki_split_is_by_article_and_disjoint():
+    articles = data.wiki_articles()
+    calib = {t for t, split, _ in articles if split == "calibration"}
+    evals = {t for t, split, _ in articles if split == "evaluation"}
+    assert len(articles) >= 90 and calib.isdisjoint(evals) and len(evals) >= 15
+    assert sum(len(text) for *_, text in articles) > 2_000_000
+    joined = "\n".join(data.documents("wiki", "evaluation"))
+    assert "'''" not in joined and "{{" not in joined and "[[" not in joined
+
+
+def test_windows_deterministic_by_seed_and_disjoint_from_eval(real_tokenizer):
+    a = data.calibration_windows(real_tokenizer, "wiki", 8, 64, seed=0)
+    b = data.calibration_windows(real_tokenizer, "wiki", 8, 64, seed=0)
+    c = data.calibration_windows(real_tokenizer, "wiki", 8, 64, seed=1)
+    assert a.shape == (8, 64) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    e = data.evaluation_windows(real_tokenizer, "wiki", 4, 64)
+    assert e.shape == (4, 64) and torch.equal(e, data.evaluation_windows(real_tokenizer, "wiki", 4, 64))
+    n = data.calibration_windows(real_tokenizer, "news", 4, 64)
+    assert n.shape == (4, 64)
+
+
+def test_user_files(tmp_path, real_tokenizer):
+    txt = tmp_path / "a.txt"
+    txt.write_text("First document here.\n\nSecond document " + "word " * 300)
+    assert len(data.read_text_file(txt)) == 2
+    w = data.calibration_windows(real_tokenizer, str(txt), 2, 32)
+    assert w.shape == (2, 32)
+    jl = tmp_path / "b.jsonl"
+    jl.write_text(json.dumps({"text": "hello " * 50}) + "\n" + json.dumps({"text": "world " * 50}) + "\n")
+    assert data.read_text_file(jl) == ["hello " * 50, "world " * 50]
+
+
+@pytest.mark.parametrize("content,suffix,message", [
+    ("", ".txt", "contains no text"),
+    ("   \n\n  ", ".txt", "contains no text"),
+    ('{"nottext": 1}\n', ".jsonl", "no string 'text' field"),
+    ("{broken\n", ".jsonl", "line 1 is not valid JSON"),
+    ("a,b\n", ".csv", "Unsupported text file type"),
+])
+def test_bad_text_files(tmp_path, content, suffix, message):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        data.read_text_file(path)
+
+
+def test_too_short_text_and_lengths(tmp_path, real_tokenizer):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(DataError, match="enough for 0 windows of 64, but 4 were asked for"):
+        data.calibration_windows(real_tokenizer, str(short), 4, 64)
+    with pytest.raises(DataError, match="longer than the model allows"):
+        data.calibration_windows(real_tokenizer, "wiki", 2, 4096, max_length=2048)
+    with pytest.raises(DataError, match="at least 1"):
+        data.evaluation_windows(real_tokenizer, "wiki", 0, 64)
+    with pytest.raises(DataError, match="Text file not found"):
+        data.calibration_windows(real_tokenizer, "/nonexistent/file.txt", 2, 64)
