@@ -1,6 +1,8 @@
 """How many neurons each layer keeps, and which ones."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import PruneConfigError
@@ -51,3 +53,80 @@ def top_k_indices(scores: list[torch.Tensor], widths: list[int]) -> list[torch.T
         order = torch.argsort(score.float(), descending=True, stable=True)
         kept.append(order[:keep].sort().values)
     return kept
+
+
+NORMALIZATIONS = ("mean", "zscore", "none")
+
+
+def normalize_scores(scores: list[torch.Tensor], method: str = "mean") -> list[torch.Tensor]:
+    """Make per-layer scores comparable across layers: divide by the layer mean (``mean``) or
+    standardise to zero mean / unit std (``zscore``); ``none`` keeps raw scores (for criteria whose
+    scores already share a unit across layers, such as fisher's KL-increase estimates)."""
+    if method not in NORMALIZATIONS:
+        raise PruneConfigError(f"Unknown normalisation '{method}'; choose one of: {', '.join(NORMALIZATIONS)}.")
+    out = []
+    for score in scores:
+        s = score.detach().float().cpu()
+        if method == "none":
+            out.append(s)
+        elif method == "mean":
+            out.append(s / s.mean().clamp_min(1e-30))
+        else:
+            out.append((s - s.mean()) / s.std(unbiased=False).clamp_min(1e-30))
+    return out
+
+
+def round_to_total(widths: list[int], multiple: int, limits: list[int], target: int, floor: list[int] | None = None) -> list[int]:
+    """Round every width to a multiple of ``multiple`` (capped at its layer's full width, which is
+    allowed even when it is not a multiple) while keeping the total as close as possible to ``target``:
+    round down, then give one more multiple to the layers with the largest remainders."""
+    if multiple <= 1:
+        return list(widths)
+    floor = floor or [1] * len(widths)
+    low = [min(limit, max(multiple, (w // multiple) * multiple, -(-lo // multiple) * multiple))
+           for w, limit, lo in zip(widths, limits, floor)]
+    remainders = sorted(range(len(widths)), key=lambda i: (-(widths[i] - low[i]), i))
+    total = sum(low)
+    for i in remainders:
+        if total + multiple / 2 > target:
+            break
+        if low[i] >= limits[i]:
+            continue
+        step = min(multiple, limits[i] - low[i])
+        low[i] += step
+        total += step
+    return low
+
+
+def global_widths(scores: list[torch.Tensor], ratio: float, *, normalize: str = "mean", min_keep: float = 0.1,
+                  round_to: int = 1) -> list[int]:
+    """One ranking of all neurons after per-layer normalisation. Each layer first keeps its top
+    ``ceil(min_keep·d_l)`` neurons; the rest of the budget goes to the globally best remaining ones.
+    Keeps exactly round((1 − ratio)·Σd_l) neurons (before optional rounding to a multiple)."""
+    ratio = check_ratio(ratio)
+    if not 0.0 < min_keep <= 1.0:
+        raise PruneConfigError(f"min_keep must be in (0, 1], got {min_keep}.")
+    if round_to < 1:
+        raise PruneConfigError(f"round_to must be a positive integer, got {round_to}.")
+    limits = [int(s.numel()) for s in scores]
+    target = int(round((1.0 - ratio) * sum(limits)))
+    floors = [max(1, int(math.ceil(min_keep * d - 1e-9))) for d in limits]
+    if sum(floors) > target:
+        raise PruneConfigError(f"Ratio {ratio} keeps {target} neurons, fewer than the per-layer minimum "
+                               f"({min_keep:.0%} of every layer = {sum(floors)}); lower the ratio or min_keep.")
+    normed = normalize_scores(scores, normalize)
+    pool_scores, pool_layers = [], []
+    for layer, (s, lo) in enumerate(zip(normed, floors)):
+        order = torch.argsort(s, descending=True, stable=True)
+        rest = s[order[lo:]]
+        pool_scores.append(rest)
+        pool_layers.append(torch.full((rest.numel(),), layer, dtype=torch.long))
+    widths = list(floors)
+    remaining = target - sum(floors)
+    if remaining > 0:
+        flat = torch.cat(pool_scores)
+        layers = torch.cat(pool_layers)
+        chosen = torch.argsort(flat, descending=True, stable=True)[:remaining]
+        counts = torch.bincount(layers[chosen], minlength=len(scores))
+        widths = [w + int(c) for w, c in zip(widths, counts.tolist())]
+    return round_to_total(widths, round_to, limits, target, floors)

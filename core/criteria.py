@@ -16,6 +16,8 @@ from torch import nn
 
 from .adapters import mlp_handles
 from .errors import HFPruneError
+from tqdm.auto import tqdm
+
 from .scoring import activation_sq_norms, taylor_scores
 
 
@@ -35,6 +37,12 @@ class Criterion(ABC):
     name: ClassVar[str]
     cost: ClassVar[str]  # "weights only" | "forward" | "forward+backward" | "forward+backward+teacher"
     summary: ClassVar[str]
+    # passes per calibration batch: (forwards, backwards); the teacher forward of self_distill counts
+    passes: ClassVar[tuple[int, int]] = (1, 1)
+
+    def params(self) -> dict:
+        """The criterion's tunable parameters (recorded with the scores)."""
+        return {}
 
     @abstractmethod
     def __call__(self, model: nn.Module, windows: torch.Tensor, options: ScoreOptions) -> list[torch.Tensor]:
@@ -60,10 +68,30 @@ class TaylorCriterion(Criterion):
                              progress=options.progress, stop=options.stop)
 
 
+class _Entropy(torch.autograd.Function):
+    """H(softmax(z)) per row with a hand-written backward.
+
+    With lse = logsumexp(z) and p = exp(z − lse): H = lse − Σ p·z and dH/dz = −p ⊙ (z − lse + H).
+    Autograd through ``-(exp(logp) * logp).sum()`` keeps four (R, V) temporaries and makes five
+    passes over them in the backward; this saves p (z is kept by the caller) and makes two."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:  # (R, V) → (R,)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (R, 1)
+        p = torch.exp(logits - lse)  # (R, V)
+        h = lse.squeeze(-1) - (p * logits).sum(-1)
+        ctx.save_for_backward(logits, p, lse.squeeze(-1) - h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor) -> torch.Tensor:
+        logits, p, shift = ctx.saved_tensors  # shift = lse − H, (R,)
+        return (shift.unsqueeze(-1) - logits).mul_(p).mul_(grad_h.unsqueeze(-1))  # one (R, V) temporary
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of softmax(logits) per row: (R, V) → (R,)."""
-    logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Shannon entropy (nats) of softmax(logits) per row: (R, V) → (R,), differentiable."""
+    return _Entropy.apply(logits)
 
 
 class EntropyCriterion(TaylorCriterion):
@@ -87,9 +115,130 @@ class CrossEntropyCriterion(TaylorCriterion):
         return F.cross_entropy(logits, targets.clamp_min(0), reduction="none") * (targets >= 0)
 
 
+class SelfDistillCriterion(TaylorCriterion):
+    """SDMPrune-style self-distillation, done so that it has a gradient.
+
+    KL(p_dense ‖ p_model) has exactly zero gradient at the dense model (student = teacher), so the
+    teacher is *sharpened*: its logits are divided by τ < 1 before the softmax, and the KL is mixed
+    with next-token CE: L = (1−α)·CE + α·KL(softmax(z_teacher/τ) ‖ softmax(z)). The teacher is the
+    dense model itself run once more under no_grad: one extra forward per batch, counted in ``cost``.
+    With τ = 1 and α = 1 every score is (numerically) zero — that is the degenerate case.
+    """
+
+    name = "self_distill"
+    cost = "forward+backward+teacher"
+    passes = (2, 1)
+    summary = ("SDMPrune-style: (1−α)·CE + α·KL(sharpened dense teacher ‖ model), τ < 1; costs an extra "
+               "teacher forward per batch.")
+
+    def __init__(self, temperature: float = 0.5, alpha: float = 0.5):
+        if not temperature > 0:
+            raise HFPruneError(f"self_distill temperature must be > 0, got {temperature}.")
+        if not 0.0 <= alpha <= 1.0:
+            raise HFPruneError(f"self_distill alpha must be in [0, 1], got {alpha}.")
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+
+    def params(self) -> dict:
+        return {"temperature": self.temperature, "alpha": self.alpha}
+
+    def token_loss(self, logits, targets, teacher):
+        if teacher is None:
+            raise HFPruneError("self_distill needs teacher logits.")
+        logp = F.log_softmax(logits, dim=-1)
+        teacher_logp = F.log_softmax(teacher.to(logits.dtype), dim=-1)
+        kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)
+        loss = self.alpha * kl
+        if self.alpha < 1.0:
+            ce = F.nll_loss(logp, targets.clamp_min(0), reduction="none") * (targets >= 0)
+            loss = loss + (1.0 - self.alpha) * ce
+        return loss
+
+    def __call__(self, model, windows, options):
+        # The dense model itself is the teacher (frozen, no_grad inside taylor_scores): an extra forward.
+        return taylor_scores(model, windows, self, batch_size=options.batch_size, aggregate=self.aggregate,
+                             teacher=model, teacher_temperature=self.temperature, progress=options.progress,
+                             stop=options.stop)
+
+
+class FisherCriterion(TaylorCriterion):
+    """Empirical Fisher with labels *sampled from the model's own distribution* (seeded).
+
+    CE against y_t ~ p_t is the whole-menu idea in expectation: E_y[g g^T] is the Fisher information,
+    whose quadratic form is the second-order KL(p_dense ‖ p_pruned). The mean gradient is zero, so
+    the score must be a second moment: by default ``sq_sum`` = Σ_windows (Σ_t a_tj·g_tj)², i.e. the
+    diagonal-Fisher estimate of the KL increase when neuron j is removed (cross terms between
+    positions vanish in expectation because each y_t is drawn independently). ``sum_abs`` gives the
+    HFPrune-style Σ|a·g| with sampled labels instead.
+    """
+
+    name = "fisher"
+    summary = ("Taylor with labels sampled from the model's own distribution; squared per-window Σa·g = "
+               "diagonal-Fisher estimate of the KL increase.")
+
+    def __init__(self, aggregate: str = "sq_sum", draws: int = 1):
+        if aggregate not in ("sq_sum", "sum_abs", "abs_sum"):
+            raise HFPruneError(f"fisher aggregate must be sq_sum, sum_abs or abs_sum, got {aggregate!r}.")
+        if int(draws) < 1:
+            raise HFPruneError(f"fisher draws must be >= 1, got {draws}.")
+        self.fisher_aggregate = aggregate
+        self.draws = int(draws)
+        self._generator: torch.Generator | None = None
+        self._seed = 0
+
+    def params(self) -> dict:
+        return {"aggregate": self.fisher_aggregate, "draws": self.draws}
+
+    def token_loss(self, logits, targets, teacher):
+        probs = F.softmax(logits.detach(), dim=-1)
+        if self._generator is None or self._generator.device != probs.device:
+            self._generator = torch.Generator(device=probs.device).manual_seed(self._seed)
+        sampled = torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)  # (R,)
+        return F.cross_entropy(logits, sampled, reduction="none")
+
+    def __call__(self, model, windows, options):
+        self._seed, self._generator = options.seed, None
+        if self.fisher_aggregate != "sq_sum":
+            total = None
+            for _ in range(self.draws):
+                got = taylor_scores(model, windows, self, batch_size=options.batch_size,
+                                    aggregate=self.fisher_aggregate, progress=options.progress, stop=options.stop)
+                total = got if total is None else [t + g for t, g in zip(total, got)]
+            return [t / self.draws for t in total]
+        # sq_sum: per-window |Σ_t a·g| from the AMP aggregate with one window per call, then squared.
+        total = None
+        steps = [(row, draw) for row in range(windows.shape[0]) for draw in range(self.draws)]
+        for row, _draw in tqdm(steps, desc="scoring (fisher)", unit="window", disable=not options.progress):
+            got = taylor_scores(model, windows[row:row + 1], self, batch_size=1, aggregate="abs_sum",
+                                progress=False, stop=options.stop)
+            squared = [g.pow(2) for g in got]
+            total = squared if total is None else [t + s for t, s in zip(total, squared)]
+        return [t / self.draws for t in total]
+
+
+class EntropyCEMixCriterion(TaylorCriterion):
+    """L = w·H(p) + (1−w)·CE: the whole-distribution signal of entropy plus the data signal of CE."""
+
+    name = "entropy+ce"
+    summary = "Weighted mix w·entropy + (1−w)·cross-entropy (w exposed, default 0.5)."
+
+    def __init__(self, weight: float = 0.5):
+        if not 0.0 <= weight <= 1.0:
+            raise HFPruneError(f"entropy+ce weight must be in [0, 1], got {weight}.")
+        self.weight = float(weight)
+
+    def params(self) -> dict:
+        return {"weight": self.weight}
+
+    def token_loss(self, logits, targets, teacher):
+        ce = F.cross_entropy(logits, targets.clamp_min(0), reduction="none") * (targets >= 0)
+        return self.weight * entropy(logits) + (1.0 - self.weight) * ce
+
+
 class MagnitudeCriterion(Criterion):
     name = "magnitude"
     cost = "weights only"
+    passes = (0, 0)
     summary = "L2 norms of the neuron's gate row, up row and down column, summed; ignores data."
 
     def __call__(self, model, windows, options):
@@ -103,6 +252,7 @@ class MagnitudeCriterion(Criterion):
 class WandaCriterion(Criterion):
     name = "wanda"
     cost = "forward"
+    passes = (1, 0)
     summary = "Structured Wanda (FLAP-WIFN): mean |W_down[:, j]| times the L2 norm of activation a_j."
 
     def __call__(self, model, windows, options):
@@ -112,9 +262,32 @@ class WandaCriterion(Criterion):
                 for h, s in zip(mlp_handles(model), sq)]
 
 
+class FluctuationCriterion(Criterion):
+    """FLAP's fluctuation metric: the variance of a_j over calibration tokens times ‖W_down[:, j]‖².
+
+    (FLAP also folds the removed neurons' mean output into a bias; these architectures have no
+    down_proj bias, so only the ranking is used.)"""
+
+    name = "fluctuation"
+    cost = "forward"
+    passes = (1, 0)
+    summary = "FLAP: variance of activation a_j over calibration tokens times the squared norm of W_down[:, j]."
+
+    def __call__(self, model, windows, options):
+        sq, total, count = activation_sq_norms(model, windows, batch_size=options.batch_size,
+                                               progress=options.progress, stop=options.stop)
+        out = []
+        for h, s, t in zip(mlp_handles(model), sq, total):
+            mean = t / count
+            variance = (s / count - mean.pow(2)).clamp_min(0.0)
+            out.append(variance * h.down.weight.detach().float().pow(2).sum(dim=0).cpu())
+        return out
+
+
 class RandomCriterion(Criterion):
     name = "random"
     cost = "weights only"
+    passes = (0, 0)
     summary = "Uniform random scores (seeded): the floor every real criterion must beat."
 
     def __call__(self, model, windows, options):
@@ -123,15 +296,27 @@ class RandomCriterion(Criterion):
 
 
 REGISTRY: dict[str, type[Criterion]] = {
-    cls.name: cls for cls in (EntropyCriterion, CrossEntropyCriterion, MagnitudeCriterion, WandaCriterion, RandomCriterion)
+    cls.name: cls for cls in (EntropyCriterion, CrossEntropyCriterion, SelfDistillCriterion, FisherCriterion,
+                              EntropyCEMixCriterion, MagnitudeCriterion, WandaCriterion, FluctuationCriterion,
+                              RandomCriterion)
 }
 
 
-def get_criterion(name: str) -> Criterion:
-    """Instantiate a criterion by registry name; unknown names list the valid ones."""
+def get_criterion(name: str, **params) -> Criterion:
+    """Instantiate a criterion by registry name with optional parameters (e.g. ``temperature``/``alpha``
+    for self_distill, ``weight`` for entropy+ce, ``aggregate``/``draws`` for fisher)."""
     if name not in REGISTRY:
         raise HFPruneError(f"Unknown criterion '{name}'; choose one of: {', '.join(REGISTRY)}.")
-    return REGISTRY[name]()
+    try:
+        return REGISTRY[name](**params)
+    except TypeError as exc:
+        raise HFPruneError(f"Criterion '{name}' does not take parameters {sorted(params)}: {exc}") from exc
+
+
+def describe() -> list[dict]:
+    """One row per criterion: name, cost, passes per batch (forward, backward), summary, default params."""
+    return [{"name": name, "cost": cls.cost, "forwards": cls.passes[0], "backwards": cls.passes[1],
+             "summary": cls.summary, "params": cls().params()} for name, cls in REGISTRY.items()]
 
 
 def needs_data(name: str) -> bool:

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,14 +20,17 @@ from torch import nn
 
 from . import __version__
 from .adapters import mlp_widths
-from .allocate import top_k_indices, uniform_widths
+from .allocate import check_ratio, global_widths, top_k_indices, uniform_widths
 from .criteria import ScoreOptions, get_criterion
 from .data import calibration_windows
 from .errors import DataError, HFPruneError, PruneConfigError
 from .models import LoadedModel
 from .prune import prune_mlp_neurons
 
-ALLOCATIONS = ("uniform",)
+if TYPE_CHECKING:
+    from .adaptive import AdaptiveResult
+
+ALLOCATIONS = ("uniform", "global", "adaptive")
 
 
 @dataclass
@@ -75,9 +78,11 @@ class PruneResult:
 
 def score_model(loaded: LoadedModel, criterion: str, *, source: str = "wiki", samples: int = 16, seq_len: int = 128,
                 seed: int = 0, batch_size: int = 4, progress: bool = True,
-                stop: Callable[[], bool] | None = None) -> ScoreResult:
-    """Score every MLP neuron of ``loaded`` with ``criterion`` on calibration windows from ``source``."""
-    scorer = get_criterion(criterion)
+                stop: Callable[[], bool] | None = None, criterion_params: dict | None = None) -> ScoreResult:
+    """Score every MLP neuron of ``loaded`` with ``criterion`` on calibration windows from ``source``.
+    ``criterion_params``: e.g. {"temperature": 0.5, "alpha": 0.5} for self_distill, {"weight": 0.5}
+    for entropy+ce."""
+    scorer = get_criterion(criterion, **(criterion_params or {}))
     windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, max_length=loaded.max_length)
     vocab = loaded.model.config.vocab_size
     if int(windows.max()) >= vocab:
@@ -85,37 +90,149 @@ def score_model(loaded: LoadedModel, criterion: str, *, source: str = "wiki", sa
     start = time.perf_counter()
     scores = scorer(loaded.model, windows, ScoreOptions(batch_size=batch_size, progress=progress, seed=seed, stop=stop))
     seconds = time.perf_counter() - start
-    config = {"model": loaded.spec, "criterion": criterion, "cost": scorer.cost, "source": source,
+    config = {"model": loaded.spec, "criterion": criterion, "criterion_params": scorer.params(), "cost": scorer.cost,
+              "forwards_per_batch": scorer.passes[0], "backwards_per_batch": scorer.passes[1], "source": source,
               "samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size,
               "tokens": int(windows.numel()), "tool_version": __version__}
     return ScoreResult([s.detach().cpu().float() for s in scores], config, seconds)
 
 
-def plan_widths(model: nn.Module, ratio: float, allocation: str = "uniform", round_to: int = 1) -> list[int]:
-    """Kept width per layer for a ratio and allocation (no scores needed for uniform)."""
+@dataclass
+class AllocationOptions:
+    """Knobs of the non-uniform allocations (defaults are the CLI's)."""
+
+    normalize: str = "mean"  # global: per-layer normalisation, "mean", "zscore" or "none" (raw, e.g. fisher)
+    min_keep: float = 0.1  # global/adaptive: minimum kept fraction of every layer (adaptive uses min(…, 0.05) by default)
+    fidelity: str = "kl"  # adaptive: "kl" (to the dense model) or "entropy"
+    mode: str = "independent"  # adaptive: "independent" (each layer vs the dense model) or "sequential" (AMP)
+    halvings: int = 6  # adaptive: binary-search steps per layer
+    heldout_samples: int = 4  # adaptive: held-out calibration windows …
+    heldout_seq_len: int = 64  # … of this many tokens
+    adaptive_min_keep: float = 0.05
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def plan_widths(model: nn.Module, ratio: float, allocation: str = "uniform", round_to: int = 1,
+                scores: list[torch.Tensor] | None = None, options: AllocationOptions | None = None) -> list[int]:
+    """Kept width per layer for a ratio and allocation. ``uniform`` needs no scores; ``global`` needs
+    the per-layer scores; ``adaptive`` needs a search — use :func:`preview_widths` or
+    :func:`prune_with_scores` (which run it) instead."""
     if allocation not in ALLOCATIONS:
         raise PruneConfigError(f"Unknown allocation '{allocation}'; available: {', '.join(ALLOCATIONS)}.")
-    return uniform_widths(mlp_widths(model), ratio, round_to)
+    options = options or AllocationOptions()
+    if allocation == "uniform":
+        return uniform_widths(mlp_widths(model), ratio, round_to)
+    if scores is None:
+        raise PruneConfigError(f"The '{allocation}' allocation needs neuron scores; score the model first.")
+    if [s.numel() for s in scores] != mlp_widths(model):
+        raise PruneConfigError("These scores were computed for a model with different MLP widths.")
+    if allocation == "global":
+        return global_widths(scores, ratio, normalize=options.normalize, min_keep=options.min_keep, round_to=round_to)
+    raise PruneConfigError("The adaptive allocation runs a search; call preview_widths() or prune_with_scores().")
+
+
+@dataclass
+class WidthPlan:
+    """What an allocation would do: per-layer widths (and, for adaptive, the search with its traces)."""
+
+    allocation: str
+    ratio: float
+    widths: list[int]
+    full_widths: list[int]
+    achieved_ratio: float
+    adaptive: "AdaptiveResult | None" = None
+
+    def to_dict(self) -> dict:
+        out = {"allocation": self.allocation, "ratio": self.ratio, "widths": self.widths,
+               "full_widths": self.full_widths, "achieved_ratio": self.achieved_ratio}
+        if self.adaptive is not None:
+            out["adaptive"] = self.adaptive.to_dict()
+        return out
+
+
+def adaptive_heldout(loaded: LoadedModel, result: "ScoreResult | None", options: AllocationOptions) -> torch.Tensor:
+    """Held-out windows for the adaptive search: the calibration split of the scoring source, disjoint
+    from the windows the scores were computed on (never the evaluation split)."""
+    from .adaptive import heldout_windows
+
+    config = result.config if result is not None else {}
+    source = config.get("source") or "wiki"
+    return heldout_windows(loaded.tokenizer, source, options.heldout_samples, options.heldout_seq_len,
+                           seed=int(config.get("seed") or 0), score_samples=int(config.get("samples") or 0),
+                           score_seq_len=int(config.get("seq_len") or 128), max_length=loaded.max_length)
+
+
+def preview_widths(loaded: LoadedModel, ratio: float, allocation: str = "uniform", *,
+                   scores: "ScoreResult | list[torch.Tensor] | None" = None, round_to: int = 1,
+                   options: AllocationOptions | None = None, batch_size: int = 4, progress: bool = True,
+                   stop: Callable[[], bool] | None = None) -> WidthPlan:
+    """Per-layer widths an allocation would give, without pruning. ``global`` needs scores;
+    ``adaptive`` also runs the search on held-out calibration windows (seconds to minutes on CPU) and
+    returns its per-layer trace in ``plan.adaptive.traces``."""
+    ratio = check_ratio(ratio)
+    options = options or AllocationOptions()
+    result = scores if isinstance(scores, ScoreResult) else None
+    score_list = scores.scores if isinstance(scores, ScoreResult) else scores
+    full = mlp_widths(loaded.model)
+    adaptive = None
+    if allocation == "adaptive":
+        from .adaptive import adaptive_search
+
+        if score_list is None:
+            raise PruneConfigError("The adaptive allocation needs neuron scores (they order each layer's neurons).")
+        if [s.numel() for s in score_list] != full:
+            raise PruneConfigError("These scores were computed for a model with different MLP widths.")
+        windows = adaptive_heldout(loaded, result, options)
+        adaptive = adaptive_search(loaded.model, score_list, ratio, windows, fidelity=options.fidelity,
+                                   mode=options.mode, halvings=options.halvings, min_keep=options.adaptive_min_keep,
+                                   round_to=round_to, batch_size=batch_size, progress=progress, stop=stop)
+        widths = adaptive.widths
+    else:
+        widths = plan_widths(loaded.model, ratio, allocation, round_to, score_list, options)
+    return WidthPlan(allocation, ratio, widths, full, 1.0 - sum(widths) / sum(full), adaptive)
 
 
 def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *, allocation: str = "uniform",
-                      round_to: int = 1) -> PruneResult:
-    """Keep the top-scoring neurons of each layer; returns a new (copied) smaller model."""
+                      round_to: int = 1, options: AllocationOptions | None = None,
+                      plan: WidthPlan | None = None, progress: bool = True,
+                      stop: Callable[[], bool] | None = None) -> PruneResult:
+    """Keep the top-scoring neurons of each layer at the widths the allocation gives; returns a new
+    (copied) smaller model. Pass ``plan`` (from :func:`preview_widths`) to reuse an adaptive search."""
     widths_before = mlp_widths(loaded.model)
     if [s.numel() for s in result.scores] != widths_before:
         raise PruneConfigError("These scores were computed for a model with different MLP widths.")
-    widths = plan_widths(loaded.model, ratio, allocation, round_to)
+    options = options or AllocationOptions()
+    if plan is None or plan.allocation != allocation or plan.ratio != check_ratio(ratio) or plan.full_widths != widths_before:
+        plan = preview_widths(loaded, ratio, allocation, scores=result, round_to=round_to, options=options,
+                              progress=progress, stop=stop)
+    widths = plan.widths
     kept = top_k_indices(result.scores, widths)
     model = prune_mlp_neurons(loaded.model, kept)
     meta = {
         "model": loaded.spec,
         "criterion": result.config.get("criterion"),
+        "criterion_params": result.config.get("criterion_params", {}),
         "allocation": allocation,
         "ratio": float(ratio),
+        "achieved_ratio": plan.achieved_ratio,
         "round_to": round_to,
         "original_intermediate_sizes": widths_before,
+        "intermediate_sizes": widths,
         "kept_indices": [k.tolist() for k in kept],
         "calibration": {k: result.config.get(k) for k in ("source", "samples", "seq_len", "seed")},
         "tool_version": __version__,
     }
+    if allocation != "uniform":
+        meta["allocation_options"] = options.to_dict()
+    if plan.adaptive is not None:
+        a = plan.adaptive
+        meta["adaptive"] = {"tolerance": a.tolerance, "fidelity": a.fidelity, "mode": a.mode,
+                            "search_ratio": a.search_ratio, "evaluations": a.evaluations,
+                            "heldout_tokens": a.heldout_tokens,
+                            "trace": [{"layer": t.layer, "tried": t.tried, "chosen": t.chosen, "width": t.width}
+                                      for t in a.traces]}
     return PruneResult(model, widths, kept, meta)

@@ -119,8 +119,9 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
     registered = [h.down.register_forward_pre_hook(make_pre_hook(h.index)) for h in handles]
     registered.append(handles[0].mlp.register_forward_pre_hook(grad_entry_hook, with_kwargs=True))
     device = next(model.parameters()).device
-    with frozen(model), hooks(registered), torch.enable_grad():
-        for batch in tqdm(batches(windows, batch_size), desc="scoring", unit="batch", disable=not progress):
+    bar = tqdm(total=int(windows.shape[0]), desc="scoring", unit="window", disable=not progress)
+    with frozen(model), hooks(registered), torch.enable_grad(), bar:
+        for batch in batches(windows, batch_size):
             if stop is not None and stop():
                 raise InterruptedError("Scoring was stopped.")
             batch = batch.to(device)
@@ -141,6 +142,7 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
                 per_row = criterion.token_loss(logits, targets[start:stop_row], chunk_teacher)  # (R,)
                 (per_row * row_weights[start:stop_row]).sum().backward()
             hidden.backward(detached.grad)
+            bar.update(batch.shape[0])
     if aggregate == "abs_sum":
         scores = [s / windows.shape[0] for s in scores]
     return scores
@@ -173,9 +175,11 @@ def activation_sq_norms(model: nn.Module, windows: torch.Tensor, *, batch_size: 
 
     registered = [h.down.register_forward_pre_hook(make_pre_hook(h.index)) for h in handles]
     device = next(model.parameters()).device
-    with hooks(registered):
-        for batch in tqdm(batches(windows, batch_size), desc="activations", unit="batch", disable=not progress):
+    bar = tqdm(total=int(windows.shape[0]), desc="activations", unit="window", disable=not progress)
+    with hooks(registered), bar:
+        for batch in batches(windows, batch_size):
             if stop is not None and stop():
                 raise InterruptedError("Scoring was stopped.")
             base_forward(model, batch.to(device))
+            bar.update(batch.shape[0])
     return sq, total, int(windows.numel())

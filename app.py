@@ -1,0 +1,33 @@
+"""HFPrune Studio dashboard: ``python app.py`` → http://127.0.0.1:7860 (no public link unless --share).
+
+Host and port come from --host/--port, else GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else
+127.0.0.1:7860. This file only builds and launches; everything else lives in hfprune_ui and core.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="HFPrune Studio dashboard")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="interface to bind (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                        help="port (default 7860, or $GRADIO_SERVER_PORT)")
+    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from hfprune_ui import build_demo, launch_options, queue
+
+    demo = queue(build_demo())
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Criteria × allocation benchmark: fidelity of pruned models to the dense one.
+
+For every criterion (scored once on N × L calibration windows from the wiki calibration split) and
+every allocation (uniform / global / adaptive …) at each ratio, prune physically and measure on the
+held-out evaluation articles (``core.data.evaluation_windows``): perplexity, mean per-token
+KL(p_dense ‖ p_pruned), top-1 agreement — plus the scoring time and the allocation time. Rows are
+appended to ``benchmarks/results/criteria_<model>.json`` as they finish (``--resume`` skips done
+rows) and the markdown tables go to ``criteria_<model>.md``.
+
+    flock /tmp/hfprune-heavy.lock python benchmarks/criteria.py --model smollm2-135m
+    flock /tmp/hfprune-heavy.lock python benchmarks/criteria.py --model gemma3-270m --samples 8 \\
+        --eval-windows 4 --heldout-samples 2 --criteria entropy,cross_entropy,fisher,entropy+ce,self_distill,wanda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from core.adaptive import MaskedEvaluator, adaptive_search  # noqa: E402
+from core.allocate import global_widths, top_k_indices, uniform_widths  # noqa: E402
+from core.criteria import REGISTRY, get_criterion  # noqa: E402
+from core.data import evaluation_windows  # noqa: E402
+from core.models import load_model  # noqa: E402
+from core.pipeline import AllocationOptions, adaptive_heldout, score_model  # noqa: E402
+from core.prune import prune_mlp_neurons  # noqa: E402
+from core.scoring import batches  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_CRITERIA = "entropy,cross_entropy,self_distill,fisher,entropy+ce,wanda,fluctuation,magnitude,random"
+ALLOCATION_LABELS = {
+    "uniform": "uniform",
+    "global": "global (mean-normalised, min 10%)",
+    "global-z": "global (z-score, min 10%)",
+    "global-raw": "global (raw scores, min 10%)",
+    "adaptive": "adaptive (KL, held-out, independent)",
+}
+
+
+@torch.no_grad()
+def dense_reference(model, windows, batch_size):
+    out = []
+    for batch in batches(windows, batch_size):
+        out.append(F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1))
+    return out
+
+
+@torch.no_grad()
+def fidelity(model, windows, ref_logp, batch_size):
+    """Perplexity (K·(T−1) predictions), mean KL(p_dense ‖ p) and top-1 agreement (K·T positions)."""
+    nll = kl = agree = 0.0
+    n_pred = n_pos = 0
+    for batch, ref in zip(batches(windows, batch_size), ref_logp):
+        logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
+        nll += float(-logp[:, :-1].gather(-1, batch[:, 1:, None]).double().sum())
+        n_pred += batch[:, 1:].numel()
+        kl += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
+        agree += float((ref.argmax(-1) == logp.argmax(-1)).double().sum())
+        n_pos += batch.numel()
+    return {"perplexity": math.exp(nll / n_pred), "kl": kl / n_pos, "top1": agree / n_pos}
+
+
+def parse_criterion(spec: str) -> tuple[str, str, dict]:
+    """'self_distill:temperature=0.3,alpha=0.7' → (label, name, params)."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        params[key] = value if key == "aggregate" else float(value)
+    return spec, name, params
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows N")
+    parser.add_argument("--seq-len", type=int, default=128, help="calibration window length L")
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--eval-seq-len", type=int, default=128)
+    parser.add_argument("--ratios", default="0.2,0.3,0.4")
+    parser.add_argument("--criteria", default=DEFAULT_CRITERIA,
+                        help="comma list; parameters as name:key=value;key=value")
+    parser.add_argument("--allocations", default="uniform,global,adaptive")
+    parser.add_argument("--adaptive-criteria", default="entropy,cross_entropy,fisher,entropy+ce,self_distill",
+                        help="criteria that also get the (slow) adaptive allocation")
+    parser.add_argument("--heldout-samples", type=int, default=4)
+    parser.add_argument("--heldout-seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="keep finished rows of an earlier run")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    allocations = [a for a in args.allocations.split(",") if a]
+    adaptive_set = set(args.adaptive_criteria.split(","))
+    criteria = [parse_criterion(c) for c in args.criteria.split(",") if c]
+    for _label, name, _params in criteria:
+        if name not in REGISTRY:
+            parser.error(f"unknown criterion {name}")
+    stem = f"criteria_{args.model.replace('/', '_')}{args.tag}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+    command = "python benchmarks/criteria.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    loaded = load_model(args.model)
+    model = loaded.model
+    eval_windows = evaluation_windows(loaded.tokenizer, "wiki", args.eval_windows, args.eval_seq_len,
+                                      max_length=loaded.max_length)
+    setup = {"model": args.model, "calibration": f"wiki calibration split, N={args.samples} x L={args.seq_len} "
+             f"(seed {args.seed})", "evaluation": f"wiki evaluation articles, {args.eval_windows} x {args.eval_seq_len}",
+             "adaptive_heldout": f"{args.heldout_samples} x {args.heldout_seq_len} calibration-split windows disjoint "
+             f"from the scoring windows", "ratios": ratios, "command": command, "threads": torch.get_num_threads()}
+    rows: list[dict] = []
+    if args.resume and json_path.exists():
+        rows = json.loads(json_path.read_text()).get("rows", [])
+    done = {(r["criterion"], r["allocation"], r["ratio"]) for r in rows}
+
+    def save():
+        json_path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+        md_path.write_text(render(setup, rows, ratios))
+
+    print(f"[bench] dense reference on {eval_windows.shape[0]}x{eval_windows.shape[1]} eval tokens", flush=True)
+    ref = dense_reference(model, eval_windows, args.batch_size)
+    if ("dense", "-", 0.0) not in done:
+        rows.append({"criterion": "dense", "allocation": "-", "ratio": 0.0, **fidelity(model, eval_windows, ref,
+                     args.batch_size), "score_s": 0.0, "alloc_s": 0.0, "cost": "-", "achieved_ratio": 0.0})
+        save()
+    for label, name, params in criteria:
+        todo = [(a, r) for a in allocations for r in ratios if (label, a, r) not in done
+                and (a != "adaptive" or label in adaptive_set or name in adaptive_set)]
+        if not todo:
+            continue
+        print(f"[bench] scoring {label}", flush=True)
+        result = score_model(loaded, name, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                             batch_size=args.batch_size, progress=False, criterion_params=params)
+        scores = result.scores
+        full = [s.numel() for s in scores]
+        evaluator = None
+        for allocation, ratio in todo:
+            start = time.perf_counter()
+            extra = {}
+            if allocation == "uniform":
+                widths = uniform_widths(full, ratio)
+            elif allocation.startswith("global"):
+                norm = {"global": "mean", "global-z": "zscore", "global-raw": "none"}[allocation]
+                widths = global_widths(scores, ratio, normalize=norm, min_keep=0.1)
+            elif allocation == "adaptive":
+                options = AllocationOptions(heldout_samples=args.heldout_samples, heldout_seq_len=args.heldout_seq_len)
+                if evaluator is None:
+                    heldout = adaptive_heldout(loaded, result, options)
+                    evaluator = MaskedEvaluator(model, heldout, scores, "kl", args.batch_size)
+                found = adaptive_search(model, scores, ratio, None, evaluator=evaluator, progress=False)
+                widths = found.widths
+                extra = {"tolerance": found.tolerance, "evaluations": found.evaluations,
+                         "search_ratio": found.search_ratio}
+            else:
+                raise SystemExit(f"unknown allocation {allocation}")
+            alloc_s = time.perf_counter() - start
+            pruned = prune_mlp_neurons(model, top_k_indices(scores, widths))
+            metrics = fidelity(pruned, eval_windows, ref, args.batch_size)
+            del pruned
+            row = {"criterion": label, "allocation": allocation, "ratio": ratio, **metrics,
+                   "score_s": round(result.seconds, 2), "alloc_s": round(alloc_s, 2), "cost": result.config["cost"],
+                   "achieved_ratio": 1.0 - sum(widths) / sum(full), "widths": widths, **extra}
+            rows.append(row)
+            save()
+            print(f"[bench] {label:>14} {allocation:>10} r={ratio:.1f} kl={metrics['kl']:.4f} "
+                  f"ppl={metrics['perplexity']:.2f} top1={metrics['top1']:.3f} alloc={alloc_s:.1f}s", flush=True)
+    save()
+    print(md_path.read_text())
+    return 0
+
+
+def render(setup: dict, rows: list[dict], ratios: list[float]) -> str:
+    lines = [f"## Criteria x allocation on `{setup['model']}`", "",
+             f"- calibration: {setup['calibration']}", f"- evaluation: {setup['evaluation']}",
+             f"- adaptive held-out slice: {setup['adaptive_heldout']}",
+             f"- command: `{setup['command']}` ({setup['threads']} CPU threads)", ""]
+    dense = next((r for r in rows if r["criterion"] == "dense"), None)
+    if dense:
+        lines += [f"Dense: perplexity {dense['perplexity']:.2f}.", ""]
+    base = {r["ratio"]: r["kl"] for r in rows if r["criterion"] == "entropy" and r["allocation"] == "uniform"}
+    combos = []
+    for r in rows:
+        key = (r["criterion"], r["allocation"])
+        if r["criterion"] != "dense" and key not in combos:
+            combos.append(key)
+    lines += ["### KL to dense (nats/token; lower is better) and change vs uniform `entropy`", "",
+              "| criterion | allocation | cost | " + " | ".join(f"KL @{r:.1f}" for r in ratios) + " | scoring s |",
+              "|---|---|---|" + "---|" * len(ratios) + "---|"]
+    by = {(r["criterion"], r["allocation"], r["ratio"]): r for r in rows}
+    winners = []
+    for crit, alloc in combos:
+        cells, wins = [], True
+        for ratio in ratios:
+            r = by.get((crit, alloc, ratio))
+            if r is None:
+                cells.append("–")
+                wins = False
+                continue
+            if ratio in base:
+                change = r["kl"] / base[ratio] - 1.0
+                wins &= change <= -0.20
+                cells.append(f"{r['kl']:.4f} ({change:+.0%})")
+            else:
+                cells.append(f"{r['kl']:.4f}")
+                wins = False
+        some = next(r for r in rows if (r["criterion"], r["allocation"]) == (crit, alloc))
+        lines.append(f"| {crit} | {alloc} | {some['cost']} | " + " | ".join(cells) + f" | {some['score_s']:.1f} |")
+        if wins and base:
+            winners.append(f"{crit} + {alloc}")
+    lines += ["", "### All metrics", "",
+              "| criterion | allocation | ratio | achieved | perplexity | KL | top-1 | scoring s | allocation s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["criterion"] == "dense":
+            continue
+        lines.append(f"| {r['criterion']} | {r['allocation']} | {r['ratio']:.1f} | {r['achieved_ratio']:.4f} | "
+                     f"{r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {r['score_s']:.1f} | {r['alloc_s']:.1f} |")
+    lines += [""]
+    if base:
+        best = []
+        for ratio in ratios:
+            cands = [r for r in rows if r["ratio"] == ratio and r["criterion"] != "dense"]
+            if cands:
+                b = min(cands, key=lambda r: r["kl"])
+                best.append(f"@{ratio:.1f}: {b['criterion']} + {b['allocation']} KL {b['kl']:.4f} "
+                            f"({b['kl'] / base.get(ratio, b['kl']) - 1:+.0%} vs uniform entropy)")
+        lines += ["Best per ratio: " + "; ".join(best) + ".", "",
+                  "Combinations at least 20% below uniform entropy's KL at every ratio: " +
+                  (", ".join(winners) if winners else "none") + ".", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Assemble the dashboard from its tabs; ``launch_options`` holds what Gradio 6 wants at launch()."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from core.data import MAX_UPLOAD_BYTES
+
+from . import texts
+from .context import Ctx
+from .guard import session_id
+from .services import Services
+from .tabs import compare, criteria, importance, model_data, prune, runs
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def build_demo(services: Services | None = None) -> gr.Blocks:
+    """The whole dashboard; pass ``services`` to share caches / choose the run store (tests do)."""
+    services = services or Services()
+    with gr.Blocks(title=texts.TITLE) as demo:
+        with gr.Row(elem_id="header"):
+            gr.HTML(_header())
+        ctx = Ctx(services)
+        with gr.Tabs():
+            model_data.build(ctx)
+            importance.build(ctx)
+            criteria.build(ctx)
+            prune.build(ctx)
+            compare.build(ctx)
+            runs.build(ctx)
+    demo.services = services  # type: ignore[attr-defined]  # handy for tests and benchmarks
+    _drop_sessions_on_unload(demo, services)
+    return demo
+
+
+def _drop_sessions_on_unload(demo: gr.Blocks, services: Services) -> None:
+    """Forget a browser session's variants when its tab closes (runs on disk stay)."""
+    def forget(request: gr.Request):
+        services.sessions.drop(session_id(request))
+    demo.unload(forget)
+
+
+def _header() -> str:
+    logo = (ASSETS / "logo.svg").read_text().replace("<svg ", '<svg class="hf-logo" ', 1)
+    return (f'<div class="hf-header">{logo}'
+            f'<div><div class="hf-title">{texts.TITLE}</div><div class="hf-sub">{texts.SUBTITLE}</div></div></div>')
+
+
+def launch_options() -> dict:
+    """theme / css / limits for ``demo.launch`` (Gradio 6 takes theme and css there, not in Blocks)."""
+    return {"theme": gr.themes.Soft(primary_hue="blue"), "css": (ASSETS / "dashboard.css").read_text(),
+            "max_file_size": MAX_UPLOAD_BYTES, "allowed_paths": [str(ASSETS)], "show_error": True}
+
+
+def queue(demo: gr.Blocks) -> gr.Blocks:
+    """Long jobs queue; model jobs share one slot (set per event), everything else runs freely."""
+    return demo.queue(max_size=int(os.environ.get("HFPRUNE_QUEUE_SIZE", "64")), default_concurrency_limit=4)

@@ -1,0 +1,249 @@
+"""The dashboard's bridge to the engine: resolves user input, calls core, caches and stores runs.
+
+Every call that runs a shared model goes through ``Services.model_lock`` (in addition to Gradio's
+single ``model`` concurrency slot), so hooks of one job never see another job's forward pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from core import pipeline
+from core.compare import pruned_view
+from core.criteria import REGISTRY
+from core.data import MAX_UPLOAD_BYTES, evaluation_windows, read_text_file
+from core.errors import DataError, HFPruneError, PruneConfigError
+from core.evaluate import evaluate
+from core.models import LoadedModel
+from core.paths import cache_dir
+from core.runs import RunStore
+
+from .state import DataSpec, ModelCache, ScoreCache, Session, SessionStore, Variant
+
+SOURCES = {"wiki": "Wikipedia (built-in)", "news": "News paragraphs (built-in)", "upload": "Uploaded file"}
+
+
+def criteria() -> list[str]:
+    """Criterion names, read from the engine's registry at call time (new ones appear by themselves)."""
+    return list(REGISTRY)
+
+
+def allocations() -> list[str]:
+    return list(pipeline.ALLOCATIONS)
+
+
+class Services:
+    """Shared caches + the per-session store + the run store, and the engine calls on top of them."""
+
+    def __init__(self, runs_root: str | os.PathLike | None = None) -> None:
+        self.runs = RunStore(runs_root)
+        self.models = ModelCache()
+        self.scores = ScoreCache()
+        self.sessions = SessionStore()
+        self.model_lock = threading.RLock()
+
+    # -- inputs ----------------------------------------------------------------------------
+    def data_spec(self, source: str, upload: str | None, samples: int, seq_len: int, seed: int) -> DataSpec:
+        """Validate the calibration choice; uploads are copied under the cache, named by content hash."""
+        samples, seq_len, seed = int(samples), int(seq_len), int(seed)
+        if source in ("wiki", "news"):
+            return DataSpec(source, source, samples, seq_len, seed)
+        if source != "upload":
+            raise DataError(f"Unknown calibration source '{source}'.")
+        if not upload:
+            raise DataError("Choose 'Uploaded file' only after uploading a .txt or .jsonl file.")
+        path = Path(upload)
+        if not path.is_file():
+            raise DataError("The uploaded file is gone from the server; upload it again.")
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"The uploaded file {path.name} is empty.")
+        if size > MAX_UPLOAD_BYTES:
+            raise DataError(f"The uploaded file is {size / 2**20:.0f} MiB; the limit is {MAX_UPLOAD_BYTES // 2**20} MiB.")
+        read_text_file(path)  # raises a clear DataError for bad encodings, bad JSONL, no text
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        folder = cache_dir() / "uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        stored = folder / f"{digest}{path.suffix.lower() or '.txt'}"
+        if not stored.exists():
+            tmp = stored.with_name(f".{stored.name}.partial")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, stored)
+        return DataSpec(str(stored), f"upload:{path.name}#{digest}", samples, seq_len, seed)
+
+    def model(self, spec: str) -> LoadedModel:
+        return self.models.get(spec)
+
+    # -- scoring ---------------------------------------------------------------------------
+    def score(self, session: Session, model_spec: str, data: DataSpec, criterion: str, *, batch_size: int = 1,
+              stop: Callable[[], bool] | None = None) -> tuple[pipeline.ScoreResult, str, str]:
+        """Scores for (model, data, criterion): memory cache → run store → engine. Returns
+        (result, run id, where it came from: 'memory' | 'disk' | 'computed')."""
+        if criterion not in REGISTRY:
+            raise HFPruneError(f"Unknown criterion '{criterion}'; choose one of: {', '.join(REGISTRY)}.")
+        session.set_context(model_spec, data)
+        key = ScoreCache.key(model_spec, data, criterion)
+        origin = "memory"
+        hit = self.scores.get(key)
+        if hit is None:
+            run = self.runs.find("score", {"model": model_spec, "criterion": criterion, **data.match()})
+            if run is not None:
+                hit, origin = (pipeline.ScoreResult(run.scores(), run.config, float(run.results.get("seconds", 0))),
+                               run.run_id), "disk"
+        if hit is None:
+            loaded = self.model(model_spec)
+            with self.model_lock:
+                result = pipeline.score_model(loaded, criterion, source=data.source, samples=data.samples,
+                                              seq_len=data.seq_len, seed=data.seed, batch_size=batch_size,
+                                              progress=True, stop=stop)
+            config = {**result.config, "source": data.label, "source_path": data.source, "session": session.session_id}
+            run = self.runs.create("score", config, results={"seconds": result.seconds,
+                                                             "tokens": result.config.get("tokens")},
+                                   scores=result.scores)
+            hit, origin = (result, run.run_id), "computed"
+        self.scores.put(key, *hit)
+        session.scores[criterion], session.score_runs[criterion] = hit
+        return hit[0], hit[1], origin
+
+    # -- pruning ---------------------------------------------------------------------------
+    def plan(self, loaded: LoadedModel, ratio: float, allocation: str, round_to: int,
+             scores: list[torch.Tensor] | None) -> list[int]:
+        """Kept widths per layer from the engine's planner (passes scores when it accepts them)."""
+        params = inspect.signature(pipeline.plan_widths).parameters
+        kwargs = {"scores": scores} if "scores" in params else {}
+        return list(pipeline.plan_widths(loaded.model, float(ratio), allocation, int(round_to), **kwargs))
+
+    def prune(self, session: Session, criterion: str, ratio: float, allocation: str, round_to: int,
+              name: str) -> tuple[Variant, str | None]:
+        """Prune the session's model with its scores for ``criterion``; store the run and the variant."""
+        if not session.model_spec or criterion not in session.scores:
+            raise PruneConfigError(f"Score the model with '{criterion}' first (Importance tab).")
+        name = (name or "").strip() or f"{criterion}-{round(100 * float(ratio))}%"
+        if name == "original":
+            raise PruneConfigError("'original' names the unpruned model; choose another variant name.")
+        loaded = self.model(session.model_spec)
+        with self.model_lock:
+            result = pipeline.prune_with_scores(loaded, session.scores[criterion], float(ratio),
+                                                allocation=allocation, round_to=int(round_to))
+            model = pruned_view(loaded.model, result.kept)  # share non-MLP tensors with the base
+            del result.model
+        config = {"model": session.model_spec, "name": name, "criterion": criterion, "ratio": float(ratio),
+                  "allocation": allocation, "round_to": int(round_to), "scores_run": session.score_runs.get(criterion),
+                  "session": session.session_id, **(session.data.match() if session.data else {})}
+        run = self.runs.create("prune", config, results={"widths": result.widths, "meta": result.meta},
+                               kept=result.kept)
+        variant = Variant(name, session.model_spec, model, result.widths, result.meta, run.run_id)
+        return variant, session.add_variant(variant)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate_variants(self, session: Session, names: list[str], windows: int, seq_len: int) -> list[dict]:
+        """Perplexity + fidelity to the original of the original and each named variant; the metrics
+        are written into each variant's prune run."""
+        loaded = self.model(self.require_model(session))
+        source = session.data.source if session.data else "wiki"
+        ids = evaluation_windows(loaded.tokenizer, source, int(windows), int(seq_len), max_length=loaded.max_length)
+        rows = []
+        with self.model_lock:
+            base = evaluate(loaded.model, ids, progress=True).to_dict()
+            rows.append({"variant": "original", **base})
+            for name in names:
+                variant = self.variant(session, name)
+                metrics = evaluate(variant.model, ids, loaded.model, progress=True).to_dict()
+                variant.metrics = metrics
+                if variant.run_id:
+                    try:
+                        self.runs.update_results(variant.run_id, {"metrics": metrics})
+                    except HFPruneError:
+                        pass  # the run was deleted meanwhile; the variant itself is still usable
+                rows.append({"variant": name, **metrics})
+        return rows
+
+    # -- helpers ---------------------------------------------------------------------------
+    def require_model(self, session: Session) -> str:
+        if not session.model_spec:
+            raise HFPruneError("Load a model first (Model & data tab, or press Score).")
+        return session.model_spec
+
+    def variant(self, session: Session, name: str) -> Variant:
+        if name not in session.variants:
+            raise PruneConfigError(f"No variant named '{name}' in this session; prune one first.")
+        return session.variants[name]
+
+    def models_for(self, session: Session, names: list[str]) -> dict[str, torch.nn.Module]:
+        """{'original': base, name: variant, ...} for the names picked (unknown names are an error)."""
+        loaded = self.model(self.require_model(session))
+        chosen = {"original": loaded.model}
+        for name in names:
+            if name != "original":
+                chosen[name] = self.variant(session, name).model
+        return chosen
+
+    # -- runs ------------------------------------------------------------------------------
+    def load_run(self, session: Session, run_id: str) -> str:
+        """Bring a stored run back into this session: scores → active scores; prune → a variant."""
+        run = self.runs.load(run_id)
+        config = run.config
+        model_spec = config.get("model")
+        if run.kind == "score":
+            data = DataSpec(config.get("source_path") or config["source"], config["source"], int(config["samples"]),
+                            int(config["seq_len"]), int(config.get("seed", 0)))
+            session.set_context(model_spec, data)
+            result = pipeline.ScoreResult(run.scores(), config, float(run.results.get("seconds", 0)))
+            self.scores.put(ScoreCache.key(model_spec, data, config["criterion"]), result, run.run_id)
+            session.scores[config["criterion"]] = result
+            session.score_runs[config["criterion"]] = run.run_id
+            return f"Loaded {config['criterion']} scores of {model_spec} from run {run_id}."
+        if run.kind == "prune":
+            loaded = self.model(model_spec)
+            with self.model_lock:
+                model = pruned_view(loaded.model, run.kept())
+            if session.model_spec != model_spec:
+                session.model_spec = model_spec
+            name = config.get("name") or run_id
+            variant = Variant(name, model_spec, model, list(run.results.get("widths", [])),
+                              run.results.get("meta", {}), run.run_id, run.results.get("metrics"))
+            evicted = session.add_variant(variant)
+            extra = f" (dropped the oldest variant '{evicted}' from this session)" if evicted else ""
+            return f"Loaded pruned variant '{name}' of {model_spec} from run {run_id}{extra}."
+        raise HFPruneError(f"Run {run_id} is of kind '{run.kind}', which cannot be loaded into the dashboard.")
+
+    def delete_run(self, run_id: str) -> None:
+        self.runs.delete(run_id)
+        self.scores.forget_run(run_id)
+
+    # -- export ----------------------------------------------------------------------------
+    def export(self, session: Session, name: str, mode: str, folder: str | os.PathLike) -> Path:
+        """Save a variant with the engine's exporter (safetensors + pruning_meta.json)."""
+        from core.export import save_pruned
+
+        variant = self.variant(session, name)
+        loaded = self.model(variant.base_spec)
+        meta = {**variant.meta, "variant_name": name, "run_id": variant.run_id}
+        return save_pruned(variant.model, loaded.tokenizer, folder, meta, mode=mode)
+
+    def export_zip(self, session: Session, name: str, mode: str) -> Path:
+        """Export into a fresh temporary folder and pack it as ``<name>.zip`` (stored, not deflated:
+        safetensors barely compress) for download."""
+        import re
+        import tempfile
+        import zipfile
+
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "variant"
+        work = Path(tempfile.mkdtemp(prefix="hfprune-export-"))
+        folder = self.export(session, name, mode, work / safe)
+        archive = work / f"{safe}.zip"
+        tmp = archive.with_name(f".{archive.name}.partial")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for file in sorted(folder.rglob("*")):
+                if file.is_file():
+                    zf.write(file, Path(safe) / file.relative_to(folder))
+        os.replace(tmp, archive)
+        shutil.rmtree(folder, ignore_errors=True)
+        return archive

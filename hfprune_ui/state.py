@@ -1,0 +1,154 @@
+"""Server-side dashboard state: one ``Session`` per browser session id, plus caches shared by all.
+
+Nothing here holds an algorithm: the caches only remember what the engine returned. Base models
+are loaded once per spec and shared read-only; scores are cached per (model, data, criterion);
+pruned variants belong to the session that made them.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from core.models import LoadedModel, load_model
+from core.pipeline import ScoreResult
+
+MAX_SESSIONS = 64
+MAX_VARIANTS_PER_SESSION = 4
+MAX_MODELS = 2
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Calibration settings: ``source`` is what the engine reads (wiki, news or a file path);
+    ``label`` is what identifies it in caches and runs (uploads are named by content hash)."""
+
+    source: str
+    label: str
+    samples: int
+    seq_len: int
+    seed: int
+
+    def match(self) -> dict:
+        """The run-config fields that identify scores made with these settings."""
+        return {"source": self.label, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
+
+
+@dataclass
+class Variant:
+    """A pruned model held by one session (its non-MLP tensors are shared with the base model)."""
+
+    name: str
+    base_spec: str
+    model: nn.Module
+    widths: list[int]
+    meta: dict
+    run_id: str | None = None
+    metrics: dict | None = None
+
+
+@dataclass
+class Session:
+    """Everything one browser session has made; touched only through its own handlers."""
+
+    session_id: str
+    model_spec: str | None = None
+    data: DataSpec | None = None
+    scores: dict[str, ScoreResult] = field(default_factory=dict)  # criterion → scores (active model/data)
+    score_runs: dict[str, str] = field(default_factory=dict)  # criterion → run id
+    variants: "OrderedDict[str, Variant]" = field(default_factory=OrderedDict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    last_used: float = field(default_factory=time.time)
+
+    def set_context(self, model_spec: str, data: DataSpec) -> None:
+        """Switching model or data forgets the scores of the old context (they stay cached)."""
+        if (model_spec, data) != (self.model_spec, self.data):
+            self.scores.clear()
+            self.score_runs.clear()
+        self.model_spec, self.data = model_spec, data
+
+    def add_variant(self, variant: Variant) -> str | None:
+        """Store a variant under its name; returns the name of an evicted old variant, if any."""
+        evicted = None
+        self.variants.pop(variant.name, None)
+        if len(self.variants) >= MAX_VARIANTS_PER_SESSION:
+            evicted, _ = self.variants.popitem(last=False)
+        self.variants[variant.name] = variant
+        return evicted
+
+
+class SessionStore:
+    """Sessions keyed by Gradio's per-browser session hash; the least recently used are dropped."""
+
+    def __init__(self, capacity: int = MAX_SESSIONS) -> None:
+        self._sessions: "OrderedDict[str, Session]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.capacity = capacity
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.pop(session_id, None) or Session(session_id)
+            session.last_used = time.time()
+            self._sessions[session_id] = session
+            while len(self._sessions) > self.capacity:
+                self._sessions.popitem(last=False)
+            return session
+
+    def drop(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+class ModelCache:
+    """Base models loaded once per spec and shared read-only by every session (LRU of a few)."""
+
+    def __init__(self, capacity: int = MAX_MODELS) -> None:
+        self._models: "OrderedDict[str, LoadedModel]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.capacity = capacity
+
+    def get(self, spec: str) -> LoadedModel:
+        spec = (spec or "").strip()
+        with self._lock:  # one load at a time; a second caller for the same spec waits and reuses it
+            if spec in self._models:
+                self._models.move_to_end(spec)
+                return self._models[spec]
+            loaded = load_model(spec)
+            self._models[spec] = loaded
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+            return loaded
+
+    def cached(self, spec: str) -> bool:
+        return spec in self._models
+
+
+class ScoreCache:
+    """Scores per (model, data, criterion) in memory; the run store is the persistent layer below."""
+
+    def __init__(self) -> None:
+        self._scores: dict[tuple, tuple[ScoreResult, str]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(model_spec: str, data: DataSpec, criterion: str) -> tuple:
+        return (model_spec, data.label, data.samples, data.seq_len, data.seed, criterion)
+
+    def get(self, key: tuple) -> tuple[ScoreResult, str] | None:
+        with self._lock:
+            return self._scores.get(key)
+
+    def put(self, key: tuple, result: ScoreResult, run_id: str) -> None:
+        with self._lock:
+            self._scores[key] = (result, run_id)
+
+    def forget_run(self, run_id: str) -> None:
+        with self._lock:
+            for key in [k for k, (_r, rid) in self._scores.items() if rid == run_id]:
+                del self._scores[key]

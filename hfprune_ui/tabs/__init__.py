@@ -1,0 +1,1 @@
+"""One module per dashboard tab; each ``build(ctx)`` lays out its tab and wires its events."""

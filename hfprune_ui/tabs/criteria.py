@@ -1,0 +1,108 @@
+"""Tab 3 — Entropy vs cross-entropy: where two criteria agree and where they part ways."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from core.allocate import uniform_widths
+from core.compare import disagreements, ranks, removal_overlap, spearman_per_layer
+
+from .. import figures, texts
+from ..context import Ctx, model_events
+from ..guard import session_id, user_errors
+from ..services import Services, criteria
+from ..state import Session
+
+DISAGREEMENTS = 12
+
+
+def draw(session: Session, a: str, b: str, layer: float, ratio: float):
+    """(status, rank scatter, Spearman bars, overlap bars, disagreement table) from session scores."""
+    missing = [c for c in (a, b) if c not in session.scores]
+    if missing:
+        message = f"Press Compare to score {' and '.join(missing)} first."
+        blank = figures.empty(message)
+        return message, blank, blank, blank, pd.DataFrame()
+    sa, sb = session.scores[a].scores, session.scores[b].scores
+    layer = max(0, min(int(layer), len(sa) - 1))
+    rho = spearman_per_layer(sa, sb)
+    widths = uniform_widths([s.numel() for s in sa], float(ratio))
+    overlap = removal_overlap(sa, sb, widths)
+    removed_fraction = 1 - widths[layer] / sa[layer].numel()
+    scatter = figures.rank_scatter(ranks(sa[layer]).tolist(), ranks(sb[layer]).tolist(), a, b, layer, removed_fraction)
+    rho_fig = figures.per_layer_bars(rho, f"Spearman ρ between {a} and {b}, per layer", "ρ", (-1, 1), "ρ")
+    overlap_fig = figures.per_layer_bars([row["overlap"] for row in overlap],
+                                         f"Share of {a}'s removals that {b} also removes (ratio {ratio:.2f})",
+                                         "overlap", (0, 1), "overlap")
+    table = pd.DataFrame([{"layer": r["layer"], "neuron": r["neuron"], f"{a} rank": round(r["rank_a"], 3),
+                           f"{b} rank": round(r["rank_b"], 3), "gap": round(r["gap"], 3),
+                           "removed by": a if r["rank_a"] < removed_fraction <= r["rank_b"] else
+                           b if r["rank_b"] < removed_fraction <= r["rank_a"] else "—"}
+                          for r in disagreements(sa, sb, DISAGREEMENTS)])
+    mean_rho = sum(rho) / len(rho)
+    mean_overlap = sum(r["overlap"] for r in overlap) / len(overlap)
+    status = (f"Mean Spearman ρ = **{mean_rho:.3f}**; at ratio {ratio:.2f} the two criteria agree on "
+              f"**{100 * mean_overlap:.1f} %** of the neurons they would remove (layer {layer}: "
+              f"{100 * overlap[layer]['overlap']:.1f} %).")
+    return status, scatter, rho_fig, overlap_fig, table
+
+
+def make_compare(services: Services):
+    @user_errors
+    def compare(a: str, b: str, layer: float, ratio: float, model: str, source: str, upload: str | None,
+                samples: float, seq_len: float, seed: float, request: gr.Request = None,
+                progress=gr.Progress(track_tqdm=True)):
+        """Score whichever of the two criteria is missing (cached), then draw the comparison."""
+        session = services.sessions.get(session_id(request))
+        session.stop.clear()
+        data = services.data_spec(source, upload, samples, seq_len, seed)
+        for c in (a, b):
+            services.score(session, (model or "").strip(), data, c, stop=session.stop.is_set)
+        return (*draw(session, a, b, layer, ratio), layer_update(session))
+    return compare
+
+
+def layer_update(session: Session):
+    """Fit the layer slider to the scored model's depth."""
+    if not session.scores:
+        return gr.update()
+    return gr.update(maximum=len(next(iter(session.scores.values())).scores) - 1)
+
+
+def make_redraw(services: Services, with_layer: bool = False):
+    @user_errors
+    def redraw(a: str, b: str, layer: float, ratio: float, request: gr.Request = None):
+        """Redraw from the session's scores (no model involved)."""
+        session = services.sessions.get(session_id(request))
+        out = draw(session, a, b, layer, ratio)
+        return (*out, layer_update(session)) if with_layer else out
+    return redraw
+
+
+def build(ctx: Ctx) -> None:
+    services = ctx.services
+    names = criteria()
+    with gr.Tab("Entropy vs cross-entropy", id="criteria") as tab:
+        gr.Markdown(texts.CRITERIA, elem_classes="teach")
+        with gr.Row():
+            a = gr.Dropdown(names, value="entropy" if "entropy" in names else names[0], label="Criterion A")
+            b = gr.Dropdown(names, value="cross_entropy" if "cross_entropy" in names else names[-1], label="Criterion B")
+            layer = gr.Slider(0, 63, value=0, step=1, label="Layer for the rank scatter")
+            ratio = gr.Slider(0.05, 0.9, value=0.2, step=0.05, label="Ratio removed (for the overlap)")
+            go = gr.Button("Compare", variant="primary")
+        status = gr.Markdown("")
+        with gr.Row():
+            scatter = gr.Plot(label="Rank vs rank")
+            rho = gr.Plot(label="Spearman ρ per layer")
+        overlap = gr.Plot(label="Removal overlap per layer")
+        table = gr.Dataframe(label="Neurons the two criteria disagree on most", interactive=False)
+    outputs = [status, scatter, rho, overlap, table]
+    go.click(make_compare(services), [a, b, layer, ratio, *ctx.data_inputs], [*outputs, layer],
+             api_name="compare_criteria", **model_events())
+    redraw = make_redraw(services)
+    inputs = [a, b, layer, ratio]
+    a.input(redraw, inputs, outputs, api_visibility="private")
+    b.input(redraw, inputs, outputs, api_visibility="private")
+    layer.release(redraw, inputs, outputs, api_visibility="private")
+    ratio.release(redraw, inputs, outputs, api_visibility="private")
+    tab.select(make_redraw(services, with_layer=True), inputs, [*outputs, layer], api_name="criteria_redraw")

@@ -1,0 +1,135 @@
+"""Tab 4 — Prune: preview widths / parameters / FLOPs for a ratio, prune, name, export."""
+from __future__ import annotations
+
+import gradio as gr
+
+from core.compare import prune_preview
+from core.errors import HFPruneError
+from core.export import EXPORT_MODES
+
+from .. import figures, texts
+from ..context import Ctx, model_events
+from ..guard import session_id, user_errors
+from ..services import Services, allocations, criteria
+from ..state import Session
+
+PREVIEW_SEQ_LEN = 128
+
+
+def variants_markdown(session: Session) -> str:
+    if not session.variants:
+        return "No variants yet."
+    lines = [f"- **{v.name}** — {v.meta.get('criterion')}, ratio {v.meta.get('ratio')}, "
+             f"{v.meta.get('allocation')}, widths {min(v.widths)}–{max(v.widths)}, run `{v.run_id}`"
+             for v in session.variants.values()]
+    return "Variants in this session:\n" + "\n".join(lines)
+
+
+def make_preview(services: Services):
+    @user_errors
+    def preview(criterion: str, ratio: float, allocation: str, round_to: str | int, model: str,
+                request: gr.Request = None):
+        """Kept widths and params/FLOPs before → after, without pruning anything."""
+        session = services.sessions.get(session_id(request))
+        spec = (model or "").strip()
+        if not services.models.cached(spec):
+            return "Load the model (Model & data tab) or press Score to see a preview.", figures.empty("No model loaded")
+        loaded = services.model(spec)
+        scores = session.scores[criterion].scores if criterion in session.scores and session.model_spec == spec else None
+        widths = services.plan(loaded, ratio, allocation, int(round_to), scores)
+        p = prune_preview(loaded.model, widths, PREVIEW_SEQ_LEN)
+        text = (f"Parameters **{p['params_before'] / 1e6:.2f} M → {p['params_after'] / 1e6:.2f} M** "
+                f"(−{100 * (1 - p['params_after'] / p['params_before']):.1f} %); forward FLOPs/token at "
+                f"{PREVIEW_SEQ_LEN} tokens **{p['flops_before'] / 1e6:.1f} M → {p['flops_after'] / 1e6:.1f} M** "
+                f"(−{100 * (1 - p['flops_after'] / p['flops_before']):.1f} %); MLP width {min(widths)}–{max(widths)} "
+                f"of {max(p['widths_before'])}.")
+        return text, figures.widths(p["widths_before"], widths)
+    return preview
+
+
+def make_prune(services: Services):
+    @user_errors
+    def prune(criterion: str, ratio: float, allocation: str, round_to: str | int, name: str, model: str, source: str,
+              upload: str | None, samples: float, seq_len: float, seed: float, request: gr.Request = None,
+              progress=gr.Progress(track_tqdm=True)):
+        """Score if needed (cached), prune into a new variant, store the run."""
+        session = services.sessions.get(session_id(request))
+        session.stop.clear()
+        data = services.data_spec(source, upload, samples, seq_len, seed)
+        spec = (model or "").strip()
+        progress(0.05, desc=f"scores for {criterion}")
+        services.score(session, spec, data, criterion, stop=session.stop.is_set)
+        progress(0.6, desc="pruning")
+        variant, evicted = services.prune(session, criterion, ratio, allocation, int(round_to), name)
+        note = f" The oldest variant '{evicted}' was dropped from memory (its run stays on disk)." if evicted else ""
+        status = (f"Pruned **{variant.name}**: MLP widths {min(variant.widths)}–{max(variant.widths)}, "
+                  f"stored as run `{variant.run_id}`.{note}")
+        names = list(session.variants)
+        return status, variants_markdown(session), gr.update(choices=names, value=variant.name)
+    return prune
+
+
+def make_export_zip(services: Services):
+    @user_errors
+    def export_zip(name: str, mode: str, request: gr.Request = None, progress=gr.Progress()):
+        session = services.sessions.get(session_id(request))
+        if not name:
+            raise HFPruneError("Pick a variant to export.")
+        progress(0.1, desc="writing safetensors")
+        archive = services.export_zip(session, name, mode)
+        return str(archive), f"Packed **{name}** as `{archive.name}` ({archive.stat().st_size / 2**20:.0f} MiB)."
+    return export_zip
+
+
+def make_export_save(services: Services):
+    @user_errors
+    def export_save(name: str, mode: str, folder: str, request: gr.Request = None) -> str:
+        session = services.sessions.get(session_id(request))
+        if not name:
+            raise HFPruneError("Pick a variant to export.")
+        if not (folder or "").strip():
+            raise HFPruneError("Type the folder to save into (it must not exist yet, or be empty).")
+        target = services.export(session, name, mode, folder.strip())
+        return f"Saved **{name}** to `{target}`; reload it with `AutoModelForCausalLM.from_pretrained`."
+    return export_save
+
+
+def build(ctx: Ctx) -> None:
+    services = ctx.services
+    names = criteria()
+    with gr.Tab("Prune", id="prune") as tab:
+        gr.Markdown(texts.PRUNE, elem_classes="teach")
+        with gr.Row():
+            criterion = gr.Dropdown(names, value="entropy" if "entropy" in names else names[0], label="Criterion")
+            ratio = gr.Slider(0.0, 0.95, value=0.2, step=0.01, label="Ratio of MLP neurons removed", elem_id="ratio")
+            allocation = gr.Dropdown(allocations(), value=allocations()[0], label="Allocation")
+            round_to = gr.Dropdown(["1", "8", "64", "128"], value="1", label="Round widths to a multiple of")
+        preview_text = gr.Markdown("", elem_id="prune-preview")
+        preview_plot = gr.Plot(label="Kept width per layer", elem_id="widths-plot")
+        with gr.Row():
+            name = gr.Textbox("", label="Variant name", placeholder="e.g. entropy-20% (default)")
+            prune_button = gr.Button("Prune", variant="primary", elem_id="prune-button")
+        status = gr.Markdown("", elem_id="prune-status")
+        variants = gr.Markdown("No variants yet.")
+        with gr.Accordion("Export", open=False):
+            with gr.Row():
+                export_variant = gr.Dropdown([], value=None, allow_custom_value=True, label="Variant")
+                mode = gr.Dropdown(list(EXPORT_MODES), value=EXPORT_MODES[0], label="Format")
+            with gr.Row():
+                zip_button = gr.Button("Download as .zip")
+                folder = gr.Textbox("", label="…or save to this folder on the server")
+                save_button = gr.Button("Save to folder")
+            export_file = gr.File(label="Exported archive", interactive=False)
+            export_status = gr.Markdown("")
+    preview = make_preview(services)
+    preview_inputs = [criterion, ratio, allocation, round_to, ctx["model"]]
+    for component in (criterion, allocation, round_to):
+        component.input(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
+    ratio.change(preview, preview_inputs, [preview_text, preview_plot], api_name="preview", show_progress="hidden")
+    tab.select(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
+    prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, name, *ctx.data_inputs],
+                       [status, variants, export_variant], api_name="prune", **model_events())
+    zip_button.click(make_export_zip(services), [export_variant, mode], [export_file, export_status],
+                     api_name="export_zip", **model_events())
+    save_button.click(make_export_save(services), [export_variant, mode, folder], export_status,
+                      api_name="export_save", **model_events())
