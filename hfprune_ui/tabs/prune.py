@@ -125,7 +125,7 @@ def build(ctx: Ctx) -> None:
     preview_inputs = [criterion, ratio, allocation, round_to, ctx["model"]]
     for component in (criterion, allocation, round_to):
         component.input(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
-    ratio.change(preview, preview_inputs, [preview_text, preview_plot], api_name="preview", show_progress="hidden")
+    ratio.change(preview, preview_inputs, [preview_text, preview_plot], api_name="prune_preview", show_progress="hidden")
     tab.select(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
     prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, name, *ctx.data_inputs],
                        [status, variants, export_variant], api_name="prune", **model_events())
