@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import HFPruneError
+from .errors import HFPruneError, PruneConfigError
+from .export import EXPORT_MODES
 
 # Modules that add subcommands: each defines ``register(subparsers)`` and sets ``handler=`` on its
 # parsers via ``set_defaults``; the handler takes the parsed args and returns a JSON-able dict.
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--ratio", type=float, required=True, help="fraction of MLP neurons removed, 0 <= R < 1")
     prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     prune.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (8/64/128)")
-    prune.add_argument("--export", default="hf-native", choices=["hf-native"])
+    prune.add_argument("--export", default=None, choices=EXPORT_MODES,
+                       help="hf-native (uniform widths; default for uniform), hf-remote-code (default otherwise), hf-padded")
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
 
     ev = sub.add_parser("eval", help="perplexity and fidelity to a reference model")
@@ -92,6 +94,10 @@ def _cmd_prune(args) -> dict:
 
     check_ratio(args.ratio)
     check_output_dir(args.out)
+    if args.export == "hf-native" and args.allocation != "uniform":
+        raise PruneConfigError(f"--export hf-native needs uniform widths; the '{args.allocation}' allocation gives "
+                               "each layer its own width: use --export hf-remote-code or hf-padded.")
+    export = args.export or ("hf-native" if args.allocation == "uniform" else "hf-remote-code")
     loaded = load_model(args.model)
     if args.allocation == "uniform":  # fail on a layer-emptying ratio before spending time on scoring
         plan_widths(loaded.model, args.ratio, args.allocation, args.round_to)
@@ -101,9 +107,10 @@ def _cmd_prune(args) -> dict:
         result = score_model(loaded, args.criterion, source=args.source, samples=args.samples, seq_len=args.seq_len,
                              seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
     pruned = prune_with_scores(loaded, result, args.ratio, allocation=args.allocation, round_to=args.round_to)
-    target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=args.export)
+    target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export)
     before, after = count_params(loaded.model), count_params(pruned.model)
-    return {"out": str(target), "criterion": result.config.get("criterion"), "ratio": args.ratio,
+    return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
+            "allocation": args.allocation, "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
             "intermediate_sizes": pruned.widths, "params_before": before["params"], "params_after": after["params"],
             "scoring_seconds": round(result.seconds, 2)}
 

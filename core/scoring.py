@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .adapters import mlp_handles
 
-# Rows of (rows, vocab) fp32 logits materialised at once: ~256 MiB.
-LOGIT_CHUNK_BYTES = 256 * 2**20
+# Rows of (rows, vocab) fp32 logits materialised at once: ~32 MiB (cache-friendly; measured faster than 256 MiB).
+LOGIT_CHUNK_BYTES = 32 * 2**20
 
 
 class TokenLoss(Protocol):

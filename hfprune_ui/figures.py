@@ -118,3 +118,33 @@ def generations(prompt: str, outputs: dict[str, str]) -> str:
                     f'<div class="gen-text"><b>{html.escape(prompt)}</b>{html.escape(text)}</div></div>'
                     for name, text in outputs.items())
     return f'<div class="gen-row">{cards}</div>'
+
+
+def adaptive_trace(trace: Sequence[dict], layers: Sequence[int] | None = None) -> go.Figure:
+    """The adaptive search: for each shown layer, every width tried vs the fidelity-loss increase it
+    caused on the held-out slice (markers joined in width order), with the final width marked."""
+    shown = [t for t in trace if layers is None or t["layer"] in layers]
+    fig = go.Figure()
+    for i, t in enumerate(shown):
+        points = sorted((int(w), float(v)) for w, v in t["tried"])
+        fig.add_trace(go.Scatter(x=[w for w, _ in points], y=[max(v, 1e-9) for _, v in points],
+                                 mode="lines+markers", name=f"layer {t['layer']} → {t['width']}",
+                                 marker_color=color(i), line=dict(width=1)))
+    fig.update_layout(**LAYOUT, title="Adaptive search: width tried vs increase in held-out loss",
+                      xaxis_title="kept width tried", yaxis_title="loss increase (nats, log)")
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def sweep_lines(rows: Sequence[dict], metric: str = "kl_to_dense") -> go.Figure:
+    """One line per criterion: ``metric`` against the pruning ratio."""
+    fig = go.Figure()
+    for i, name in enumerate(dict.fromkeys(r["criterion"] for r in rows)):
+        mine = sorted((r["ratio"], r[metric]) for r in rows if r["criterion"] == name)
+        fig.add_trace(go.Scatter(x=[x for x, _ in mine], y=[y for _, y in mine], mode="lines+markers", name=name,
+                                 marker_color=color(i)))
+    label = {"kl_to_dense": "KL to dense (nats/token)", "perplexity": "perplexity",
+             "top1_agreement": "top-1 agreement"}.get(metric, metric)
+    fig.update_layout(**LAYOUT, title=f"{label} vs ratio", xaxis_title="ratio of MLP neurons removed",
+                      yaxis_title=label)
+    return fig

@@ -6,12 +6,11 @@ single ``model`` concurrency slot), so hooks of one job never see another job's 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -114,11 +113,12 @@ class Services:
 
     # -- pruning ---------------------------------------------------------------------------
     def plan(self, loaded: LoadedModel, ratio: float, allocation: str, round_to: int,
-             scores: list[torch.Tensor] | None) -> list[int]:
-        """Kept widths per layer from the engine's planner (passes scores when it accepts them)."""
-        params = inspect.signature(pipeline.plan_widths).parameters
-        kwargs = {"scores": scores} if "scores" in params else {}
-        return list(pipeline.plan_widths(loaded.model, float(ratio), allocation, int(round_to), **kwargs))
+             scores: list[torch.Tensor] | None) -> list[int] | None:
+        """Kept widths per layer from the engine's planner; None for ``adaptive`` (its widths come from
+        a search that runs when the user presses Prune)."""
+        if allocation == "adaptive":
+            return None
+        return list(pipeline.plan_widths(loaded.model, float(ratio), allocation, int(round_to), scores))
 
     def prune(self, session: Session, criterion: str, ratio: float, allocation: str, round_to: int,
               name: str) -> tuple[Variant, str | None]:
@@ -164,6 +164,22 @@ class Services:
                         pass  # the run was deleted meanwhile; the variant itself is still usable
                 rows.append({"variant": name, **metrics})
         return rows
+
+    def sweep(self, session: Session, names: list[str], ratios: list[float], allocation: str, round_to: int,
+              windows: int, seq_len: int) -> Iterator[dict]:
+        """Criteria × ratio fidelity rows (engine: core.sweep) for this session's scored criteria."""
+        from core.sweep import fidelity_sweep
+
+        loaded = self.model(self.require_model(session))
+        missing = [n for n in names if n not in session.scores]
+        if missing:
+            raise HFPruneError(f"Score {', '.join(missing)} first (Importance tab).")
+        source = session.data.source if session.data else "wiki"
+        ids = evaluation_windows(loaded.tokenizer, source, int(windows), int(seq_len), max_length=loaded.max_length)
+        with self.model_lock:
+            yield from fidelity_sweep(loaded, {n: session.scores[n] for n in names}, ratios, ids,
+                                      allocation=allocation, round_to=int(round_to), progress=True,
+                                      stop=session.stop.is_set)
 
     # -- helpers ---------------------------------------------------------------------------
     def require_model(self, session: Session) -> str:

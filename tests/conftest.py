@@ -72,3 +72,28 @@ def tiny_loaded(real_tokenizer):
         return LoadedModel(model=make_tiny(arch, **kwargs), tokenizer=real_tokenizer, spec=f"tiny-{arch}", path="")
 
     return build
+
+
+@pytest.fixture(scope="session")
+def launch_dashboard(real):
+    """Generator factory: launch the dashboard in this process on a free local port with the run
+    store ``runs_root``; yields (url, services) and closes the server afterwards."""
+    import socket
+
+    def launch(runs_root):
+        from hfprune_ui import build_demo, launch_options, queue
+        from hfprune_ui.services import Services
+
+        services = Services(runs_root=runs_root)
+        services.models.get("smollm2-135m")  # already converted by the ``real`` fixture; this only loads
+        demo = queue(build_demo(services))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, **launch_options())
+        try:
+            yield f"http://127.0.0.1:{port}/", services
+        finally:
+            demo.close()
+
+    return launch

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import gradio as gr
+import pandas as pd
 
 from core.compare import prune_preview
 from core.errors import HFPruneError
 from core.export import EXPORT_MODES
+from core.sweep import SWEEP_ALLOCATIONS, parse_ratios
 
 from .. import figures, texts
 from ..context import Ctx, model_events
@@ -37,8 +39,13 @@ def make_preview(services: Services):
         loaded = services.model(spec)
         scores = session.scores[criterion].scores if criterion in session.scores and session.model_spec == spec else None
         widths = services.plan(loaded, ratio, allocation, int(round_to), scores)
+        note = ""
+        if widths is None:  # adaptive: the search runs on Prune; preview the uniform widths meanwhile
+            widths = services.plan(loaded, ratio, "uniform", int(round_to), None)
+            note = ("**Adaptive** widths come from a search on held-out calibration text that runs when you press "
+                    "Prune (a few minutes on a CPU); the preview shows the uniform widths for the same ratio.  \n")
         p = prune_preview(loaded.model, widths, PREVIEW_SEQ_LEN)
-        text = (f"Parameters **{p['params_before'] / 1e6:.2f} M → {p['params_after'] / 1e6:.2f} M** "
+        text = note + (f"Parameters **{p['params_before'] / 1e6:.2f} M → {p['params_after'] / 1e6:.2f} M** "
                 f"(−{100 * (1 - p['params_after'] / p['params_before']):.1f} %); forward FLOPs/token at "
                 f"{PREVIEW_SEQ_LEN} tokens **{p['flops_before'] / 1e6:.1f} M → {p['flops_after'] / 1e6:.1f} M** "
                 f"(−{100 * (1 - p['flops_after'] / p['flops_before']):.1f} %); MLP width {min(widths)}–{max(widths)} "
@@ -65,8 +72,50 @@ def make_prune(services: Services):
         status = (f"Pruned **{variant.name}**: MLP widths {min(variant.widths)}–{max(variant.widths)}, "
                   f"stored as run `{variant.run_id}`.{note}")
         names = list(session.variants)
-        return status, variants_markdown(session), gr.update(choices=names, value=variant.name)
+        trace = variant.meta.get("adaptive", {}).get("trace")
+        figure = (figures.adaptive_trace(trace, trace_layers(len(trace))) if trace else
+                  figures.empty("Choose the adaptive allocation to see its per-layer search here."))
+        return status, variants_markdown(session), gr.update(choices=names, value=variant.name), figure
     return prune
+
+
+def trace_layers(count: int) -> list[int]:
+    """A readable subset of layers for the trace plot: about six, evenly spread, first and last included."""
+    step = max(1, round((count - 1) / 5))
+    return sorted({*range(0, count, step), count - 1})
+
+
+def make_sweep(services: Services):
+    @user_errors
+    def sweep(names: list | None, ratios: str, allocation: str, round_to: str | int, windows: float,
+              seq_len: float, metric: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+        """Prune each scored criterion at each ratio (in memory) and measure fidelity; stream the rows."""
+        session = services.sessions.get(session_id(request))
+        session.stop.clear()
+        chosen = [n for n in (names or []) if n in session.scores] or list(session.scores)
+        if not chosen:
+            raise HFPruneError("Score at least one criterion first (Importance tab).")
+        rows = []
+        for row in services.sweep(session, chosen, parse_ratios(ratios), allocation, int(round_to), int(windows),
+                                  int(seq_len)):
+            rows.append(row)
+            yield sweep_table(rows), figures.sweep_lines(rows, metric)
+    return sweep
+
+
+def sweep_table(rows: list[dict]) -> pd.DataFrame:
+    """Rows → a criteria × ratio table (KL to dense; perplexity and top-1 in the other columns)."""
+    frame = pd.DataFrame(rows)
+    frame["ratio"] = frame["ratio"].map(lambda r: f"{r:.2f}")
+    return frame.round({"perplexity": 2, "kl_to_dense": 4, "top1_agreement": 4})
+
+
+def make_scored(services: Services):
+    def scored(request: gr.Request = None):
+        """Offer the criteria this session has scored to the sweep."""
+        names = list(services.sessions.get(session_id(request)).scores)
+        return gr.update(choices=names, value=names)
+    return scored
 
 
 def make_export_zip(services: Services):
@@ -111,6 +160,21 @@ def build(ctx: Ctx) -> None:
             prune_button = gr.Button("Prune", variant="primary", elem_id="prune-button")
         status = gr.Markdown("", elem_id="prune-status")
         variants = gr.Markdown("No variants yet.")
+        trace_plot = gr.Plot(label="Adaptive search trace", elem_id="trace-plot")
+        with gr.Accordion("Criteria × ratio fidelity (prunes in memory, measures on held-out text)", open=False):
+            with gr.Row():
+                sweep_criteria = gr.CheckboxGroup([], value=[], label="Scored criteria", scale=2)
+                sweep_ratios = gr.Textbox("0.2, 0.3, 0.4", label="Ratios", scale=1)
+                sweep_allocation = gr.Dropdown(list(SWEEP_ALLOCATIONS), value="uniform", label="Allocation", scale=1)
+            with gr.Row():
+                sweep_windows = gr.Slider(1, 32, value=4, step=1, label="Evaluation windows")
+                sweep_len = gr.Slider(16, 512, value=64, step=16, label="Tokens per window")
+                sweep_metric = gr.Dropdown([("KL to dense", "kl_to_dense"), ("perplexity", "perplexity"),
+                                            ("top-1 agreement", "top1_agreement")], value="kl_to_dense",
+                                           label="Plot")
+                sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
+            sweep_frame = gr.Dataframe(label="Fidelity per criterion and ratio", interactive=False)
+            sweep_plot = gr.Plot(label="Fidelity vs ratio", elem_id="sweep-plot")
         with gr.Accordion("Export", open=False):
             with gr.Row():
                 export_variant = gr.Dropdown([], value=None, allow_custom_value=True, label="Variant")
@@ -127,8 +191,12 @@ def build(ctx: Ctx) -> None:
         component.input(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
     ratio.change(preview, preview_inputs, [preview_text, preview_plot], api_name="prune_preview", show_progress="hidden")
     tab.select(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
+    tab.select(make_scored(services), None, sweep_criteria, api_visibility="private")
+    sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to, sweep_windows,
+                                              sweep_len, sweep_metric], [sweep_frame, sweep_plot], api_name="sweep",
+                       **model_events())
     prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, name, *ctx.data_inputs],
-                       [status, variants, export_variant], api_name="prune", **model_events())
+                       [status, variants, export_variant, trace_plot], api_name="prune", **model_events())
     zip_button.click(make_export_zip(services), [export_variant, mode], [export_file, export_status],
                      api_name="export_zip", **model_events())
     save_button.click(make_export_save(services), [export_variant, mode, folder], export_status,

@@ -1,0 +1,56 @@
+"""Criteria × ratio fidelity sweep: prune (in memory) at each ratio and measure fidelity to the dense model.
+
+The dashboard's "criteria × ratio" table and ``python -m core``-side comparisons use this; the full
+benchmark with adaptive allocation lives in ``benchmarks/criteria.py``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from .allocate import check_ratio, top_k_indices
+from .compare import pruned_view
+from .errors import PruneConfigError
+from .evaluate import evaluate
+from .models import LoadedModel
+from .pipeline import ScoreResult, plan_widths
+
+SWEEP_ALLOCATIONS = ("uniform", "global")  # adaptive runs a search per cell: use benchmarks/criteria.py
+
+
+def parse_ratios(text: str) -> list[float]:
+    """'0.2, 0.3 0.4' → [0.2, 0.3, 0.4]; every value checked to lie in [0, 1)."""
+    parts = [p for p in text.replace(",", " ").split() if p]
+    if not parts:
+        raise PruneConfigError("Give at least one ratio, e.g. '0.2, 0.3, 0.4'.")
+    try:
+        ratios = [float(p) for p in parts]
+    except ValueError as exc:
+        raise PruneConfigError(f"Ratios must be numbers between 0 and 1, got '{text}'.") from exc
+    return sorted({check_ratio(r) for r in ratios})
+
+
+def fidelity_sweep(loaded: LoadedModel, results: dict[str, ScoreResult], ratios: list[float], windows: torch.Tensor,
+                   *, allocation: str = "uniform", round_to: int = 1, progress: bool = False,
+                   stop: Callable[[], bool] | None = None) -> Iterator[dict]:
+    """Yield one row per (criterion, ratio): perplexity, KL to dense, top-1 agreement, kept params.
+
+    windows (K, T): held-out evaluation token ids. The pruned copies share non-MLP tensors with the
+    dense model and are dropped after each row, so memory stays at one extra MLP stack."""
+    if allocation not in SWEEP_ALLOCATIONS:
+        raise PruneConfigError(f"The sweep supports {' and '.join(SWEEP_ALLOCATIONS)} allocations; "
+                               f"run benchmarks/criteria.py for '{allocation}'.")
+    if not results:
+        raise PruneConfigError("Score at least one criterion before running the sweep.")
+    for name, result in results.items():
+        for ratio in ratios:
+            if stop is not None and stop():
+                raise InterruptedError("The sweep was stopped.")
+            widths = plan_widths(loaded.model, ratio, allocation, round_to, result.scores)
+            variant = pruned_view(loaded.model, top_k_indices(result.scores, widths))
+            metrics = evaluate(variant, windows, loaded.model, progress=progress, stop=stop)
+            yield {"criterion": name, "ratio": ratio, "allocation": allocation, "perplexity": metrics.perplexity,
+                   "kl_to_dense": metrics.kl_to_reference, "top1_agreement": metrics.top1_agreement,
+                   "params": metrics.params}
+            del variant
