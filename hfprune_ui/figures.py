@@ -148,3 +148,23 @@ def sweep_lines(rows: Sequence[dict], metric: str = "kl_to_dense") -> go.Figure:
     fig.update_layout(**LAYOUT, title=f"{label} vs ratio", xaxis_title="ratio of MLP neurons removed",
                       yaxis_title=label)
     return fig
+
+
+def pareto(names: Sequence[str], size_mb: Sequence[float], quality: Sequence[float], quality_label: str,
+           lower_is_better: bool = True) -> go.Figure:
+    """Size vs quality, one marker per variant; the Pareto-optimal ones (nothing both smaller and
+    better) are joined by a line."""
+    points = sorted(zip(size_mb, quality, names))
+    front, best = [], None
+    for size, value, name in points:
+        if best is None or (value < best if lower_is_better else value > best):
+            front.append((size, value))
+            best = value
+    fig = go.Figure([go.Scatter(x=[s for s, _ in front], y=[v for _, v in front], mode="lines", name="Pareto front",
+                                line=dict(color="#adb5bd", dash="dot"))])
+    for i, (name, size, value) in enumerate(zip(names, size_mb, quality)):
+        fig.add_trace(go.Scatter(x=[size], y=[value], mode="markers+text", text=[name], textposition="top center",
+                                 marker=dict(size=12, color=color(i)), name=name))
+    fig.update_layout(**LAYOUT, title=f"Weight size vs {quality_label}", xaxis_title="weights in memory (MB)",
+                      yaxis_title=quality_label, showlegend=False)
+    return fig

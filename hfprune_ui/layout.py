@@ -12,7 +12,7 @@ from . import texts
 from .context import Ctx
 from .guard import session_id
 from .services import Services
-from .tabs import compare, criteria, importance, model_data, prune, runs
+from .tabs import compare, criteria, evaluate, importance, model_data, prune, runs
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -30,6 +30,7 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             criteria.build(ctx)
             prune.build(ctx)
             compare.build(ctx)
+            evaluate.build(ctx)
             runs.build(ctx)
     demo.services = services  # type: ignore[attr-defined]  # handy for tests and benchmarks
     _drop_sessions_on_unload(demo, services)

@@ -21,6 +21,7 @@ from core.data import MAX_UPLOAD_BYTES, evaluation_windows, read_text_file
 from core.errors import DataError, HFPruneError, PruneConfigError
 from core.evaluate import evaluate
 from core.models import LoadedModel
+from core.quantize import mlp_widths_any
 from core.paths import cache_dir
 from core.runs import RunStore
 
@@ -181,6 +182,68 @@ class Services:
                                       allocation=allocation, round_to=int(round_to), progress=True,
                                       stop=session.stop.is_set)
 
+    # -- quantize / zero-shot / speed --------------------------------------------------------
+    def quantize(self, session: Session, source: str, method: str) -> tuple[Variant, str | None]:
+        """A quantized copy of 'original' or a session variant, stored as variant '<source>+<method>'."""
+        import copy
+
+        from core.quantize import check_method, quantize_model
+
+        check_method(method)  # unknown method / missing backend: a clear error before any copying
+        base_spec = self.require_model(session)
+        if source == "original":
+            model, widths, meta = self.model(base_spec).model, None, {"criterion": None, "ratio": 0.0}
+        else:
+            variant = self.variant(session, source)
+            if variant.meta.get("quantization"):
+                raise HFPruneError(f"'{source}' is already quantized; quantize the unquantized variant instead.")
+            model, widths, meta = variant.model, variant.widths, variant.meta
+        with self.model_lock:
+            quantized = quantize_model(copy.deepcopy(model), method)
+        widths = widths or [h for h in mlp_widths_any(quantized)]
+        name = f"{source}+{method}"
+        variant = Variant(name, base_spec, quantized, list(widths), {**meta, "quantization": method, "source": source})
+        return variant, session.add_variant(variant)
+
+    def zeroshot(self, session: Session, names: list[str], tasks: list[str], limit: int) -> list[dict]:
+        """lm-eval zero-shot accuracies (acc, acc_norm) of the original and each named variant."""
+        from core.zeroshot import check_tasks, run_zeroshot
+
+        tasks = check_tasks(tasks)
+        rows = []
+        tokenizer = self.model(self.require_model(session)).tokenizer
+        for name, model in self.models_for(session, names).items():
+            with self.model_lock:
+                result = run_zeroshot(model, tokenizer, tasks, limit=int(limit), progress=False)
+            row = {"variant": name}
+            for task, entry in result["tasks"].items():
+                for metric in ("acc", "acc_norm"):
+                    if metric in entry:
+                        row[f"{task} {metric}"] = entry[metric]
+                row[f"{task} n"] = entry["n"]
+            rows.append(row)
+        return rows
+
+    def bench(self, session: Session, names: list[str], prefill_tokens: int, decode_tokens: int,
+              repeats: int) -> list[dict]:
+        """Measured prefill latency, decode speed, memory and size of the original and each variant."""
+        from core.speed import ideal_speedup, measure_speed
+
+        loaded = self.model(self.require_model(session))
+        dense = mlp_widths_any(loaded.model)
+        rows = []
+        for name, model in self.models_for(session, names).items():
+            with self.model_lock:
+                result = measure_speed(model, loaded.tokenizer, prefill_tokens=int(prefill_tokens),
+                                       decode_tokens=int(decode_tokens), repeats=int(repeats),
+                                       method=getattr(model, "hfprune_quantization", None))
+            rows.append({"variant": name, **result.to_dict(), "ideal_speedup": ideal_speedup(model, dense,
+                                                                                             int(prefill_tokens))})
+        base = rows[0]["prefill_ms"]
+        for row in rows:
+            row["measured_speedup"] = base / row["prefill_ms"] if row["prefill_ms"] else None
+        return rows
+
     # -- helpers ---------------------------------------------------------------------------
     def require_model(self, session: Session) -> str:
         if not session.model_spec:
@@ -240,6 +303,9 @@ class Services:
         from core.export import save_pruned
 
         variant = self.variant(session, name)
+        if variant.meta.get("quantization"):
+            raise HFPruneError(f"'{name}' is quantized: export its unquantized source and apply "
+                               f"`python -m core quantize --method {variant.meta['quantization']}` to the folder.")
         loaded = self.model(variant.base_spec)
         meta = {**variant.meta, "variant_name": name, "run_id": variant.run_id}
         return save_pruned(variant.model, loaded.tokenizer, folder, meta, mode=mode)

@@ -36,6 +36,12 @@ COMPARE = (
     "adds perplexity and agreement numbers."
 )
 
+EVALUATE = (
+    "Pruning removes neurons and quantization stores the remaining weights in fewer bits; the two stack, and only "
+    "measurement says what they buy. Quantize any variant here, ask it multiple-choice and fill-the-gap questions "
+    "built from held-out Wikipedia articles, and time it: the Pareto plot shows which variants are both small and good."
+)
+
 RUNS = (
     "Each scoring and pruning run is saved on disk with its settings, scores, results and timestamps, so it survives "
     "a restart of the app. Load a run to bring its scores or its pruned model back into this session, or delete "

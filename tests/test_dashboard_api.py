@@ -112,6 +112,21 @@ def test_score_prune_compare_end_to_end(app):
         assert 0 < cells[(name, "0.10")]["kl_to_dense"] < cells[(name, "0.30")]["kl_to_dense"]
     assert [t["name"] for t in plot(lines)["data"]] == ["entropy", "cross_entropy"]
 
+    status = c.predict("ent30", "torchao-int8", api_name="/quantize")[0]
+    assert "ent30+torchao-int8" in status
+    table, pareto = c.predict(["ent30", "ent30+torchao-int8"], 32, 4, 1, api_name="/bench")
+    rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
+    assert set(rows) == {"original", "ent30", "ent30+torchao-int8"}
+    assert rows["ent30+torchao-int8"]["weights"] == "torchao-int8" and rows["ent30"]["weights"] == "fp32"
+    assert rows["ent30+torchao-int8"]["weight MB"] < 0.6 * rows["ent30"]["weight MB"] < rows["original"]["weight MB"]
+    assert all(r["prefill ms (1×N)"] > 0 and r["decode tok/s"] > 0 for r in rows.values())
+    assert rows["ent30"]["ideal speed-up (FLOPs)"] > 1.0
+    assert {t["name"] for t in plot(pareto)["data"]} >= {"original", "ent30", "ent30+torchao-int8"}
+    zero = c.predict(["ent30"], ["wiki_nextsent"], 10, api_name="/zeroshot")
+    accs = {r[0]: dict(zip(zero["headers"], r)) for r in zero["data"]}
+    assert set(accs) == {"original", "ent30"} and all(a["wiki_nextsent n"] == 10 for a in accs.values())
+    assert all(0 <= a["wiki_nextsent acc"] <= 1 for a in accs.values())
+
     listed, _ = c.predict(False, api_name="/runs_list")
     kinds = sorted(r[1] for r in listed["data"])
     assert kinds == ["prune", "score", "score"]
