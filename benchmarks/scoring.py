@@ -27,17 +27,10 @@ from core.models import load_model
 from core.scoring import batches, frozen
 
 
-REPEATS = 3
-
-
 def timed(fn) -> float:
-    """Best of REPEATS wall-clock runs, in seconds (the minimum is the least noisy on a shared CPU)."""
-    best = float("inf")
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def bare_forward(model, windows, batch_size):
@@ -91,10 +84,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--criteria", nargs="+", default=list(REGISTRY))
-    parser.add_argument("--repeats", type=int, default=3, help="time each scorer this many times, keep the best")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds; every scorer runs once per round (interleaved, so drift hits all alike), "
+                             "the best round counts")
     args = parser.parse_args()
-    global REPEATS
-    REPEATS = max(1, args.repeats)
+    repeats = max(1, args.repeats)
 
     loaded = load_model(args.model)
     model = loaded.model
@@ -104,21 +98,27 @@ def main() -> None:
     frozen_forward_backward(model, windows[:bs], bs)  # warm-up
     rows, record = [], {}
 
-    def add(name: str, cost: str, seconds: float) -> None:
-        per_k = 1000 * seconds / tokens
-        record[name] = {"cost": cost, "seconds": seconds, "s_per_1k_tokens": per_k}
-        print(f"{name}: {seconds:.1f} s ({per_k:.2f} s / 1k tokens)", flush=True)
-
-    add("forward only (no grad)", "forward", timed(lambda: bare_forward(model, windows, bs)))
-    add("frozen forward+backward", "forward+backward", timed(lambda: frozen_forward_backward(model, windows, bs)))
-    add("reference-style (MLP trainable, batch 1)", "forward+backward+weight grads",
-        timed(lambda: reference_style(model, windows, 1)))
-    add("reference-style (all trainable, batch 1)", "forward+backward+weight grads",
-        timed(lambda: reference_style(model, windows, 1, train_all=True)))
+    scorers: list[tuple[str, str, object]] = [
+        ("forward only (no grad)", "forward", lambda: bare_forward(model, windows, bs)),
+        ("frozen forward+backward", "forward+backward", lambda: frozen_forward_backward(model, windows, bs)),
+        ("reference-style (MLP trainable, batch 1)", "forward+backward+weight grads",
+         lambda: reference_style(model, windows, 1)),
+        ("reference-style (all trainable, batch 1)", "forward+backward+weight grads",
+         lambda: reference_style(model, windows, 1, train_all=True)),
+    ]
     for name in args.criteria:
         criterion = get_criterion(name)
-        add(f"ours: {name}", criterion.cost,
-            timed(lambda: criterion(model, windows, ScoreOptions(batch_size=bs, progress=False))))
+        scorers.append((f"ours: {name}", criterion.cost,
+                        lambda c=criterion: c(model, windows, ScoreOptions(batch_size=bs, progress=False))))
+    best: dict[str, float] = {}
+    for round_ in range(repeats):
+        for name, _cost, fn in scorers:
+            seconds = timed(fn)
+            best[name] = min(best.get(name, float("inf")), seconds)
+            print(f"round {round_ + 1}/{repeats} {name}: {seconds:.1f} s ({1000 * seconds / tokens:.2f} s / 1k tokens)",
+                  flush=True)
+    for name, cost, _fn in scorers:
+        record[name] = {"cost": cost, "seconds": best[name], "s_per_1k_tokens": 1000 * best[name] / tokens}
     assert all(p.grad is None for p in model.parameters()), "a scorer left weight gradients behind"
 
     frozen_s = record["frozen forward+backward"]["s_per_1k_tokens"]
@@ -127,7 +127,7 @@ def main() -> None:
         rows.append([name, r["cost"], f"{r['s_per_1k_tokens']:.2f}", f"{r['s_per_1k_tokens'] / frozen_s:.2f}",
                      f"{r['s_per_1k_tokens'] / ref_s:.2f}"])
     header = (f"model {args.model}; {args.samples} x {args.seq_len} wiki calibration windows ({tokens} tokens), "
-              f"batch {bs} (reference-style: batch 1); best of {REPEATS} runs; {machine()}")
+              f"batch {bs} (reference-style: batch 1); best of {repeats} interleaved rounds; {machine()}")
     table = markdown_table(["scorer", "cost", "s / 1k tokens", "× frozen fwd+bwd", "× reference-style"], rows)
     print(header)
     print(table)

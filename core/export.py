@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from .adapters import mlp_handles, mlp_widths
 from .errors import PruneConfigError
+from .paths import atomic_folder
 
 EXPORT_MODES = ("hf-native", "hf-remote-code", "hf-padded")
 META_FILE = "pruning_meta.json"
@@ -49,8 +48,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: d
         raise PruneConfigError("hf-native export needs every layer at the same width; these widths differ "
                                "(use hf-remote-code or hf-padded).")
     target = check_output_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         to_save = padded_copy(model, max(widths)) if mode == "hf-padded" else model
         config = to_save.config
         saved_sizes = getattr(config, "intermediate_sizes", None)
@@ -69,12 +67,6 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: d
         tokenizer.save_pretrained(str(tmp))
         full_meta = {"export": mode, "intermediate_sizes": widths, **meta}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

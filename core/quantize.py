@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch import nn
 from . import __version__
 from .errors import HFPruneError, ModelLoadError
 from .export import META_FILE, check_output_dir
+from .paths import atomic_folder
 
 RECIPE_FILE = "quantization.json"
 SKIP_MODULES = ("lm_head",)
@@ -321,8 +321,7 @@ def save_quantized(model: nn.Module, tokenizer, method: str, out_dir: str | os.P
     if quantization_of(model):
         raise QuantizationError("save_quantized needs the unquantized source model; the recipe is applied on load.")
     target = check_output_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if source and (Path(source) / META_FILE).is_file():
@@ -332,12 +331,6 @@ def save_quantized(model: nn.Module, tokenizer, method: str, out_dir: str | os.P
                   "source": source, "weights": "unquantized source weights; the method is applied on load",
                   "tool_version": __version__, **(extra or {})}
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

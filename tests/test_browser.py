@@ -76,7 +76,7 @@ def test_click_through_importance_prune_compare(page):
     open_tab(page, "Compare")
     page.locator("#menu-button").click()
     rendered_plot(page, "menu-plot")
-    legend = page.locator("#menu-plot .legendtext").all_inner_texts()
+    legend = page.locator("#menu-plot .legendtext").evaluate_all("nodes => nodes.map(n => n.textContent)")
     assert any(t.startswith("original") for t in legend) and any(t.startswith("entropy-20%") for t in legend)
 
     target = os.environ.get("HFPRUNE_SCREENSHOT")

@@ -55,7 +55,9 @@ def test_score_prune_compare_end_to_end(app):
     assert names == [f"{c} · layer {i}" for c in ("entropy", "cross_entropy") for i in (0, 15, 29)]
     assert all(sum(trace["y"]) == 1536 for trace in hist_fig["data"])  # every neuron lands in one bin
     heat_fig = plot(heat)
-    assert len(heat_fig["data"][0]["z"]) == 30 and len(heat_fig["data"][0]["z"][0]) == 1536
+    z = heat_fig["data"][0]["z"]
+    assert len(z) == 30 and len(z[0]) == 256  # 1536 sorted neurons resampled to 256 columns
+    assert all(row[i] >= row[i + 1] for row in z for i in range(255))  # sorted high → low
     assert len(table["data"]) == 60  # 30 layers × 2 criteria
 
     # Scoring again is served from the cache, and a redraw needs no model.
@@ -162,8 +164,10 @@ def test_bad_input_is_a_clear_message_and_keeps_runs(app, tmp_path):
     with pytest.raises(AppError, match="after uploading"):
         c.predict(MODEL, "upload", None, 2, 32, 0, api_name="/load_model")
     c.predict(["entropy"], MODEL, *DATA, [], [], True, None, api_name="/score")
-    with pytest.raises(AppError, match="(?i)zero|empty|no neurons|at least"):
-        c.predict("entropy", 0.95, "uniform", "128", "too-far", MODEL, *DATA, api_name="/prune")
+    with pytest.raises(AppError, match="greater than maximum value 0.95"):
+        c.predict("entropy", 1.0, "uniform", "128", "too-far", MODEL, *DATA, api_name="/prune")
+    with pytest.raises(AppError, match="Not scored yet: wanda"):
+        c.predict(["entropy", "wanda"], "0.2", "uniform", "1", 2, 32, "kl_to_dense", api_name="/sweep")
     with pytest.raises(AppError, match="Ratios must be numbers"):
         c.predict(["entropy"], "0.2, lots", "uniform", "1", 2, 32, "kl_to_dense", api_name="/sweep")
     with pytest.raises(AppError, match=r"\[0, 1\)|between 0 and 1|0 ≤"):

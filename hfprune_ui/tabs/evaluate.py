@@ -77,7 +77,7 @@ def build(ctx: Ctx) -> None:
     with gr.Tab("Evaluate", id="evaluate") as tab:
         gr.Markdown(texts.EVALUATE, elem_classes="teach")
         with gr.Row():
-            source = gr.Dropdown(["original"], value="original", label="Quantize this model", scale=2)
+            source = gr.Dropdown(["original"], value="original", allow_custom_value=True, label="Quantize this model", scale=2)
             method = gr.Dropdown(list(METHODS), value="torchao-int8", label="Method", scale=2,
                                  info="torch-dynamic-int8 is the deprecated legacy baseline (very lossy here)")
             quantize_button = gr.Button("Quantize", variant="primary", scale=1, elem_id="quantize-button")

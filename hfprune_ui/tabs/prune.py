@@ -92,7 +92,10 @@ def make_sweep(services: Services):
         """Prune each scored criterion at each ratio (in memory) and measure fidelity; stream the rows."""
         session = services.sessions.get(session_id(request))
         session.stop.clear()
-        chosen = [n for n in (names or []) if n in session.scores] or list(session.scores)
+        unscored = [n for n in (names or []) if n not in session.scores]
+        if unscored:
+            raise HFPruneError(f"Not scored yet: {', '.join(unscored)}. Score them on the Importance tab, or untick them.")
+        chosen = list(names or []) or list(session.scores)
         if not chosen:
             raise HFPruneError("Score at least one criterion first (Importance tab).")
         rows = []
@@ -112,9 +115,8 @@ def sweep_table(rows: list[dict]) -> pd.DataFrame:
 
 def make_scored(services: Services):
     def scored(request: gr.Request = None):
-        """Offer the criteria this session has scored to the sweep."""
-        names = list(services.sessions.get(session_id(request)).scores)
-        return gr.update(choices=names, value=names)
+        """Tick the criteria this session has scored."""
+        return gr.update(value=list(services.sessions.get(session_id(request)).scores))
     return scored
 
 
@@ -139,7 +141,9 @@ def make_export_save(services: Services):
         if not (folder or "").strip():
             raise HFPruneError("Type the folder to save into (it must not exist yet, or be empty).")
         target = services.export(session, name, mode, folder.strip())
-        return f"Saved **{name}** to `{target}`; reload it with `AutoModelForCausalLM.from_pretrained`."
+        how = ("`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`" if mode == "hf-remote-code"
+               else "`AutoModelForCausalLM.from_pretrained(folder)`")
+        return f"Saved **{name}** to `{target}`; reload it with {how}."
     return export_save
 
 
@@ -163,7 +167,8 @@ def build(ctx: Ctx) -> None:
         trace_plot = gr.Plot(label="Adaptive search trace", elem_id="trace-plot")
         with gr.Accordion("Criteria × ratio fidelity (prunes in memory, measures on held-out text)", open=False):
             with gr.Row():
-                sweep_criteria = gr.CheckboxGroup([], value=[], label="Scored criteria", scale=2)
+                sweep_criteria = gr.CheckboxGroup(names, value=[], label="Criteria (the scored ones are ticked)",
+                                                  scale=2)
                 sweep_ratios = gr.Textbox("0.2, 0.3, 0.4", label="Ratios", scale=1)
                 sweep_allocation = gr.Dropdown(list(SWEEP_ALLOCATIONS), value="uniform", label="Allocation", scale=1)
             with gr.Row():

@@ -1,0 +1,110 @@
+"""The extra criteria (self_distill, fisher, entropy+ce, fluctuation) and the adaptive allocation."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from core.adaptive import adaptive_search
+from core.adapters import mlp_widths
+from core.criteria import REGISTRY, ScoreOptions, describe, get_criterion
+from core.errors import HFPruneError, PruneConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOWS = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny("llama", intermediate_size=64)
+
+
+def score(model, name, **params):
+    return get_criterion(name, **params)(model, WINDOWS, ScoreOptions(batch_size=2, progress=False, seed=0))
+
+
+def test_self_distill_has_a_gradient_only_with_a_sharpened_teacher(model):
+    sharp = score(model, "self_distill", temperature=0.5, alpha=1.0)  # pure KL to a sharpened teacher
+    assert all(s.shape == (64,) for s in sharp) and all(float(s.sum()) > 0 for s in sharp)
+    flat = score(model, "self_distill", temperature=1.0, alpha=1.0)  # KL to itself: zero gradient
+    assert max(float(s.max()) for s in flat) < 1e-4 * max(float(s.max()) for s in sharp)
+    assert get_criterion("self_distill").cost == "forward+backward+teacher"
+    with pytest.raises(HFPruneError, match="temperature must be > 0"):
+        get_criterion("self_distill", temperature=0)
+
+
+def test_entropy_ce_mix_interpolates(model):
+    ent, ce = score(model, "entropy"), score(model, "cross_entropy")
+    mix0, mix1 = score(model, "entropy+ce", weight=0.0), score(model, "entropy+ce", weight=1.0)
+    # weight 1 = entropy, weight 0 = cross-entropy: the same scores up to the per-position normalisation
+    for got, want in [(mix0, ce), (mix1, ent)]:
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g / g.sum(), w / w.sum(), rtol=1e-3, atol=1e-7)
+    half = score(model, "entropy+ce")
+    assert not torch.allclose(half[0] / half[0].sum(), ent[0] / ent[0].sum(), rtol=1e-3)
+
+
+def test_fisher_is_seeded_and_positive(model):
+    a, b = score(model, "fisher"), score(model, "fisher")
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+        assert float(x.min()) >= 0 and float(x.sum()) > 0
+
+
+def test_fluctuation_scores_every_neuron_per_layer(model):
+    got = score(model, "fluctuation")
+    assert all(s.shape == (64,) and float(s.min()) >= 0 for s in got)
+    assert not torch.allclose(got[0], got[1])
+
+
+def test_every_criterion_states_its_cost():
+    rows = {r["name"]: r for r in describe()}
+    assert set(rows) == set(REGISTRY)
+    assert rows["entropy"]["cost"] == "forward+backward" and rows["wanda"]["cost"] == "forward"
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.45])
+def test_adaptive_hits_the_target_ratio(model, ratio):
+    scores = score(model, "entropy")
+    held = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(9))
+    result = adaptive_search(model, scores, ratio, held, progress=False)
+    total = sum(mlp_widths(model))
+    assert abs(result.achieved_ratio - ratio) <= 0.005
+    assert sum(result.widths) == round((1 - ratio) * total)
+    assert all(w >= 0.05 * 64 for w in result.widths)
+    assert len(result.traces) == 2 and all(t.tried for t in result.traces)
+
+
+def test_adaptive_refuses_a_ratio_below_the_floors(model):
+    scores = score(model, "entropy")
+    with pytest.raises(PruneConfigError, match="fewer than the adaptive minimum"):
+        adaptive_search(model, scores, 0.99, WINDOWS[:1], min_keep=0.5, progress=False)
+
+
+def test_cli_prune_global_remote_code_then_eval(tmp_path, real_tokenizer):
+    folder = tmp_path / "tiny"
+    make_tiny("qwen3", intermediate_size=64).save_pretrained(folder)
+    real_tokenizer.save_pretrained(folder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "core", *args, "--quiet"], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=300)
+
+    out = tmp_path / "g"
+    done = cli("prune", "--model", str(folder), "--criterion", "cross_entropy", "--ratio", "0.5", "--allocation",
+               "global", "--round-to", "8", "--samples", "2", "--seq-len", "16", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["export"] == "hf-remote-code" and all(w % 8 == 0 for w in report["intermediate_sizes"])
+    ev = cli("eval", "--model", str(out), "--reference", str(folder), "--windows", "2", "--seq-len", "16", "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["kl_to_reference"] >= 0
+    bad = cli("prune", "--model", str(folder), "--ratio", "0.5", "--allocation", "global", "--export", "hf-native",
+              "--samples", "2", "--seq-len", "16", "--out", str(tmp_path / "n"))
+    assert bad.returncode != 0 and "hf-native needs uniform widths" in bad.stderr
+    assert not (tmp_path / "n").exists()
