@@ -1,0 +1,61 @@
+"""Copy the benchmark tables from ``benchmarks/results/*.md`` into README.md between the markers.
+
+    python benchmarks/readme_tables.py
+
+Each section names the command that produced it; a result file that does not exist yet is listed
+as "not measured yet" rather than left out silently.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+SECTIONS = [
+    ("Scoring cost (issue target: ≤ 0.9× reference-style, within 10% of frozen forward+backward)", "scoring.md",
+     "python benchmarks/scoring.py --samples 8 --seq-len 256 --batch-size 4 --repeats 2"),
+    ("Sanity anchor: entropy vs cross-entropy vs random, uniform", "fidelity_anchor.md",
+     "python benchmarks/fidelity_anchor.py --samples 16 --seq-len 256 --eval-windows 8"),
+    ("Criteria × allocation, SmolLM2-135M", "criteria_smollm2-135m.md", None),
+    ("Criteria × allocation, Gemma-3-270M", "criteria_gemma3-270m.md", None),
+    ("Quantization × pruning: quality", "quantize_cpu.md", None),
+    ("Quantization × pruning: measured speed, memory, size", "speed_cpu.md", None),
+    ("Dashboard responsiveness", "dashboard.md", "python benchmarks/dashboard.py"),
+]
+
+
+def section(title: str, filename: str, command: str | None) -> str:
+    path = RESULTS / filename
+    if not path.exists():
+        return f"### {title}\n\nNot measured yet (`benchmarks/results/{filename}` is missing).\n"
+    body = path.read_text().strip()
+    body = re.sub(r"^## .*\n+", "", body)  # the file's own heading; ours replaces it
+    body = re.sub(r"^### ", "#### ", body, flags=re.M)
+    if "### All metrics" in body:  # the README keeps the KL summary; the full table stays in the file
+        head, _, tail = body.partition("### All metrics")
+        verdict = tail[tail.find("Best per ratio"):] if "Best per ratio" in tail else ""
+        body = (head.rstrip() + f"\n\nPerplexity and top-1 agreement for every row: "
+                f"[`benchmarks/results/{filename}`](benchmarks/results/{filename}).\n\n" + verdict.strip())
+    lines = [f"### {title}", ""]
+    if command:
+        lines += [f"`{command}`", ""]
+    return "\n".join(lines) + "\n" + body + "\n"
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md needs the markers {START} and {END}.")
+    tables = "\n".join(section(*s) for s in SECTIONS)
+    before, _, rest = text.partition(START)
+    _, _, after = rest.partition(END)
+    readme.write_text(f"{before}{START}\n{tables}{END}{after}")
+    print(f"README.md: {len(SECTIONS)} benchmark sections written")
+
+
+if __name__ == "__main__":
+    main()
