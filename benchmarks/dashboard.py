@@ -64,7 +64,7 @@ def scenario(name: str, env: dict[str, str]) -> dict:
         launch = time.perf_counter() - started
         client = Client(url, verbose=False)
         started = time.perf_counter()
-        job = client.submit(DEFAULT_CRITERIA, MODEL, "wiki", None, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, 0, [], [], True,
+        job = client.submit(DEFAULT_CRITERIA, MODEL, "wiki", None, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, 0, 0.5, 0.5, 0.5, [], [], True,
                             None, api_name="/score")
         first = None
         while first is None:
@@ -85,7 +85,7 @@ def scenario(name: str, env: dict[str, str]) -> dict:
             client.predict(layers, DEFAULT_CRITERIA, True, DEFAULT_CRITERIA[0], api_name="/redraw")
             redraws.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        status = client.predict(DEFAULT_CRITERIA, MODEL, "wiki", None, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, 0, [], [],
+        status = client.predict(DEFAULT_CRITERIA, MODEL, "wiki", None, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, 0, 0.5, 0.5, 0.5, [], [],
                                 True, None, api_name="/score")[0]
         rescore = time.perf_counter() - t0
         assert "cached" in status, status

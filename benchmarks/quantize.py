@@ -47,13 +47,13 @@ def load_scores(loaded, samples: int = 16, seq_len: int = 128):
     return result
 
 
-def pruned_variant(loaded, scores, ratio: float):
+def pruned_variant(loaded, scores, ratio: float, round_to: int = 1):
     """(model, meta) for a ratio; ratio 0 is the dense model itself (not copied)."""
     from core.pipeline import prune_with_scores
 
     if ratio == 0:
         return loaded.model, None
-    result = prune_with_scores(loaded, scores, ratio)
+    result = prune_with_scores(loaded, scores, ratio, round_to=round_to)
     return result.model, result.meta
 
 

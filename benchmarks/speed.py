@@ -13,17 +13,21 @@ Writes benchmarks/results/speed_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize import FORMATS, LEGACY, ROOT, device_line, load_scores, pruned_variant, variant  # noqa: E402
 
 import torch  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # bitsandbytes, once per decode step
 
 
 def disk_bytes(model, tokenizer, fmt: str, meta: dict | None, source: str) -> int:
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="round pruned widths to a multiple (64 for bitsandbytes NF4 on CUDA)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
@@ -83,17 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     current: tuple[float, object, dict | None] | None = None
     for ratio, fmt in plan:
         if current is None or current[0] != ratio:
-            model, meta = pruned_variant(loaded, scores, ratio)
+            model, meta = pruned_variant(loaded, scores, ratio, round_to=args.round_to)
             current = (ratio, model, meta)
         _, base, meta = current
         size = disk_bytes(base, loaded.tokenizer, fmt, meta, args.model)
-        if device.type == "cuda":
-            base = base.to(device=device, dtype=torch.bfloat16)
-        model = variant(base, fmt)
+        if device.type == "cuda":  # a bf16 copy on the GPU; the fp32 source on the CPU stays untouched
+            model = variant(copy.deepcopy(base).to(device=device, dtype=torch.bfloat16), fmt)
+        else:
+            model = variant(base, fmt)
         release_memory()
         result = measure_speed(model, loaded.tokenizer, prefill_tokens=args.prefill, decode_tokens=args.decode,
                                decode_prompt_tokens=args.prompt, repeats=args.repeats, method=fmt, disk_bytes=size)
-        row = {"ratio": ratio, "format": fmt, **result.to_dict(),
+        label = "bf16" if device.type == "cuda" and fmt == "fp32" else fmt  # the GPU rows run in bf16
+        row = {"ratio": ratio, "achieved_ratio": (meta or {}).get("achieved_ratio", 0.0), "format": label,
+               **result.to_dict(),
                "ideal_speedup": ideal_speedup(model, dense_widths, args.prefill) if ratio else 1.0}
         if ratio == 0 and fmt == "fp32":
             dense_ref = row
@@ -106,13 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         if model is not base:
             del model
         if device.type == "cuda":
-            current = (ratio, base.to("cpu", dtype=torch.float32), meta)
             torch.cuda.empty_cache()
 
     kind = device.type
     meta = {"model": args.model, "device": device_line() if kind == "cpu" else
             f"{torch.cuda.get_device_name(device)} (bf16, CUDA events), torch {torch.__version__}",
-            "prefill": args.prefill, "decode": args.decode, "prompt": args.prompt, "repeats": args.repeats,
+            "round_to": args.round_to, "prefill": args.prefill, "decode": args.decode, "prompt": args.prompt, "repeats": args.repeats,
             "command": "python benchmarks/speed.py " + " ".join(argv or sys.argv[1:]),
             "seconds": round(time.time() - started, 1)}
     out = Path(args.out)
@@ -123,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def pruned_label(row: dict, meta: dict) -> str:
+    """'20%', or '20% (20.8%)' when widths were rounded and the achieved ratio differs."""
+    label = f"{row['ratio']:.0%}"
+    if meta.get("round_to", 1) > 1 and row["ratio"]:
+        label += f" ({row.get('achieved_ratio', 0.0):.1%})"
+    return label
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"Device: {meta['device']}. Model: {meta['model']}. Prefill: median of {meta['repeats']} forwards of "
@@ -130,6 +146,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['prompt']}-token prompt (median of {meta['repeats']}). Peak memory: "
         f"{rows[0]['memory_scope'] if rows else ''}. Disk: the saved folder (quantized folders hold the unquantized "
         f"source weights + recipe). Ideal = FLOP ratio dense/pruned at {meta['prefill']} tokens. "
+        + (f"Pruned widths rounded to a multiple of {meta['round_to']} (achieved ratio in brackets). "
+           if meta.get("round_to", 1) > 1 else "") +
         f"Command: `{meta['command']}` ({meta['seconds'] / 60:.0f} min).",
         "",
         "| MLP pruned | format | params (M) | prefill 1×512 (ms) | decode (tok/s) | peak mem (MB) | weights (MB) | "
@@ -138,7 +156,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['ratio']:.0%} | {r['format']} | {r['params'] / 1e6:.1f} | {r['prefill_ms']:.0f} | "
+            f"| {pruned_label(r, meta)} | {r['format']} | {r['params'] / 1e6:.1f} | {r['prefill_ms']:.0f} | "
             f"{r['decode_tokens_per_s']:.1f} | {r['peak_memory_bytes'] / 1e6:.0f} | {r['weight_bytes'] / 1e6:.0f} | "
             f"{(r['disk_bytes'] or 0) / 1e6:.0f} | {r['ideal_speedup']:.3f} | "
             f"{r.get('measured_prefill_speedup', float('nan')):.3f} | {r.get('measured_decode_speedup', float('nan')):.3f} |")

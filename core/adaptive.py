@@ -78,25 +78,24 @@ def heldout_windows(tokenizer, source: str = "wiki", samples: int = 4, seq_len: 
     """``samples`` windows from the *calibration* split that do not overlap the scoring windows that
     :func:`core.data.calibration_windows` draws with (``score_samples``, ``score_seq_len``, ``seed``).
     Chosen with a different generator, so the slice is held out from scoring and from evaluation."""
-    from .data import _check_lengths, token_stream
+    from .data import _check_lengths, calibration_starts, token_stream, window_body, with_bos
 
     _check_lengths(samples, seq_len, max_length, "held-out samples")
     stream = token_stream(tokenizer, source, "calibration")
     used = torch.zeros(len(stream), dtype=torch.bool)
     if score_samples > 0:
-        available = len(stream) // score_seq_len
-        generator = torch.Generator().manual_seed(seed)
-        starts = torch.randperm(available, generator=generator)[:score_samples] * score_seq_len
-        for s in starts.tolist():
-            used[s:s + score_seq_len] = True
-    slots = len(stream) // seq_len
-    free = [i for i in range(slots) if not used[i * seq_len:(i + 1) * seq_len].any()]
+        _bos, score_body = window_body(tokenizer, score_seq_len)
+        for s in calibration_starts(len(stream), score_samples, score_body, seed):
+            used[s:s + score_body] = True
+    bos, body = window_body(tokenizer, seq_len)
+    slots = len(stream) // body
+    free = [i for i in range(slots) if not used[i * body:(i + 1) * body].any()]
     if len(free) < samples:
         raise DataError(f"The calibration text has room for only {len(free)} held-out windows of {seq_len} tokens "
                         f"outside the scoring windows; {samples} were asked for.")
     generator = torch.Generator().manual_seed(seed + 1_000_003)
     pick = torch.randperm(len(free), generator=generator)[:samples].sort().values.tolist()
-    return torch.stack([stream[free[i] * seq_len:(free[i] + 1) * seq_len] for i in pick])
+    return with_bos(torch.stack([stream[free[i] * body:(free[i] + 1) * body] for i in pick]), bos)
 
 
 class _Cached(nn.Module):

@@ -27,8 +27,56 @@ def _common(parser: argparse.ArgumentParser, data: bool = True) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _criterion_options(parser: argparse.ArgumentParser) -> None:
     from .criteria import REGISTRY
+
+    parser.add_argument("--criterion", default="entropy", choices=sorted(REGISTRY))
+    parser.add_argument("--temperature", type=float, help="self_distill: teacher temperature tau (< 1 sharpens; default 0.5)")
+    parser.add_argument("--alpha", type=float, help="self_distill: KL weight alpha in (1-alpha)*CE + alpha*KL (default 0.5)")
+    parser.add_argument("--weight", type=float, help="entropy+ce: entropy weight w in w*H + (1-w)*CE (default 0.5)")
+    parser.add_argument("--fisher-aggregate", choices=("sq_sum", "sum_abs", "abs_sum"), help="fisher: score aggregate")
+
+
+def criterion_params(args) -> dict:
+    """The criterion parameters given on the command line, checked against the chosen criterion."""
+    given = {"temperature": args.temperature, "alpha": args.alpha, "weight": args.weight,
+             "aggregate": args.fisher_aggregate}
+    given = {k: v for k, v in given.items() if v is not None}
+    takes = {"self_distill": {"temperature", "alpha"}, "entropy+ce": {"weight"}, "fisher": {"aggregate"}}
+    extra = sorted(set(given) - takes.get(args.criterion, set()))
+    if extra:
+        flags = ", ".join("--fisher-aggregate" if k == "aggregate" else f"--{k}" for k in extra)
+        raise PruneConfigError(f"{flags} does not apply to the '{args.criterion}' criterion.")
+    return given
+
+
+def _allocation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--normalize", choices=("mean", "zscore", "none"), default="mean",
+                        help="global: per-layer score normalisation before the one ranking")
+    parser.add_argument("--min-keep", type=float, default=0.1, help="global: minimum kept fraction per layer")
+    parser.add_argument("--fidelity", choices=("kl", "entropy"), default="kl",
+                        help="adaptive: the loss whose increase must stay under the tolerance")
+    parser.add_argument("--adaptive-mode", choices=("independent", "sequential"), default="independent",
+                        help="adaptive: each layer against the dense model, or AMP's last-to-first with the "
+                             "later layers already pruned")
+    parser.add_argument("--halvings", type=int, default=6, help="adaptive: binary-search steps per layer")
+    parser.add_argument("--heldout-samples", type=int, default=4, help="adaptive: held-out calibration windows")
+    parser.add_argument("--heldout-seq-len", type=int, default=64, help="adaptive: tokens per held-out window")
+
+
+def allocation_options(args):
+    from .pipeline import AllocationOptions
+
+    if not 0.0 <= args.min_keep < 1.0:
+        raise PruneConfigError(f"--min-keep must be in [0, 1), got {args.min_keep}.")
+    if args.halvings < 1:
+        raise PruneConfigError(f"--halvings must be at least 1, got {args.halvings}.")
+    return AllocationOptions(normalize=args.normalize, min_keep=args.min_keep, fidelity=args.fidelity,
+                             mode=args.adaptive_mode, halvings=args.halvings, heldout_samples=args.heldout_samples,
+                             heldout_seq_len=args.heldout_seq_len)
+
+
+def build_parser() -> argparse.ArgumentParser:
     from .pipeline import ALLOCATIONS
 
     parser = argparse.ArgumentParser(prog="python -m core", description="HFPrune Studio engine")
@@ -36,16 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("score", help="score every MLP neuron and save the scores (.safetensors)")
     _common(score)
-    score.add_argument("--criterion", default="entropy", choices=sorted(REGISTRY))
+    _criterion_options(score)
     score.add_argument("--out", required=True, help="output .safetensors file")
 
     prune = sub.add_parser("prune", help="score, prune and export a smaller model folder")
     _common(prune)
-    prune.add_argument("--criterion", default="entropy", choices=sorted(REGISTRY))
+    _criterion_options(prune)
     prune.add_argument("--scores", help="reuse a scores file from 'score' instead of scoring again")
     prune.add_argument("--ratio", type=float, required=True, help="fraction of MLP neurons removed, 0 <= R < 1")
     prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     prune.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (8/64/128)")
+    _allocation_options(prune)
     prune.add_argument("--export", default=None, choices=EXPORT_MODES,
                        help="hf-native (uniform widths; default for uniform), hf-remote-code (default otherwise), hf-padded")
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -76,9 +125,10 @@ def _cmd_score(args) -> dict:
         raise HFPruneError(f"--out must end in .safetensors, got '{out.name}'.")
     if not out.parent.exists():
         raise HFPruneError(f"Parent folder {out.parent} does not exist.")
+    params = criterion_params(args)
     loaded = load_model(args.model)
     result = score_model(loaded, args.criterion, source=args.source, samples=args.samples, seq_len=args.seq_len,
-                         seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+                         seed=args.seed, batch_size=args.batch_size, progress=not args.quiet, criterion_params=params)
     result.save(out)
     tokens = result.config["tokens"]
     return {"out": str(out), "seconds": round(result.seconds, 2),
@@ -94,6 +144,8 @@ def _cmd_prune(args) -> dict:
 
     check_ratio(args.ratio)
     check_output_dir(args.out)
+    params = criterion_params(args)
+    options = allocation_options(args)
     if args.export == "hf-native" and args.allocation != "uniform":
         raise PruneConfigError(f"--export hf-native needs uniform widths; the '{args.allocation}' allocation gives "
                                "each layer its own width: use --export hf-remote-code or hf-padded.")
@@ -105,12 +157,15 @@ def _cmd_prune(args) -> dict:
         result = ScoreResult.load(args.scores)
     else:
         result = score_model(loaded, args.criterion, source=args.source, samples=args.samples, seq_len=args.seq_len,
-                             seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
-    pruned = prune_with_scores(loaded, result, args.ratio, allocation=args.allocation, round_to=args.round_to)
+                             seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                             criterion_params=params)
+    pruned = prune_with_scores(loaded, result, args.ratio, allocation=args.allocation, round_to=args.round_to,
+                               options=options, progress=not args.quiet)
     target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export)
     before, after = count_params(loaded.model), count_params(pruned.model)
     return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
             "allocation": args.allocation, "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
+            "criterion_params": result.config.get("criterion_params", {}),
             "intermediate_sizes": pruned.widths, "params_before": before["params"], "params_after": after["params"],
             "scoring_seconds": round(result.seconds, 2)}
 
@@ -118,13 +173,14 @@ def _cmd_prune(args) -> dict:
 def _cmd_eval(args) -> dict:
     from .data import evaluation_windows
     from .evaluate import evaluate
-    from .models import load_model
+    from .quantize import load_any, quantization_of
 
-    loaded = load_model(args.model)
+    loaded = load_any(args.model)  # a quantized folder comes back quantized (its recipe applied on load)
     windows = evaluation_windows(loaded.tokenizer, args.text, args.windows, args.seq_len, max_length=loaded.max_length)
-    reference = load_model(args.reference).model if args.reference else None
+    reference = load_any(args.reference).model if args.reference else None
     result = evaluate(loaded.model, windows, reference, batch_size=args.batch_size, progress=not args.quiet)
-    return {"model": args.model, "reference": args.reference, "text": args.text, **result.to_dict()}
+    return {"model": args.model, "reference": args.reference, "text": args.text,
+            "quantization": quantization_of(loaded.model), **result.to_dict()}
 
 
 def _cmd_models(_args) -> dict:
@@ -147,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError) as exc:  # a full disk, a permission problem, no memory: one sentence
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {type(exc).__name__}: {detail}{where}", file=sys.stderr)
+        return 2
     if getattr(args, "json", False) or args.command != "eval":
         print(json.dumps(result, indent=None if getattr(args, "json", False) else 2))
     else:

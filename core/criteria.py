@@ -313,6 +313,16 @@ def get_criterion(name: str, **params) -> Criterion:
         raise HFPruneError(f"Criterion '{name}' does not take parameters {sorted(params)}: {exc}") from exc
 
 
+def resolve_params(name: str, values: dict | None = None) -> dict:
+    """The full parameter set ``name`` would score with, given ``values`` that may hold parameters of
+    other criteria too (a form with every criterion's knobs): keys the criterion does not take are
+    ignored, missing ones take their defaults, bad values raise a clear error."""
+    if name not in REGISTRY:
+        raise HFPruneError(f"Unknown criterion '{name}'; choose one of: {', '.join(REGISTRY)}.")
+    takes = REGISTRY[name]().params()
+    return get_criterion(name, **{k: v for k, v in (values or {}).items() if k in takes and v is not None}).params()
+
+
 def describe() -> list[dict]:
     """One row per criterion: name, cost, passes per batch (forward, backward), summary, default params."""
     return [{"name": name, "cost": cls.cost, "forwards": cls.passes[0], "backwards": cls.passes[1],

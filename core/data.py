@@ -181,13 +181,19 @@ def calibration_windows(tokenizer, source: str = "wiki", samples: int = 16, seq_
     chosen at random by ``seed`` (deterministic). Returns LongTensor (samples, seq_len)."""
     _check_lengths(samples, seq_len, max_length, "calibration samples")
     stream = token_stream(tokenizer, source, "calibration")
-    available = len(stream) // seq_len
+    bos, body = window_body(tokenizer, seq_len)  # text tokens per window; the BOS token (if any) comes first
+    available = len(stream) // body
     if available < samples:
         raise DataError(f"The calibration text has {len(stream)} tokens: enough for {available} windows of "
                         f"{seq_len}, but {samples} were asked for.")
+    starts = calibration_starts(len(stream), samples, body, seed)
+    return with_bos(torch.stack([stream[s:s + body] for s in starts]), bos)
+
+
+def calibration_starts(stream_tokens: int, samples: int, body: int, seed: int) -> list[int]:
+    """Sorted start offsets of the ``samples`` windows of ``body`` text tokens that ``seed`` draws."""
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(available, generator=generator)[:samples].sort().values * seq_len
-    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    return (torch.randperm(stream_tokens // body, generator=generator)[:samples].sort().values * body).tolist()
 
 
 def evaluation_windows(tokenizer, source: str = "wiki", windows: int = 8, seq_len: int = 128,
@@ -195,8 +201,32 @@ def evaluation_windows(tokenizer, source: str = "wiki", windows: int = 8, seq_le
     """The first ``windows`` non-overlapping windows of the evaluation split: (windows, seq_len)."""
     _check_lengths(windows, seq_len, max_length, "evaluation windows")
     stream = token_stream(tokenizer, source, "evaluation")
-    available = len(stream) // seq_len
+    bos, body = window_body(tokenizer, seq_len)
+    available = len(stream) // body
     if available < windows:
         raise DataError(f"The evaluation text has {len(stream)} tokens: enough for {available} windows of "
                         f"{seq_len}, but {windows} were asked for.")
-    return stream[: windows * seq_len].view(windows, seq_len).clone()
+    return with_bos(stream[: windows * body].view(windows, body).clone(), bos)
+
+
+def bos_token(tokenizer) -> int | None:
+    """The BOS id if the tokenizer puts one in front of every text by default (Gemma, Llama-2/3), else
+    None (SmolLM2, Qwen). Models trained that way degrade badly on windows that lack it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def window_body(tokenizer, seq_len: int) -> tuple[int | None, int]:
+    """(BOS id or None, text tokens per window of ``seq_len``)."""
+    bos = bos_token(tokenizer)
+    return bos, seq_len - (bos is not None)
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """(N, T−1) → (N, T) with ``bos`` in front, or the windows unchanged when bos is None."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)

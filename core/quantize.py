@@ -129,6 +129,24 @@ def _linear_targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear, s
     return out
 
 
+# bitsandbytes' NF4 CUDA kernels fail with "misaligned address" on a layer with 1229 outputs (a 20 %-pruned
+# SmolLM2 MLP) and run with 1216 or 1232 (measured on an H100, bitsandbytes 0.50.2).
+NF4_CUDA_MULTIPLE = 16
+
+
+def check_bnb_shapes(model: nn.Module, method: str, device: str | torch.device) -> None:
+    """Refuse, before anything is converted, layer shapes the bitsandbytes kernels cannot run on ``device``."""
+    if method != "bnb-nf4" or torch.device(device).type != "cuda":
+        return
+    for _parent, _attr, linear, name in _linear_targets(model):
+        odd = [n for n in (linear.in_features, linear.out_features) if n % NF4_CUDA_MULTIPLE]
+        if odd:
+            raise QuantizationError(
+                f"bitsandbytes NF4 on CUDA needs layer widths that are multiples of {NF4_CUDA_MULTIPLE}, but {name} "
+                f"is {linear.in_features} → {linear.out_features}; prune with --round-to 64 (or "
+                f"{NF4_CUDA_MULTIPLE}), or choose bnb-8bit or torchao-int8.")
+
+
 def _bnb_swap(model: nn.Module, method: str, device: torch.device) -> None:
     import bitsandbytes as bnb
 
@@ -183,6 +201,7 @@ def quantize_model(model: nn.Module, method: str, *, device: str | torch.device 
     if not _linear_targets(model):
         raise QuantizationError("The model has no plain nn.Linear layers to quantize.")
     _import_backend(entry)
+    check_bnb_shapes(model, method, device)
     model.eval()
     with _quiet():
         if method.startswith("bnb-"):

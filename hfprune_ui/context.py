@@ -26,6 +26,30 @@ class Ctx:
         """Model + calibration inputs, in the order ``model_and_data`` expects them."""
         return [self[n] for n in ("model", "source", "upload", "samples", "seq_len", "seed")]
 
+    @property
+    def criterion_inputs(self) -> list[gr.components.Component]:
+        """The criterion knobs (self_distill τ and α, entropy+ce w), in ``criterion_params`` order."""
+        return [self[n] for n in ("temperature", "alpha", "weight")]
+
+
+def criterion_params(temperature: float, alpha: float, weight: float) -> dict:
+    """Form values → the engine's criterion parameters (each criterion uses only its own)."""
+    return {"temperature": float(temperature), "alpha": float(alpha), "weight": float(weight)}
+
+
+def stop_on_click(services: Services, button: gr.Button, status: gr.components.Component, events: list,
+                  api_name: str | None = None) -> None:
+    """Wire a Stop button: cancel ``events`` and set the session's job flag, which the engine checks
+    after every calibration window, so the running computation itself ends (nothing half-done is stored)."""
+    from .guard import session_id
+
+    def stop(request: gr.Request = None) -> str:
+        services.sessions.get(session_id(request)).stop.set()
+        return "Stopping… results that were not finished are not stored."
+
+    extra = {"api_name": api_name} if api_name else {"api_visibility": "private"}
+    button.click(stop, None, status, cancels=events, queue=False, **extra)
+
 
 def model_events() -> dict:
     """Event kwargs for handlers that run a model: queued, one at a time, shared slot."""

@@ -22,9 +22,15 @@ def _message(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, InterruptedError):
         return f"Stopped: {exc} Nothing was stored."
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or _is_oom(exc):
         return "Out of memory: lower the number of samples or the sequence length."
     raise exc
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """torch reports allocation failures as RuntimeError (CPU) or torch.OutOfMemoryError (CUDA)."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -35,7 +41,7 @@ def user_errors(fn: Callable) -> Callable:
         def generator_wrapper(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except (HFPruneError, InterruptedError, MemoryError) as exc:
+            except (HFPruneError, InterruptedError, MemoryError, RuntimeError) as exc:
                 raise gr.Error(_message(exc), print_exception=False) from exc
         return generator_wrapper
 
@@ -43,6 +49,6 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (HFPruneError, InterruptedError, MemoryError) as exc:
+        except (HFPruneError, InterruptedError, MemoryError, RuntimeError) as exc:
             raise gr.Error(_message(exc), print_exception=False) from exc
     return wrapper

@@ -16,7 +16,7 @@ import torch
 
 from core import pipeline
 from core.compare import pruned_view
-from core.criteria import REGISTRY
+from core.criteria import REGISTRY, resolve_params
 from core.data import MAX_UPLOAD_BYTES, evaluation_windows, read_text_file
 from core.errors import DataError, HFPruneError, PruneConfigError
 from core.evaluate import evaluate
@@ -83,17 +83,19 @@ class Services:
 
     # -- scoring ---------------------------------------------------------------------------
     def score(self, session: Session, model_spec: str, data: DataSpec, criterion: str, *, batch_size: int = 1,
+              params: dict | None = None,
               stop: Callable[[], bool] | None = None) -> tuple[pipeline.ScoreResult, str, str]:
-        """Scores for (model, data, criterion): memory cache → run store → engine. Returns
+        """Scores for (model, data, criterion, criterion parameters): memory cache → run store → engine.
+        ``params`` may hold every criterion's knobs; only the chosen criterion's are used. Returns
         (result, run id, where it came from: 'memory' | 'disk' | 'computed')."""
-        if criterion not in REGISTRY:
-            raise HFPruneError(f"Unknown criterion '{criterion}'; choose one of: {', '.join(REGISTRY)}.")
+        resolved = resolve_params(criterion, params)  # unknown criterion / bad value: a clear error
         session.set_context(model_spec, data)
-        key = ScoreCache.key(model_spec, data, criterion)
+        key = ScoreCache.key(model_spec, data, criterion, resolved)
         origin = "memory"
         hit = self.scores.get(key)
         if hit is None:
-            run = self.runs.find("score", {"model": model_spec, "criterion": criterion, **data.match()})
+            run = self.runs.find("score", {"model": model_spec, "criterion": criterion, "criterion_params": resolved,
+                                           **data.match()})
             if run is not None:
                 hit, origin = (pipeline.ScoreResult(run.scores(), run.config, float(run.results.get("seconds", 0))),
                                run.run_id), "disk"
@@ -102,7 +104,7 @@ class Services:
             with self.model_lock:
                 result = pipeline.score_model(loaded, criterion, source=data.source, samples=data.samples,
                                               seq_len=data.seq_len, seed=data.seed, batch_size=batch_size,
-                                              progress=True, stop=stop)
+                                              progress=True, stop=stop, criterion_params=resolved)
             config = {**result.config, "source": data.label, "source_path": data.source, "session": session.session_id}
             run = self.runs.create("score", config, results={"seconds": result.seconds,
                                                              "tokens": result.config.get("tokens")},
@@ -122,7 +124,7 @@ class Services:
         return list(pipeline.plan_widths(loaded.model, float(ratio), allocation, int(round_to), scores))
 
     def prune(self, session: Session, criterion: str, ratio: float, allocation: str, round_to: int,
-              name: str) -> tuple[Variant, str | None]:
+              name: str, stop: Callable[[], bool] | None = None) -> tuple[Variant, str | None]:
         """Prune the session's model with its scores for ``criterion``; store the run and the variant."""
         if not session.model_spec or criterion not in session.scores:
             raise PruneConfigError(f"Score the model with '{criterion}' first (Importance tab).")
@@ -132,7 +134,7 @@ class Services:
         loaded = self.model(session.model_spec)
         with self.model_lock:
             result = pipeline.prune_with_scores(loaded, session.scores[criterion], float(ratio),
-                                                allocation=allocation, round_to=int(round_to))
+                                                allocation=allocation, round_to=int(round_to), stop=stop)
             model = pruned_view(loaded.model, result.kept)  # share non-MLP tensors with the base
             del result.model
         config = {"model": session.model_spec, "name": name, "criterion": criterion, "ratio": float(ratio),
@@ -167,7 +169,7 @@ class Services:
         return rows
 
     def sweep(self, session: Session, names: list[str], ratios: list[float], allocation: str, round_to: int,
-              windows: int, seq_len: int) -> Iterator[dict]:
+              windows: int, seq_len: int, stop: Callable[[], bool] | None = None) -> Iterator[dict]:
         """Criteria × ratio fidelity rows (engine: core.sweep) for this session's scored criteria."""
         from core.sweep import fidelity_sweep
 
@@ -180,7 +182,7 @@ class Services:
         with self.model_lock:
             yield from fidelity_sweep(loaded, {n: session.scores[n] for n in names}, ratios, ids,
                                       allocation=allocation, round_to=int(round_to), progress=True,
-                                      stop=session.stop.is_set)
+                                      stop=stop)
 
     # -- quantize / zero-shot / speed --------------------------------------------------------
     def quantize(self, session: Session, source: str, method: str) -> tuple[Variant, str | None]:
@@ -275,7 +277,8 @@ class Services:
                             int(config["seq_len"]), int(config.get("seed", 0)))
             session.set_context(model_spec, data)
             result = pipeline.ScoreResult(run.scores(), config, float(run.results.get("seconds", 0)))
-            self.scores.put(ScoreCache.key(model_spec, data, config["criterion"]), result, run.run_id)
+            self.scores.put(ScoreCache.key(model_spec, data, config["criterion"], config.get("criterion_params")),
+                            result, run.run_id)
             session.scores[config["criterion"]] = result
             session.score_runs[config["criterion"]] = run.run_id
             return f"Loaded {config['criterion']} scores of {model_spec} from run {run_id}."
@@ -283,8 +286,7 @@ class Services:
             loaded = self.model(model_spec)
             with self.model_lock:
                 model = pruned_view(loaded.model, run.kept())
-            if session.model_spec != model_spec:
-                session.model_spec = model_spec
+            session.switch_model(model_spec)
             name = config.get("name") or run_id
             variant = Variant(name, model_spec, model, list(run.results.get("widths", [])),
                               run.results.get("meta", {}), run.run_id, run.results.get("metrics"))
@@ -318,7 +320,10 @@ class Services:
         import zipfile
 
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "variant"
+        if session.export_dir:  # one archive per session on disk: the previous download is done with
+            shutil.rmtree(session.export_dir, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix="hfprune-export-"))
+        session.export_dir = str(work)
         folder = self.export(session, name, mode, work / safe)
         archive = work / f"{safe}.zip"
         tmp = archive.with_name(f".{archive.name}.partial")

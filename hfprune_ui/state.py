@@ -6,6 +6,7 @@ pruned variants belong to the session that made them.
 """
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -61,14 +62,32 @@ class Session:
     score_runs: dict[str, str] = field(default_factory=dict)  # criterion → run id
     variants: "OrderedDict[str, Variant]" = field(default_factory=OrderedDict)
     stop: threading.Event = field(default_factory=threading.Event)
+    export_dir: str | None = None  # temporary folder of the last .zip download
     last_used: float = field(default_factory=time.time)
 
+    def new_job(self) -> threading.Event:
+        """A fresh stop flag for a job that starts now: Stop sets the current job's flag only, so a
+        job started right after a Stop is not cancelled by it, and a stopped job stays stopped."""
+        self.stop = threading.Event()
+        return self.stop
+
     def set_context(self, model_spec: str, data: DataSpec) -> None:
-        """Switching model or data forgets the scores of the old context (they stay cached)."""
+        """Switching model or data forgets the scores of the old context (they stay cached); switching
+        model also drops the variants cut from the old one, which no longer have an original here."""
         if (model_spec, data) != (self.model_spec, self.data):
             self.scores.clear()
             self.score_runs.clear()
-        self.model_spec, self.data = model_spec, data
+        self.switch_model(model_spec)
+        self.data = data
+
+    def switch_model(self, model_spec: str) -> None:
+        """Make ``model_spec`` the session's model; a different one drops the old model's scores and variants."""
+        if model_spec != self.model_spec:
+            self.scores.clear()
+            self.score_runs.clear()
+            for name in [n for n, v in self.variants.items() if v.base_spec != model_spec]:
+                del self.variants[name]
+        self.model_spec = model_spec
 
     def add_variant(self, variant: Variant) -> str | None:
         """Store a variant under its name; returns the name of an evicted old variant, if any."""
@@ -99,7 +118,9 @@ class SessionStore:
 
     def drop(self, session_id: str) -> None:
         with self._lock:
-            self._sessions.pop(session_id, None)
+            session = self._sessions.pop(session_id, None)
+        if session is not None and session.export_dir:
+            shutil.rmtree(session.export_dir, ignore_errors=True)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -137,8 +158,9 @@ class ScoreCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(model_spec: str, data: DataSpec, criterion: str) -> tuple:
-        return (model_spec, data.label, data.samples, data.seq_len, data.seed, criterion)
+    def key(model_spec: str, data: DataSpec, criterion: str, params: dict | None = None) -> tuple:
+        return (model_spec, data.label, data.samples, data.seq_len, data.seed, criterion,
+                tuple(sorted((params or {}).items())))
 
     def get(self, key: tuple) -> tuple[ScoreResult, str] | None:
         with self._lock:

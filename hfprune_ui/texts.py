@@ -11,10 +11,11 @@ MODEL_DATA = (
 )
 
 IMPORTANCE = (
-    "Every MLP neuron gets a score that estimates how much the chosen loss would move if that neuron went silent: "
-    "its activation times the gradient flowing back into it, summed over the calibration text. Scores near zero mark "
-    "the neurons that can go with the least damage, and the plots show how unevenly that importance is spread "
-    "within and across layers."
+    "Every MLP neuron gets a score for how much the model would suffer without it: the Taylor criteria multiply the "
+    "neuron's activation by the gradient of their loss flowing back into it, the forward-only ones (Wanda, "
+    "fluctuation) weigh its activations by its outgoing weights, and magnitude looks at the weights alone. Scores "
+    "near zero mark the neurons that can go with the least damage, and the plots show how unevenly that importance "
+    "is spread within and across layers."
 )
 
 CRITERIA = (

@@ -108,3 +108,20 @@ def test_cli_prune_global_remote_code_then_eval(tmp_path, real_tokenizer):
               "--samples", "2", "--seq-len", "16", "--out", str(tmp_path / "n"))
     assert bad.returncode != 0 and "hf-native needs uniform widths" in bad.stderr
     assert not (tmp_path / "n").exists()
+
+    # criterion parameters reach the engine and are recorded; AMP's sequential search hits the ratio
+    out = tmp_path / "sd"
+    done = cli("prune", "--model", str(folder), "--criterion", "self_distill", "--temperature", "0.3", "--alpha", "0.7",
+               "--ratio", "0.4", "--allocation", "adaptive", "--adaptive-mode", "sequential", "--halvings", "4",
+               "--heldout-samples", "2", "--heldout-seq-len", "16", "--samples", "2", "--seq-len", "16",
+               "--export", "hf-padded", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["criterion_params"] == {"temperature": 0.3, "alpha": 0.7}
+    assert abs(report["achieved_ratio"] - 0.4) <= 0.005
+    meta = json.loads((out / "pruning_meta.json").read_text())
+    assert meta["adaptive"]["mode"] == "sequential" and meta["criterion_params"]["temperature"] == 0.3
+    wrong = cli("score", "--model", str(folder), "--criterion", "entropy", "--alpha", "0.5", "--samples", "2",
+                "--seq-len", "16", "--out", str(tmp_path / "w.safetensors"))
+    assert wrong.returncode != 0 and "--alpha does not apply to the 'entropy' criterion" in wrong.stderr
+    assert not (tmp_path / "w.safetensors").exists()

@@ -22,6 +22,7 @@ def app(launch_dashboard, tmp_path_factory):
 
 MODEL = "smollm2-135m"
 DATA = ["wiki", None, 2, 32, 0]  # source, upload, samples, seq_len, seed
+CRIT = [0.5, 0.5, 0.5]  # self_distill τ, α; entropy+ce w
 
 
 def client(url: str):
@@ -47,7 +48,7 @@ def test_score_prune_compare_end_to_end(app):
     status = c.predict(MODEL, *DATA, api_name="/load_model")
     assert "30 layers" in status and "134.5 M parameters" in status
 
-    out = c.predict(["entropy", "cross_entropy"], MODEL, *DATA, [], [], True, None, api_name="/score")
+    out = c.predict(["entropy", "cross_entropy"], MODEL, *DATA, *CRIT, [], [], True, None, api_name="/score")
     status, hist, heat, table = out[:4]
     assert "entropy" in status and "cross_entropy" in status and "computed" in status
     hist_fig = plot(hist)
@@ -62,12 +63,12 @@ def test_score_prune_compare_end_to_end(app):
 
     # Scoring again is served from the cache, and a redraw needs no model.
     started = time.perf_counter()
-    status = c.predict(["entropy"], MODEL, *DATA, ["3"], ["entropy"], False, "entropy", api_name="/score")[0]
+    status = c.predict(["entropy"], MODEL, *DATA, *CRIT, ["3"], ["entropy"], False, "entropy", api_name="/score")[0]
     assert "cached" in status and time.perf_counter() - started < 5
     hist, _, _ = c.predict(["3"], ["cross_entropy"], True, "entropy", api_name="/redraw")
     assert [t["name"] for t in plot(hist)["data"]] == ["cross_entropy · layer 3"]
 
-    text, scatter, rho_bars, overlap_bars = c.predict("entropy", "cross_entropy", 5, 0.3, MODEL, *DATA,
+    text, scatter, rho_bars, overlap_bars = c.predict("entropy", "cross_entropy", 5, 0.3, MODEL, *DATA, *CRIT,
                                                       api_name="/compare_criteria")[:4]
     rho = float(text.split("ρ = **")[1].split("**")[0])
     assert 0.3 < rho < 1.0  # related but different criteria
@@ -78,7 +79,7 @@ def test_score_prune_compare_end_to_end(app):
     assert "134.52 M → 110.62 M" in preview_text
     assert plot(widths)["data"][1]["y"] == [1075] * 30
 
-    status, variants, _, trace = c.predict("entropy", 0.3, "uniform", "1", "ent30", MODEL, *DATA, api_name="/prune")
+    status, variants, _, trace = c.predict("entropy", 0.3, "uniform", "1", "ent30", MODEL, *DATA, *CRIT, api_name="/prune")
     assert "ent30" in status and "1075–1075" in status
     assert plot(trace)["data"] == []  # the trace plot only fills for the adaptive allocation
     run_id = status.split("run `")[1].split("`")[0]
@@ -139,13 +140,87 @@ def test_sessions_do_not_see_each_other(app):
 
     url, _ = app
     alice, bob = client(url), client(url)
-    alice.predict(["entropy"], MODEL, *DATA, [], [], True, None, api_name="/score")
-    alice.predict("entropy", 0.2, "uniform", "1", "alice-only", MODEL, *DATA, api_name="/prune")
-    bob.predict(MODEL, *DATA, api_name="/load_model")
+    # both sessions score at the same time (queued on the one model slot), each with its own criterion
+    jobs = {"alice": alice.submit(["entropy"], MODEL, "wiki", None, 3, 32, 0, *CRIT, [], [], True, None,
+                                  api_name="/score"),
+            "bob": bob.submit(["wanda"], MODEL, "wiki", None, 2, 32, 1, *CRIT, [], [], True, None, api_name="/score")}
+    assert "**entropy**" in jobs["alice"].result()[0] and "**wanda**" in jobs["bob"].result()[0]
+    seen = {name: {t["name"].split(" · ")[0] for t in plot(c.predict(["0"], [], True, None, api_name="/redraw")[0])["data"]}
+            for name, c in (("alice", alice), ("bob", bob))}
+    assert seen == {"alice": {"entropy"}, "bob": {"wanda"}}
+    alice.predict("entropy", 0.2, "uniform", "1", "alice-only", MODEL, "wiki", None, 3, 32, 0, *CRIT,
+                  api_name="/prune")
     with pytest.raises(AppError, match="No variant named 'alice-only'"):
         bob.predict(["alice-only"], "Hello", 3, api_name="/menu")
-    mine, _ = bob.predict(True, api_name="/runs_list")
-    assert mine["data"] == [] or all(row[-1] != "yes" for row in mine["data"])
+    mine_bob, _ = bob.predict(True, api_name="/runs_list")
+    mine_alice, _ = alice.predict(True, api_name="/runs_list")
+    assert {r[3] for r in mine_bob["data"]} == {"smollm2-135m"} and {r[4] for r in mine_bob["data"]} == {"wanda"}
+    assert all(row[-1] == "yes" for row in mine_alice["data"] + mine_bob["data"])
+    assert {r[0] for r in mine_alice["data"]}.isdisjoint({r[0] for r in mine_bob["data"]})
+    assert "prune" in {r[1] for r in mine_alice["data"]} and "prune" not in {r[1] for r in mine_bob["data"]}
+
+
+def test_stop_ends_scoring_and_stores_nothing(app):
+    url, services = app
+    c = client(url)
+    before = {r.run_id for r in services.runs.list()}
+    job = c.submit(["cross_entropy"], MODEL, "wiki", None, 400, 64, 7, *CRIT, [], [], True, None, api_name="/score")
+    deadline = time.time() + 60
+    while not job.status().progress_data and time.time() < deadline:  # wait until windows are being scored
+        time.sleep(0.1)
+    started = time.time()
+    assert "Stopping" in c.predict(api_name="/stop")
+    with pytest.raises(Exception):
+        job.result(timeout=60)
+    # the engine itself stopped (the model slot is free again soon) and no score run was stored
+    c.predict(MODEL, *DATA, api_name="/load_model")
+    assert time.time() - started < 30
+    assert {r.run_id for r in services.runs.list()} == before
+
+
+def test_runs_reload_after_restart_export_and_delete(app, tmp_path):
+    import zipfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hfprune_ui.services import Services
+
+    url, services = app
+    c = client(url)
+    c.predict(["entropy"], MODEL, *DATA, *CRIT, [], [], True, None, api_name="/score")
+    c.predict("entropy", 0.25, "uniform", "1", "keep25", MODEL, *DATA, *CRIT, api_name="/prune")
+    run_id = next(r.run_id for r in services.runs.list("prune") if r.config.get("name") == "keep25")
+    # a "restarted" app: new caches and sessions over the same run store
+    fresh = Services(runs_root=services.runs.root)
+    fresh.models = services.models  # the model itself is shared to save a reload; caches are new
+    session = fresh.sessions.get("after-restart")
+    assert "keep25" in fresh.load_run(session, run_id)
+    variant = session.variants["keep25"]
+    assert variant.widths == [1152] * 30
+    # download as .zip: the archive holds a folder that reloads with plain from_pretrained
+    archive, note = c.predict("keep25", "hf-native", api_name="/export_zip")
+    assert "keep25" in note
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+        assert {"keep25/config.json", "keep25/model.safetensors", "keep25/pruning_meta.json"} <= names
+        zf.extractall(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "keep25").eval()
+    ids = torch.tensor([[504, 3458, 282, 4649, 314, 3046]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, variant.model(ids).logits, rtol=1e-5, atol=1e-5)
+    # save to a folder: a non-empty target is refused and left as it was
+    target = tmp_path / "occupied"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep me")
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match="(?i)not empty|exists"):
+        c.predict("keep25", "hf-native", str(target), api_name="/export_save")
+    assert [p.name for p in target.iterdir()] == ["mine.txt"]
+    # delete: gone from the listing and from disk
+    c.predict(run_id, False, api_name="/run_delete")
+    assert run_id not in {r.run_id for r in services.runs.list()}
+    assert not (services.runs.root / run_id).exists()
 
 
 def test_bad_input_is_a_clear_message_and_keeps_runs(app, tmp_path):
@@ -163,9 +238,9 @@ def test_bad_input_is_a_clear_message_and_keeps_runs(app, tmp_path):
         c.predict(MODEL, "upload", handle_file(str(empty)), 2, 32, 0, api_name="/load_model")
     with pytest.raises(AppError, match="after uploading"):
         c.predict(MODEL, "upload", None, 2, 32, 0, api_name="/load_model")
-    c.predict(["entropy"], MODEL, *DATA, [], [], True, None, api_name="/score")
+    c.predict(["entropy"], MODEL, *DATA, *CRIT, [], [], True, None, api_name="/score")
     with pytest.raises(AppError, match="greater than maximum value 0.95"):
-        c.predict("entropy", 1.0, "uniform", "128", "too-far", MODEL, *DATA, api_name="/prune")
+        c.predict("entropy", 1.0, "uniform", "128", "too-far", MODEL, *DATA, *CRIT, api_name="/prune")
     with pytest.raises(AppError, match="Not scored yet: wanda"):
         c.predict(["entropy", "wanda"], "0.2", "uniform", "1", 2, 32, "kl_to_dense", api_name="/sweep")
     with pytest.raises(AppError, match="Ratios must be numbers"):
@@ -173,7 +248,7 @@ def test_bad_input_is_a_clear_message_and_keeps_runs(app, tmp_path):
     with pytest.raises(AppError, match=r"\[0, 1\)|between 0 and 1|0 ≤"):
         c.predict(["entropy"], "1.5", "uniform", "1", 2, 32, "kl_to_dense", api_name="/sweep")
     with pytest.raises(AppError, match="'original' names the unpruned model"):
-        c.predict("entropy", 0.2, "uniform", "1", "original", MODEL, *DATA, api_name="/prune")
+        c.predict("entropy", 0.2, "uniform", "1", "original", MODEL, *DATA, *CRIT, api_name="/prune")
     after = sorted(p.name for p in services.runs.root.iterdir())
     assert set(before) <= set(after)
     assert len(after) - len(before) <= 1  # at most the new score run, never a failed prune

@@ -125,3 +125,48 @@ def test_too_short_text_and_lengths(tmp_path, real_tokenizer):
         data.evaluation_windows(real_tokenizer, "wiki", 0, 64)
     with pytest.raises(DataError, match="Text file not found"):
         data.calibration_windows(real_tokenizer, "/nonexistent/file.txt", 2, 64)
+
+
+class _BosTokenizer:
+    """The real SmolLM2 tokenizer, but one that puts a BOS token in front of every text by default
+    (as Gemma's and Llama-3's do)."""
+
+    def __init__(self, inner):
+        self.inner, self.bos_token_id, self.eos_token_id = inner, inner.bos_token_id, inner.eos_token_id
+        self.name_or_path = "bos-wrapper"
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        out = self.inner(text, add_special_tokens=False, **kwargs)
+        if add_special_tokens:
+            ids = out["input_ids"]
+            out["input_ids"] = [[self.bos_token_id, *x] for x in ids] if ids and isinstance(ids[0], list) \
+                else [self.bos_token_id, *ids]
+        return out
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one(real_tokenizer):
+    from core.adaptive import heldout_windows
+
+    assert data.bos_token(real_tokenizer) is None  # SmolLM2 adds no BOS: its windows are plain text
+    plain = data.calibration_windows(real_tokenizer, "wiki", 4, 32, seed=0)
+    assert not (plain[:, 0] == real_tokenizer.bos_token_id).all()
+
+    tok = _BosTokenizer(real_tokenizer)
+    bos = data.bos_token(tok)
+    assert bos == real_tokenizer.bos_token_id
+    cal = data.calibration_windows(tok, "wiki", 6, 32, seed=3)
+    ev = data.evaluation_windows(tok, "wiki", 3, 32)
+    for windows in (cal, ev):
+        assert windows.shape[1] == 32 and (windows[:, 0] == bos).all()
+        assert not (windows[:, 1:] == bos).any()  # one BOS per window, the rest is text
+    stream = data.token_stream(tok, "wiki", "calibration")
+    starts = data.calibration_starts(len(stream), 6, 31, 3)
+    assert torch.equal(cal[:, 1:], torch.stack([stream[s:s + 31] for s in starts]))
+    # the held-out slice of the adaptive search avoids the scoring windows' text, with BOS too
+    held = heldout_windows(tok, "wiki", 4, 16, seed=3, score_samples=6, score_seq_len=32)
+    assert held.shape == (4, 16) and (held[:, 0] == bos).all()
+    used = {tuple(stream[s + i:s + i + 15].tolist()) for s in starts for i in range(31 - 14)}
+    assert not any(tuple(h[1:].tolist()) in used for h in held)

@@ -67,6 +67,19 @@ def test_quantize_handles_pruned_widths_not_multiple_of_block():
         assert torch.isfinite(q(IDS).logits).all()
 
 
+def test_nf4_on_cuda_refuses_widths_its_kernels_cannot_run():
+    """Checked without a GPU: the shape rule runs before any conversion (a 1229-wide layer crashed the
+    NF4 CUDA kernel on an H100; 1216 and 1232 ran)."""
+    from core.quantize import check_bnb_shapes
+
+    odd = make_tiny("llama", intermediate_size=50)
+    with pytest.raises(QuantizationError, match=r"multiples of 16.*mlp.gate_proj is 32 → 50.*--round-to 64"):
+        check_bnb_shapes(odd, "bnb-nf4", "cuda")
+    check_bnb_shapes(make_tiny("llama", intermediate_size=64), "bnb-nf4", "cuda")
+    check_bnb_shapes(odd, "bnb-nf4", "cpu")  # the CPU kernels take any width (see the test above)
+    check_bnb_shapes(odd, "bnb-8bit", "cuda")
+
+
 @pytest.mark.real
 def test_every_method_on_the_embedded_model(real):
     dense = real.model
@@ -117,6 +130,15 @@ def test_cli_quantize_then_bench_and_zeroshot_reload_the_folder(tiny_folder, tmp
                  "--json"]) == 0
     zs = json.loads(capsys.readouterr().out)
     assert zs["quantization"] == "bnb-nf4" and zs["tasks"]["wiki_nextsent"]["n"] == 2
+    # eval applies the recipe too: NF4 numbers differ from the fp32 source's, and KL to it is > 0
+    eval_args = ["--windows", "2", "--seq-len", "32", "--quiet", "--json"]
+    assert main(["eval", "--model", str(out), "--reference", str(tiny_folder), *eval_args]) == 0
+    quantized = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--model", str(tiny_folder), "--reference", str(tiny_folder), *eval_args]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert quantized["quantization"] == "bnb-nf4" and plain["quantization"] is None
+    assert plain["kl_to_reference"] < 1e-6 < quantized["kl_to_reference"]
+    assert quantized["perplexity"] != plain["perplexity"]
 
 
 def test_bad_method_missing_backend_and_requantize_write_nothing(tiny_folder, tmp_path, capsys, monkeypatch):

@@ -8,7 +8,7 @@ from core.allocate import uniform_widths
 from core.compare import disagreements, ranks, removal_overlap, spearman_per_layer
 
 from .. import figures, texts
-from ..context import Ctx, model_events
+from ..context import Ctx, criterion_params, model_events, stop_on_click
 from ..guard import session_id, user_errors
 from ..services import Services, criteria
 from ..state import Session
@@ -50,14 +50,15 @@ def draw(session: Session, a: str, b: str, layer: float, ratio: float):
 def make_compare(services: Services):
     @user_errors
     def compare(a: str, b: str, layer: float, ratio: float, model: str, source: str, upload: str | None,
-                samples: float, seq_len: float, seed: float, request: gr.Request = None,
-                progress=gr.Progress(track_tqdm=True)):
+                samples: float, seq_len: float, seed: float, temperature: float, alpha: float, weight: float,
+                request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         """Score whichever of the two criteria is missing (cached), then draw the comparison."""
         session = services.sessions.get(session_id(request))
-        session.stop.clear()
+        job = session.new_job()
         data = services.data_spec(source, upload, samples, seq_len, seed)
         for c in (a, b):
-            services.score(session, (model or "").strip(), data, c, stop=session.stop.is_set)
+            services.score(session, (model or "").strip(), data, c, stop=job.is_set,
+                           params=criterion_params(temperature, alpha, weight))
         return (*draw(session, a, b, layer, ratio), layer_update(session))
     return compare
 
@@ -90,6 +91,7 @@ def build(ctx: Ctx) -> None:
             layer = gr.Slider(0, 63, value=0, step=1, label="Layer for the rank scatter")
             ratio = gr.Slider(0.05, 0.9, value=0.2, step=0.05, label="Ratio removed (for the overlap)")
             go = gr.Button("Compare", variant="primary")
+            stop_button = gr.Button("Stop", variant="stop")
         status = gr.Markdown("")
         with gr.Row():
             scatter = gr.Plot(label="Rank vs rank")
@@ -97,8 +99,9 @@ def build(ctx: Ctx) -> None:
         overlap = gr.Plot(label="Removal overlap per layer")
         table = gr.Dataframe(label="Neurons the two criteria disagree on most", interactive=False)
     outputs = [status, scatter, rho, overlap, table]
-    go.click(make_compare(services), [a, b, layer, ratio, *ctx.data_inputs], [*outputs, layer],
-             api_name="compare_criteria", **model_events())
+    event = go.click(make_compare(services), [a, b, layer, ratio, *ctx.data_inputs, *ctx.criterion_inputs],
+                     [*outputs, layer], api_name="compare_criteria", **model_events())
+    stop_on_click(services, stop_button, status, [event])
     redraw = make_redraw(services)
     inputs = [a, b, layer, ratio]
     a.input(redraw, inputs, outputs, api_visibility="private")

@@ -8,7 +8,7 @@ from core.compare import histogram, layer_summaries, shared_range, sorted_score_
 from core.errors import HFPruneError
 
 from .. import figures, texts
-from ..context import Ctx, model_events
+from ..context import Ctx, criterion_params, model_events, stop_on_click
 from ..guard import session_id, user_errors
 from ..services import Services, criteria
 from ..state import Session
@@ -43,10 +43,10 @@ def draw(session: Session, layers: list | None, overlay: list | None, log: bool,
             edges, counts = histogram(session.scores[c].scores[layer], BINS, log, value_range)
             series.append((f"{c} · layer {layer}", edges, counts))
     heat = heat_criterion if heat_criterion in session.scores else shown[0]
-    matrix = sorted_score_matrix(session.scores[heat].scores, log=True)
+    matrix = sorted_score_matrix(session.scores[heat].scores, log=log)
     rows = [{"criterion": c, **{k: (_sig(v) if isinstance(v, float) else v) for k, v in row.items()}}
             for c in shown for row in layer_summaries(session.scores[c].scores)]
-    return (figures.histograms(series, log), figures.heatmap(matrix.tolist(), heat, True), pd.DataFrame(rows))
+    return (figures.histograms(series, log), figures.heatmap(matrix.tolist(), heat, log), pd.DataFrame(rows))
 
 
 def control_updates(session: Session, layers: list | None, overlay: list | None, heat_criterion: str | None):
@@ -63,13 +63,14 @@ def control_updates(session: Session, layers: list | None, overlay: list | None,
 def make_score(services: Services):
     @user_errors
     def score(chosen: list[str], model: str, source: str, upload: str | None, samples: float, seq_len: float,
-              seed: float, layers: list | None, overlay: list | None, log: bool, heat_criterion: str | None,
+              seed: float, temperature: float, alpha: float, weight: float, layers: list | None,
+              overlay: list | None, log: bool, heat_criterion: str | None,
               request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         """Score each chosen criterion (cached per model/data/criterion) and redraw after each one."""
         if not chosen:
             raise HFPruneError("Tick at least one criterion to score.")
         session = services.sessions.get(session_id(request))
-        session.stop.clear()
+        job = session.new_job()
         data = services.data_spec(source, upload, samples, seq_len, seed)
         model = (model or "").strip()
         progress(0.0, desc=f"loading {model}")
@@ -77,7 +78,8 @@ def make_score(services: Services):
         notes = []
         for c in chosen:
             progress(0.0, desc=f"scoring with {c}")
-            result, run_id, origin = services.score(session, model, data, c, stop=session.stop.is_set)
+            result, run_id, origin = services.score(session, model, data, c, stop=job.is_set,
+                                                    params=criterion_params(temperature, alpha, weight))
             where = {"memory": "cached", "disk": "loaded from the run store",
                      "computed": f"computed in {result.seconds:.1f} s"}[origin]
             notes.append(f"**{c}**: {where} (run `{run_id}`)")
@@ -96,14 +98,6 @@ def make_redraw(services: Services):
     return redraw
 
 
-def make_stop(services: Services):
-    def stop(request: gr.Request = None) -> str:
-        """Ask the running scoring job of this session to stop after its current window."""
-        services.sessions.get(session_id(request)).stop.set()
-        return "Stopping… scores that were not finished are not stored."
-    return stop
-
-
 def build(ctx: Ctx) -> None:
     services = ctx.services
     with gr.Tab("Importance", id="importance"):
@@ -112,6 +106,12 @@ def build(ctx: Ctx) -> None:
             chosen = gr.CheckboxGroup(criteria(), value=DEFAULT_CRITERIA, label="Criteria to score", scale=3)
             score_button = gr.Button("Score", variant="primary", scale=1, elem_id="score-button")
             stop_button = gr.Button("Stop", variant="stop", scale=1)
+        with gr.Accordion("Criterion settings (self_distill τ and α, entropy+ce weight)", open=False):
+            with gr.Row():
+                temperature = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="self_distill: teacher temperature τ",
+                                        info="< 1 sharpens the dense teacher; τ = 1 with α = 1 has zero gradient")
+                alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="self_distill: α in (1−α)·CE + α·KL")
+                weight = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="entropy+ce: w in w·H + (1−w)·CE")
         status = gr.Markdown("", elem_id="score-status")
         with gr.Row():
             layers = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Layers", scale=2)
@@ -123,10 +123,11 @@ def build(ctx: Ctx) -> None:
         heat = gr.Plot(label="Layer × neuron heatmap", elem_id="heat-plot")
         table = gr.Dataframe(label="Per-layer summary", interactive=False, max_height=320)
     views = [layers, overlay, log, heat_criterion]
-    event = score_button.click(make_score(services), [chosen, *ctx.data_inputs, *views],
+    ctx.add(temperature=temperature, alpha=alpha, weight=weight)
+    event = score_button.click(make_score(services), [chosen, *ctx.data_inputs, *ctx.criterion_inputs, *views],
                                [status, hist, heat, table, layers, overlay, heat_criterion],
                                api_name="score", **model_events())
-    stop_button.click(make_stop(services), None, status, cancels=[event], api_name="stop", queue=False)
+    stop_on_click(services, stop_button, status, [event], api_name="stop")
     redraw = make_redraw(services)
     layers.input(redraw, views, [hist, heat, table], api_name="redraw", show_progress="minimal")
     for component in (overlay, log, heat_criterion):

@@ -33,7 +33,7 @@ def describe(services: Services, spec: str, data) -> str:
 def make_load(services: Services):
     @user_errors
     def load(model: str, source: str, upload: str | None, samples: float, seq_len: float, seed: float,
-             request: gr.Request = None, progress=gr.Progress()) -> str:
+             request: gr.Request = None, progress=gr.Progress(track_tqdm=True)) -> str:
         """Load (or reuse) the model and check the calibration text yields enough windows."""
         session = services.sessions.get(session_id(request))
         progress(0.05, desc="checking calibration source")

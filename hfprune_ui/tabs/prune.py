@@ -10,7 +10,7 @@ from core.export import EXPORT_MODES
 from core.sweep import SWEEP_ALLOCATIONS, parse_ratios
 
 from .. import figures, texts
-from ..context import Ctx, model_events
+from ..context import Ctx, criterion_params, model_events, stop_on_click
 from ..guard import session_id, user_errors
 from ..services import Services, allocations, criteria
 from ..state import Session
@@ -38,6 +38,10 @@ def make_preview(services: Services):
             return "Load the model (Model & data tab) or press Score to see a preview.", figures.empty("No model loaded")
         loaded = services.model(spec)
         scores = session.scores[criterion].scores if criterion in session.scores and session.model_spec == spec else None
+        if allocation == "global" and scores is None:
+            return (f"The **global** allocation ranks neurons by their '{criterion}' scores across layers: score the "
+                    "model with it first (Importance tab), or press Prune, which scores it.",
+                    figures.empty("Global widths need scores"))
         widths = services.plan(loaded, ratio, allocation, int(round_to), scores)
         note = ""
         if widths is None:  # adaptive: the search runs on Prune; preview the uniform widths meanwhile
@@ -57,17 +61,18 @@ def make_preview(services: Services):
 def make_prune(services: Services):
     @user_errors
     def prune(criterion: str, ratio: float, allocation: str, round_to: str | int, name: str, model: str, source: str,
-              upload: str | None, samples: float, seq_len: float, seed: float, request: gr.Request = None,
-              progress=gr.Progress(track_tqdm=True)):
+              upload: str | None, samples: float, seq_len: float, seed: float, temperature: float, alpha: float,
+              weight: float, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         """Score if needed (cached), prune into a new variant, store the run."""
         session = services.sessions.get(session_id(request))
-        session.stop.clear()
+        job = session.new_job()
         data = services.data_spec(source, upload, samples, seq_len, seed)
         spec = (model or "").strip()
         progress(0.05, desc=f"scores for {criterion}")
-        services.score(session, spec, data, criterion, stop=session.stop.is_set)
+        services.score(session, spec, data, criterion, stop=job.is_set,
+                       params=criterion_params(temperature, alpha, weight))
         progress(0.6, desc="pruning")
-        variant, evicted = services.prune(session, criterion, ratio, allocation, int(round_to), name)
+        variant, evicted = services.prune(session, criterion, ratio, allocation, int(round_to), name, stop=job.is_set)
         note = f" The oldest variant '{evicted}' was dropped from memory (its run stays on disk)." if evicted else ""
         status = (f"Pruned **{variant.name}**: MLP widths {min(variant.widths)}–{max(variant.widths)}, "
                   f"stored as run `{variant.run_id}`.{note}")
@@ -91,7 +96,7 @@ def make_sweep(services: Services):
               seq_len: float, metric: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         """Prune each scored criterion at each ratio (in memory) and measure fidelity; stream the rows."""
         session = services.sessions.get(session_id(request))
-        session.stop.clear()
+        job = session.new_job()
         unscored = [n for n in (names or []) if n not in session.scores]
         if unscored:
             raise HFPruneError(f"Not scored yet: {', '.join(unscored)}. Score them on the Importance tab, or untick them.")
@@ -100,7 +105,7 @@ def make_sweep(services: Services):
             raise HFPruneError("Score at least one criterion first (Importance tab).")
         rows = []
         for row in services.sweep(session, chosen, parse_ratios(ratios), allocation, int(round_to), int(windows),
-                                  int(seq_len)):
+                                  int(seq_len), stop=job.is_set):
             rows.append(row)
             yield sweep_table(rows), figures.sweep_lines(rows, metric)
     return sweep
@@ -162,6 +167,7 @@ def build(ctx: Ctx) -> None:
         with gr.Row():
             name = gr.Textbox("", label="Variant name", placeholder="e.g. entropy-20% (default)")
             prune_button = gr.Button("Prune", variant="primary", elem_id="prune-button")
+            stop_button = gr.Button("Stop", variant="stop")
         status = gr.Markdown("", elem_id="prune-status")
         variants = gr.Markdown("No variants yet.")
         trace_plot = gr.Plot(label="Adaptive search trace", elem_id="trace-plot")
@@ -197,11 +203,13 @@ def build(ctx: Ctx) -> None:
     ratio.change(preview, preview_inputs, [preview_text, preview_plot], api_name="prune_preview", show_progress="hidden")
     tab.select(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
     tab.select(make_scored(services), None, sweep_criteria, api_visibility="private")
-    sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to, sweep_windows,
+    sweep_event = sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to, sweep_windows,
                                               sweep_len, sweep_metric], [sweep_frame, sweep_plot], api_name="sweep",
                        **model_events())
-    prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, name, *ctx.data_inputs],
-                       [status, variants, export_variant, trace_plot], api_name="prune", **model_events())
+    prune_event = prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, name,
+                                                            *ctx.data_inputs, *ctx.criterion_inputs],
+                                     [status, variants, export_variant, trace_plot], api_name="prune", **model_events())
+    stop_on_click(services, stop_button, status, [prune_event, sweep_event])
     zip_button.click(make_export_zip(services), [export_variant, mode], [export_file, export_status],
                      api_name="export_zip", **model_events())
     save_button.click(make_export_save(services), [export_variant, mode, folder], export_status,

@@ -33,7 +33,7 @@ def make_list(services: Services):
     def list_runs(mine_only: bool, request: gr.Request = None):
         table = runs_table(services, bool(mine_only), session_id(request))
         ids = table["run id"].tolist()
-        return table, gr.update(choices=ids, value=ids[0] if ids else None)
+        return table, gr.update(choices=ids, value=None)  # nothing pre-selected: Delete needs a deliberate pick
     return list_runs
 
 
