@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ratios", default="0.2,0.3,0.4")
     parser.add_argument("--criteria", default=DEFAULT_CRITERIA,
                         help="comma list; parameters as name:key=value;key=value")
-    parser.add_argument("--allocations", default="uniform,global,adaptive")
+    parser.add_argument("--allocations", default="uniform,global,adaptive",
+                        help="uniform, global (global-z, global-raw), adaptive (independent per layer) and "
+                             "adaptive-seq (AMP's last-to-first with later layers already pruned)")
     parser.add_argument("--adaptive-criteria", default="entropy,cross_entropy,fisher,entropy+ce,self_distill",
                         help="criteria that also get the (slow) adaptive allocation")
     parser.add_argument("--heldout-samples", type=int, default=4)
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         save()
     for label, name, params in criteria:
         todo = [(a, r) for a in allocations for r in ratios if (label, a, r) not in done
-                and (a != "adaptive" or label in adaptive_set or name in adaptive_set)]
+                and (not a.startswith("adaptive") or label in adaptive_set or name in adaptive_set)]
         if not todo:
             continue
         print(f"[bench] scoring {label}", flush=True)
@@ -157,12 +159,13 @@ def main(argv=None) -> int:
             elif allocation.startswith("global"):
                 norm = {"global": "mean", "global-z": "zscore", "global-raw": "none"}[allocation]
                 widths = global_widths(scores, ratio, normalize=norm, min_keep=0.1)
-            elif allocation == "adaptive":
+            elif allocation in ("adaptive", "adaptive-seq"):
                 options = AllocationOptions(heldout_samples=args.heldout_samples, heldout_seq_len=args.heldout_seq_len)
                 if evaluator is None:
                     heldout = adaptive_heldout(loaded, result, options)
                     evaluator = MaskedEvaluator(model, heldout, scores, "kl", args.batch_size)
-                found = adaptive_search(model, scores, ratio, None, evaluator=evaluator, progress=False)
+                mode = "sequential" if allocation == "adaptive-seq" else "independent"
+                found = adaptive_search(model, scores, ratio, None, evaluator=evaluator, mode=mode, progress=False)
                 widths = found.widths
                 extra = {"tolerance": found.tolerance, "evaluations": found.evaluations,
                          "search_ratio": found.search_ratio}

@@ -22,7 +22,8 @@ SECTIONS = [
     ("Criteria × allocation, SmolLM2-135M", "criteria_smollm2-135m.md", None),
     ("Criteria × allocation, Gemma-3-270M", "criteria_gemma3-270m.md", None),
     ("Quantization × pruning: quality", "quantize_cpu.md", None),
-    ("Quantization × pruning: measured speed, memory, size", "speed_cpu.md", None),
+    ("Quantization × pruning: measured speed, memory, size (CPU)", "speed_cpu.md", None),
+    ("Quantization × pruning: measured speed, memory, size (GPU, H100, bf16)", "speed_cuda.md", None),
     ("Dashboard responsiveness", "dashboard.md", "python benchmarks/dashboard.py"),
 ]
 
@@ -34,8 +35,8 @@ def section(title: str, filename: str, command: str | None) -> str:
     body = path.read_text().strip()
     body = re.sub(r"^## .*\n+", "", body)  # the file's own heading; ours replaces it
     body = re.sub(r"^### ", "#### ", body, flags=re.M)
-    if "### All metrics" in body:  # the README keeps the KL summary; the full table stays in the file
-        head, _, tail = body.partition("### All metrics")
+    if "#### All metrics" in body:  # the README keeps the KL summary; the full table stays in the file
+        head, _, tail = body.partition("#### All metrics")
         verdict = tail[tail.find("Best per ratio"):] if "Best per ratio" in tail else ""
         body = (head.rstrip() + f"\n\nPerplexity and top-1 agreement for every row: "
                 f"[`benchmarks/results/{filename}`](benchmarks/results/{filename}).\n\n" + verdict.strip())

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the embedded model aliases")
     for module in EXTENSIONS:
         importlib.import_module(module).register(sub)
+    for command in sub.choices.values():
+        command.add_argument("--trust-remote-code", action="store_true",
+                             help="run Python code shipped inside a model folder or hub repo (auto_map); "
+                                  "our own hf-remote-code exports are trusted without it")
     return parser
 
 
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.trust_remote_code:
+        os.environ["HFPRUNE_TRUST_REMOTE_CODE"] = "1"
     builtin = {"score": _cmd_score, "prune": _cmd_prune, "eval": _cmd_eval, "models": _cmd_models}
     handler = getattr(args, "handler", None) or builtin[args.command]
     try:

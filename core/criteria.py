@@ -94,6 +94,35 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return _Entropy.apply(logits)
 
 
+class _CrossEntropy(torch.autograd.Function):
+    """Next-token CE per row with a hand-written backward: CE = lse − z_y, dCE/dz = p − onehot(y).
+
+    Rows whose target is −100 get loss 0 and no gradient. Like :class:`_Entropy`, this keeps one
+    (R, V) tensor (p) for the backward instead of log_softmax's temporaries."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (R, V), (R,) → (R,)
+        valid = targets >= 0
+        safe = targets.clamp_min(0)
+        lse = torch.logsumexp(logits, dim=-1)  # (R,)
+        loss = (lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)) * valid
+        p = torch.exp(logits - lse.unsqueeze(-1))  # (R, V)
+        ctx.save_for_backward(p, safe, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        p, safe, valid = ctx.saved_tensors
+        grad = p.clone()
+        grad.scatter_add_(1, safe.unsqueeze(1), torch.full_like(safe, -1, dtype=p.dtype).unsqueeze(1))
+        return grad.mul_((grad_loss * valid).unsqueeze(-1)), None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row next-token CE (nats): logits (R, V), targets (R,) with −100 = none → (R,), differentiable."""
+    return _CrossEntropy.apply(logits, targets)
+
+
 class EntropyCriterion(TaylorCriterion):
     name = "entropy"
     summary = "HFPrune: entropy of the model's own full next-token distribution; no labels, no teacher."
@@ -112,7 +141,7 @@ class CrossEntropyCriterion(TaylorCriterion):
         return weights
 
     def token_loss(self, logits, targets, teacher):
-        return F.cross_entropy(logits, targets.clamp_min(0), reduction="none") * (targets >= 0)
+        return cross_entropy(logits, targets)
 
 
 class SelfDistillCriterion(TaylorCriterion):
@@ -194,7 +223,7 @@ class FisherCriterion(TaylorCriterion):
         if self._generator is None or self._generator.device != probs.device:
             self._generator = torch.Generator(device=probs.device).manual_seed(self._seed)
         sampled = torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)  # (R,)
-        return F.cross_entropy(logits, sampled, reduction="none")
+        return cross_entropy(logits, sampled)
 
     def __call__(self, model, windows, options):
         self._seed, self._generator = options.seed, None
@@ -231,8 +260,7 @@ class EntropyCEMixCriterion(TaylorCriterion):
         return {"weight": self.weight}
 
     def token_loss(self, logits, targets, teacher):
-        ce = F.cross_entropy(logits, targets.clamp_min(0), reduction="none") * (targets >= 0)
-        return self.weight * entropy(logits) + (1.0 - self.weight) * ce
+        return self.weight * entropy(logits) + (1.0 - self.weight) * cross_entropy(logits, targets)
 
 
 class MagnitudeCriterion(Criterion):

@@ -217,8 +217,13 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return spec, None  # treat as a hub id
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load model + tokenizer, check the architecture, return it in eval mode."""
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool | None = None) -> LoadedModel:
+    """Load model + tokenizer, check the architecture, return it in eval mode.
+
+    ``trust_remote_code``: run Python code shipped with the model (``auto_map``). By default (None) only
+    the code our own hf-remote-code export wrote is trusted, or any when $HFPRUNE_TRUST_REMOTE_CODE=1
+    (the CLI's --trust-remote-code); a folder with other code is refused with a clear message."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = (spec or "").strip()
@@ -230,7 +235,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
         model = model.to(dtype)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=_has_remote_code(location))
+            trust = _trust_remote_code(location, trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust)
             tokenizer = AutoTokenizer.from_pretrained(location)
         except (UnsupportedArchitectureError, ModelLoadError):
             raise
@@ -250,6 +256,22 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=location)
+
+
+def _trust_remote_code(location: str, explicit: bool | None) -> bool:
+    """Whether to run the model's own code: the caller's choice, else only our export's code."""
+    from .remote_code import is_own_export
+
+    if explicit is None:
+        explicit = os.environ.get("HFPRUNE_TRUST_REMOTE_CODE", "") == "1" or None
+    if not _has_remote_code(location):
+        return bool(explicit)
+    if explicit is not None:
+        return explicit
+    if is_own_export(location):
+        return True
+    raise ModelLoadError(f"{location} ships Python code of its own (auto_map in config.json) that HFPrune Studio "
+                         "did not write; pass --trust-remote-code (trust_remote_code=True) only if you trust it.")
 
 
 def _has_remote_code(location: str) -> bool:

@@ -8,6 +8,8 @@ the checkpoint is loaded, so shapes match exactly and nothing is ever loaded wit
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 MODELING_FILE = "modeling_hfprune.py"
@@ -67,3 +69,38 @@ def auto_map(model: nn.Module) -> dict[str, str]:
     stem = MODELING_FILE.removesuffix(".py")
     return {"AutoConfig": f"{stem}.HFPrune{_library_class(model.config).__name__}",
             "AutoModelForCausalLM": f"{stem}.HFPrune{_library_class(model).__name__}"}
+
+
+def _source_for(model_type: str) -> str | None:
+    """The modeling file this tool writes for a config's ``model_type`` (None if not a causal LM we know)."""
+    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config_cls = CONFIG_MAPPING[model_type]
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+    except KeyError:
+        return None
+    return _TEMPLATE.format(base_model=model_cls.__name__, config_module=config_cls.__module__,
+                            config_class=config_cls.__name__, model_module=model_cls.__module__,
+                            model_class=model_cls.__name__)
+
+
+def is_own_export(folder: str | Path) -> bool:
+    """True when ``folder``'s remote code is exactly what the hf-remote-code export writes: config.json's
+    ``auto_map`` points only at ``modeling_hfprune``, the folder has no other Python file, and that file
+    matches our template byte for byte. Only then is ``trust_remote_code`` switched on by itself."""
+    import json
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    stem = MODELING_FILE.removesuffix(".py")
+    targets = config.get("auto_map") or {}
+    if not targets or not all(isinstance(v, str) and v.startswith(f"{stem}.") for v in targets.values()):
+        return False
+    if {p.name for p in folder.glob("*.py")} != {MODELING_FILE}:
+        return False
+    expected = _source_for(str(config.get("model_type", "")))
+    return expected is not None and (folder / MODELING_FILE).read_text() == expected

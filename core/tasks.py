@@ -9,7 +9,7 @@ CC BY-SA 3.0, via the gensim test data; see ``assets/tasks/ATTRIBUTION.md``):
                     word is the model's greedy continuation (lm-eval ``loglikelihood`` is_greedy).
 ``wiki_nextsent``   HellaSwag-style multiple choice. Context = 2–3 consecutive sentences; choices =
                     the real next sentence + 3 sentences of similar length from OTHER evaluation
-                    articles. Metrics ``acc`` and ``acc_norm`` (log-likelihood per byte).
+                    articles. Metrics ``acc`` and ``acc_norm`` (log-likelihood per character of the choice).
 
 Only articles of the evaluation split are read (``core.data.wiki_articles``), never the calibration
 ones. Rebuild with ``python -m core.tasks build`` (``--check`` compares with the shipped files).

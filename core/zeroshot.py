@@ -113,7 +113,7 @@ def run_zeroshot(model: nn.Module, tokenizer, tasks: list[str] | tuple[str, ...]
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm"?, "acc_norm_stderr"?, "n", "chance"?}},
     "limit", "num_fewshot", "seconds", "device", "lm_eval_version"}``; ``acc``/``acc_norm`` keep
-    lm-eval's names and meaning (``acc_norm`` = log-likelihood per byte of each choice)."""
+    lm-eval's names and meaning (``acc_norm`` = log-likelihood divided by the character length of each choice)."""
     names = check_tasks(tasks)
     if limit is not None and limit < 1:
         raise ZeroShotError(f"--limit must be at least 1 item per task (got {limit}).")

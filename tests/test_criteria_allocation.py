@@ -67,13 +67,16 @@ def test_every_criterion_states_its_cost():
     assert rows["entropy"]["cost"] == "forward+backward" and rows["wanda"]["cost"] == "forward"
 
 
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
 @pytest.mark.parametrize("ratio", [0.2, 0.45])
-def test_adaptive_hits_the_target_ratio(model, ratio):
+def test_adaptive_hits_the_target_ratio(model, ratio, mode):
     scores = score(model, "entropy")
     held = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(9))
-    result = adaptive_search(model, scores, ratio, held, progress=False)
+    result = adaptive_search(model, scores, ratio, held, progress=False, mode=mode)
     total = sum(mlp_widths(model))
     assert abs(result.achieved_ratio - ratio) <= 0.005
+    # the bisection on the tolerance itself lands near the target (the exact fix-up only trims a few neurons)
+    assert abs(result.search_ratio - ratio) <= 0.02 and len(result.outer) >= 2 and result.mode == mode
     assert sum(result.widths) == round((1 - ratio) * total)
     assert all(w >= 0.05 * 64 for w in result.widths)
     assert len(result.traces) == 2 and all(t.tried for t in result.traces)

@@ -87,3 +87,21 @@ def test_global_allocation_keeps_min_fraction_and_ratio(tiny_loaded):
     assert pruned.widths[1] == 13 and sum(pruned.widths) == 128  # floor(10 %) rounded up, total exact
     z = prune_with_scores(loaded, result, 0.5, allocation="global", options=AllocationOptions(normalize="zscore"))
     assert sum(z.widths) == 128 and abs(z.widths[0] - z.widths[1]) < 40  # normalised: no layer starved
+
+
+def test_foreign_remote_code_is_not_run_without_consent(tmp_path, tiny_loaded):
+    """Only the code our exporter wrote is trusted by itself; anything else needs an explicit yes."""
+    from core.errors import ModelLoadError
+
+    loaded = tiny_loaded("qwen3")
+    out = save_pruned(nonuniform(loaded).model, loaded.tokenizer, tmp_path / "rc", {}, mode="hf-remote-code")
+    modeling = out / "modeling_hfprune.py"
+    modeling.write_text(modeling.read_text() + "\nprint('a line someone added')\n")
+    with pytest.raises(ModelLoadError, match="ships Python code of its own.*--trust-remote-code"):
+        load_model(str(out))
+    assert mlp_widths(load_model(str(out), trust_remote_code=True).model) == nonuniform(loaded).widths
+    extra = tmp_path / "rc2"
+    save_pruned(nonuniform(loaded).model, loaded.tokenizer, extra, {}, mode="hf-remote-code")
+    (extra / "helper.py").write_text("x = 1\n")  # an extra Python file is not ours either
+    with pytest.raises(ModelLoadError, match="ships Python code of its own"):
+        load_model(str(extra))

@@ -107,20 +107,43 @@ def test_gradient_free_criteria_shapes_and_values():
     assert all(torch.equal(a, b) for a, b in zip(r1, r2))
 
 
-def test_wanda_matches_definition():
-    model = make_tiny("llama")
-    windows = torch.randint(0, 49152, (2, 8))
+def _down_inputs(model, windows) -> torch.Tensor:
+    """All calibration activations a at layer 0's down_proj input: (tokens, d_ff)."""
     captured = []
     hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
     with torch.no_grad():
         model(input_ids=windows)
     hook.remove()
-    a = captured[0].reshape(-1, captured[0].shape[-1])
-    expected = model.model.layers[0].mlp.down_proj.weight.abs().mean(0) * a.norm(dim=0)
-    got = get_criterion("wanda")(model, windows, ScoreOptions(progress=False))[0]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-8)
+    return captured[0].reshape(-1, captured[0].shape[-1])
+
+
+def test_wanda_and_fluctuation_match_their_definitions():
+    model = make_tiny("llama")
+    windows = torch.randint(0, 49152, (2, 8), generator=torch.Generator().manual_seed(4))
+    a = _down_inputs(model, windows)
+    w_down = model.model.layers[0].mlp.down_proj.weight  # (hidden, d_ff)
+    wanda = get_criterion("wanda")(model, windows, ScoreOptions(batch_size=1, progress=False))[0]
+    torch.testing.assert_close(wanda, w_down.abs().mean(0) * a.norm(dim=0), rtol=1e-4, atol=1e-8)
+    fluctuation = get_criterion("fluctuation")(model, windows, ScoreOptions(batch_size=1, progress=False))[0]
+    expected = a.var(dim=0, unbiased=False) * w_down.pow(2).sum(0)  # FLAP: Var(a_j) · ‖W_down[:, j]‖²
+    torch.testing.assert_close(fluctuation, expected, rtol=1e-3, atol=1e-7)
 
 
 def test_unknown_criterion_lists_valid_names():
     with pytest.raises(HFPruneError, match="Unknown criterion 'nope'.*entropy"):
         get_criterion("nope")
+
+
+def test_hand_written_losses_match_autograd():
+    """The criteria's fused entropy / CE (one (R, V) tensor kept for backward) equal the textbook forms."""
+    from core.criteria import cross_entropy, entropy
+
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 40, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.tensor([3, -100, 39, 0, 7, -100])
+    assert torch.autograd.gradcheck(lambda x: cross_entropy(x, targets), (z,))
+    assert torch.autograd.gradcheck(entropy, (z,))
+    expected = F.cross_entropy(z, targets.clamp_min(0), reduction="none") * (targets >= 0)
+    torch.testing.assert_close(cross_entropy(z, targets), expected)
+    logp = F.log_softmax(z, -1)
+    torch.testing.assert_close(entropy(z), -(logp.exp() * logp).sum(-1))
