@@ -16,7 +16,6 @@ from torch import nn
 
 from .adapters import mlp_handles
 from .errors import HFPruneError
-from tqdm.auto import tqdm
 
 from .scoring import activation_sq_norms, taylor_scores
 
@@ -116,6 +115,39 @@ class _CrossEntropy(torch.autograd.Function):
         grad = p.clone()
         grad.scatter_add_(1, safe.unsqueeze(1), torch.full_like(safe, -1, dtype=p.dtype).unsqueeze(1))
         return grad.mul_((grad_loss * valid).unsqueeze(-1)), None
+
+
+class _EntropyCE(torch.autograd.Function):
+    """w·H(p) + (1−w)·CE per row, fused: one softmax, one (R, V) tensor kept for the backward.
+
+    d/dz = p ⊙ (w·(lse − H − z) + (1−w)) − (1−w)·onehot(y) (the CE part only where the target is valid)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
+        valid = targets >= 0
+        safe = targets.clamp_min(0)
+        lse = torch.logsumexp(logits, dim=-1)  # (R,)
+        p = torch.exp(logits - lse.unsqueeze(-1))  # (R, V)
+        h = lse - (p * logits).sum(-1)
+        ce = (lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)) * valid
+        ctx.save_for_backward(logits, p, lse - h, safe, valid)
+        ctx.weight = weight
+        return weight * h + (1.0 - weight) * ce
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, p, shift, safe, valid = ctx.saved_tensors
+        w = ctx.weight
+        ce_rows = (1.0 - w) * valid.to(p.dtype)  # (R,)
+        # w·(shift − z) + (1−w)·valid, computed into one (R, V) temporary
+        grad = (shift.unsqueeze(-1) - logits).mul_(w).add_(ce_rows.unsqueeze(-1)).mul_(p)
+        grad.scatter_add_(1, safe.unsqueeze(1), -ce_rows.unsqueeze(1))
+        return grad.mul_(grad_loss.unsqueeze(-1)), None, None
+
+
+def entropy_ce(logits: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
+    """w·entropy + (1−w)·next-token CE per row (nats): (R, V), (R,) → (R,), differentiable."""
+    return _EntropyCE.apply(logits, targets, float(weight))
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -227,21 +259,11 @@ class FisherCriterion(TaylorCriterion):
 
     def __call__(self, model, windows, options):
         self._seed, self._generator = options.seed, None
-        if self.fisher_aggregate != "sq_sum":
-            total = None
-            for _ in range(self.draws):
-                got = taylor_scores(model, windows, self, batch_size=options.batch_size,
-                                    aggregate=self.fisher_aggregate, progress=options.progress, stop=options.stop)
-                total = got if total is None else [t + g for t, g in zip(total, got)]
-            return [t / self.draws for t in total]
-        # sq_sum: per-window |Σ_t a·g| from the AMP aggregate with one window per call, then squared.
         total = None
-        steps = [(row, draw) for row in range(windows.shape[0]) for draw in range(self.draws)]
-        for row, _draw in tqdm(steps, desc="scoring (fisher)", unit="window", disable=not options.progress):
-            got = taylor_scores(model, windows[row:row + 1], self, batch_size=1, aggregate="abs_sum",
-                                progress=False, stop=options.stop)
-            squared = [g.pow(2) for g in got]
-            total = squared if total is None else [t + s for t, s in zip(total, squared)]
+        for _ in range(self.draws):
+            got = taylor_scores(model, windows, self, batch_size=options.batch_size, aggregate=self.fisher_aggregate,
+                                progress=options.progress, stop=options.stop)
+            total = got if total is None else [t + g for t, g in zip(total, got)]
         return [t / self.draws for t in total]
 
 
@@ -260,7 +282,7 @@ class EntropyCEMixCriterion(TaylorCriterion):
         return {"weight": self.weight}
 
     def token_loss(self, logits, targets, teacher):
-        return self.weight * entropy(logits) + (1.0 - self.weight) * cross_entropy(logits, targets)
+        return entropy_ce(logits, targets, self.weight)
 
 
 class MagnitudeCriterion(Criterion):

@@ -82,13 +82,13 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
                   progress: bool = True, stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
     """First-order Taylor importance of every MLP neuron.
 
-    windows: (N, T) token ids. aggregate: ``sum_abs`` = Σ_samples Σ_t |a·g| (HFPrune) or
-    ``abs_sum`` = mean_samples |Σ_t a·g| (AMP). teacher: optional frozen model whose logits
+    windows: (N, T) token ids. aggregate: ``sum_abs`` = Σ_samples Σ_t |a·g| (HFPrune),
+    ``abs_sum`` = mean_samples |Σ_t a·g| (AMP) or ``sq_sum`` = Σ_samples (Σ_t a·g)² (Fisher). teacher: optional frozen model whose logits
     (divided by ``teacher_temperature``) are passed to the criterion. Returns one fp32 (d_ff_l,)
     tensor per layer.
     """
-    if aggregate not in ("sum_abs", "abs_sum"):
-        raise ValueError(f"aggregate must be 'sum_abs' or 'abs_sum', got {aggregate!r}")
+    if aggregate not in ("sum_abs", "abs_sum", "sq_sum"):
+        raise ValueError(f"aggregate must be 'sum_abs', 'abs_sum' or 'sq_sum', got {aggregate!r}")
     handles = mlp_handles(model)
     scores = [torch.zeros(h.width, dtype=torch.float32) for h in handles]
     seq_len = windows.shape[1]
@@ -102,9 +102,12 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
                 def grad_hook(g: torch.Tensor) -> None:
                     prod = a.detach().float() * g.float()  # (B, T, d_ff)
                     if aggregate == "sum_abs":
-                        scores[layer].add_(prod.abs().sum(dim=(0, 1)).to(scores[layer].device))
-                    else:
-                        scores[layer].add_(prod.sum(dim=1).abs().sum(dim=0).to(scores[layer].device))
+                        per_batch = prod.abs().sum(dim=(0, 1))
+                    elif aggregate == "abs_sum":
+                        per_batch = prod.sum(dim=1).abs().sum(dim=0)
+                    else:  # sq_sum: (Σ_t a·g)² per window; windows of a batch do not mix in the backward
+                        per_batch = prod.sum(dim=1).pow(2).sum(dim=0)
+                    scores[layer].add_(per_batch.to(scores[layer].device))
                 a.register_hook(grad_hook)
         return pre_hook
 

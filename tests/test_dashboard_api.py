@@ -227,11 +227,18 @@ def test_bad_input_is_a_clear_message_and_keeps_runs(app, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
+    from core.errors import DataError
+
     url, services = app
     c = client(url)
     before = sorted(p.name for p in services.runs.root.iterdir())
-    with pytest.raises(AppError, match="(?i)not.*found|unknown model|offline|no such"):
+    with pytest.raises(AppError, match="not an embedded alias.*Hugging Face Hub could not provide it"):
         c.predict("no-such-org/no-such-model-xyz", *DATA, api_name="/load_model")
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as fh:  # sparse: 51 MiB on paper, nothing on disk
+        fh.truncate(51 * 2**20)
+    with pytest.raises(DataError, match="51 MiB; the limit is 50 MiB"):
+        services.data_spec("upload", str(big), 2, 32, 0)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(AppError, match="empty"):
@@ -253,3 +260,20 @@ def test_bad_input_is_a_clear_message_and_keeps_runs(app, tmp_path):
     assert set(before) <= set(after)
     assert len(after) - len(before) <= 1  # at most the new score run, never a failed prune
 
+
+
+def test_app_flags_and_environment(monkeypatch):
+    """127.0.0.1:7860 and no share link by default; flags beat GRADIO_SERVER_*; a bad port is one sentence."""
+    import app as entry
+
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    args = entry.parse_args([])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "8123")
+    assert (entry.parse_args([]).host, entry.parse_args([]).port) == ("0.0.0.0", 8123)
+    assert entry.parse_args(["--host", "127.0.0.1", "--port", "9000"]).port == 9000
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "eighty")
+    with pytest.raises(SystemExit):
+        entry.parse_args([])
