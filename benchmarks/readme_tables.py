@@ -21,6 +21,8 @@ SECTIONS = [
      "python benchmarks/fidelity_anchor.py --samples 16 --seq-len 256 --eval-windows 8"),
     ("Criteria × allocation, SmolLM2-135M", "criteria_smollm2-135m.md", None),
     ("Criteria × allocation, Gemma-3-270M", "criteria_gemma3-270m.md", None),
+    ("Gemma-3-270M, adaptive search on a 4× larger held-out slice (8 × 64)", "criteria_gemma3-270m_heldout8x64.md",
+     None),
     ("Quantization × pruning: quality", "quantize_cpu.md", None),
     ("Quantization × pruning: measured speed, memory, size (CPU)", "speed_cpu.md", None),
     ("Quantization × pruning: measured speed, memory, size (GPU, H100, bf16)", "speed_cuda.md", None),
