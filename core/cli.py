@@ -41,9 +41,10 @@ def criterion_params(args) -> dict:
     """The criterion parameters given on the command line, checked against the chosen criterion."""
     given = {"temperature": args.temperature, "alpha": args.alpha, "weight": args.weight,
              "aggregate": args.fisher_aggregate}
+    from .criteria import REGISTRY
+
     given = {k: v for k, v in given.items() if v is not None}
-    takes = {"self_distill": {"temperature", "alpha"}, "entropy+ce": {"weight"}, "fisher": {"aggregate"}}
-    extra = sorted(set(given) - takes.get(args.criterion, set()))
+    extra = sorted(set(given) - set(REGISTRY[args.criterion]().params()))
     if extra:
         flags = ", ".join("--fisher-aggregate" if k == "aggregate" else f"--{k}" for k in extra)
         raise PruneConfigError(f"{flags} does not apply to the '{args.criterion}' criterion.")

@@ -93,6 +93,16 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return _Entropy.apply(logits)
 
 
+def _softmax_ce(logits: torch.Tensor, targets: torch.Tensor):
+    """Shared forward of the fused losses: logits (R, V), targets (R,) with −100 = none →
+    (p (R, V), logsumexp (R,), CE (R,) zero where there is no target, clamped targets, valid mask)."""
+    valid = targets >= 0
+    safe = targets.clamp_min(0)
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = (lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)) * valid
+    return torch.exp(logits - lse.unsqueeze(-1)), lse, ce, safe, valid
+
+
 class _CrossEntropy(torch.autograd.Function):
     """Next-token CE per row with a hand-written backward: CE = lse − z_y, dCE/dz = p − onehot(y).
 
@@ -101,13 +111,9 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (R, V), (R,) → (R,)
-        valid = targets >= 0
-        safe = targets.clamp_min(0)
-        lse = torch.logsumexp(logits, dim=-1)  # (R,)
-        loss = (lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)) * valid
-        p = torch.exp(logits - lse.unsqueeze(-1))  # (R, V)
+        p, lse, ce, safe, valid = _softmax_ce(logits, targets)
         ctx.save_for_backward(p, safe, valid)
-        return loss
+        return ce
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -124,12 +130,8 @@ class _EntropyCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
-        valid = targets >= 0
-        safe = targets.clamp_min(0)
-        lse = torch.logsumexp(logits, dim=-1)  # (R,)
-        p = torch.exp(logits - lse.unsqueeze(-1))  # (R, V)
+        p, lse, ce, safe, valid = _softmax_ce(logits, targets)
         h = lse - (p * logits).sum(-1)
-        ce = (lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)) * valid
         ctx.save_for_backward(logits, p, lse - h, safe, valid)
         ctx.weight = weight
         return weight * h + (1.0 - weight) * ce

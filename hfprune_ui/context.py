@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from .guard import session_id
 from .services import Services
 
 MODEL_QUEUE = "model"  # one concurrency slot for every event that runs a shared model
@@ -41,8 +42,6 @@ def stop_on_click(services: Services, button: gr.Button, status: gr.components.C
                   api_name: str | None = None) -> None:
     """Wire a Stop button: cancel ``events`` and set the session's job flag, which the engine checks
     after every calibration window, so the running computation itself ends (nothing half-done is stored)."""
-    from .guard import session_id
-
     def stop(request: gr.Request = None) -> str:
         services.sessions.get(session_id(request)).stop.set()
         return "Stopping… results that were not finished are not stored."

@@ -74,7 +74,7 @@ class Session:
     def set_context(self, model_spec: str, data: DataSpec) -> None:
         """Switching model or data forgets the scores of the old context (they stay cached); switching
         model also drops the variants cut from the old one, which no longer have an original here."""
-        if (model_spec, data) != (self.model_spec, self.data):
+        if data != self.data:
             self.scores.clear()
             self.score_runs.clear()
         self.switch_model(model_spec)
