@@ -227,13 +227,17 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def _quant_state_tensors(state) -> list[torch.Tensor]:
-    if state is None:
-        return []
-    try:
-        items = state.as_dict(packed=False).values()
-    except Exception:
-        return []
-    return [value for value in items if isinstance(value, torch.Tensor)]
+    """The tensors a bitsandbytes QuantState keeps alive (absmax, code table, offset and the
+    nested state's), read from its attributes: ``as_dict`` clones the nested code table, and a
+    temporary's freed address could collide with another tensor's in the dedup by data_ptr."""
+    found: list[torch.Tensor] = []
+    while state is not None:
+        for name in ("absmax", "code", "offset"):
+            value = getattr(state, name, None)
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+        state = getattr(state, "state2", None)
+    return found
 
 
 def weight_bytes(model: nn.Module) -> int:
