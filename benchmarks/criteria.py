@@ -30,10 +30,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from core.adaptive import MaskedEvaluator, adaptive_search  # noqa: E402
 from core.allocate import global_widths, top_k_indices, uniform_widths  # noqa: E402
-from core.criteria import REGISTRY, get_criterion  # noqa: E402
+from core.criteria import REGISTRY  # noqa: E402
+from core.compensate import compensate_pruned  # noqa: E402
 from core.data import evaluation_windows  # noqa: E402
 from core.models import load_model  # noqa: E402
-from core.pipeline import AllocationOptions, adaptive_heldout, score_model  # noqa: E402
+from core.pipeline import (AllocationOptions, CompensationOptions, adaptive_heldout,  # noqa: E402
+                           compensation_grams, score_model)
 from core.prune import prune_mlp_neurons  # noqa: E402
 from core.scoring import batches  # noqa: E402
 
@@ -46,6 +48,8 @@ ALLOCATION_LABELS = {
     "global-raw": "global (raw scores, min 10%)",
     "adaptive": "adaptive (KL, held-out, independent)",
 }
+# An allocation name may end in "+lsq": the same widths and neurons, then the least-squares
+# down_proj refit of core.compensate (statistics from the dense model, computed once per run).
 
 
 @torch.no_grad()
@@ -93,11 +97,15 @@ def main(argv=None) -> int:
                         help="comma list; parameters as name:key=value;key=value")
     parser.add_argument("--allocations", default="uniform,global,adaptive",
                         help="uniform, global (global-z, global-raw), adaptive (independent per layer) and "
-                             "adaptive-seq (AMP's last-to-first with later layers already pruned)")
+                             "adaptive-seq (AMP's last-to-first with later layers already pruned); append +lsq for "
+                             "the least-squares down_proj compensation (e.g. uniform+lsq)")
     parser.add_argument("--adaptive-criteria", default="entropy,cross_entropy,fisher,entropy+ce,self_distill",
                         help="criteria that also get the (slow) adaptive allocation")
     parser.add_argument("--heldout-samples", type=int, default=4)
     parser.add_argument("--heldout-seq-len", type=int, default=64)
+    parser.add_argument("--compensate-samples", type=int, default=128, help="+lsq: calibration windows")
+    parser.add_argument("--compensate-seq-len", type=int, default=128, help="+lsq: tokens per window")
+    parser.add_argument("--compensate-damping", type=float, default=0.1, help="+lsq: ridge damping")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="keep finished rows of an earlier run")
@@ -124,10 +132,15 @@ def main(argv=None) -> int:
     setup = {"model": args.model, "calibration": f"wiki calibration split, N={args.samples} x L={args.seq_len} "
              f"(seed {args.seed})", "evaluation": f"wiki evaluation articles, {args.eval_windows} x {args.eval_seq_len}",
              "adaptive_heldout": f"{args.heldout_samples} x {args.heldout_seq_len} calibration-split windows disjoint "
-             f"from the scoring windows", "ratios": ratios, "command": command, "threads": torch.get_num_threads()}
+             f"from the scoring windows", "compensation": f"+lsq: least-squares down_proj refit on "
+             f"{args.compensate_samples} x {args.compensate_seq_len} calibration windows, damping "
+             f"{args.compensate_damping}", "ratios": ratios, "command": command, "threads": torch.get_num_threads()}
     rows: list[dict] = []
     if args.resume and json_path.exists():
-        rows = json.loads(json_path.read_text()).get("rows", [])
+        earlier_run = json.loads(json_path.read_text())
+        rows = earlier_run.get("rows", [])
+        if "compensation_statistics_s" in earlier_run.get("setup", {}):
+            setup["compensation_statistics_s"] = earlier_run["setup"]["compensation_statistics_s"]
     done = {(r["criterion"], r["allocation"], r["ratio"]) for r in rows}
 
     def save():
@@ -140,6 +153,9 @@ def main(argv=None) -> int:
         rows.append({"criterion": "dense", "allocation": "-", "ratio": 0.0, **fidelity(model, eval_windows, ref,
                      args.batch_size), "score_s": 0.0, "alloc_s": 0.0, "cost": "-", "achieved_ratio": 0.0})
         save()
+    grams = None
+    compensation = CompensationOptions("lsq", args.compensate_samples, args.compensate_seq_len,
+                                       args.compensate_damping).check()
     for label, name, params in criteria:
         todo = [(a, r) for a in allocations for r in ratios if (label, a, r) not in done
                 and (not a.startswith("adaptive") or label in adaptive_set or name in adaptive_set)]
@@ -151,10 +167,19 @@ def main(argv=None) -> int:
         scores = result.scores
         full = [s.numel() for s in scores]
         evaluator = None
-        for allocation, ratio in todo:
+        for allocation_spec, ratio in todo:
+            allocation, _, compensate = allocation_spec.partition("+")
+            if compensate not in ("", "lsq"):
+                raise SystemExit(f"unknown compensation '+{compensate}' in {allocation_spec}")
             start = time.perf_counter()
             extra = {}
-            if allocation == "uniform":
+            earlier = next((r for r in rows if (r["criterion"], r["allocation"], r["ratio"]) == (label, allocation, ratio)
+                            and "widths" in r), None)
+            if compensate and earlier is not None:  # the same widths as the plain row: no second search
+                widths, extra = earlier["widths"], {k: earlier[k] for k in ("tolerance", "evaluations",
+                                                                              "search_ratio") if k in earlier}
+                start -= earlier["alloc_s"]
+            elif allocation == "uniform":
                 widths = uniform_widths(full, ratio)
             elif allocation.startswith("global"):
                 norm = {"global": "mean", "global-z": "zscore", "global-raw": "none"}[allocation]
@@ -172,15 +197,26 @@ def main(argv=None) -> int:
             else:
                 raise SystemExit(f"unknown allocation {allocation}")
             alloc_s = time.perf_counter() - start
-            pruned = prune_mlp_neurons(model, top_k_indices(scores, widths))
+            kept = top_k_indices(scores, widths)
+            pruned = prune_mlp_neurons(model, kept)
+            if compensate:
+                if grams is None:
+                    t0 = time.perf_counter()
+                    grams = compensation_grams(loaded, compensation, seed=args.seed, batch_size=args.batch_size,
+                                               progress=False)
+                    setup["compensation_statistics_s"] = round(time.perf_counter() - t0, 1)
+                    print(f"[bench] compensation statistics in {setup['compensation_statistics_s']} s", flush=True)
+                t0 = time.perf_counter()
+                compensate_pruned(pruned, model, kept, grams, compensation.damping)
+                extra["compensate_s"] = round(time.perf_counter() - t0, 2)
             metrics = fidelity(pruned, eval_windows, ref, args.batch_size)
             del pruned
-            row = {"criterion": label, "allocation": allocation, "ratio": ratio, **metrics,
+            row = {"criterion": label, "allocation": allocation_spec, "ratio": ratio, **metrics,
                    "score_s": round(result.seconds, 2), "alloc_s": round(alloc_s, 2), "cost": result.config["cost"],
                    "achieved_ratio": 1.0 - sum(widths) / sum(full), "widths": widths, **extra}
             rows.append(row)
             save()
-            print(f"[bench] {label:>14} {allocation:>10} r={ratio:.1f} kl={metrics['kl']:.4f} "
+            print(f"[bench] {label:>14} {allocation_spec:>10} r={ratio:.1f} kl={metrics['kl']:.4f} "
                   f"ppl={metrics['perplexity']:.2f} top1={metrics['top1']:.3f} alloc={alloc_s:.1f}s", flush=True)
     save()
     print(md_path.read_text())
@@ -191,6 +227,8 @@ def render(setup: dict, rows: list[dict], ratios: list[float]) -> str:
     lines = [f"## Criteria x allocation on `{setup['model']}`", "",
              f"- calibration: {setup['calibration']}", f"- evaluation: {setup['evaluation']}",
              f"- adaptive held-out slice: {setup['adaptive_heldout']}",
+             *([f"- compensation: {setup['compensation']} (statistics {setup['compensation_statistics_s']} s, once "
+                f"per run)"] if "compensation_statistics_s" in setup else []),
              f"- command: `{setup['command']}` ({setup['threads']} CPU threads)", ""]
     dense = next((r for r in rows if r["criterion"] == "dense"), None)
     if dense:

@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     prune.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (8/64/128)")
     _allocation_options(prune)
+    prune.add_argument("--compensate", choices=("none", "lsq"), default="none",
+                       help="lsq: refit each down_proj by least squares so the MLP output on calibration text "
+                            "stays close to the dense one (forward passes only)")
+    prune.add_argument("--compensate-samples", type=int, default=128,
+                       help="lsq: calibration windows for the statistics (default 128)")
+    prune.add_argument("--compensate-seq-len", type=int, default=128, help="lsq: tokens per window (default 128)")
+    prune.add_argument("--compensate-damping", type=float, default=0.1,
+                       help="lsq: ridge damping, a fraction of the mean kept-neuron activation energy (default 0.1)")
     prune.add_argument("--export", default=None, choices=EXPORT_MODES,
                        help="hf-native (uniform widths; default for uniform), hf-remote-code (default otherwise), hf-padded")
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -145,9 +153,11 @@ def _cmd_prune(args) -> dict:
     from .bench import count_params
     from .export import check_output_dir, save_pruned
     from .models import load_model
-    from .pipeline import ScoreResult, plan_widths, prune_with_scores, score_model
+    from .pipeline import CompensationOptions, ScoreResult, plan_widths, prune_with_scores, score_model
 
     check_ratio(args.ratio)
+    compensation = CompensationOptions(args.compensate, args.compensate_samples, args.compensate_seq_len,
+                                       args.compensate_damping).check()
     check_output_dir(args.out)
     params = criterion_params(args)
     options = allocation_options(args)
@@ -158,6 +168,11 @@ def _cmd_prune(args) -> dict:
     loaded = load_model(args.model)
     if args.allocation == "uniform":  # fail on a layer-emptying ratio before spending time on scoring
         plan_widths(loaded.model, args.ratio, args.allocation, args.round_to)
+    if compensation.method != "none":  # fail on too little calibration text before spending time on scoring
+        from .data import calibration_windows
+
+        calibration_windows(loaded.tokenizer, args.source, compensation.samples, compensation.seq_len, args.seed,
+                            max_length=loaded.max_length)
     if args.scores:
         result = ScoreResult.load(args.scores)
     else:
@@ -165,11 +180,11 @@ def _cmd_prune(args) -> dict:
                              seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                              criterion_params=params)
     pruned = prune_with_scores(loaded, result, args.ratio, allocation=args.allocation, round_to=args.round_to,
-                               options=options, progress=not args.quiet)
+                               options=options, progress=not args.quiet, compensation=compensation)
     target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export)
     before, after = count_params(loaded.model), count_params(pruned.model)
     return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
-            "allocation": args.allocation, "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
+            "allocation": args.allocation, "compensation": args.compensate, "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
             "criterion_params": result.config.get("criterion_params", {}),
             "intermediate_sizes": pruned.widths, "params_before": before["params"], "params_after": after["params"],
             "scoring_seconds": round(result.seconds, 2)}

@@ -317,11 +317,13 @@ def per_token_kl_text(reference: nn.Module, model: nn.Module, tokenizer, text: s
     return TokenKL(tokens, values, float(kl.mean()), float(kl.max()))
 
 
-def pruned_view(model: nn.Module, kept: list[torch.Tensor]) -> nn.Module:
+def pruned_view(model: nn.Module, kept: list[torch.Tensor], weights_from: nn.Module | None = None) -> nn.Module:
     """A pruned copy that shares every non-MLP tensor (embeddings, attention, norms) with ``model``.
 
     Only the sliced MLP weights are new memory, so several variants of one base model stay cheap.
-    The result is meant for inference and export; training it would also change the original.
+    ``weights_from``: a pruned model of the same widths whose MLP weights (e.g. a least-squares
+    refit) replace the plain slices. Meant for inference and export; training it would also change
+    the original.
     """
     from .prune import prune_mlp_neurons
 
@@ -337,4 +339,10 @@ def pruned_view(model: nn.Module, kept: list[torch.Tensor]) -> nn.Module:
     for b in model.buffers():
         memo[id(b)] = b
     clone = copy.deepcopy(model, memo)
-    return prune_mlp_neurons(clone, kept, inplace=True)
+    view = prune_mlp_neurons(clone, kept, inplace=True)
+    if weights_from is not None:
+        with torch.no_grad():
+            for mine, theirs in zip(mlp_handles(view), mlp_handles(weights_from)):
+                for name in ("gate", "up", "down"):
+                    getattr(mine, name).weight.copy_(getattr(theirs, name).weight)
+    return view

@@ -154,6 +154,63 @@ class WidthPlan:
         return out
 
 
+@dataclass
+class CompensationOptions:
+    """Least-squares refit of down_proj after pruning (see :mod:`core.compensate`). The statistics
+    come from ``samples`` × ``seq_len`` windows of the scoring source's calibration split (forward
+    passes of the dense model only)."""
+
+    method: str = "none"  # "none" or "lsq"
+    samples: int = 128
+    seq_len: int = 128
+    damping: float = 0.1  # λ = damping · mean diag(G_KK)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def check(self) -> "CompensationOptions":
+        from .compensate import COMPENSATIONS, check_damping
+
+        if self.method not in COMPENSATIONS:
+            raise PruneConfigError(f"Unknown compensation '{self.method}'; available: {', '.join(COMPENSATIONS)}.")
+        if self.method != "none":
+            check_damping(self.damping)
+            if self.samples < 1 or self.seq_len < 2:
+                raise PruneConfigError("Compensation needs at least 1 window of at least 2 tokens.")
+        return self
+
+
+def compensation_grams(loaded: LoadedModel, options: CompensationOptions, *, source: str = "wiki", seed: int = 0,
+                       batch_size: int = 4, progress: bool = True,
+                       stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
+    """Per-layer Gram matrices of the dense model's down_proj inputs on ``options.samples`` calibration
+    windows of ``source`` (never its evaluation split)."""
+    from .compensate import activation_grams
+
+    windows = calibration_windows(loaded.tokenizer, source, options.samples, options.seq_len, seed,
+                                  max_length=loaded.max_length)
+    grams, _tokens = activation_grams(loaded.model, windows, batch_size=batch_size, progress=progress, stop=stop)
+    return grams
+
+
+def apply_compensation(loaded: LoadedModel, pruned: nn.Module, kept: list[torch.Tensor], meta: dict, *,
+                       progress: bool = True, stop: Callable[[], bool] | None = None) -> nn.Module:
+    """Redo the least-squares refit a prune recorded in its ``meta`` (deterministic: same source,
+    seed, windows and damping), e.g. when a stored run is rebuilt from its kept indices. In place."""
+    from .compensate import compensate_pruned
+
+    recorded = dict(meta.get("compensation") or {})
+    if recorded.get("method", "none") == "none":
+        return pruned
+    options = CompensationOptions(**recorded).check()
+    calibration = meta.get("calibration") or {}
+    grams = compensation_grams(loaded, options, source=calibration.get("source") or "wiki",
+                               seed=int(calibration.get("seed") or 0), progress=progress, stop=stop)
+    return compensate_pruned(pruned, loaded.model, kept, grams, options.damping)
+
+
 def adaptive_heldout(loaded: LoadedModel, result: "ScoreResult | None", options: AllocationOptions) -> torch.Tensor:
     """Held-out windows for the adaptive search: the calibration split of the scoring source, disjoint
     from the windows the scores were computed on (never the evaluation split)."""
@@ -199,13 +256,16 @@ def preview_widths(loaded: LoadedModel, ratio: float, allocation: str = "uniform
 def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *, allocation: str = "uniform",
                       round_to: int = 1, options: AllocationOptions | None = None,
                       plan: WidthPlan | None = None, progress: bool = True,
-                      stop: Callable[[], bool] | None = None) -> PruneResult:
+                      stop: Callable[[], bool] | None = None,
+                      compensation: CompensationOptions | None = None) -> PruneResult:
     """Keep the top-scoring neurons of each layer at the widths the allocation gives; returns a new
-    (copied) smaller model. Pass ``plan`` (from :func:`preview_widths`) to reuse an adaptive search."""
+    (copied) smaller model. Pass ``plan`` (from :func:`preview_widths`) to reuse an adaptive search;
+    ``compensation=CompensationOptions("lsq")`` refits every down_proj by least squares afterwards."""
     widths_before = mlp_widths(loaded.model)
     if [s.numel() for s in result.scores] != widths_before:
         raise PruneConfigError("These scores were computed for a model with different MLP widths.")
     options = options or AllocationOptions()
+    compensation = (compensation or CompensationOptions()).check()
     if plan is None or plan.allocation != allocation or plan.ratio != check_ratio(ratio) or plan.full_widths != widths_before:
         plan = preview_widths(loaded, ratio, allocation, scores=result, round_to=round_to, options=options,
                               progress=progress, stop=stop)
@@ -224,6 +284,7 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
         "intermediate_sizes": widths,
         "kept_indices": [k.tolist() for k in kept],
         "calibration": {k: result.config.get(k) for k in ("source", "samples", "seq_len", "seed")},
+        "compensation": compensation.to_dict() if compensation.method != "none" else {"method": "none"},
         "tool_version": __version__,
     }
     if allocation != "uniform":
@@ -235,4 +296,5 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
                             "heldout_tokens": a.heldout_tokens,
                             "trace": [{"layer": t.layer, "tried": t.tried, "chosen": t.chosen, "width": t.width}
                                       for t in a.traces]}
+    apply_compensation(loaded, model, kept, meta, progress=progress, stop=stop)
     return PruneResult(model, widths, kept, meta)

@@ -176,13 +176,23 @@ def activation_sq_norms(model: nn.Module, windows: torch.Tensor, *, batch_size: 
             total[layer].add_(a.sum(0).cpu())
         return pre_hook
 
-    registered = [h.down.register_forward_pre_hook(make_pre_hook(h.index)) for h in handles]
+    forward_with_down_hooks(model, windows, make_pre_hook, desc="activation statistics", batch_size=batch_size,
+                            progress=progress, stop=stop)
+    return sq, total, int(windows.numel())
+
+
+@torch.no_grad()
+def forward_with_down_hooks(model: nn.Module, windows: torch.Tensor, make_pre_hook: Callable[[int], Callable], *,
+                            desc: str, batch_size: int = 4, progress: bool = True,
+                            stop: Callable[[], bool] | None = None) -> None:
+    """Run the decoder stack over (N, T) windows with ``make_pre_hook(layer)`` as a forward pre-hook
+    on every down_proj (it sees the (B, T, d_ff) activations); checks ``stop`` before each batch."""
+    registered = [h.down.register_forward_pre_hook(make_pre_hook(h.index)) for h in mlp_handles(model)]
     device = next(model.parameters()).device
-    bar = tqdm(total=int(windows.shape[0]), desc="activations", unit="window", disable=not progress)
+    bar = tqdm(total=int(windows.shape[0]), desc=desc, unit="window", disable=not progress)
     with hooks(registered), bar:
         for batch in batches(windows, batch_size):
             if stop is not None and stop():
-                raise InterruptedError("Scoring was stopped.")
+                raise InterruptedError(f"Stopped while computing {desc}.")
             base_forward(model, batch.to(device))
             bar.update(batch.shape[0])
-    return sq, total, int(windows.numel())

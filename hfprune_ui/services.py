@@ -124,21 +124,28 @@ class Services:
         return list(pipeline.plan_widths(loaded.model, float(ratio), allocation, int(round_to), scores))
 
     def prune(self, session: Session, criterion: str, ratio: float, allocation: str, round_to: int,
-              name: str, stop: Callable[[], bool] | None = None) -> tuple[Variant, str | None]:
-        """Prune the session's model with its scores for ``criterion``; store the run and the variant."""
+              name: str, stop: Callable[[], bool] | None = None,
+              compensate_windows: int = 0) -> tuple[Variant, str | None]:
+        """Prune the session's model with its scores for ``criterion``; store the run and the variant.
+        ``compensate_windows`` > 0 refits every down_proj by least squares on that many calibration
+        windows (of the session's data source and window length)."""
         if not session.model_spec or criterion not in session.scores:
             raise PruneConfigError(f"Score the model with '{criterion}' first (Importance tab).")
         name = (name or "").strip() or f"{criterion}-{round(100 * float(ratio))}%"
         if name == "original":
             raise PruneConfigError("'original' names the unpruned model; choose another variant name.")
         loaded = self.model(session.model_spec)
+        scores = session.scores[criterion]
+        compensation = pipeline.CompensationOptions(
+            "lsq" if compensate_windows > 0 else "none", samples=int(compensate_windows) or 1,
+            seq_len=int(scores.config.get("seq_len") or 128))
         with self.model_lock:
-            result = pipeline.prune_with_scores(loaded, session.scores[criterion], float(ratio),
-                                                allocation=allocation, round_to=int(round_to), stop=stop)
-            model = pruned_view(loaded.model, result.kept)  # share non-MLP tensors with the base
+            result = pipeline.prune_with_scores(loaded, scores, float(ratio), allocation=allocation,
+                                                round_to=int(round_to), stop=stop, compensation=compensation)
+            model = pruned_view(loaded.model, result.kept, weights_from=result.model)  # shares non-MLP tensors
             del result.model
         config = {"model": session.model_spec, "name": name, "criterion": criterion, "ratio": float(ratio),
-                  "allocation": allocation, "round_to": int(round_to), "scores_run": session.score_runs.get(criterion),
+                  "allocation": allocation, "round_to": int(round_to), "compensation": compensation.to_dict(), "scores_run": session.score_runs.get(criterion),
                   "session": session.session_id, **(session.data.match() if session.data else {})}
         run = self.runs.create("prune", config, results={"widths": result.widths, "meta": result.meta},
                                kept=result.kept)
@@ -285,7 +292,9 @@ class Services:
         if run.kind == "prune":
             loaded = self.model(model_spec)
             with self.model_lock:
-                model = pruned_view(loaded.model, run.kept())
+                kept = run.kept()
+                model = pruned_view(loaded.model, kept)
+                pipeline.apply_compensation(loaded, model, kept, run.results.get("meta", {}))
             session.switch_model(model_spec)
             name = config.get("name") or run_id
             variant = Variant(name, model_spec, model, list(run.results.get("widths", [])),

@@ -30,6 +30,12 @@ PRUNE = (
     "compare it or export it."
 )
 
+COMPENSATION = (
+    "Cutting neurons loses what they added to the layer's output. The kept neurons often move together with the "
+    "cut ones, so their outgoing weights can be re-solved (a small least-squares fit on calibration text) to put "
+    "most of that lost output back. Same size, same speed, usually much closer to the original."
+)
+
 COMPARE = (
     "A pruned model can keep the same favourite word while its confidence in every other candidate drifts, so the "
     "bars put the full next-token menus of the original and each variant side by side. The coloured text marks, "

@@ -10,8 +10,22 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m core <args> --quiet`` in a fresh offline process from the repository root."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "core", *args, "--quiet"], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 VOCAB = 49152

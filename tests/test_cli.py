@@ -1,22 +1,10 @@
 """The CLI contract: score / prune / eval on a local model folder; bad input exits non-zero, writes nothing."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "core", *args, "--quiet"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+from conftest import run_cli as cli
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,15 @@
 """The extra criteria (self_distill, fisher, entropy+ce, fluctuation) and the adaptive allocation."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, run_cli
 from core.adaptive import adaptive_search
 from core.adapters import mlp_widths
 from core.criteria import REGISTRY, ScoreOptions, describe, get_criterion
 from core.errors import HFPruneError, PruneConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 WINDOWS = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(3))
 
 
@@ -92,12 +87,7 @@ def test_cli_prune_global_remote_code_then_eval(tmp_path, real_tokenizer):
     folder = tmp_path / "tiny"
     make_tiny("qwen3", intermediate_size=64).save_pretrained(folder)
     real_tokenizer.save_pretrained(folder)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "core", *args, "--quiet"], capture_output=True, text=True,
-                              cwd=ROOT, env=env, timeout=300)
-
+    cli = run_cli
     out = tmp_path / "g"
     done = cli("prune", "--model", str(folder), "--criterion", "cross_entropy", "--ratio", "0.5", "--allocation",
                "global", "--round-to", "8", "--samples", "2", "--seq-len", "16", "--out", str(out))

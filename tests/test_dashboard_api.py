@@ -79,7 +79,7 @@ def test_score_prune_compare_end_to_end(app):
     assert "134.52 M → 110.62 M" in preview_text
     assert plot(widths)["data"][1]["y"] == [1075] * 30
 
-    status, variants, _, trace = c.predict("entropy", 0.3, "uniform", "1", "ent30", MODEL, *DATA, *CRIT, api_name="/prune")
+    status, variants, _, trace = c.predict("entropy", 0.3, "uniform", "1", False, 64, "ent30", MODEL, *DATA, *CRIT, api_name="/prune")
     assert "ent30" in status and "1075–1075" in status
     assert plot(trace)["data"] == []  # the trace plot only fills for the adaptive allocation
     run_id = status.split("run `")[1].split("`")[0]
@@ -148,7 +148,7 @@ def test_sessions_do_not_see_each_other(app):
     seen = {name: {t["name"].split(" · ")[0] for t in plot(c.predict(["0"], [], True, None, api_name="/redraw")[0])["data"]}
             for name, c in (("alice", alice), ("bob", bob))}
     assert seen == {"alice": {"entropy"}, "bob": {"wanda"}}
-    alice.predict("entropy", 0.2, "uniform", "1", "alice-only", MODEL, "wiki", None, 3, 32, 0, *CRIT,
+    alice.predict("entropy", 0.2, "uniform", "1", False, 64, "alice-only", MODEL, "wiki", None, 3, 32, 0, *CRIT,
                   api_name="/prune")
     with pytest.raises(AppError, match="No variant named 'alice-only'"):
         bob.predict(["alice-only"], "Hello", 3, api_name="/menu")
@@ -195,7 +195,7 @@ def test_runs_reload_after_restart_export_and_delete(app, tmp_path):
     url, services = app
     c = client(url)
     c.predict(["entropy"], MODEL, *DATA, *CRIT, [], [], True, None, api_name="/score")
-    c.predict("entropy", 0.25, "uniform", "1", "keep25", MODEL, *DATA, *CRIT, api_name="/prune")
+    c.predict("entropy", 0.25, "uniform", "1", True, 4, "keep25", MODEL, *DATA, *CRIT, api_name="/prune")
     run_id = next(r.run_id for r in services.runs.list("prune") if r.config.get("name") == "keep25")
     # a "restarted" app: new caches and sessions over the same run store
     fresh = Services(runs_root=services.runs.root)
@@ -204,6 +204,11 @@ def test_runs_reload_after_restart_export_and_delete(app, tmp_path):
     assert "keep25" in fresh.load_run(session, run_id)
     variant = session.variants["keep25"]
     assert variant.widths == [1152] * 30
+    # the least-squares refit was redone on reload (the run stores kept indices, not weights)
+    assert variant.meta["compensation"]["method"] == "lsq" and variant.meta["compensation"]["samples"] == 4
+    kept0 = torch.tensor(variant.meta["kept_indices"][0])
+    dense_down = services.models.get(MODEL).model.model.layers[0].mlp.down_proj.weight
+    assert not torch.allclose(variant.model.model.layers[0].mlp.down_proj.weight, dense_down[:, kept0])
     # download as .zip: the archive holds a folder that reloads with plain from_pretrained
     archive, note = c.predict("keep25", "hf-native", api_name="/export_zip")
     assert "keep25" in note
@@ -253,7 +258,7 @@ def test_bad_input_is_a_clear_message_and_keeps_runs(app, tmp_path):
         c.predict(MODEL, "upload", None, 2, 32, 0, api_name="/load_model")
     c.predict(["entropy"], MODEL, *DATA, *CRIT, [], [], True, None, api_name="/score")
     with pytest.raises(AppError, match="greater than maximum value 0.95"):
-        c.predict("entropy", 1.0, "uniform", "128", "too-far", MODEL, *DATA, *CRIT, api_name="/prune")
+        c.predict("entropy", 1.0, "uniform", "128", False, 64, "too-far", MODEL, *DATA, *CRIT, api_name="/prune")
     with pytest.raises(AppError, match="Not scored yet: wanda"):
         c.predict(["entropy", "wanda"], "0.2", "uniform", "1", 2, 32, "kl_to_dense", api_name="/sweep")
     with pytest.raises(AppError, match="Ratios must be numbers"):
@@ -261,7 +266,7 @@ def test_bad_input_is_a_clear_message_and_keeps_runs(app, tmp_path):
     with pytest.raises(AppError, match=r"\[0, 1\)|between 0 and 1|0 ≤"):
         c.predict(["entropy"], "1.5", "uniform", "1", 2, 32, "kl_to_dense", api_name="/sweep")
     with pytest.raises(AppError, match="'original' names the unpruned model"):
-        c.predict("entropy", 0.2, "uniform", "1", "original", MODEL, *DATA, *CRIT, api_name="/prune")
+        c.predict("entropy", 0.2, "uniform", "1", False, 64, "original", MODEL, *DATA, *CRIT, api_name="/prune")
     after = sorted(p.name for p in services.runs.root.iterdir())
     assert set(before) <= set(after)
     assert len(after) - len(before) <= 1  # at most the new score run, never a failed prune

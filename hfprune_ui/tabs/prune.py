@@ -60,7 +60,8 @@ def make_preview(services: Services):
 
 def make_prune(services: Services):
     @user_errors
-    def prune(criterion: str, ratio: float, allocation: str, round_to: str | int, name: str, model: str, source: str,
+    def prune(criterion: str, ratio: float, allocation: str, round_to: str | int, compensate: bool,
+              compensate_windows: float, name: str, model: str, source: str,
               upload: str | None, samples: float, seq_len: float, seed: float, temperature: float, alpha: float,
               weight: float, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         """Score if needed (cached), prune into a new variant, store the run."""
@@ -72,10 +73,14 @@ def make_prune(services: Services):
         services.score(session, spec, data, criterion, stop=job.is_set,
                        params=criterion_params(temperature, alpha, weight))
         progress(0.6, desc="pruning")
-        variant, evicted = services.prune(session, criterion, ratio, allocation, int(round_to), name, stop=job.is_set)
+        variant, evicted = services.prune(session, criterion, ratio, allocation, int(round_to), name, stop=job.is_set,
+                                          compensate_windows=int(compensate_windows) if compensate else 0)
         note = f" The oldest variant '{evicted}' was dropped from memory (its run stays on disk)." if evicted else ""
+        refit = (" Every down_proj was refitted by least squares on "
+                 f"{variant.meta['compensation']['samples']} calibration windows."
+                 if variant.meta.get("compensation", {}).get("method") == "lsq" else "")
         status = (f"Pruned **{variant.name}**: MLP widths {min(variant.widths)}–{max(variant.widths)}, "
-                  f"stored as run `{variant.run_id}`.{note}")
+                  f"stored as run `{variant.run_id}`.{refit}{note}")
         names = list(session.variants)
         trace = variant.meta.get("adaptive", {}).get("trace")
         figure = (figures.adaptive_trace(trace, trace_layers(len(trace))) if trace else
@@ -162,6 +167,11 @@ def build(ctx: Ctx) -> None:
             ratio = gr.Slider(0.0, 0.95, value=0.2, step=0.01, label="Ratio of MLP neurons removed", elem_id="ratio")
             allocation = gr.Dropdown(allocations(), value=allocations()[0], label="Allocation")
             round_to = gr.Dropdown(["1", "8", "64", "128"], value="1", label="Round widths to a multiple of")
+        with gr.Row():
+            compensate = gr.Checkbox(False, label="Least-squares compensation (refit down_proj after pruning)",
+                                     info=texts.COMPENSATION, elem_id="compensate")
+            compensate_windows = gr.Slider(4, 256, value=64, step=4, label="Compensation windows (× the data tab's "
+                                           "tokens per window; forward passes only)")
         preview_text = gr.Markdown("", elem_id="prune-preview")
         preview_plot = gr.Plot(label="Kept width per layer", elem_id="widths-plot")
         with gr.Row():
@@ -206,7 +216,8 @@ def build(ctx: Ctx) -> None:
     sweep_event = sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to, sweep_windows,
                                               sweep_len, sweep_metric], [sweep_frame, sweep_plot], api_name="sweep",
                        **model_events())
-    prune_event = prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, name,
+    prune_event = prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, compensate,
+                                                            compensate_windows, name,
                                                             *ctx.data_inputs, *ctx.criterion_inputs],
                                      [status, variants, export_variant, trace_plot], api_name="prune", **model_events())
     stop_on_click(services, stop_button, status, [prune_event, sweep_event])
