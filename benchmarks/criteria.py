@@ -259,7 +259,7 @@ def render(setup: dict, rows: list[dict], ratios: list[float]) -> str:
             else:
                 cells.append(f"{r['kl']:.4f}")
                 wins = False
-        some = next(r for r in rows if (r["criterion"], r["allocation"]) == (crit, alloc))
+        some = next(r for r in rows if r["criterion"] == crit)  # the criterion's first (plain) scoring run
         lines.append(f"| {crit} | {alloc} | {some['cost']} | " + " | ".join(cells) + f" | {some['score_s']:.1f} |")
         if wins and base:
             winners.append(f"{crit} + {alloc}")
