@@ -35,3 +35,14 @@ def forward_flops_per_token(model: nn.Module, seq_len: int, widths: list[int] | 
     attn_scores = 2 * heads * head_dim * seq_len
     per_layer = [2 * (attn_proj + 3 * hidden * w) + attn_scores for w in widths]
     return int(sum(per_layer) + 2 * hidden * config.vocab_size)
+
+
+def pareto_front(sizes: "list[float]", quality: "list[float]", lower_is_better: bool = True) -> list[int]:
+    """Indices of the Pareto-optimal variants — none other is both smaller (size, any unit) and
+    better in quality — ordered by size."""
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], quality[i] if lower_is_better else -quality[i]))
+    front: list[int] = []
+    for i in order:
+        if not front or (quality[i] < quality[front[-1]] if lower_is_better else quality[i] > quality[front[-1]]):
+            front.append(i)
+    return front

@@ -242,3 +242,12 @@ def pick_device(name: str = "auto") -> torch.device:
     if not (name == "cpu" or name.startswith("cuda")):
         raise SpeedError(f"Unknown device '{name}'; use auto, cpu or cuda.")
     return torch.device(name)
+
+
+def add_measured_speedups(rows: list[dict]) -> list[dict]:
+    """Set ``measured_speedup`` = first row's prefill ms / each row's (rows from :class:`SpeedResult`
+    ``to_dict()``; the first row is the baseline). Returns the same rows."""
+    base = rows[0]["prefill_ms"] if rows else None
+    for row in rows:
+        row["measured_speedup"] = base / row["prefill_ms"] if base and row["prefill_ms"] else None
+    return rows

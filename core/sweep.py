@@ -14,9 +14,10 @@ from .compare import pruned_view
 from .errors import PruneConfigError
 from .evaluate import evaluate
 from .models import LoadedModel
-from .pipeline import ScoreResult, plan_widths
+from .pipeline import CompensationOptions, ScoreResult, compensation_grams, plan_widths
 
-SWEEP_ALLOCATIONS = ("uniform", "global")  # adaptive runs a search per cell: use benchmarks/criteria.py
+# adaptive runs a search per cell: use benchmarks/criteria.py. "+lsq": least-squares compensation.
+SWEEP_ALLOCATIONS = ("uniform", "global", "uniform+lsq", "global+lsq")
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -33,22 +34,38 @@ def parse_ratios(text: str) -> list[float]:
 
 def fidelity_sweep(loaded: LoadedModel, results: dict[str, ScoreResult], ratios: list[float], windows: torch.Tensor,
                    *, allocation: str = "uniform", round_to: int = 1, progress: bool = False,
-                   stop: Callable[[], bool] | None = None) -> Iterator[dict]:
+                   stop: Callable[[], bool] | None = None,
+                   compensation: CompensationOptions | None = None) -> Iterator[dict]:
     """Yield one row per (criterion, ratio): perplexity, KL to dense, top-1 agreement, kept params.
 
-    windows (K, T): held-out evaluation token ids. The pruned copies share non-MLP tensors with the
-    dense model and are dropped after each row, so memory stays at one extra MLP stack."""
+    windows (K, T): held-out evaluation token ids. An allocation ending in ``+lsq`` refits every
+    pruned down_proj (``compensation`` gives windows and damping; the statistics are computed once,
+    on the calibration source of the first criterion's scores). The pruned copies share non-MLP
+    tensors with the dense model and are dropped after each row, so memory stays at one extra MLP stack."""
     if allocation not in SWEEP_ALLOCATIONS:
         raise PruneConfigError(f"The sweep supports {' and '.join(SWEEP_ALLOCATIONS)} allocations; "
                                f"run benchmarks/criteria.py for '{allocation}'.")
     if not results:
         raise PruneConfigError("Score at least one criterion before running the sweep.")
+    from .compensate import compensate_pruned
+
+    base_allocation, _, compensate = allocation.partition("+")
+    options = (compensation or CompensationOptions()).check() if compensate else None
+    if options is not None and options.method != "lsq":
+        options = CompensationOptions("lsq", options.samples, options.seq_len, options.damping)
+    grams = None
     for name, result in results.items():
         for ratio in ratios:
             if stop is not None and stop():
                 raise InterruptedError("The sweep was stopped.")
-            widths = plan_widths(loaded.model, ratio, allocation, round_to, result.scores)
-            variant = pruned_view(loaded.model, top_k_indices(result.scores, widths))
+            widths = plan_widths(loaded.model, ratio, base_allocation, round_to, result.scores)
+            kept = top_k_indices(result.scores, widths)
+            variant = pruned_view(loaded.model, kept)
+            if options is not None:
+                if grams is None:
+                    grams = compensation_grams(loaded, options, source=result.config.get("source") or "wiki",
+                                               seed=int(result.config.get("seed") or 0), progress=progress, stop=stop)
+                compensate_pruned(variant, loaded.model, kept, grams, options.damping)
             metrics = evaluate(variant, windows, loaded.model, progress=progress, stop=stop)
             yield {"criterion": name, "ratio": ratio, "allocation": allocation, "perplexity": metrics.perplexity,
                    "kl_to_dense": metrics.kl_to_reference, "top1_agreement": metrics.top1_agreement,

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 
+from core.bench import pareto_front
+
 PALETTE = ("#1f6feb", "#d9480f", "#2b8a3e", "#862e9c", "#e67700", "#0b7285", "#c2255c", "#5c940d")
 LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=50, b=45), height=360,
               legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
@@ -154,12 +156,7 @@ def pareto(names: Sequence[str], size_mb: Sequence[float], quality: Sequence[flo
            lower_is_better: bool = True) -> go.Figure:
     """Size vs quality, one marker per variant; the Pareto-optimal ones (nothing both smaller and
     better) are joined by a line."""
-    points = sorted(zip(size_mb, quality, names))
-    front, best = [], None
-    for size, value, name in points:
-        if best is None or (value < best if lower_is_better else value > best):
-            front.append((size, value))
-            best = value
+    front = [(size_mb[i], quality[i]) for i in pareto_front(list(size_mb), list(quality), lower_is_better)]
     fig = go.Figure([go.Scatter(x=[s for s, _ in front], y=[v for _, v in front], mode="lines", name="Pareto front",
                                 line=dict(color="#adb5bd", dash="dot"))])
     for i, (name, size, value) in enumerate(zip(names, size_mb, quality)):

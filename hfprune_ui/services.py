@@ -136,9 +136,7 @@ class Services:
             raise PruneConfigError("'original' names the unpruned model; choose another variant name.")
         loaded = self.model(session.model_spec)
         scores = session.scores[criterion]
-        compensation = pipeline.CompensationOptions(
-            "lsq" if compensate_windows > 0 else "none", samples=int(compensate_windows) or 1,
-            seq_len=int(scores.config.get("seq_len") or 128))
+        compensation = self.compensation(session, [criterion], compensate_windows)
         with self.model_lock:
             result = pipeline.prune_with_scores(loaded, scores, float(ratio), allocation=allocation,
                                                 round_to=int(round_to), stop=stop, compensation=compensation)
@@ -176,8 +174,10 @@ class Services:
         return rows
 
     def sweep(self, session: Session, names: list[str], ratios: list[float], allocation: str, round_to: int,
-              windows: int, seq_len: int, stop: Callable[[], bool] | None = None) -> Iterator[dict]:
-        """Criteria × ratio fidelity rows (engine: core.sweep) for this session's scored criteria."""
+              windows: int, seq_len: int, stop: Callable[[], bool] | None = None,
+              compensate_windows: int = 64) -> Iterator[dict]:
+        """Criteria × ratio fidelity rows (engine: core.sweep) for this session's scored criteria;
+        ``+lsq`` allocations refit on ``compensate_windows`` calibration windows."""
         from core.sweep import fidelity_sweep
 
         loaded = self.model(self.require_model(session))
@@ -189,7 +189,7 @@ class Services:
         with self.model_lock:
             yield from fidelity_sweep(loaded, {n: session.scores[n] for n in names}, ratios, ids,
                                       allocation=allocation, round_to=int(round_to), progress=True,
-                                      stop=stop)
+                                      stop=stop, compensation=self.compensation(session, names, compensate_windows))
 
     # -- quantize / zero-shot / speed --------------------------------------------------------
     def quantize(self, session: Session, source: str, method: str) -> tuple[Variant, str | None]:
@@ -236,7 +236,7 @@ class Services:
     def bench(self, session: Session, names: list[str], prefill_tokens: int, decode_tokens: int,
               repeats: int) -> list[dict]:
         """Measured prefill latency, decode speed, memory and size of the original and each variant."""
-        from core.speed import ideal_speedup, measure_speed
+        from core.speed import add_measured_speedups, ideal_speedup, measure_speed
 
         loaded = self.model(self.require_model(session))
         dense = mlp_widths_any(loaded.model)
@@ -248,12 +248,17 @@ class Services:
                                        method=getattr(model, "hfprune_quantization", None))
             rows.append({"variant": name, **result.to_dict(), "ideal_speedup": ideal_speedup(model, dense,
                                                                                              int(prefill_tokens))})
-        base = rows[0]["prefill_ms"]
-        for row in rows:
-            row["measured_speedup"] = base / row["prefill_ms"] if row["prefill_ms"] else None
-        return rows
+        return add_measured_speedups(rows)
 
     # -- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def compensation(session: Session, criteria: list[str], windows: int) -> pipeline.CompensationOptions:
+        """Least-squares compensation on ``windows`` calibration windows of the scores' window length
+        (``windows`` 0 = none)."""
+        config = session.scores[criteria[0]].config if criteria and criteria[0] in session.scores else {}
+        return pipeline.CompensationOptions("lsq" if windows > 0 else "none", samples=max(1, int(windows)),
+                                            seq_len=int(config.get("seq_len") or 128))
+
     def require_model(self, session: Session) -> str:
         if not session.model_spec:
             raise HFPruneError("Load a model first (Model & data tab, or press Score).")

@@ -114,6 +114,10 @@ def test_score_prune_compare_end_to_end(app):
     for name in ("entropy", "cross_entropy"):
         assert 0 < cells[(name, "0.10")]["kl_to_dense"] < cells[(name, "0.30")]["kl_to_dense"]
     assert [t["name"] for t in plot(lines)["data"]] == ["entropy", "cross_entropy"]
+    # the same cells with the least-squares refit (statistics on 64 calibration windows): lower KL
+    table, _ = c.predict(["entropy"], "0.3", "uniform+lsq", "1", 2, 32, "kl_to_dense", 64, api_name="/sweep")
+    refit = dict(zip(table["headers"], table["data"][0]))
+    assert refit["allocation"] == "uniform+lsq" and refit["kl_to_dense"] < cells[("entropy", "0.30")]["kl_to_dense"]
 
     status = c.predict("ent30", "torchao-int8", api_name="/quantize")[0]
     assert "ent30+torchao-int8" in status

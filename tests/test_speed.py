@@ -92,3 +92,15 @@ def test_cli_bench_reports_device_and_ideal_vs_measured_speedup(tmp_path, capsys
     assert out["disk_bytes"] > 0 and out["params"] < out["baseline"]["params"]
     assert main(["bench", "--model", str(tmp_path / "pruned"), "--prefill", "0"]) == 2
     assert "at least 1 token" in capsys.readouterr().err
+
+
+def test_pareto_front_and_measured_speedups():
+    from core.bench import pareto_front
+    from core.speed import add_measured_speedups
+
+    # sizes (MB) and perplexities: "c" is bigger and worse than "b", so it is off the front
+    sizes, ppl = [538, 220, 300, 170], [35.7, 35.9, 40.0, 43.9]
+    assert pareto_front(sizes, ppl) == [3, 1, 0]
+    assert pareto_front(sizes, [0.5, 0.6, 0.7, 0.4], lower_is_better=False) == [3, 1, 2]
+    rows = add_measured_speedups([{"prefill_ms": 100.0}, {"prefill_ms": 80.0}, {"prefill_ms": 0.0}])
+    assert [r["measured_speedup"] for r in rows] == [1.0, 1.25, None]

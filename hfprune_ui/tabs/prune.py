@@ -98,7 +98,8 @@ def trace_layers(count: int) -> list[int]:
 def make_sweep(services: Services):
     @user_errors
     def sweep(names: list | None, ratios: str, allocation: str, round_to: str | int, windows: float,
-              seq_len: float, metric: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+              seq_len: float, metric: str, compensate_windows: float = 64, request: gr.Request = None,
+              progress=gr.Progress(track_tqdm=True)):
         """Prune each scored criterion at each ratio (in memory) and measure fidelity; stream the rows."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
@@ -110,7 +111,7 @@ def make_sweep(services: Services):
             raise HFPruneError("Score at least one criterion first (Importance tab).")
         rows = []
         for row in services.sweep(session, chosen, parse_ratios(ratios), allocation, int(round_to), int(windows),
-                                  int(seq_len), stop=job.is_set):
+                                  int(seq_len), stop=job.is_set, compensate_windows=int(compensate_windows)):
             rows.append(row)
             yield sweep_table(rows), figures.sweep_lines(rows, metric)
     return sweep
@@ -214,7 +215,8 @@ def build(ctx: Ctx) -> None:
     tab.select(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
     tab.select(make_scored(services), None, sweep_criteria, api_visibility="private")
     sweep_event = sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to, sweep_windows,
-                                              sweep_len, sweep_metric], [sweep_frame, sweep_plot], api_name="sweep",
+                                              sweep_len, sweep_metric, compensate_windows], [sweep_frame, sweep_plot],
+                                     api_name="sweep",
                        **model_events())
     prune_event = prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, compensate,
                                                             compensate_windows, name,
