@@ -200,7 +200,29 @@ def _cmd_eval(args) -> dict:
     reference = load_any(args.reference).model if args.reference else None
     result = evaluate(loaded.model, windows, reference, batch_size=args.batch_size, progress=not args.quiet)
     return {"model": args.model, "reference": args.reference, "text": args.text,
-            "quantization": quantization_of(loaded.model), **result.to_dict()}
+            "quantization": quantization_of(loaded.model), **result.to_dict(),
+            **_padded_effective_params(args.model, loaded.model, result.params, result.mlp_params)}
+
+
+def _padded_effective_params(spec: str, model, params: int, mlp_params: int) -> dict:
+    """For an hf-padded export, the parameters of its real (unpadded) widths from pruning_meta.json:
+    the zero padding is counted in ``params``/``mlp_params`` but computes nothing."""
+    from .bench import mlp_params_for_widths
+    from .export import META_FILE
+
+    meta_path = Path(spec) / META_FILE
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    widths = meta.get("intermediate_sizes")
+    if meta.get("export") != "hf-padded" or not widths:
+        return {}
+    effective = mlp_params_for_widths(model.config.hidden_size, [int(w) for w in widths],
+                                      bias=bool(getattr(model.config, "mlp_bias", False)))
+    return {"effective_mlp_params": effective, "effective_params": params - mlp_params + effective}
 
 
 def _cmd_models(_args) -> dict:

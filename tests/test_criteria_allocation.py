@@ -114,6 +114,13 @@ def test_cli_prune_global_remote_code_then_eval(tmp_path, real_tokenizer):
     assert abs(report["achieved_ratio"] - 0.4) <= 0.005
     meta = json.loads((out / "pruning_meta.json").read_text())
     assert meta["adaptive"]["mode"] == "sequential" and meta["criterion_params"]["temperature"] == 0.3
+    # eval of the padded folder: the padding is counted in mlp_params, the real widths in effective_*
+    ev = cli("eval", "--model", str(out), "--windows", "1", "--seq-len", "16", "--json")
+    assert ev.returncode == 0, ev.stderr
+    counts = json.loads(ev.stdout)
+    assert counts["mlp_params"] == 3 * 32 * max(meta["intermediate_sizes"]) * 2
+    assert counts["effective_mlp_params"] == 3 * 32 * sum(meta["intermediate_sizes"])
+    assert counts["params"] - counts["effective_params"] == counts["mlp_params"] - counts["effective_mlp_params"]
     wrong = cli("score", "--model", str(folder), "--criterion", "entropy", "--alpha", "0.5", "--samples", "2",
                 "--seq-len", "16", "--out", str(tmp_path / "w.safetensors"))
     assert wrong.returncode != 0 and "--alpha does not apply to the 'entropy' criterion" in wrong.stderr
