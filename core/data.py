@@ -129,6 +129,27 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     return docs
 
 
+def store_text_file(path: str | os.PathLike, folder: str | os.PathLike) -> tuple[Path, str]:
+    """Validate a user text file (:func:`read_text_file`: not empty, not too large, UTF-8, valid
+    JSONL) and copy it into ``folder`` named by its content hash, atomically; a file already stored
+    is reused. Returns (stored path, 16-hex-digit SHA-256 prefix)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"Text file not found: {path}.")
+    if file.stat().st_size == 0:
+        raise DataError(f"The text file {file.name} is empty.")
+    read_text_file(file)  # a clear DataError for oversize files, bad encodings, bad JSONL, no text
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    target_dir = Path(folder)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    stored = target_dir / f"{digest}{file.suffix.lower() or '.txt'}"
+    if not stored.exists():
+        tmp = stored.with_name(f".{stored.name}.partial")
+        tmp.write_bytes(file.read_bytes())
+        os.replace(tmp, stored)
+    return stored, digest
+
+
 def documents(source: str, split: str) -> list[str]:
     """The documents of a source for one role (``calibration`` or ``evaluation``)."""
     if split not in SPLITS:

@@ -70,6 +70,21 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: d
     return target
 
 
+def zip_folder(folder: str | os.PathLike, archive: str | os.PathLike) -> Path:
+    """Pack ``folder`` as ``archive`` (a .zip whose single top folder has the folder's name), stored
+    rather than deflated (safetensors barely compress), written atomically. Returns the archive path."""
+    import zipfile
+
+    source, target = Path(folder), Path(archive)
+    tmp = target.with_name(f".{target.name}.partial")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for file in sorted(source.rglob("*")):
+            if file.is_file():
+                zf.write(file, Path(source.name) / file.relative_to(source))
+    os.replace(tmp, target)
+    return target
+
+
 def padded_copy(model: nn.Module, width: int) -> nn.Module:
     """A copy of ``model`` whose every MLP is zero-padded to ``width`` hidden neurons (same outputs)."""
     import copy

@@ -5,7 +5,6 @@ single ``model`` concurrency slot), so hooks of one job never see another job's 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import threading
@@ -17,7 +16,7 @@ import torch
 from core import pipeline
 from core.compare import pruned_view
 from core.criteria import REGISTRY, resolve_params
-from core.data import MAX_UPLOAD_BYTES, evaluation_windows, read_text_file
+from core.data import evaluation_windows, store_text_file
 from core.errors import DataError, HFPruneError, PruneConfigError
 from core.evaluate import evaluate
 from core.models import LoadedModel
@@ -62,20 +61,9 @@ class Services:
         path = Path(upload)
         if not path.is_file():
             raise DataError("The uploaded file is gone from the server; upload it again.")
-        size = path.stat().st_size
-        if size == 0:
+        if path.stat().st_size == 0:
             raise DataError(f"The uploaded file {path.name} is empty.")
-        if size > MAX_UPLOAD_BYTES:
-            raise DataError(f"The uploaded file is {size / 2**20:.0f} MiB; the limit is {MAX_UPLOAD_BYTES // 2**20} MiB.")
-        read_text_file(path)  # raises a clear DataError for bad encodings, bad JSONL, no text
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        folder = cache_dir() / "uploads"
-        folder.mkdir(parents=True, exist_ok=True)
-        stored = folder / f"{digest}{path.suffix.lower() or '.txt'}"
-        if not stored.exists():
-            tmp = stored.with_name(f".{stored.name}.partial")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, stored)
+        stored, digest = store_text_file(path, cache_dir() / "uploads")
         return DataSpec(str(stored), f"upload:{path.name}#{digest}", samples, seq_len, seed)
 
     def model(self, spec: str) -> LoadedModel:
@@ -331,7 +319,8 @@ class Services:
         safetensors barely compress) for download."""
         import re
         import tempfile
-        import zipfile
+
+        from core.export import zip_folder
 
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "variant"
         if session.export_dir:  # one archive per session on disk: the previous download is done with
@@ -339,12 +328,6 @@ class Services:
         work = Path(tempfile.mkdtemp(prefix="hfprune-export-"))
         session.export_dir = str(work)
         folder = self.export(session, name, mode, work / safe)
-        archive = work / f"{safe}.zip"
-        tmp = archive.with_name(f".{archive.name}.partial")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for file in sorted(folder.rglob("*")):
-                if file.is_file():
-                    zf.write(file, Path(safe) / file.relative_to(folder))
-        os.replace(tmp, archive)
+        archive = zip_folder(folder, work / f"{safe}.zip")
         shutil.rmtree(folder, ignore_errors=True)
         return archive

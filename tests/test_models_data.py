@@ -170,3 +170,39 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(real_tokenizer):
     assert held.shape == (4, 16) and (held[:, 0] == bos).all()
     used = {tuple(stream[s + i:s + i + 15].tolist()) for s in starts for i in range(31 - 14)}
     assert not any(tuple(h[1:].tolist()) in used for h in held)
+
+
+def test_store_text_file_validates_and_names_by_content(tmp_path):
+    from core.data import store_text_file
+    from core.errors import DataError
+
+    src = tmp_path / "notes.TXT"
+    src.write_text("First document about pruning.\n\nSecond document.")
+    stored, digest = store_text_file(src, tmp_path / "store")
+    assert stored.name == f"{digest}.txt" and stored.read_bytes() == src.read_bytes() and len(digest) == 16
+    assert store_text_file(src, tmp_path / "store") == (stored, digest)  # the same content is stored once
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DataError, match="bad.jsonl line 2 is not valid JSON"):
+        store_text_file(bad, tmp_path / "store")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        store_text_file(empty, tmp_path / "store")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [stored.name]
+
+
+def test_zip_folder_keeps_one_top_folder(tmp_path):
+    import zipfile
+
+    from core.export import zip_folder
+
+    folder = tmp_path / "my-variant"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    archive = zip_folder(folder, tmp_path / "out.zip")
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == ["my-variant/config.json", "my-variant/sub/x.bin"]
+        assert zf.read("my-variant/sub/x.bin") == b"\x00\x01"
+    assert not list(tmp_path.glob(".*partial"))
