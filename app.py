@@ -29,14 +29,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=_port, default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
                         help="port (default 7860, or $GRADIO_SERVER_PORT)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
-    return parser.parse_args(argv)
+    parser.add_argument("--export-root", default=os.environ.get("HFPRUNE_EXPORT_ROOT"),
+                        help="'save to folder' writes only inside this folder (default: anywhere when bound to "
+                             "127.0.0.1/localhost; ./exports when reachable from other machines or shared)")
+    args = parser.parse_args(argv)
+    if args.export_root is None and (args.share or args.host not in ("127.0.0.1", "localhost", "::1")):
+        args.export_root = os.path.abspath("exports")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from hfprune_ui import build_demo, launch_options, queue
+    from hfprune_ui.services import Services
 
-    demo = queue(build_demo())
+    if args.export_root:
+        print(f"Exports saved to a folder stay inside {args.export_root}")
+    demo = queue(build_demo(Services(export_root=args.export_root)))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
 
 

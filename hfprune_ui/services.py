@@ -41,7 +41,11 @@ def allocations() -> list[str]:
 class Services:
     """Shared caches + the per-session store + the run store, and the engine calls on top of them."""
 
-    def __init__(self, runs_root: str | os.PathLike | None = None) -> None:
+    def __init__(self, runs_root: str | os.PathLike | None = None,
+                 export_root: str | os.PathLike | None = None) -> None:
+        """``export_root``: when set, "save to folder" only writes inside it (relative paths are taken
+        from it); None lets a local user save anywhere the server process may write."""
+        self.export_root = Path(export_root).expanduser().resolve() if export_root else None
         self.runs = RunStore(runs_root)
         self.models = ModelCache()
         self.scores = ScoreCache()
@@ -313,6 +317,17 @@ class Services:
         loaded = self.model(variant.base_spec)
         meta = {**variant.meta, "variant_name": name, "run_id": variant.run_id}
         return save_pruned(variant.model, loaded.tokenizer, folder, meta, mode=mode)
+
+    def save_to_folder(self, session: Session, name: str, mode: str, folder: str) -> Path:
+        """Export a variant into a folder the user typed, kept inside ``export_root`` when one is set."""
+        target = Path(folder).expanduser()
+        if self.export_root is not None:
+            target = (self.export_root / target).resolve()
+            if not target.is_relative_to(self.export_root):
+                raise HFPruneError(f"This server saves exports only inside {self.export_root}; "
+                                   f"'{folder}' is outside it (download the .zip instead).")
+            self.export_root.mkdir(parents=True, exist_ok=True)
+        return self.export(session, name, mode, target)
 
     def export_zip(self, session: Session, name: str, mode: str) -> Path:
         """Export into a fresh temporary folder and pack it as ``<name>.zip`` (stored, not deflated:

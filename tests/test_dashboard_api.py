@@ -232,6 +232,14 @@ def test_runs_reload_after_restart_export_and_delete(app, tmp_path):
     with pytest.raises(AppError, match="(?i)not empty|exists"):
         c.predict("keep25", "hf-native", str(target), api_name="/export_save")
     assert [p.name for p in target.iterdir()] == ["mine.txt"]
+    # a server with an export root saves only inside it; relative names land in it
+    from core.errors import HFPruneError
+    fresh.export_root = (tmp_path / "fence").resolve()
+    with pytest.raises(HFPruneError, match="only inside"):
+        fresh.save_to_folder(session, "keep25", "hf-native", "../escaped")
+    assert not (tmp_path / "escaped").exists()
+    saved = fresh.save_to_folder(session, "keep25", "hf-native", "inside")
+    assert saved == tmp_path / "fence" / "inside" and (saved / "model.safetensors").is_file()
     # delete: gone from the listing and from disk
     c.predict(run_id, False, api_name="/run_delete")
     assert run_id not in {r.run_id for r in services.runs.list()}
@@ -283,11 +291,15 @@ def test_app_flags_and_environment(monkeypatch):
 
     for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HFPRUNE_EXPORT_ROOT", raising=False)
     args = entry.parse_args([])
-    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    assert (args.host, args.port, args.share, args.export_root) == ("127.0.0.1", 7860, False, None)
+    assert entry.parse_args(["--share"]).export_root.endswith("exports")  # reachable by others: exports fenced in
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "8123")
     assert (entry.parse_args([]).host, entry.parse_args([]).port) == ("0.0.0.0", 8123)
+    assert entry.parse_args([]).export_root.endswith("exports")
+    assert entry.parse_args(["--export-root", "/srv/models"]).export_root == "/srv/models"
     assert entry.parse_args(["--host", "127.0.0.1", "--port", "9000"]).port == 9000
     monkeypatch.setenv("GRADIO_SERVER_PORT", "eighty")
     with pytest.raises(SystemExit):

@@ -151,7 +151,7 @@ def make_export_save(services: Services):
             raise HFPruneError("Pick a variant to export.")
         if not (folder or "").strip():
             raise HFPruneError("Type the folder to save into (it must not exist yet, or be empty).")
-        target = services.export(session, name, mode, folder.strip())
+        target = services.save_to_folder(session, name, mode, folder.strip())
         how = ("`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`" if mode == "hf-remote-code"
                else "`AutoModelForCausalLM.from_pretrained(folder)`")
         return f"Saved **{name}** to `{target}`; reload it with {how}."
