@@ -23,6 +23,8 @@ SECTIONS = [
     ("Criteria × allocation, Gemma-3-270M", "criteria_gemma3-270m.md", None),
     ("Gemma-3-270M, adaptive search on a 4× larger held-out slice (8 × 64)", "criteria_gemma3-270m_heldout8x64.md",
      None),
+    ("Gemma-3-270M, compensation checked on a 4× longer evaluation (16 × 128)", "criteria_gemma3-270m_eval16x128.md",
+     None),
     ("Quantization × pruning: quality", "quantize_cpu.md", None),
     ("Quantization × pruning: measured speed, memory, size (CPU)", "speed_cpu.md", None),
     ("Quantization × pruning: measured speed, memory, size (GPU, H100, bf16)", "speed_cuda.md", None),
