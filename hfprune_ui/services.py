@@ -34,8 +34,23 @@ def criteria() -> list[str]:
     return list(REGISTRY)
 
 
-def allocations() -> list[str]:
-    return list(pipeline.ALLOCATIONS)
+# The dashboard's allocation choices: the engine's allocations, plus AMP's sequential adaptive search
+# (later layers already pruned while a layer is searched) as its own entry.
+SEQUENTIAL = "adaptive-sequential"
+
+
+def allocations() -> list[tuple[str, str]]:
+    """(label, value) pairs for the allocation dropdown."""
+    labels = {"adaptive": "adaptive (each layer vs the dense model)"}
+    return [(labels.get(a, a), a) for a in pipeline.ALLOCATIONS] + [("adaptive (AMP: last to first, sequential)",
+                                                                       SEQUENTIAL)]
+
+
+def engine_allocation(choice: str) -> tuple[str, pipeline.AllocationOptions]:
+    """A dashboard allocation choice → the engine's allocation name and options."""
+    if choice == SEQUENTIAL:
+        return "adaptive", pipeline.AllocationOptions(mode="sequential")
+    return choice, pipeline.AllocationOptions()
 
 
 class Services:
@@ -111,7 +126,7 @@ class Services:
              scores: list[torch.Tensor] | None) -> list[int] | None:
         """Kept widths per layer from the engine's planner; None for ``adaptive`` (its widths come from
         a search that runs when the user presses Prune)."""
-        if allocation == "adaptive":
+        if allocation in ("adaptive", SEQUENTIAL):
             return None
         return list(pipeline.plan_widths(loaded.model, float(ratio), allocation, int(round_to), scores))
 
@@ -130,7 +145,8 @@ class Services:
         scores = session.scores[criterion]
         compensation = self.compensation(session, [criterion], compensate_windows)
         with self.model_lock:
-            result = pipeline.prune_with_scores(loaded, scores, float(ratio), allocation=allocation,
+            engine_name, options = engine_allocation(allocation)
+            result = pipeline.prune_with_scores(loaded, scores, float(ratio), allocation=engine_name, options=options,
                                                 round_to=int(round_to), stop=stop, compensation=compensation)
             model = pruned_view(loaded.model, result.kept, weights_from=result.model)  # shares non-MLP tensors
             del result.model

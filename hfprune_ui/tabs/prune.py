@@ -166,7 +166,7 @@ def build(ctx: Ctx) -> None:
         with gr.Row():
             criterion = gr.Dropdown(names, value="entropy" if "entropy" in names else names[0], label="Criterion")
             ratio = gr.Slider(0.0, 0.95, value=0.2, step=0.01, label="Ratio of MLP neurons removed", elem_id="ratio")
-            allocation = gr.Dropdown(allocations(), value=allocations()[0], label="Allocation")
+            allocation = gr.Dropdown(allocations(), value=allocations()[0][1], label="Allocation")
             round_to = gr.Dropdown(["1", "8", "64", "128"], value="1", label="Round widths to a multiple of")
         with gr.Row():
             compensate = gr.Checkbox(False, label="Least-squares compensation (refit down_proj after pruning)",
