@@ -317,7 +317,14 @@ class Services:
             return f"Loaded pruned variant '{name}' of {model_spec} from run {run_id}{extra}."
         raise HFPruneError(f"Run {run_id} is of kind '{run.kind}', which cannot be loaded into the dashboard.")
 
-    def delete_run(self, run_id: str) -> None:
+    def delete_run(self, run_id: str, session: Session | None = None) -> None:
+        """Delete a stored run. With ``session``, a run that another open browser session created is
+        refused (runs of closed or earlier sessions — e.g. before a restart — may be deleted by anyone)."""
+        if session is not None:
+            owner = self.runs.load(run_id).config.get("session")
+            if owner and owner != session.session_id and owner in self.sessions:
+                raise HFPruneError(f"Run {run_id} belongs to another open browser session; it can be deleted "
+                                   "there, or by anyone once that session has closed.")
         self.runs.delete(run_id)
         self.scores.forget_run(run_id)
 

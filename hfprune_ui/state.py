@@ -125,6 +125,9 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._sessions
+
 
 class ModelCache:
     """Base models loaded once per spec and shared read-only by every session (LRU of a few)."""

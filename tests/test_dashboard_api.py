@@ -162,6 +162,12 @@ def test_sessions_do_not_see_each_other(app):
     assert all(row[-1] == "yes" for row in mine_alice["data"] + mine_bob["data"])
     assert {r[0] for r in mine_alice["data"]}.isdisjoint({r[0] for r in mine_bob["data"]})
     assert "prune" in {r[1] for r in mine_alice["data"]} and "prune" not in {r[1] for r in mine_bob["data"]}
+    # bob cannot delete a run of alice's open session; alice can
+    alice_run = next(r[0] for r in mine_alice["data"] if r[1] == "prune")
+    with pytest.raises(AppError, match="belongs to another open browser session"):
+        bob.predict(alice_run, False, api_name="/run_delete")
+    assert alice_run in {r[0] for r in alice.predict(True, api_name="/runs_list")[0]["data"]}
+    assert "Deleted" in alice.predict(alice_run, True, api_name="/run_delete")[0]
 
 
 def test_stop_ends_scoring_and_stores_nothing(app):

@@ -63,7 +63,7 @@ def make_delete(services: Services):
     def delete(run_id: str | None, mine_only: bool, request: gr.Request = None):
         if not run_id:
             raise HFPruneError("Pick a run to delete.")
-        services.delete_run(run_id)
+        services.delete_run(run_id, services.sessions.get(session_id(request)))
         table, ids = make_list(services)(mine_only, request)
         return f"Deleted run `{run_id}`.", table, ids
     return delete
