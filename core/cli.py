@@ -208,13 +208,10 @@ def _padded_effective_params(spec: str, model, params: int, mlp_params: int) -> 
     """For an hf-padded export, the parameters of its real (unpadded) widths from pruning_meta.json:
     the zero padding is counted in ``params``/``mlp_params`` but computes nothing."""
     from .bench import mlp_params_for_widths
-    from .export import META_FILE
+    from .export import read_meta
 
-    meta_path = Path(spec) / META_FILE
-    if not meta_path.is_file():
-        return {}
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(spec) or {}
     except (OSError, ValueError):
         return {}
     widths = meta.get("intermediate_sizes")

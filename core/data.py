@@ -139,13 +139,14 @@ def store_text_file(path: str | os.PathLike, folder: str | os.PathLike) -> tuple
     if file.stat().st_size == 0:
         raise DataError(f"The text file {file.name} is empty.")
     read_text_file(file)  # a clear DataError for oversize files, bad encodings, bad JSONL, no text
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    content = file.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()[:16]
     target_dir = Path(folder)
     target_dir.mkdir(parents=True, exist_ok=True)
     stored = target_dir / f"{digest}{file.suffix.lower() or '.txt'}"
     if not stored.exists():
         tmp = stored.with_name(f".{stored.name}.partial")
-        tmp.write_bytes(file.read_bytes())
+        tmp.write_bytes(content)
         os.replace(tmp, stored)
     return stored, digest
 

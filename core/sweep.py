@@ -5,6 +5,7 @@ benchmark with adaptive allocation lives in ``benchmarks/criteria.py``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
@@ -50,9 +51,7 @@ def fidelity_sweep(loaded: LoadedModel, results: dict[str, ScoreResult], ratios:
     from .compensate import compensate_pruned
 
     base_allocation, _, compensate = allocation.partition("+")
-    options = (compensation or CompensationOptions()).check() if compensate else None
-    if options is not None and options.method != "lsq":
-        options = CompensationOptions("lsq", options.samples, options.seq_len, options.damping)
+    options = replace(compensation or CompensationOptions(), method="lsq").check() if compensate else None
     grams = None
     for name, result in results.items():
         for ratio in ratios:

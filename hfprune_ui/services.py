@@ -80,8 +80,6 @@ class Services:
         path = Path(upload)
         if not path.is_file():
             raise DataError("The uploaded file is gone from the server; upload it again.")
-        if path.stat().st_size == 0:
-            raise DataError(f"The uploaded file {path.name} is empty.")
         stored, digest = store_text_file(path, cache_dir() / "uploads")
         return DataSpec(str(stored), f"upload:{path.name}#{digest}", samples, seq_len, seed)
 
