@@ -19,3 +19,7 @@ class DataError(HFPruneError):
 
 class PruneConfigError(HFPruneError):
     """Ratio, widths or export options are invalid for this model."""
+
+
+class SelectionError(HFPruneError):
+    """A layer, neuron, criterion or draw count that does not fit the model or its scores."""
