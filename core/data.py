@@ -218,6 +218,23 @@ def calibration_starts(stream_tokens: int, samples: int, body: int, seed: int) -
     return (torch.randperm(stream_tokens // body, generator=generator)[:samples].sort().values * body).tolist()
 
 
+def disjoint_calibration_windows(tokenizer, source: str = "wiki", draws: int = 2, samples: int = 16,
+                                 seq_len: int = 128, seed: int = 0, max_length: int | None = None) -> list[torch.Tensor]:
+    """``draws`` sets of ``samples`` calibration windows, no window in two sets: the random order of
+    the split's window slots that ``seed`` gives, cut into consecutive groups (each sorted). Draw 0
+    is exactly :func:`calibration_windows` with the same seed. Returns ``draws`` × (samples, seq_len)."""
+    _check_lengths(samples, seq_len, max_length, "calibration samples")
+    stream = token_stream(tokenizer, source, "calibration")
+    bos, body = window_body(tokenizer, seq_len)
+    available = len(stream) // body
+    if available < draws * samples:
+        raise DataError(f"The calibration text has room for {available} windows of {seq_len} tokens, but "
+                        f"{draws} disjoint draws of {samples} need {draws * samples}.")
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))  # same as calibration_starts
+    return [with_bos(torch.stack([stream[s:s + body] for s in (order[k * samples:(k + 1) * samples].sort().values
+                                                               * body).tolist()]), bos) for k in range(draws)]
+
+
 def evaluation_windows(tokenizer, source: str = "wiki", windows: int = 8, seq_len: int = 128,
                        max_length: int | None = None) -> torch.Tensor:
     """The first ``windows`` non-overlapping windows of the evaluation split: (windows, seq_len)."""
