@@ -9,22 +9,24 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
-from core import pipeline
-from core.compare import pruned_view
+from core import engine
+from core.counts import mlp_widths_any
 from core.criteria import REGISTRY, resolve_params
 from core.data import evaluation_windows, store_text_file
 from core.errors import DataError, HFPruneError, PruneConfigError
 from core.evaluate import evaluate
 from core.models import LoadedModel
-from core.quantize import mlp_widths_any
 from core.paths import cache_dir
+from core.prune import pruned_view
 from core.runs import RunStore
 
 from .state import DataSpec, ModelCache, ScoreCache, Session, SessionStore, Variant
+
+T = TypeVar("T")
 
 SOURCES = {"wiki": "Wikipedia (built-in)", "news": "News paragraphs (built-in)", "upload": "Uploaded file"}
 
@@ -42,15 +44,36 @@ SEQUENTIAL = "adaptive-sequential"
 def allocations() -> list[tuple[str, str]]:
     """(label, value) pairs for the allocation dropdown."""
     labels = {"adaptive": "adaptive (each layer vs the dense model)"}
-    return [(labels.get(a, a), a) for a in pipeline.ALLOCATIONS] + [("adaptive (AMP: last to first, sequential)",
+    return [(labels.get(a, a), a) for a in engine.ALLOCATIONS] + [("adaptive (AMP: last to first, sequential)",
                                                                        SEQUENTIAL)]
 
 
-def engine_allocation(choice: str) -> tuple[str, pipeline.AllocationOptions]:
+def engine_allocation(choice: str) -> tuple[str, engine.AllocationOptions]:
     """A dashboard allocation choice → the engine's allocation name and options."""
     if choice == SEQUENTIAL:
-        return "adaptive", pipeline.AllocationOptions(mode="sequential")
-    return choice, pipeline.AllocationOptions()
+        return "adaptive", engine.AllocationOptions(mode="sequential")
+    return choice, engine.AllocationOptions()
+
+
+def locked_steps(lock: threading.RLock, steps: Iterator[T]) -> Iterator[T]:
+    """Yield ``steps``' items, holding ``lock`` only while each item is computed, never across a ``yield``.
+
+    Gradio advances a sync generator with one worker-thread call per step, and a Stop, a cancel or a
+    dropped client closes it from yet another thread (or the garbage collector): an ``RLock`` taken
+    in one step and released in another raises "cannot release un-acquired lock" and stays held, so
+    every later model job would hang. Here each ``next()`` takes and releases the lock on the same
+    thread, and closing this generator closes ``steps`` without waiting for the lock (an engine
+    generator suspended at its ``yield`` holds no model state that needs it)."""
+    try:
+        while True:
+            with lock:
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        steps.close()
 
 
 class Services:
@@ -89,7 +112,7 @@ class Services:
     # -- scoring ---------------------------------------------------------------------------
     def score(self, session: Session, model_spec: str, data: DataSpec, criterion: str, *, batch_size: int = 1,
               params: dict | None = None,
-              stop: Callable[[], bool] | None = None) -> tuple[pipeline.ScoreResult, str, str]:
+              stop: Callable[[], bool] | None = None) -> tuple[engine.ScoreResult, str, str]:
         """Scores for (model, data, criterion, criterion parameters): memory cache → run store → engine.
         ``params`` may hold every criterion's knobs; only the chosen criterion's are used. Returns
         (result, run id, where it came from: 'memory' | 'disk' | 'computed')."""
@@ -102,12 +125,12 @@ class Services:
             run = self.runs.find("score", {"model": model_spec, "criterion": criterion, "criterion_params": resolved,
                                            **data.match()})
             if run is not None:
-                hit, origin = (pipeline.ScoreResult(run.scores(), run.config, float(run.results.get("seconds", 0))),
+                hit, origin = (engine.ScoreResult(run.scores(), run.config, float(run.results.get("seconds", 0))),
                                run.run_id), "disk"
         if hit is None:
             loaded = self.model(model_spec)
             with self.model_lock:
-                result = pipeline.score_model(loaded, criterion, source=data.source, samples=data.samples,
+                result = engine.score_model(loaded, criterion, source=data.source, samples=data.samples,
                                               seq_len=data.seq_len, seed=data.seed, batch_size=batch_size,
                                               progress=True, stop=stop, criterion_params=resolved)
             config = {**result.config, "source": data.label, "source_path": data.source, "session": session.session_id}
@@ -126,7 +149,7 @@ class Services:
         a search that runs when the user presses Prune)."""
         if allocation in ("adaptive", SEQUENTIAL):
             return None
-        return list(pipeline.plan_widths(loaded.model, float(ratio), allocation, int(round_to), scores))
+        return list(engine.plan_widths(loaded.model, float(ratio), allocation, int(round_to), scores))
 
     def prune(self, session: Session, criterion: str, ratio: float, allocation: str, round_to: int,
               name: str, stop: Callable[[], bool] | None = None,
@@ -144,7 +167,7 @@ class Services:
         compensation = self.compensation(session, [criterion], compensate_windows)
         with self.model_lock:
             engine_name, options = engine_allocation(allocation)
-            result = pipeline.prune_with_scores(loaded, scores, float(ratio), allocation=engine_name, options=options,
+            result = engine.prune_with_scores(loaded, scores, float(ratio), allocation=engine_name, options=options,
                                                 round_to=int(round_to), stop=stop, compensation=compensation)
             model = pruned_view(loaded.model, result.kept, weights_from=result.model)  # shares non-MLP tensors
             del result.model
@@ -192,10 +215,10 @@ class Services:
             raise HFPruneError(f"Score {', '.join(missing)} first (Importance tab).")
         source = session.data.source if session.data else "wiki"
         ids = evaluation_windows(loaded.tokenizer, source, int(windows), int(seq_len), max_length=loaded.max_length)
-        with self.model_lock:
-            yield from fidelity_sweep(loaded, {n: session.scores[n] for n in names}, ratios, ids,
-                                      allocation=allocation, round_to=int(round_to), progress=True,
-                                      stop=stop, compensation=self.compensation(session, names, compensate_windows))
+        rows = fidelity_sweep(loaded, {n: session.scores[n] for n in names}, ratios, ids,
+                              allocation=allocation, round_to=int(round_to), progress=True,
+                              stop=stop, compensation=self.compensation(session, names, compensate_windows))
+        yield from locked_steps(self.model_lock, rows)
 
     # -- quantize / zero-shot / speed --------------------------------------------------------
     def quantize(self, session: Session, source: str, method: str) -> tuple[Variant, str | None]:
@@ -258,11 +281,11 @@ class Services:
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
-    def compensation(session: Session, criteria: list[str], windows: int) -> pipeline.CompensationOptions:
+    def compensation(session: Session, criteria: list[str], windows: int) -> engine.CompensationOptions:
         """Least-squares compensation on ``windows`` calibration windows of the scores' window length
         (``windows`` 0 = none)."""
         config = session.scores[criteria[0]].config if criteria and criteria[0] in session.scores else {}
-        return pipeline.CompensationOptions("lsq" if windows > 0 else "none", samples=max(1, int(windows)),
+        return engine.CompensationOptions("lsq" if windows > 0 else "none", samples=max(1, int(windows)),
                                             seq_len=int(config.get("seq_len") or 128))
 
     def require_model(self, session: Session) -> str:
@@ -294,7 +317,7 @@ class Services:
             data = DataSpec(config.get("source_path") or config["source"], config["source"], int(config["samples"]),
                             int(config["seq_len"]), int(config.get("seed", 0)))
             session.set_context(model_spec, data)
-            result = pipeline.ScoreResult(run.scores(), config, float(run.results.get("seconds", 0)))
+            result = engine.ScoreResult(run.scores(), config, float(run.results.get("seconds", 0)))
             self.scores.put(ScoreCache.key(model_spec, data, config["criterion"], config.get("criterion_params")),
                             result, run.run_id)
             session.scores[config["criterion"]] = result
@@ -305,7 +328,7 @@ class Services:
             with self.model_lock:
                 kept = run.kept()
                 model = pruned_view(loaded.model, kept)
-                pipeline.apply_compensation(loaded, model, kept, run.results.get("meta", {}))
+                engine.apply_compensation(loaded, model, kept, run.results.get("meta", {}))
             session.switch_model(model_spec)
             name = config.get("name") or run_id
             variant = Variant(name, model_spec, model, list(run.results.get("widths", [])),
