@@ -3,7 +3,9 @@
 Built-in sources (no network): ``wiki`` — the English Wikipedia excerpt shipped in the gensim
 wheel, cleaned and split *by article* into disjoint calibration / evaluation sets; ``news`` — the
 300 Lee news paragraphs shipped with gensim (split by paragraph). A path to a .txt or .jsonl file
-(``text`` field per line) is used as is for both roles.
+(``text`` field per line) is split deterministically into disjoint calibration and evaluation parts
+(:func:`split_text_file`: by document when it has enough documents, else by position), so nothing is
+ever evaluated on the text it was calibrated on.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -138,7 +141,7 @@ def store_text_file(path: str | os.PathLike, folder: str | os.PathLike) -> tuple
         raise DataError(f"Text file not found: {path}.")
     if file.stat().st_size == 0:
         raise DataError(f"The text file {file.name} is empty.")
-    read_text_file(file)  # a clear DataError for oversize files, bad encodings, bad JSONL, no text
+    split_documents(read_text_file(file), f"The text file {file.name}")  # bad/empty/too short: a DataError
     content = file.read_bytes()
     digest = hashlib.sha256(content).hexdigest()[:16]
     target_dir = Path(folder)
@@ -151,8 +154,83 @@ def store_text_file(path: str | os.PathLike, folder: str | os.PathLike) -> tuple
     return stored, digest
 
 
+HELD_OUT_EVERY = 4  # one document in four (or the last quarter of a file's text) is held out for evaluation
+MIN_PART_CHARS = 400  # each part of a split user file holds at least this many characters (~90 tokens)
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """A user file cut into disjoint calibration / evaluation documents, and how it was cut.
+
+    ``how``: "document" (every ``HELD_OUT_EVERY``-th document held out) or "position" (the text's
+    last 1/``HELD_OUT_EVERY`` held out, cut at a word boundary)."""
+
+    how: str
+    calibration: tuple[str, ...]
+    evaluation: tuple[str, ...]
+    documents: int  # documents in the file
+
+    def describe(self) -> str:
+        """One sentence for a user: how the file was split and how much each part holds."""
+        cal, ev = sum(map(len, self.calibration)), sum(map(len, self.evaluation))
+        if self.how == "document":
+            return (f"split by document: {len(self.calibration)} documents ({cal:,} characters) calibrate, "
+                    f"{len(self.evaluation)} (every {HELD_OUT_EVERY}th) are held out for evaluation ({ev:,} characters)")
+        why = "too few" if self.documents < HELD_OUT_EVERY else "too uneven"
+        return (f"split by position ({self.documents} document{'s' if self.documents != 1 else ''}, {why} to split "
+                f"by document): the first {cal:,} characters calibrate, the last {ev:,} (about "
+                f"1/{HELD_OUT_EVERY}) are held out for evaluation")
+
+
+def split_documents(docs: list[str], name: str = "the text") -> TextSplit:
+    """Deterministic disjoint split of ``docs``: by document when there are at least
+    ``HELD_OUT_EVERY`` and both parts reach ``MIN_PART_CHARS``, else by position (the last quarter of
+    the joined text, cut at whitespace). Too little text for two parts is a DataError."""
+    if len(docs) >= HELD_OUT_EVERY:
+        held = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+        kept = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+        if min(sum(map(len, held)), sum(map(len, kept))) >= MIN_PART_CHARS:
+            return TextSplit("document", tuple(kept), tuple(held), len(docs))
+    text = "\n\n".join(docs)
+    needed = HELD_OUT_EVERY * MIN_PART_CHARS
+    if len(text) < needed:
+        raise DataError(f"{name} is too short to split into calibration and held-out evaluation text: it has "
+                        f"{len(text):,} characters and at least {needed:,} are needed.")
+    cut = len(text) - len(text) // HELD_OUT_EVERY
+    boundary = re.search(r"\s", text[cut:])  # the first whitespace at or after the cut keeps words whole
+    cut += boundary.start() if boundary else 0
+    calibration, evaluation = text[:cut].strip(), text[cut:].strip()
+    if min(len(calibration), len(evaluation)) < MIN_PART_CHARS:
+        raise DataError(f"{name} is too short to split into calibration and held-out evaluation text: its last "
+                        f"quarter has no word boundary that leaves {MIN_PART_CHARS} characters on each side.")
+    return TextSplit("position", (calibration,), (evaluation,), len(docs))
+
+
+@functools.lru_cache(maxsize=8)
+def _split_file(path: str, mtime: float, size: int) -> TextSplit:
+    return split_documents(read_text_file(path), f"The text file {Path(path).name}")
+
+
+def split_text_file(path: str | os.PathLike) -> TextSplit:
+    """The calibration / evaluation split of a .txt or .jsonl file (:func:`split_documents`)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"Text file not found: {path}.")
+    stat = file.stat()
+    return _split_file(str(file), stat.st_mtime, stat.st_size)
+
+
+def describe_source(source: str) -> str:
+    """How a source's calibration and evaluation text are kept apart, in one phrase."""
+    if source == "wiki":
+        return "Wikipedia excerpt, split by article: one article in four (by title hash) is held out for evaluation"
+    if source == "news":
+        return "news paragraphs, split by paragraph: every 4th paragraph is held out for evaluation"
+    return f"{Path(source).name}, {split_text_file(source).describe()}"
+
+
 def documents(source: str, split: str) -> list[str]:
-    """The documents of a source for one role (``calibration`` or ``evaluation``)."""
+    """The documents of a source for one role (``calibration`` or ``evaluation``); the two never share text."""
     if split not in SPLITS:
         raise DataError(f"Unknown split '{split}'; use one of {SPLITS}.")
     if source == "wiki":
@@ -160,7 +238,8 @@ def documents(source: str, split: str) -> list[str]:
     if source == "news":
         paragraphs = news_paragraphs()
         return [p for i, p in enumerate(paragraphs) if (i % 4 == 3) == (split == "evaluation")]
-    return read_text_file(source)
+    parts = split_text_file(source)
+    return list(parts.calibration if split == "calibration" else parts.evaluation)
 
 
 def _tokenizer_key(tokenizer) -> str:
@@ -246,6 +325,11 @@ def evaluation_windows(tokenizer, source: str = "wiki", windows: int = 8, seq_le
         raise DataError(f"The evaluation text has {len(stream)} tokens: enough for {available} windows of "
                         f"{seq_len}, but {windows} were asked for.")
     return with_bos(stream[: windows * body].view(windows, body).clone(), bos)
+
+
+def window_capacity(tokenizer, source: str, split: str, seq_len: int) -> int:
+    """How many non-overlapping windows of ``seq_len`` tokens the ``split`` of ``source`` holds."""
+    return len(token_stream(tokenizer, source, split)) // window_body(tokenizer, seq_len)[1]
 
 
 def bos_token(tokenizer) -> int | None:

@@ -91,7 +91,7 @@ def test_windows_deterministic_by_seed_and_disjoint_from_eval(real_tokenizer):
 
 def test_user_files(tmp_path, real_tokenizer):
     txt = tmp_path / "a.txt"
-    txt.write_text("First document here.\n\nSecond document " + "word " * 300)
+    txt.write_text("First document here.\n\nSecond document " + "word " * 400)
     assert len(data.read_text_file(txt)) == 2
     w = data.calibration_windows(real_tokenizer, str(txt), 2, 32)
     assert w.shape == (2, 32)
@@ -116,9 +116,9 @@ def test_bad_text_files(tmp_path, content, suffix, message):
 
 def test_too_short_text_and_lengths(tmp_path, real_tokenizer):
     short = tmp_path / "short.txt"
-    short.write_text("only a few words here")
-    with pytest.raises(DataError, match="enough for 0 windows of 64, but 4 were asked for"):
-        data.calibration_windows(real_tokenizer, str(short), 4, 64)
+    short.write_text("only a few words here " * 80)
+    with pytest.raises(DataError, match="has 302 tokens: enough for 4 windows of 64, but 40 were asked for"):
+        data.calibration_windows(real_tokenizer, str(short), 40, 64)
     with pytest.raises(DataError, match="longer than the model allows"):
         data.calibration_windows(real_tokenizer, "wiki", 2, 4096, max_length=2048)
     with pytest.raises(DataError, match="at least 1"):
@@ -177,7 +177,7 @@ def test_store_text_file_validates_and_names_by_content(tmp_path):
     from core.errors import DataError
 
     src = tmp_path / "notes.TXT"
-    src.write_text("First document about pruning.\n\nSecond document.")
+    src.write_text("First document about pruning. " * 40 + "\n\nSecond document. " * 30)
     stored, digest = store_text_file(src, tmp_path / "store")
     assert stored.name == f"{digest}.txt" and stored.read_bytes() == src.read_bytes() and len(digest) == 16
     assert store_text_file(src, tmp_path / "store") == (stored, digest)  # the same content is stored once
@@ -189,6 +189,10 @@ def test_store_text_file_validates_and_names_by_content(tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match="empty"):
         store_text_file(empty, tmp_path / "store")
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to hold out a fair evaluation part. " * 10)
+    with pytest.raises(DataError, match="short.txt is too short to split .* 459 characters"):
+        store_text_file(short, tmp_path / "store")
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [stored.name]
 
 
