@@ -34,8 +34,8 @@ from core.criteria import REGISTRY  # noqa: E402
 from core.compensate import compensate_pruned  # noqa: E402
 from core.data import evaluation_windows  # noqa: E402
 from core.models import load_model  # noqa: E402
-from core.pipeline import (AllocationOptions, CompensationOptions, adaptive_heldout,  # noqa: E402
-                           compensation_grams, score_model)
+from core.engine import (AllocationOptions, CompensationOptions, adaptive_heldout,  # noqa: E402
+                         compensation_grams, score_model)
 from core.prune import prune_mlp_neurons  # noqa: E402
 from core.scoring import batches  # noqa: E402
 

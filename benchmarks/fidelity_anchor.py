@@ -15,7 +15,7 @@ from _common import machine, markdown_table, write_result
 from core.data import evaluation_windows
 from core.evaluate import evaluate
 from core.models import load_model
-from core.pipeline import prune_with_scores, score_model
+from core.engine import prune_with_scores, score_model
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ LEGACY = "torch-dynamic-int8"
 
 def load_scores(loaded, samples: int = 16, seq_len: int = 128):
     """Entropy scores of the embedded model, computed once and cached under the cache folder."""
-    from core.pipeline import ScoreResult, score_model
+    from core.engine import ScoreResult, score_model
 
     path = cache_dir() / "bench" / f"scores_entropy_{loaded.spec}_{samples}x{seq_len}.safetensors"
     if path.exists():
@@ -49,7 +49,7 @@ def load_scores(loaded, samples: int = 16, seq_len: int = 128):
 
 def pruned_variant(loaded, scores, ratio: float, round_to: int = 1):
     """(model, meta) for a ratio; ratio 0 is the dense model itself (not copied)."""
-    from core.pipeline import prune_with_scores
+    from core.engine import prune_with_scores
 
     if ratio == 0:
         return loaded.model, None
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.data import evaluation_windows
     from core.evaluate import evaluate
     from core.models import load_model
-    from core.quantize import param_counts, weight_bytes
+    from core.counts import param_counts, weight_bytes
     from core.zeroshot import run_zeroshot
 
     started = time.time()
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             pruned_cache[ratio] = pruned_variant(loaded, scores, ratio)[0]
         model = variant(pruned_cache[ratio], fmt)
         t0 = time.time()
-        # core.evaluate counts parameters with core.bench.count_params, which cannot read torch.ao's
+        # core.evaluate counts parameters with core.counts.count_params, which cannot read torch.ao's
         # packed layers; param_counts reads quantized layers too (see the issue #5 report).
         with mock.patch("core.evaluate.count_params", param_counts):
             ev = evaluate(model, windows, reference=dense, batch_size=4, progress=False)

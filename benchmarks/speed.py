@@ -34,7 +34,8 @@ def disk_bytes(model, tokenizer, fmt: str, meta: dict | None, source: str) -> in
     """Save the variant the way the CLI does (pruned: safetensors; quantized: source weights +
     recipe) into a temp folder and measure its bytes."""
     from core.export import save_pruned
-    from core.quantize import folder_bytes, save_quantized
+    from core.counts import folder_bytes
+    from core.quant_store import save_quantized
 
     tmp = Path(tempfile.mkdtemp(prefix="hfprune-speed-"))
     try:
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from core.models import load_model
-    from core.quantize import check_method, mlp_widths_any
+    from core.counts import mlp_widths_any
+    from core.quantize import check_method
     from core.speed import ideal_speedup, measure_speed, pick_device, release_memory
 
     started = time.time()

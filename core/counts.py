@@ -1,9 +1,17 @@
-"""Parameter and FLOP counts (measured latency lives with the benchmarks)."""
+"""Analytic counts: parameters (dense, pruned or quantized), FLOPs per token, bytes of weights in
+memory and of folders on disk, the parameter / FLOP preview of a planned pruning, and the Pareto
+front of size vs quality. Measured latency / memory live in ``core.speed``."""
 from __future__ import annotations
 
-from torch import nn
+import os
+from pathlib import Path
 
-from .adapters import mlp_handles
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+from .adapters import mlp_handles, mlp_widths
+from .errors import HFPruneError
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -46,3 +54,120 @@ def pareto_front(sizes: "list[float]", quality: "list[float]", lower_is_better: 
         if not front or (quality[i] < quality[front[-1]] if lower_is_better else quality[i] > quality[front[-1]]):
             front.append(i)
     return front
+
+
+def prune_preview(model: nn.Module, widths: list[int], seq_len: int = 128) -> dict:
+    """Parameters and forward FLOPs/token before → after keeping ``widths`` neurons per layer."""
+    before_widths = mlp_widths(model)
+    if len(widths) != len(before_widths):
+        raise HFPruneError(f"Got widths for {len(widths)} layers; the model has {len(before_widths)}.")
+    hidden = model.config.hidden_size
+    bias = mlp_handles(model)[0].gate.bias is not None
+    params = count_params(model)["params"]
+    removed = mlp_params_for_widths(hidden, before_widths, bias) - mlp_params_for_widths(hidden, widths, bias)
+    flops_before = forward_flops_per_token(model, seq_len, before_widths)
+    flops_after = forward_flops_per_token(model, seq_len, widths)
+    return {"widths_before": before_widths, "widths_after": list(widths),
+            "params_before": params, "params_after": params - removed,
+            "flops_before": flops_before, "flops_after": flops_after, "seq_len": seq_len}
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None and type(tensor).__module__.startswith("torchao"):
+        names, _ctx = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, n)) for n in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    """The tensors a bitsandbytes QuantState keeps alive (absmax, code table, offset and the
+    nested state's), read from its attributes: ``as_dict`` clones the nested code table, and a
+    temporary's freed address could collide with another tensor's in the dedup by data_ptr."""
+    found: list[torch.Tensor] = []
+    while state is not None:
+        for name in ("absmax", "code", "offset"):
+            value = getattr(state, name, None)
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+        state = getattr(state, "state2", None)
+    return found
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy in memory, quantized storage and scales included
+    (tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(tensor: torch.Tensor | None) -> None:
+        nonlocal total
+        if tensor is None:
+            return
+        key = id(tensor) if type(tensor).__module__.startswith("torchao") else tensor.data_ptr()
+        if key in seen:
+            return
+        seen.add(key)
+        total += _tensor_bytes(tensor)
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        add(tensor)
+        for part in _quant_state_tensors(getattr(tensor, "quant_state", None)):
+            add(part)
+        scb = getattr(tensor, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            add(scb)
+    for module in model.modules():
+        if isinstance(module, DynamicLinear):
+            weight, bias = module._weight_bias()
+            total += weight.numel()  # int8
+            if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                total += weight.q_per_channel_scales().numel() * 8 + weight.q_per_channel_zero_points().numel() * 8
+            else:
+                total += 16
+            if bias is not None:
+                total += bias.numel() * bias.element_size()
+    return total
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    return isinstance(module, DynamicLinear) or (isinstance(module, nn.Linear) and type(module) is not nn.Linear) or (
+        isinstance(module, nn.Linear) and type(module.weight).__module__.startswith("torchao"))
+
+
+def _logical_count(modules, seen: set) -> int:
+    total = 0
+    for module in modules:
+        if _is_quantized_linear(module):
+            total += module.in_features * module.out_features
+            bias = module.bias() if callable(getattr(module, "bias", None)) else module.bias
+            total += bias.numel() if bias is not None else 0
+            continue
+        for p in module.parameters(recurse=False):
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel()
+    return total
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """Like ``count_params`` (logical parameters, tied weights once) but also for
+    quantized models, whose packed storage has fewer elements than the weights it represents."""
+    total = _logical_count(model.modules(), set())
+    mlp = 0
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    for layer in layers:
+        if getattr(layer, "mlp", None) is not None:
+            mlp += _logical_count(layer.mlp.modules(), set())
+    return {"params": total, "mlp_params": mlp}
+
+
+def mlp_widths_any(model: nn.Module) -> list[int]:
+    """d_ff per layer, read from ``gate_proj.out_features`` (works for quantized layers too)."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    return [int(layer.mlp.gate_proj.out_features) for layer in layers]
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of every file in a folder (what the folder costs on disk)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bench import count_params
+from .counts import count_params
 from .scoring import batches
 
 

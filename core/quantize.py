@@ -1,8 +1,7 @@
-"""Quantize a dense or pruned model, save it as weights + recipe, and reload it.
+"""Quantization backends and applying them to a dense or pruned model (in memory).
 
-    from core.quantize import quantize_model, save_quantized, load_any
+    from core.quantize import quantize_model
     model = quantize_model(loaded.model, "torchao-int8")       # in place; returns the model
-    loaded = load_any("runs/q8")                                 # a quantized folder, or any load_model spec
 
 Methods (every ``nn.Linear`` inside the transformer blocks; the LM head stays in full precision
 because it is tied to the input embeddings in the supported models):
@@ -14,33 +13,23 @@ because it is tied to the input embeddings in the supported models):
 ``torch-dynamic-int8``    legacy ``torch.ao.quantization.quantize_dynamic`` (deprecated, CPU only,
                           per-tensor int8; very lossy on SmolLM2 — kept as a baseline to show that)
 
-A saved quantized folder holds the *source* weights as safetensors (dense or pruned, exactly as
-``save_pretrained`` writes them), the tokenizer, ``pruning_meta.json`` when the source was pruned,
-and ``quantization.json`` (the recipe). ``load_any`` applies the recipe on load; nothing is pickled.
-``quantized_bytes`` in the recipe is what the quantized weights occupy in memory.
+Saving a quantized model (weights + recipe) and loading it back live in ``core.quant_store``; the
+byte and parameter accounting of quantized models in ``core.counts``.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import io
-import json
 import logging
-import os
-import shutil
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import HFPruneError, ModelLoadError
-from .export import META_FILE, check_output_dir
-from .paths import atomic_folder
+from .errors import HFPruneError
 
-RECIPE_FILE = "quantization.json"
 SKIP_MODULES = ("lm_head",)
 
 
@@ -216,180 +205,3 @@ def quantize_model(model: nn.Module, method: str, *, device: str | torch.device 
             _torch_dynamic(model)
     model.hfprune_quantization = method
     return model
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    flatten = getattr(type(tensor), "__tensor_flatten__", None)
-    if flatten is not None and type(tensor).__module__.startswith("torchao"):
-        names, _ctx = tensor.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(tensor, n)) for n in names)
-    return tensor.numel() * tensor.element_size()
-
-
-def _quant_state_tensors(state) -> list[torch.Tensor]:
-    """The tensors a bitsandbytes QuantState keeps alive (absmax, code table, offset and the
-    nested state's), read from its attributes: ``as_dict`` clones the nested code table, and a
-    temporary's freed address could collide with another tensor's in the dedup by data_ptr."""
-    found: list[torch.Tensor] = []
-    while state is not None:
-        for name in ("absmax", "code", "offset"):
-            value = getattr(state, name, None)
-            if isinstance(value, torch.Tensor):
-                found.append(value)
-        state = getattr(state, "state2", None)
-    return found
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights occupy in memory, quantized storage and scales included
-    (tied tensors counted once)."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(tensor: torch.Tensor | None) -> None:
-        nonlocal total
-        if tensor is None:
-            return
-        key = id(tensor) if type(tensor).__module__.startswith("torchao") else tensor.data_ptr()
-        if key in seen:
-            return
-        seen.add(key)
-        total += _tensor_bytes(tensor)
-
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        add(tensor)
-        for part in _quant_state_tensors(getattr(tensor, "quant_state", None)):
-            add(part)
-        scb = getattr(tensor, "SCB", None)
-        if isinstance(scb, torch.Tensor):
-            add(scb)
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    for module in model.modules():
-        if isinstance(module, DynamicLinear):
-            weight, bias = module._weight_bias()
-            total += weight.numel()  # int8
-            if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-                total += weight.q_per_channel_scales().numel() * 8 + weight.q_per_channel_zero_points().numel() * 8
-            else:
-                total += 16
-            if bias is not None:
-                total += bias.numel() * bias.element_size()
-    return total
-
-
-def _is_quantized_linear(module: nn.Module) -> bool:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    return isinstance(module, DynamicLinear) or (isinstance(module, nn.Linear) and type(module) is not nn.Linear) or (
-        isinstance(module, nn.Linear) and type(module.weight).__module__.startswith("torchao"))
-
-
-def _logical_count(modules, seen: set) -> int:
-    total = 0
-    for module in modules:
-        if _is_quantized_linear(module):
-            total += module.in_features * module.out_features
-            bias = module.bias() if callable(getattr(module, "bias", None)) else module.bias
-            total += bias.numel() if bias is not None else 0
-            continue
-        for p in module.parameters(recurse=False):
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel()
-    return total
-
-
-def param_counts(model: nn.Module) -> dict[str, int]:
-    """Like ``core.bench.count_params`` (logical parameters, tied weights once) but also for
-    quantized models, whose packed storage has fewer elements than the weights it represents."""
-    total = _logical_count(model.modules(), set())
-    mlp = 0
-    layers = getattr(getattr(model, "model", None), "layers", None) or []
-    for layer in layers:
-        if getattr(layer, "mlp", None) is not None:
-            mlp += _logical_count(layer.mlp.modules(), set())
-    return {"params": total, "mlp_params": mlp}
-
-
-def mlp_widths_any(model: nn.Module) -> list[int]:
-    """d_ff per layer, read from ``gate_proj.out_features`` (works for quantized layers too)."""
-    layers = getattr(getattr(model, "model", None), "layers", None) or []
-    return [int(layer.mlp.gate_proj.out_features) for layer in layers]
-
-
-def folder_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of every file in a folder (what the folder costs on disk)."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-def read_recipe(folder: str | os.PathLike) -> dict | None:
-    path = Path(folder) / RECIPE_FILE
-    if not path.is_file():
-        return None
-    try:
-        recipe = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}.") from exc
-    if not isinstance(recipe, dict) or recipe.get("method") not in METHODS:
-        raise ModelLoadError(f"{path} names no known quantization method; expected one of {', '.join(METHODS)}.")
-    return recipe
-
-
-def save_quantized(model: nn.Module, tokenizer, method: str, out_dir: str | os.PathLike, *,
-                   source: str = "", extra: dict | None = None) -> Path:
-    """Write the *unquantized* ``model`` (safetensors) + tokenizer + ``quantization.json`` recipe
-    to a new folder, atomically. Pass the model before ``quantize_model`` (or a copy of it)."""
-    check_method(method)
-    if quantization_of(model):
-        raise QuantizationError("save_quantized needs the unquantized source model; the recipe is applied on load.")
-    target = check_output_dir(out_dir)
-    with atomic_folder(target) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if source and (Path(source) / META_FILE).is_file():
-            shutil.copy2(Path(source) / META_FILE, tmp / META_FILE)
-        recipe = {"format": "hfprune-quantization", "version": 1, "method": method,
-                  "description": METHODS[method].description, "skip_modules": list(SKIP_MODULES),
-                  "source": source, "weights": "unquantized source weights; the method is applied on load",
-                  "tool_version": __version__, **(extra or {})}
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-    return target
-
-
-def check_memory(location: str, factor: float = 1.5) -> None:
-    """Refuse to load a local model whose fp32 weights (× ``factor`` working room) exceed free RAM."""
-    import psutil
-
-    folder = Path(location)
-    if not folder.is_dir():
-        return
-    need = sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(p.stat().st_size for p in folder.glob("*.bin"))
-    available = psutil.virtual_memory().available
-    if need * factor > available:
-        raise ModelLoadError(f"The model in {folder} needs about {need * factor / 2**30:.1f} GiB of memory to load "
-                             f"but only {available / 2**30:.1f} GiB is free.")
-
-
-def load_any(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
-    """Like ``core.models.load_model``, but a folder with ``quantization.json`` comes back quantized
-    (recipe applied on load, on ``device`` or the CPU). Returns a ``LoadedModel``; the method is
-    ``quantization_of(loaded.model)`` and the recipe ``loaded.recipe`` (None for plain models)."""
-    from .models import load_model, resolve
-
-    spec = (spec or "").strip()
-    recipe = None
-    if spec and Path(spec).expanduser().is_dir():
-        recipe = read_recipe(Path(spec).expanduser())
-        if recipe:
-            check_method(recipe["method"], device or "cpu")
-    if spec:
-        location, _gguf = resolve(spec)
-        check_memory(location)
-    loaded = load_model(spec, dtype=dtype)
-    if device is not None:
-        loaded.model.to(device)
-    if recipe:
-        quantize_model(loaded.model, recipe["method"], device=device)
-    loaded.recipe = recipe
-    return loaded

@@ -11,11 +11,11 @@ from typing import Callable, Iterator
 import torch
 
 from .allocate import check_ratio, top_k_indices
-from .compare import pruned_view
+from .engine import CompensationOptions, ScoreResult, compensation_grams, plan_widths
 from .errors import PruneConfigError
 from .evaluate import evaluate
 from .models import LoadedModel
-from .pipeline import CompensationOptions, ScoreResult, compensation_grams, plan_widths
+from .prune import pruned_view
 
 # adaptive runs a search per cell: use benchmarks/criteria.py. "+lsq": least-squares compensation.
 SWEEP_ALLOCATIONS = ("uniform", "global", "uniform+lsq", "global+lsq")

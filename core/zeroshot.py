@@ -4,7 +4,7 @@
     result = run_zeroshot(loaded.model, loaded.tokenizer, ["wiki_cloze", "wiki_nextsent"], limit=200)
     result["tasks"]["wiki_nextsent"]["acc_norm"]
 
-The shipped tasks (``assets/tasks``, see ``core.tasks``) run offline. Any other lm-eval task name
+The shipped tasks (``assets/tasks``, see ``core.zeroshot_tasks``) run offline. Any other lm-eval task name
 (boolq, piqa, arc_easy, hellaswag, …) is looked up in lm-eval's own registry and needs its dataset
 from the Hugging Face Hub, so it only works online.
 """
@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 
 from .errors import HFPruneError
-from .tasks import ASSETS, SHIPPED_TASKS
+from .zeroshot_tasks import ASSETS, SHIPPED_TASKS
 
 DEFAULT_TASKS = SHIPPED_TASKS
 CHANCE = {"wiki_nextsent": 0.25}
@@ -58,7 +58,7 @@ def write_task_dir(tasks: list[str] | tuple[str, ...] = SHIPPED_TASKS, folder: s
         for split, relative in files.items():
             path = (ASSETS / relative).resolve()
             if not path.is_file():
-                raise ZeroShotError(f"The shipped task file {path} is missing; rebuild it with: python -m core.tasks build.")
+                raise ZeroShotError(f"The shipped task file {path} is missing; rebuild it with: python -m core.zeroshot_tasks build.")
             files[split] = str(path)
         (target / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return target

@@ -12,7 +12,7 @@ CC BY-SA 3.0, via the gensim test data; see ``assets/tasks/ATTRIBUTION.md``):
                     articles. Metrics ``acc`` and ``acc_norm`` (log-likelihood per character of the choice).
 
 Only articles of the evaluation split are read (``core.data.wiki_articles``), never the calibration
-ones. Rebuild with ``python -m core.tasks build`` (``--check`` compares with the shipped files).
+ones. Rebuild with ``python -m core.zeroshot_tasks build`` (``--check`` compares with the shipped files).
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import random
 import re
 import sys
 from pathlib import Path
+
+from .data import wiki_articles
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tasks"
 CLOZE_TASK = "wiki_cloze"
@@ -64,8 +66,6 @@ def _key(*parts: object) -> str:
 
 def evaluation_articles() -> list[tuple[str, list[list[str]]]]:
     """(title, paragraphs as lists of sentences) for every evaluation article, sorted by title."""
-    from .data import wiki_articles
-
     out = []
     for title, split, text in wiki_articles():
         if split != "evaluation":
@@ -169,7 +169,7 @@ def check_assets(folder: Path = ASSETS) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.tasks", description="build the shipped zero-shot tasks")
+    parser = argparse.ArgumentParser(prog="python -m core.zeroshot_tasks", description="build the shipped zero-shot tasks")
     parser.add_argument("action", choices=["build", "check"])
     args = parser.parse_args(argv)
     if args.action == "build":

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 
-from core.bench import pareto_front
+from core.counts import pareto_front
 
 PALETTE = ("#1f6feb", "#d9480f", "#2b8a3e", "#862e9c", "#e67700", "#0b7285", "#c2255c", "#5c940d")
 LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=50, b=45), height=360,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from core.models import LoadedModel, load_model
-from core.pipeline import ScoreResult
+from core.engine import ScoreResult
 
 MAX_SESSIONS = 64
 MAX_VARIANTS_PER_SESSION = 4

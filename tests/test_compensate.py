@@ -16,7 +16,7 @@ from core.data import calibration_windows, evaluation_windows
 from core.errors import PruneConfigError
 from core.evaluate import evaluate
 from core.export import save_pruned
-from core.pipeline import CompensationOptions, apply_compensation, prune_with_scores, score_model
+from core.engine import CompensationOptions, apply_compensation, prune_with_scores, score_model
 from core.prune import prune_mlp_neurons
 
 

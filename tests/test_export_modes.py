@@ -10,7 +10,7 @@ from core.adapters import mlp_widths
 from core.errors import PruneConfigError
 from core.export import save_pruned
 from core.models import load_model
-from core.pipeline import AllocationOptions, ScoreResult, prune_with_scores
+from core.engine import AllocationOptions, ScoreResult, prune_with_scores
 
 IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -9,7 +9,7 @@ from core.adapters import mlp_handles, mlp_widths
 from core.allocate import top_k_indices, uniform_widths
 from core.errors import PruneConfigError
 from core.export import save_pruned
-from core.pipeline import ScoreResult, prune_with_scores
+from core.engine import ScoreResult, prune_with_scores
 from core.prune import prune_mlp_neurons
 
 

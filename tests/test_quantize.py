@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from conftest import make_tiny
 
-from core.bench import count_params
+from core.counts import count_params, param_counts, weight_bytes
 from core.errors import HFPruneError, ModelLoadError
-from core.quantize import (METHODS, QuantizationError, RECIPE_FILE, check_method, load_any, param_counts,
-                           quantization_of, quantize_model, read_recipe, save_quantized, weight_bytes)
+from core.quant_store import RECIPE_FILE, load_any, read_recipe, save_quantized
+from core.quantize import METHODS, QuantizationError, check_method, quantization_of, quantize_model
 
 IDS = torch.tensor([[1, 530, 2048, 77, 9000, 12, 5, 4000, 300, 41, 18, 1999, 7, 64, 128, 256]])
 
@@ -190,7 +190,7 @@ def test_quantizing_twice_and_corrupt_recipe_are_clear_errors(tiny_folder, tmp_p
 def test_model_too_large_for_memory_is_refused(tiny_folder, monkeypatch):
     import psutil
 
-    from core import quantize
+    from core import quant_store as quantize
 
     class Tiny:
         available = 1024

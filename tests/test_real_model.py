@@ -8,7 +8,7 @@ from core.adapters import mlp_widths
 from core.data import evaluation_windows
 from core.evaluate import evaluate
 from core.export import save_pruned
-from core.pipeline import prune_with_scores, score_model
+from core.engine import prune_with_scores, score_model
 
 pytestmark = pytest.mark.real
 

@@ -10,8 +10,8 @@ import torch
 
 from conftest import make_tiny
 
-from core.bench import forward_flops_per_token
-from core.quantize import quantize_model, weight_bytes
+from core.counts import forward_flops_per_token, weight_bytes
+from core.quantize import quantize_model
 from core.speed import SpeedError, SpeedResult, ideal_speedup, measure_speed, pick_device
 
 SMALL = dict(prefill_tokens=64, decode_tokens=4, decode_prompt_tokens=8, repeats=3, warmup=1)
@@ -95,7 +95,7 @@ def test_cli_bench_reports_device_and_ideal_vs_measured_speedup(tmp_path, capsys
 
 
 def test_pareto_front_and_measured_speedups():
-    from core.bench import pareto_front
+    from core.counts import pareto_front
     from core.speed import add_measured_speedups
 
     # sizes (MB) and perplexities: "c" is bigger and worse than "b", so it is off the front

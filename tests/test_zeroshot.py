@@ -8,8 +8,8 @@ import pytest
 
 from conftest import make_tiny
 
-from core.tasks import ASSETS, CHOICE_TASK, CLOZE_TASK, SHIPPED_TASKS, check_assets
 from core.zeroshot import ZeroShotError, check_tasks, run_zeroshot, task_manager, write_task_dir
+from core.zeroshot_tasks import ASSETS, CHOICE_TASK, CLOZE_TASK, SHIPPED_TASKS, check_assets
 
 
 def _items(name: str) -> list[dict]:

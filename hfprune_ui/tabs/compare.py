@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.compare import GenerationSettings, generate_side_by_side, next_token_menus, per_token_kl_text
+from core.outputs import GenerationSettings, generate_side_by_side, next_token_menus, per_token_kl_text
 from core.errors import HFPruneError
 
 from .. import figures, texts

@@ -5,7 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from core.allocate import uniform_widths
-from core.compare import disagreements, ranks, removal_overlap, spearman_per_layer
+from core.score_stats import disagreements, ranks, removal_overlap, spearman_per_layer
 
 from .. import figures, texts
 from ..context import Ctx, criterion_params, model_events, stop_on_click

@@ -5,7 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from core.quantize import METHODS
-from core.tasks import SHIPPED_TASKS
+from core.zeroshot_tasks import SHIPPED_TASKS
 
 from .. import figures, texts
 from ..context import Ctx, model_events

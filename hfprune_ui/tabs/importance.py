@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.compare import histogram, layer_summaries, shared_range, sorted_score_matrix
+from core.score_stats import histogram, layer_summaries, shared_range, sorted_score_matrix
 from core.errors import HFPruneError
 
 from .. import figures, texts

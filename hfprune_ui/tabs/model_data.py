@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from core.adapters import mlp_widths
-from core.bench import count_params
+from core.counts import count_params
 from core.data import calibration_windows
 from core.models import DEFAULT_MODEL, EMBEDDED
 

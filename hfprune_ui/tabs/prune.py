@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.compare import prune_preview
+from core.counts import prune_preview
 from core.errors import HFPruneError
 from core.export import EXPORT_MODES
 from core.sweep import SWEEP_ALLOCATIONS, parse_ratios

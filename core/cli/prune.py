@@ -1,0 +1,202 @@
+"""CLI subcommands ``score``, ``prune``, ``eval`` and ``models`` (pruning and its evaluation).
+
+    python -m core score --model smollm2-135m --criterion entropy --out scores.safetensors
+    python -m core prune --model smollm2-135m --ratio 0.2 --out runs/pruned20
+    python -m core eval --model runs/pruned20 --reference smollm2-135m
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..allocate import check_ratio
+from ..counts import count_params, mlp_params_for_widths
+from ..criteria import REGISTRY
+from ..data import calibration_windows, evaluation_windows
+from ..engine import (ALLOCATIONS, AllocationOptions, CompensationOptions, ScoreResult, plan_widths,
+                      prune_with_scores, score_model)
+from ..errors import HFPruneError, PruneConfigError
+from ..evaluate import evaluate
+from ..export import EXPORT_MODES, check_output_dir, read_meta, save_pruned
+from ..models import EMBEDDED, load_model
+from ..quant_store import load_any
+from ..quantize import quantization_of
+
+
+def register(sub) -> None:
+    """Add the ``score``, ``prune``, ``eval`` and ``models`` subcommands."""
+    score = sub.add_parser("score", help="score every MLP neuron and save the scores (.safetensors)")
+    _common(score)
+    _criterion_options(score)
+    score.add_argument("--out", required=True, help="output .safetensors file")
+    score.set_defaults(handler=cmd_score)
+
+    prune = sub.add_parser("prune", help="score, prune and export a smaller model folder")
+    _common(prune)
+    _criterion_options(prune)
+    prune.add_argument("--scores", help="reuse a scores file from 'score' instead of scoring again")
+    prune.add_argument("--ratio", type=float, required=True, help="fraction of MLP neurons removed, 0 <= R < 1")
+    prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    prune.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (8/64/128)")
+    _allocation_options(prune)
+    prune.add_argument("--compensate", choices=("none", "lsq"), default="none",
+                       help="lsq: refit each down_proj by least squares so the MLP output on calibration text "
+                            "stays close to the dense one (forward passes only)")
+    prune.add_argument("--compensate-samples", type=int, default=128,
+                       help="lsq: calibration windows for the statistics (default 128)")
+    prune.add_argument("--compensate-seq-len", type=int, default=128, help="lsq: tokens per window (default 128)")
+    prune.add_argument("--compensate-damping", type=float, default=0.1,
+                       help="lsq: ridge damping, a fraction of the mean kept-neuron activation energy (default 0.1)")
+    prune.add_argument("--export", default=None, choices=EXPORT_MODES,
+                       help="hf-native (uniform widths; default for uniform), hf-remote-code (default otherwise), hf-padded")
+    prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    prune.set_defaults(handler=cmd_prune)
+
+    ev = sub.add_parser("eval", help="perplexity and fidelity to a reference model")
+    _common(ev, data=False)
+    ev.add_argument("--reference", help="model to compare against (KL, top-1 agreement, top-10 overlap)")
+    ev.add_argument("--text", default="wiki", help="evaluation text: wiki (held-out articles), news, or a file")
+    ev.add_argument("--windows", type=int, default=8, help="non-overlapping evaluation windows")
+    ev.add_argument("--seq-len", type=int, default=128)
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(handler=cmd_eval)
+
+    models = sub.add_parser("models", help="list the embedded model aliases")
+    models.set_defaults(handler=cmd_models)
+
+
+def _common(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded alias, hub id, model folder or .gguf file")
+    if data:
+        parser.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
+        parser.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+        parser.add_argument("--source", default="wiki", help="calibration text: wiki, news, or a .txt/.jsonl path")
+        parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
+        parser.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _criterion_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--criterion", default="entropy", choices=sorted(REGISTRY))
+    parser.add_argument("--temperature", type=float, help="self_distill: teacher temperature tau (< 1 sharpens; default 0.5)")
+    parser.add_argument("--alpha", type=float, help="self_distill: KL weight alpha in (1-alpha)*CE + alpha*KL (default 0.5)")
+    parser.add_argument("--weight", type=float, help="entropy+ce: entropy weight w in w*H + (1-w)*CE (default 0.5)")
+    parser.add_argument("--fisher-aggregate", choices=("sq_sum", "sum_abs", "abs_sum"), help="fisher: score aggregate")
+
+
+def criterion_params(args) -> dict:
+    """The criterion parameters given on the command line, checked against the chosen criterion."""
+    given = {"temperature": args.temperature, "alpha": args.alpha, "weight": args.weight,
+             "aggregate": args.fisher_aggregate}
+    given = {k: v for k, v in given.items() if v is not None}
+    extra = sorted(set(given) - set(REGISTRY[args.criterion]().params()))
+    if extra:
+        flags = ", ".join("--fisher-aggregate" if k == "aggregate" else f"--{k}" for k in extra)
+        raise PruneConfigError(f"{flags} does not apply to the '{args.criterion}' criterion.")
+    return given
+
+
+def _allocation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--normalize", choices=("mean", "zscore", "none"), default="mean",
+                        help="global: per-layer score normalisation before the one ranking")
+    parser.add_argument("--min-keep", type=float, default=0.1, help="global: minimum kept fraction per layer")
+    parser.add_argument("--fidelity", choices=("kl", "entropy"), default="kl",
+                        help="adaptive: the loss whose increase must stay under the tolerance")
+    parser.add_argument("--adaptive-mode", choices=("independent", "sequential"), default="independent",
+                        help="adaptive: each layer against the dense model, or AMP's last-to-first with the "
+                             "later layers already pruned")
+    parser.add_argument("--halvings", type=int, default=6, help="adaptive: binary-search steps per layer")
+    parser.add_argument("--heldout-samples", type=int, default=4, help="adaptive: held-out calibration windows")
+    parser.add_argument("--heldout-seq-len", type=int, default=64, help="adaptive: tokens per held-out window")
+
+
+def allocation_options(args):
+    if not 0.0 <= args.min_keep < 1.0:
+        raise PruneConfigError(f"--min-keep must be in [0, 1), got {args.min_keep}.")
+    if args.halvings < 1:
+        raise PruneConfigError(f"--halvings must be at least 1, got {args.halvings}.")
+    return AllocationOptions(normalize=args.normalize, min_keep=args.min_keep, fidelity=args.fidelity,
+                             mode=args.adaptive_mode, halvings=args.halvings, heldout_samples=args.heldout_samples,
+                             heldout_seq_len=args.heldout_seq_len)
+
+
+def cmd_score(args) -> dict:
+    out = Path(args.out)
+    if out.exists():
+        raise HFPruneError(f"Output file {out} already exists; choose a new path.")
+    if out.suffix != ".safetensors":
+        raise HFPruneError(f"--out must end in .safetensors, got '{out.name}'.")
+    if not out.parent.exists():
+        raise HFPruneError(f"Parent folder {out.parent} does not exist.")
+    params = criterion_params(args)
+    loaded = load_model(args.model)
+    result = score_model(loaded, args.criterion, source=args.source, samples=args.samples, seq_len=args.seq_len,
+                         seed=args.seed, batch_size=args.batch_size, progress=not args.quiet, criterion_params=params)
+    result.save(out)
+    tokens = result.config["tokens"]
+    return {"out": str(out), "seconds": round(result.seconds, 2),
+            "seconds_per_1k_tokens": round(1000 * result.seconds / tokens, 3), **result.config}
+
+
+def cmd_prune(args) -> dict:
+    check_ratio(args.ratio)
+    compensation = CompensationOptions(args.compensate, args.compensate_samples, args.compensate_seq_len,
+                                       args.compensate_damping).check()
+    check_output_dir(args.out)
+    params = criterion_params(args)
+    options = allocation_options(args)
+    if args.export == "hf-native" and args.allocation != "uniform":
+        raise PruneConfigError(f"--export hf-native needs uniform widths; the '{args.allocation}' allocation gives "
+                               "each layer its own width: use --export hf-remote-code or hf-padded.")
+    export = args.export or ("hf-native" if args.allocation == "uniform" else "hf-remote-code")
+    loaded = load_model(args.model)
+    if args.allocation == "uniform":  # fail on a layer-emptying ratio before spending time on scoring
+        plan_widths(loaded.model, args.ratio, args.allocation, args.round_to)
+    if compensation.method != "none":  # fail on too little calibration text before spending time on scoring
+        calibration_windows(loaded.tokenizer, args.source, compensation.samples, compensation.seq_len, args.seed,
+                            max_length=loaded.max_length)
+    if args.scores:
+        result = ScoreResult.load(args.scores)
+    else:
+        result = score_model(loaded, args.criterion, source=args.source, samples=args.samples, seq_len=args.seq_len,
+                             seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                             criterion_params=params)
+    pruned = prune_with_scores(loaded, result, args.ratio, allocation=args.allocation, round_to=args.round_to,
+                               options=options, progress=not args.quiet, compensation=compensation)
+    target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export)
+    before, after = count_params(loaded.model), count_params(pruned.model)
+    return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
+            "allocation": args.allocation, "compensation": args.compensate, "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
+            "criterion_params": result.config.get("criterion_params", {}),
+            "intermediate_sizes": pruned.widths, "params_before": before["params"], "params_after": after["params"],
+            "scoring_seconds": round(result.seconds, 2)}
+
+
+def cmd_eval(args) -> dict:
+    loaded = load_any(args.model)  # a quantized folder comes back quantized (its recipe applied on load)
+    windows = evaluation_windows(loaded.tokenizer, args.text, args.windows, args.seq_len, max_length=loaded.max_length)
+    reference = load_any(args.reference).model if args.reference else None
+    result = evaluate(loaded.model, windows, reference, batch_size=args.batch_size, progress=not args.quiet)
+    return {"model": args.model, "reference": args.reference, "text": args.text,
+            "quantization": quantization_of(loaded.model), **result.to_dict(),
+            **_padded_effective_params(args.model, loaded.model, result.params, result.mlp_params)}
+
+
+def _padded_effective_params(spec: str, model, params: int, mlp_params: int) -> dict:
+    """For an hf-padded export, the parameters of its real (unpadded) widths from pruning_meta.json:
+    the zero padding is counted in ``params``/``mlp_params`` but computes nothing."""
+    try:
+        meta = read_meta(spec) or {}
+    except (OSError, ValueError):
+        return {}
+    widths = meta.get("intermediate_sizes")
+    if meta.get("export") != "hf-padded" or not widths:
+        return {}
+    effective = mlp_params_for_widths(model.config.hidden_size, [int(w) for w in widths],
+                                      bias=bool(getattr(model.config, "mlp_bias", False)))
+    return {"effective_mlp_params": effective, "effective_params": params - mlp_params + effective}
+
+
+def cmd_models(_args) -> dict:
+    return {alias: entry.description for alias, entry in EMBEDDED.items()}

@@ -1,0 +1,63 @@
+"""CLI subcommand ``bench``: measured prefill latency, decode tokens/s, peak memory and size.
+
+    python -m core bench --model runs/pruned20 --method bnb-nf4
+"""
+from __future__ import annotations
+
+from ..counts import folder_bytes
+from ..export import read_meta
+from ..quant_store import load_on, read_recipe, spec_folder
+from ..quantize import METHODS, check_method, quantization_of
+from ..speed import ideal_speedup, measure_speed, pick_device, release_memory
+
+
+def register(sub) -> None:
+    """Add the ``bench`` subcommand."""
+    b = sub.add_parser("bench", help="measured prefill latency, decode tokens/s, peak memory, size")
+    b.add_argument("--model", default="smollm2-135m", help="alias, folder (quantized folders too), .gguf or hub id")
+    b.add_argument("--method", choices=list(METHODS), help="quantize the model in memory first")
+    b.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
+    b.add_argument("--prefill", type=int, default=512, help="prefill tokens (batch 1)")
+    b.add_argument("--decode", type=int, default=64, help="greedy decode steps with KV cache")
+    b.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--baseline", default="auto",
+                   help="dense model measured too for the measured speed-up: a spec, 'auto' (the source model of "
+                        "a pruned folder) or 'none'")
+    b.add_argument("--json", action="store_true", help="print one JSON line")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(handler=cmd_bench)
+
+
+def cmd_bench(args) -> dict:
+    device = pick_device(args.device)
+    if args.method:
+        check_method(args.method, device)
+    folder = spec_folder(args.model)
+    recipe = read_recipe(folder) if folder else None
+    meta = read_meta(folder) if folder else None
+    options = dict(prefill_tokens=args.prefill, decode_tokens=args.decode, decode_prompt_tokens=args.prompt,
+                   repeats=args.repeats, warmup=args.warmup)
+    loaded = load_on(args.model, device, args.method)
+    disk = folder_bytes(folder) if folder else None
+    result = measure_speed(loaded.model, loaded.tokenizer, disk_bytes=disk, **options)
+    out = {"model": args.model, "quantization": quantization_of(loaded.model),
+           "recipe_note": "disk_bytes are the unquantized source weights; weight_bytes is the quantized size"
+           if recipe or args.method else None, **result.to_dict()}
+    dense_widths = (meta or {}).get("original_intermediate_sizes")
+    out["ideal_speedup"] = round(ideal_speedup(loaded.model, dense_widths, args.prefill), 4) if dense_widths else None
+    baseline = args.baseline
+    if baseline == "auto":
+        baseline = (meta or {}).get("model") if dense_widths else None
+    if baseline and baseline != "none":
+        del loaded
+        release_memory()
+        dense = load_on(baseline, device)
+        dense_folder = spec_folder(baseline)
+        ref = measure_speed(dense.model, dense.tokenizer, disk_bytes=folder_bytes(dense_folder) if dense_folder else None,
+                            **options)
+        out["baseline"] = {"model": baseline, **ref.to_dict()}
+        out["measured_prefill_speedup"] = round(ref.prefill_ms / result.prefill_ms, 4)
+        out["measured_decode_speedup"] = round(result.decode_tokens_per_s / ref.decode_tokens_per_s, 4)
+    return out
