@@ -8,7 +8,6 @@ dict. A new group is added to ``GROUPS``:
     core/cli/quantize.py   quantize
     core/cli/zeroshot.py   zeroshot
     core/cli/speed.py      bench (measured latency / memory)
-    core/cli/inspector.py  neuron, stability, report (neuron inspector, rank stability, HTML report)
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import sys
 
 from ..errors import HFPruneError
 
-GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed", "core.cli.inspector"]
+GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed"]
 
 
 def build_parser() -> argparse.ArgumentParser:
