@@ -12,7 +12,7 @@ from . import texts
 from .context import Ctx
 from .guard import session_id
 from .services import Services
-from .tabs import compare, criteria, evaluate, importance, model_data, prune, runs
+from .tabs import agreement, importance, model_data, prune, quantize_measure, runs, side_by_side
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -27,10 +27,10 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
         with gr.Tabs():
             model_data.build(ctx)
             importance.build(ctx)
-            criteria.build(ctx)
+            agreement.build(ctx)
             prune.build(ctx)
-            compare.build(ctx)
-            evaluate.build(ctx)
+            side_by_side.build(ctx)
+            quantize_measure.build(ctx)
             runs.build(ctx)
     demo.services = services  # type: ignore[attr-defined]  # handy for tests and benchmarks
     _drop_sessions_on_unload(demo, services)

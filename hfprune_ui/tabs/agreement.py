@@ -1,4 +1,4 @@
-"""Tab 3 — Entropy vs cross-entropy: where two criteria agree and where they part ways."""
+"""Tab 3 — Entropy vs cross-entropy (criteria agreement): where two criteria agree and where they part ways."""
 from __future__ import annotations
 
 import gradio as gr

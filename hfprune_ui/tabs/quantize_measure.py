@@ -1,4 +1,4 @@
-"""Tab 6 — Evaluate: quantize variants, zero-shot accuracy (lm-eval), measured speed / memory / size."""
+"""Tab 6 — Evaluate (quantize and measure): quantize variants, zero-shot accuracy (lm-eval), measured speed / memory / size."""
 from __future__ import annotations
 
 import gradio as gr
@@ -11,7 +11,7 @@ from .. import figures, texts
 from ..context import Ctx, model_events
 from ..guard import session_id, user_errors
 from ..services import Services
-from .compare import chosen_variants
+from .side_by_side import chosen_variants
 
 SPEED_COLUMNS = {"variant": "variant", "device": "device", "method": "weights", "params": "params",
                  "weight_bytes": "weight MB", "disk_bytes": "disk MB", "peak_memory_bytes": "peak memory MB",

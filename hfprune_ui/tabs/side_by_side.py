@@ -1,4 +1,4 @@
-"""Tab 5 — Compare: the original and pruned variants on the same prompt, context and text."""
+"""Tab 5 — Compare (side by side): the original and pruned variants on the same prompt, context and text."""
 from __future__ import annotations
 
 import gradio as gr
