@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .adapters import decoder_layers, mlp_handles
 from .allocate import check_ratio
 from .errors import DataError, PruneConfigError
+from .progress import check_stop
 from .scoring import batches, hooks, lm_logits
 
 FIDELITIES = ("kl", "entropy")
@@ -270,8 +271,7 @@ def adaptive_search(model: nn.Module, scores: list[torch.Tensor], ratio: float, 
     def increase(layer: int, keep: int, state: tuple, base: float) -> float:
         key = (layer, keep, state)
         if key not in memo:
-            if stop is not None and stop():
-                raise InterruptedError("Adaptive search was stopped.")
+            check_stop(stop, "Adaptive search was stopped.")
             ev.masks[layer] = ev.width_mask(layer, keep)
             memo[key] = ev.value(start=layer) - base
             ev.masks[layer] = None

@@ -23,3 +23,10 @@ class PruneConfigError(HFPruneError):
 
 class SelectionError(HFPruneError):
     """A layer, neuron, criterion or draw count that does not fit the model or its scores."""
+
+
+class Stopped(HFPruneError):
+    """A long job ended because its stop check said so (the user pressed Stop); nothing was stored.
+
+    Deliberately not the built-in ``InterruptedError``: that is an ``OSError``, and handlers that
+    report disk problems would misread a stop as one."""

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .counts import count_params
+from .progress import check_stop
 from .scoring import batches
 
 
@@ -54,8 +55,7 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Non
     kl_sum = agree = overlap = ent_sum = ref_ent_sum = 0.0
     positions = 0
     for batch in tqdm(batches(windows, batch_size), desc="evaluating", unit="batch", disable=not progress):
-        if stop is not None and stop():
-            raise InterruptedError("Evaluation was stopped.")
+        check_stop(stop, "Evaluation was stopped.")
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
         logp = F.log_softmax(logits, dim=-1)

@@ -22,6 +22,7 @@ from .adapters import mlp_handles
 from .data import bos_token
 from .errors import SelectionError
 from .options import Options, knob
+from .progress import check_stop
 from .score_stats import ranks
 from .scoring import base_forward, batches, hooks, lm_logits
 
@@ -130,8 +131,7 @@ def neuron_activations(model: nn.Module, windows: torch.Tensor, layer: int, inde
     device = next(model.parameters()).device
     with hooks([mlp_handles(model)[layer].down.register_forward_pre_hook(pre_hook)]):
         for batch in batches(windows, batch_size):
-            if stop is not None and stop():
-                raise InterruptedError("The neuron inspection was stopped.")
+            check_stop(stop, "The neuron inspection was stopped.")
             base_forward(model, batch.to(device))
     return torch.cat(out)
 
@@ -208,8 +208,7 @@ def inspect_neuron(loaded, windows: torch.Tensor, layer: int, index: int, *,
     device = next(model.parameters()).device
     step = max(1, options.batch_size // 2)
     for start in range(0, len(chosen), step):
-        if stop is not None and stop():
-            raise InterruptedError("The neuron inspection was stopped.")
+        check_stop(stop, "The neuron inspection was stopped.")
         group = chosen[start:start + step]
         length = max(last[w] for w in group) + 1
         ids = windows[group, :length].to(device)  # (G, t)

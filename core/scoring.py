@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import mlp_handles
+from .progress import check_stop
 
 # Rows of (rows, vocab) fp32 logits materialised at once: ~32 MiB (cache-friendly; measured faster than 256 MiB).
 LOGIT_CHUNK_BYTES = 32 * 2**20
@@ -125,8 +126,7 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
     bar = tqdm(total=int(windows.shape[0]), desc="scoring", unit="window", disable=not progress)
     with frozen(model), hooks(registered), torch.enable_grad(), bar:
         for batch in batches(windows, batch_size):
-            if stop is not None and stop():
-                raise InterruptedError("Scoring was stopped.")
+            check_stop(stop, "Scoring was stopped.")
             batch = batch.to(device)
             teacher_logits = None
             if teacher is not None:
@@ -192,7 +192,6 @@ def forward_with_down_hooks(model: nn.Module, windows: torch.Tensor, make_pre_ho
     bar = tqdm(total=int(windows.shape[0]), desc=desc, unit="window", disable=not progress)
     with hooks(registered), bar:
         for batch in batches(windows, batch_size):
-            if stop is not None and stop():
-                raise InterruptedError(f"Stopped while computing {desc}.")
+            check_stop(stop, f"Stopped while computing {desc}.")
             base_forward(model, batch.to(device))
             bar.update(batch.shape[0])

@@ -26,6 +26,7 @@ from torch import nn
 from .counts import forward_flops_per_token, mlp_widths_any, param_counts, weight_bytes
 from .data import token_stream
 from .errors import HFPruneError
+from .progress import check_stop
 from .quantize import quantization_of
 
 
@@ -74,8 +75,7 @@ def repeat_until_known(measure: Callable[[], float], *, min_repeats: int = 5, ma
     most = max(min_repeats, max_repeats or min_repeats)
     samples: list[float] = []
     while len(samples) < most:
-        if stop is not None and stop():
-            raise InterruptedError("The speed measurement was stopped.")
+        check_stop(stop, "The speed measurement was stopped.")
         samples.append(float(measure()))
         if on_repeat is not None:
             on_repeat(len(samples), most)

@@ -15,6 +15,7 @@ from .engine import CompensationOptions, ScoreResult, compensation_grams, plan_w
 from .errors import PruneConfigError
 from .evaluate import evaluate
 from .models import LoadedModel
+from .progress import check_stop
 from .prune import pruned_view
 
 # adaptive runs a search per cell: use benchmarks/criteria.py. "+lsq": least-squares compensation.
@@ -55,8 +56,7 @@ def fidelity_sweep(loaded: LoadedModel, results: dict[str, ScoreResult], ratios:
     grams = None
     for name, result in results.items():
         for ratio in ratios:
-            if stop is not None and stop():
-                raise InterruptedError("The sweep was stopped.")
+            check_stop(stop, "The sweep was stopped.")
             widths = plan_widths(loaded.model, ratio, base_allocation, round_to, result.scores)
             kept = top_k_indices(result.scores, widths)
             variant = pruned_view(loaded.model, kept)

@@ -7,7 +7,7 @@ from typing import Callable
 
 import gradio as gr
 
-from core.errors import HFPruneError
+from core.errors import HFPruneError, Stopped
 
 LOCAL_SESSION = "local"
 
@@ -18,10 +18,10 @@ def session_id(request: gr.Request | None) -> str:
 
 
 def _message(exc: BaseException) -> str:
+    if isinstance(exc, Stopped):
+        return f"Stopped: {exc} Nothing was stored."
     if isinstance(exc, HFPruneError):
         return str(exc)
-    if isinstance(exc, InterruptedError):
-        return f"Stopped: {exc} Nothing was stored."
     if isinstance(exc, MemoryError) or _is_oom(exc):
         return "Out of memory: lower the number of samples or the sequence length."
     raise exc
@@ -41,7 +41,7 @@ def user_errors(fn: Callable) -> Callable:
         def generator_wrapper(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except (HFPruneError, InterruptedError, MemoryError, RuntimeError) as exc:
+            except (HFPruneError, MemoryError, RuntimeError) as exc:
                 raise gr.Error(_message(exc), print_exception=False) from exc
         return generator_wrapper
 
@@ -49,6 +49,6 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (HFPruneError, InterruptedError, MemoryError, RuntimeError) as exc:
+        except (HFPruneError, MemoryError, RuntimeError) as exc:
             raise gr.Error(_message(exc), print_exception=False) from exc
     return wrapper
