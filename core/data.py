@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .files import write_bytes, write_json
 from .paths import data_dir
 
 BUILTIN_SOURCES = ("wiki", "news")
@@ -85,9 +86,7 @@ def wiki_articles() -> tuple[tuple[str, str, str], ...]:
                 continue
             rows.append((title, "evaluation" if _is_evaluation_article(title) else "calibration", text))
     rows.sort(key=lambda row: row[0])
-    tmp = cache.with_suffix(".partial")
-    tmp.write_text(json.dumps(rows))
-    os.replace(tmp, cache)
+    write_json(cache, rows, indent=None)
     return tuple(rows)
 
 
@@ -148,9 +147,7 @@ def store_text_file(path: str | os.PathLike, folder: str | os.PathLike) -> tuple
     target_dir.mkdir(parents=True, exist_ok=True)
     stored = target_dir / f"{digest}{file.suffix.lower() or '.txt'}"
     if not stored.exists():
-        tmp = stored.with_name(f".{stored.name}.partial")
-        tmp.write_bytes(content)
-        os.replace(tmp, stored)
+        write_bytes(stored, content)
     return stored, digest
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
@@ -24,6 +23,7 @@ from .allocate import check_ratio, global_widths, top_k_indices, uniform_widths
 from .criteria import ScoreOptions, get_criterion
 from .data import calibration_windows
 from .errors import DataError, HFPruneError, PruneConfigError
+from .files import read_layer_tensors, write_layer_tensors
 from .models import LoadedModel
 from .prune import prune_mlp_neurons
 
@@ -48,23 +48,15 @@ class ScoreResult:
             raise HFPruneError(f"Scores are saved as .safetensors; got '{target.name}'.")
         if not target.parent.exists():
             raise HFPruneError(f"Parent folder {target.parent} does not exist.")
-        tensors = {f"layer_{i:03d}": s.contiguous() for i, s in enumerate(self.scores)}
-        tmp = target.with_name(f".{target.name}.partial")
-        save_file(tensors, str(tmp), metadata={"config": json.dumps(self.config), "seconds": str(self.seconds)})
-        os.replace(tmp, target)
-        return target
+        return write_layer_tensors(target, self.scores,
+                                   {"config": json.dumps(self.config), "seconds": str(self.seconds)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ScoreResult":
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
+            scores, metadata = read_layer_tensors(path)
         except Exception as exc:
             raise HFPruneError(f"Could not read scores file {path}: {exc}") from exc
-        scores = [tensors[k] for k in sorted(tensors)]
         return cls(scores, json.loads(metadata.get("config", "{}")), float(metadata.get("seconds", "nan")))
 
 

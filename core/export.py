@@ -23,7 +23,7 @@ from torch import nn
 
 from .adapters import mlp_handles, mlp_widths
 from .errors import PruneConfigError
-from .paths import atomic_folder
+from .files import atomic_file, atomic_folder
 
 EXPORT_MODES = ("hf-native", "hf-remote-code", "hf-padded")
 META_FILE = "pruning_meta.json"
@@ -76,12 +76,10 @@ def zip_folder(folder: str | os.PathLike, archive: str | os.PathLike) -> Path:
     import zipfile
 
     source, target = Path(folder), Path(archive)
-    tmp = target.with_name(f".{target.name}.partial")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_file(target) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for file in sorted(source.rglob("*")):
             if file.is_file():
                 zf.write(file, Path(source.name) / file.relative_to(source))
-    os.replace(tmp, target)
     return target
 
 

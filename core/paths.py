@@ -1,12 +1,8 @@
 """Where the project keeps converted models, cleaned corpora and runs on disk."""
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 
 def cache_dir() -> Path:
@@ -39,18 +35,3 @@ def runs_dir() -> Path:
     path = Path(explicit) if explicit else cache_dir() / "runs"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextlib.contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of ``target`` to fill; on success it replaces ``target`` (which
-    must be absent or an empty folder), on any error it is deleted, so no half-written folder is left."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

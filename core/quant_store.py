@@ -23,8 +23,8 @@ from torch import nn
 from . import __version__
 from .errors import ModelLoadError
 from .export import META_FILE, check_output_dir
+from .files import atomic_folder
 from .models import EMBEDDED, ensure_embedded, load_model, resolve
-from .paths import atomic_folder
 from .quantize import METHODS, SKIP_MODULES, QuantizationError, check_method, quantization_of, quantize_model
 
 RECIPE_FILE = "quantization.json"

@@ -8,8 +8,8 @@ Layout under ``core.paths.runs_dir()`` (or an explicit root)::
     <run_id>/kept.safetensors     per-layer kept neuron indices (prune runs)
 
 A run folder is built in a hidden temporary sibling and renamed into place, every later file write
-goes through a temporary file + ``os.replace``, and deletion renames the folder away before removing
-it, so a crash never leaves a half-written run in the listing.
+goes through ``core.files`` (a temporary file + ``os.replace``), and deletion renames the folder
+away before removing it, so a crash never leaves a half-written run in the listing.
 """
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .errors import HFPruneError
+from .files import atomic_folder, read_layer_tensors, write_json, write_layer_tensors
 from .paths import runs_dir
 
 CONFIG_FILE = "config.json"
@@ -52,9 +51,7 @@ def new_run_id(kind: str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    write_json(path, data, default=_jsonable)
 
 
 def _jsonable(value):
@@ -65,16 +62,8 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _write_tensors(path: Path, tensors: list[torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    data = {f"layer_{i:03d}": t.detach().cpu().contiguous() for i, t in enumerate(tensors)}
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file(data, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def _read_tensors(path: Path) -> list[torch.Tensor]:
-    tensors = load_file(str(path))
-    return [tensors[key] for key in sorted(tensors)]
+    return read_layer_tensors(path)[0]
 
 
 @dataclass
@@ -126,18 +115,14 @@ class RunStore:
         run_id = new_run_id(kind)
         full_config = {**config, "kind": kind, "run_id": run_id, "created_at": _now()}
         full_results = {**(results or {}), "updated_at": _now()}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.root))
-        try:
+        with atomic_folder(self.root / run_id) as tmp:
             _write_json(tmp / CONFIG_FILE, full_config)
             _write_json(tmp / RESULTS_FILE, full_results)
             if scores is not None:
-                _write_tensors(tmp / SCORES_FILE, scores, {"run_id": run_id})
+                write_layer_tensors(tmp / SCORES_FILE, scores, {"run_id": run_id})
             if kept is not None:
-                _write_tensors(tmp / KEPT_FILE, [torch.as_tensor(k, dtype=torch.long) for k in kept], {"run_id": run_id})
-            os.replace(tmp, self.root / run_id)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                write_layer_tensors(tmp / KEPT_FILE, [torch.as_tensor(k, dtype=torch.long) for k in kept],
+                                    {"run_id": run_id})
         return Run(run_id, self.root / run_id, full_config, full_results)
 
     def update_results(self, run_id: str, updates: dict) -> Run:
