@@ -350,3 +350,36 @@ def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
     if bos is None:
         return windows
     return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def training_windows(tokenizer, source: str = "wiki", seq_len: int = 128, *, heldout: int = 8,
+                     heldout_seq_len: int = 128, seed: int = 0, max_length: int | None = None,
+                     min_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training text for recovery, from the *calibration* split only (never the evaluation split):
+    ``heldout`` windows of ``heldout_seq_len`` drawn at random by ``seed``, and every non-overlapping
+    window of ``seq_len`` that does not touch them. Returns (train (N, seq_len), held-out
+    (heldout, heldout_seq_len)); fewer than ``min_windows`` training windows is a DataError."""
+    _check_lengths(max(1, heldout), heldout_seq_len, max_length, "held-out windows")
+    _check_lengths(min_windows, seq_len, max_length, "training windows")
+    stream = token_stream(tokenizer, source, "calibration")
+    bos, held_body = window_body(tokenizer, heldout_seq_len)
+    used = torch.zeros(len(stream), dtype=torch.bool)
+    held = stream.new_zeros((0, held_body))
+    if heldout > 0:
+        slots = len(stream) // held_body
+        if slots < heldout + 1:
+            raise DataError(f"The calibration text has {len(stream)} tokens: too few for {heldout} held-out windows "
+                            f"of {heldout_seq_len} and any training text.")
+        generator = torch.Generator().manual_seed(seed + 7_919)
+        picks = torch.randperm(slots, generator=generator)[:heldout].sort().values.tolist()
+        held = torch.stack([stream[i * held_body:(i + 1) * held_body] for i in picks])
+        for i in picks:
+            used[i * held_body:(i + 1) * held_body] = True
+    _bos, body = window_body(tokenizer, seq_len)
+    starts = [s for s in range(0, len(stream) - body + 1, body) if not used[s:s + body].any()]
+    if len(starts) < min_windows:
+        raise DataError(f"The calibration text leaves {len(starts)} training windows of {seq_len} tokens outside the "
+                        f"held-out slice; at least {min_windows} are needed (use more text, a shorter sequence or a "
+                        "smaller batch).")
+    train = torch.stack([stream[s:s + body] for s in starts]) if starts else stream.new_zeros((0, body))
+    return with_bos(train, bos), with_bos(held, bos)

@@ -8,6 +8,7 @@ dict. A new group is added to ``GROUPS``:
     core/cli/quantize.py   quantize
     core/cli/zeroshot.py   zeroshot
     core/cli/speed.py      bench (measured latency / memory)
+    core/cli/recover.py    recover (distil a pruned model from its teacher: full / mlp / lora)
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import sys
 
 from ..errors import HFPruneError
 
-GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed"]
+GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed",
+                     "core.cli.recover"]
 
 
 def build_parser() -> argparse.ArgumentParser:
