@@ -19,7 +19,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -80,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
+    from core.counts import count_params, weight_bytes
     from core.data import evaluation_windows
     from core.evaluate import evaluate
     from core.models import load_model
-    from core.counts import param_counts, weight_bytes
     from core.zeroshot import run_zeroshot
 
     started = time.time()
@@ -102,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             pruned_cache[ratio] = pruned_variant(loaded, scores, ratio)[0]
         model = variant(pruned_cache[ratio], fmt)
         t0 = time.time()
-        # core.evaluate counts parameters with core.counts.count_params, which cannot read torch.ao's
-        # packed layers; param_counts reads quantized layers too (see the issue #5 report).
-        with mock.patch("core.evaluate.count_params", param_counts):
-            ev = evaluate(model, windows, reference=dense, batch_size=4, progress=False)
+        ev = evaluate(model, windows, reference=dense, batch_size=4, progress=False)  # counts quantized layers logically
         zs = run_zeroshot(model, loaded.tokenizer, limit=args.limit, batch_size=8, progress=False)
         row = {"ratio": ratio, "format": fmt, "perplexity": ev.perplexity, "kl_to_dense": ev.kl_to_reference,
                "top1_agreement": ev.top1_agreement,
@@ -113,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                "wiki_nextsent_acc": zs["tasks"]["wiki_nextsent"]["acc"],
                "wiki_nextsent_acc_norm": zs["tasks"]["wiki_nextsent"]["acc_norm"],
                "zeroshot_n": zs["tasks"]["wiki_cloze"]["n"],
-               **param_counts(model), "weight_bytes": weight_bytes(model), "seconds": round(time.time() - t0, 1)}
+               **count_params(model), "weight_bytes": weight_bytes(model), "seconds": round(time.time() - t0, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -11,18 +11,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from .adapters import mlp_handles, mlp_widths
-from .errors import HFPruneError
-
-
-def count_params(model: nn.Module) -> dict[str, int]:
-    """Total parameters (tied weights counted once) and MLP parameters."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel()
-    mlp = sum(p.numel() for h in mlp_handles(model) for p in h.mlp.parameters())
-    return {"params": total, "mlp_params": mlp}
+from .errors import HFPruneError, UnsupportedArchitectureError
 
 
 def mlp_params_for_widths(hidden: int, widths: list[int], bias: bool = False) -> int:
@@ -150,16 +139,25 @@ def _logical_count(modules, seen: set) -> int:
     return total
 
 
-def param_counts(model: nn.Module) -> dict[str, int]:
-    """Like ``count_params`` (logical parameters, tied weights once) but also for
-    quantized models, whose packed storage has fewer elements than the weights it represents."""
+def _mlp_modules(model: nn.Module) -> list[nn.Module]:
+    """Each block's MLP module: through the architecture adapters, or (for torch.ao dynamic-quantized
+    models, whose linears the adapters do not recognise) ``model.model.layers[i].mlp``."""
+    try:
+        return [h.mlp for h in mlp_handles(model)]
+    except UnsupportedArchitectureError:
+        layers = getattr(getattr(model, "model", None), "layers", None) or []
+        return [layer.mlp for layer in layers if getattr(layer, "mlp", None) is not None]
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Total and MLP parameters: tied weights counted once, and a quantized layer counts the weights it
+    represents (its packed storage has fewer elements), so dense, pruned and quantized models compare."""
     total = _logical_count(model.modules(), set())
-    mlp = 0
-    layers = getattr(getattr(model, "model", None), "layers", None) or []
-    for layer in layers:
-        if getattr(layer, "mlp", None) is not None:
-            mlp += _logical_count(layer.mlp.modules(), set())
+    mlp = sum(_logical_count(module.modules(), set()) for module in _mlp_modules(model))
     return {"params": total, "mlp_params": mlp}
+
+
+param_counts = count_params  # the name the quantization code used; one implementation
 
 
 def mlp_widths_any(model: nn.Module) -> list[int]:

@@ -23,7 +23,7 @@ import psutil
 import torch
 from torch import nn
 
-from .counts import forward_flops_per_token, mlp_widths_any, param_counts, weight_bytes
+from .counts import count_params, forward_flops_per_token, mlp_widths_any, weight_bytes
 from .data import token_stream
 from .errors import HFPruneError
 from .progress import check_stop
@@ -299,7 +299,7 @@ def measure_speed(model: nn.Module, tokenizer=None, *, prefill_tokens: int = 512
         scope = "weight tensors in memory + peak process-RSS increase during prefill/decode"
     median_prefill = statistics.median(prefill_ms)
     median_decode = statistics.median(decode_s)
-    counts = param_counts(model)
+    counts = count_params(model)
     flops = forward_flops_per_token(model, prefill_tokens, widths=mlp_widths_any(model))
     return SpeedResult(
         device=_device_name(device), dtype=str(dtype).replace("torch.", ""),

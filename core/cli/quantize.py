@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ..counts import folder_bytes, param_counts, weight_bytes
+from ..counts import count_params, folder_bytes, weight_bytes
 from ..export import check_output_dir
 from ..quant_store import load_any, read_recipe, save_quantized, spec_folder
 from ..quantize import METHODS, QuantizationError, check_method, quantize_model
@@ -42,7 +42,7 @@ def cmd_quantize(args) -> dict:
     if not torch.isfinite(logits).all():
         raise QuantizationError(f"The {args.method} model produced non-finite logits; nothing was saved.")
     stats = {"source_weight_bytes": weight_bytes(loaded.model), "quantized_bytes": weight_bytes(quantized),
-             **param_counts(loaded.model)}
+             **count_params(loaded.model)}
     target = save_quantized(loaded.model, loaded.tokenizer, args.method, args.out,
                             source=str(folder) if folder else args.model, extra=stats)
     return {"out": str(target), "method": args.method, "source": args.model, "quantize_seconds": round(seconds, 2),
