@@ -130,3 +130,48 @@ def global_widths(scores: list[torch.Tensor], ratio: float, *, normalize: str = 
         counts = torch.bincount(layers[chosen], minlength=len(scores))
         widths = [w + int(c) for w, c in zip(widths, counts.tolist())]
     return round_to_total(widths, round_to, limits, target, floors)
+
+
+def removed_shares(model, widths: list[int]) -> dict[str, float]:
+    """What keeping ``widths`` neurons per layer removes, in the two units users compare:
+    ``mlp_neuron_ratio`` (share of MLP neurons) and ``params_removed_share`` (share of *all* model
+    parameters, embeddings included, tied weights counted once). The seed papers' "20 %" is the second."""
+    from .adapters import mlp_handles
+    from .counts import count_params, mlp_params_for_widths
+
+    handles = mlp_handles(model)
+    full = [h.width for h in handles]
+    if len(widths) != len(full):
+        raise PruneConfigError(f"Got widths for {len(widths)} layers; the model has {len(full)}.")
+    bias = handles[0].gate.bias is not None
+    hidden = int(model.config.hidden_size)
+    removed = mlp_params_for_widths(hidden, full, bias) - mlp_params_for_widths(hidden, list(widths), bias)
+    return {"mlp_neuron_ratio": 1.0 - sum(widths) / sum(full),
+            "params_removed_share": removed / count_params(model)["params"]}
+
+
+def neuron_ratio_for_param_ratio(model, param_ratio: float) -> float:
+    """The share of MLP neurons to remove (uniformly) so that ``param_ratio`` of *all* parameters go:
+    every neuron of a gated MLP carries the same 3·H weights (+ 2 biases), so the neuron ratio is
+    param_ratio · params / (MLP parameters that scale with the width). E.g. 20 % of LLaMA-2-7B's
+    parameters ≈ 31 % of its MLP neurons."""
+    from .adapters import mlp_handles
+    from .counts import count_params, mlp_params_for_widths
+
+    try:
+        share = float(param_ratio)
+    except (TypeError, ValueError) as exc:
+        raise PruneConfigError(f"The parameter ratio must be a number in [0, 1), got {param_ratio!r}.") from exc
+    if not 0.0 <= share < 1.0 or math.isnan(share):
+        raise PruneConfigError(f"The parameter ratio must be in [0, 1) (share of all parameters removed), got {param_ratio}.")
+    handles = mlp_handles(model)
+    full = [h.width for h in handles]
+    bias = handles[0].gate.bias is not None
+    hidden = int(model.config.hidden_size)
+    scalable = mlp_params_for_widths(hidden, full, bias) - mlp_params_for_widths(hidden, [0] * len(full), bias)
+    total = count_params(model)["params"]
+    ratio = share * total / scalable
+    if ratio >= 1.0:
+        raise PruneConfigError(f"Removing {share:.0%} of all parameters from the MLPs alone is impossible: their "
+                               f"neurons hold only {scalable / total:.0%} of this model's parameters.")
+    return ratio

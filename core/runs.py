@@ -6,6 +6,7 @@ Layout under ``core.paths.runs_dir()`` (or an explicit root)::
     <run_id>/results.json         what came out (metrics, widths, ...) + updated_at
     <run_id>/scores.safetensors   per-layer scores (score runs)
     <run_id>/kept.safetensors     per-layer kept neuron indices (prune runs)
+    <run_id>/weights.safetensors  named tensors a run changed (recover runs: trained weights or LoRA adapters)
 
 A run folder is built in a hidden temporary sibling and renamed into place, every later file write
 goes through ``core.files`` (a temporary file + ``os.replace``), and deletion renames the folder
@@ -26,13 +27,20 @@ from pathlib import Path
 import torch
 
 from .errors import HFPruneError
-from .files import atomic_folder, read_layer_tensors, write_json, write_layer_tensors
+from .files import (
+    atomic_folder,
+    read_layer_tensors,
+    write_json,
+    write_layer_tensors,
+    write_safetensors,
+)
 from .paths import runs_dir
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 SCORES_FILE = "scores.safetensors"
 KEPT_FILE = "kept.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
 _RUN_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[a-z_]{1,16}-[0-9a-f]{6}$")
 
 
@@ -100,6 +108,15 @@ class Run:
             raise HFPruneError(f"Run {self.run_id} has no kept-neuron indices.")
         return [t.long() for t in _read_tensors(path)]
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Named tensors stored with the run (recover runs)."""
+        from safetensors.torch import load_file
+
+        path = self.folder / WEIGHTS_FILE
+        if not path.exists():
+            raise HFPruneError(f"Run {self.run_id} has no stored weights.")
+        return load_file(str(path))
+
 
 class RunStore:
     """Create, update, list, load and delete runs under one root folder."""
@@ -110,7 +127,8 @@ class RunStore:
 
     # -- writing ---------------------------------------------------------------------------
     def create(self, kind: str, config: dict, *, results: dict | None = None,
-               scores: list[torch.Tensor] | None = None, kept: list[torch.Tensor] | None = None) -> Run:
+               scores: list[torch.Tensor] | None = None, kept: list[torch.Tensor] | None = None,
+               weights: dict[str, torch.Tensor] | None = None) -> Run:
         """Write a complete run atomically (temporary folder renamed into place); return it."""
         run_id = new_run_id(kind)
         full_config = {**config, "kind": kind, "run_id": run_id, "created_at": _now()}
@@ -123,6 +141,8 @@ class RunStore:
             if kept is not None:
                 write_layer_tensors(tmp / KEPT_FILE, [torch.as_tensor(k, dtype=torch.long) for k in kept],
                                     {"run_id": run_id})
+            if weights is not None:
+                write_safetensors(tmp / WEIGHTS_FILE, weights, {"run_id": run_id})
         return Run(run_id, self.root / run_id, full_config, full_results)
 
     def update_results(self, run_id: str, updates: dict) -> Run:

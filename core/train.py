@@ -36,15 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, HFPruneError
+from .errors import DataError, HFPruneError, Stopped
 from .options import Options, knob
+from .progress import check_stop
 from .scoring import base_forward, chunk_rows, lm_logits
 
-try:  # the module map's home for "the user pressed Stop" (issue 9); older trees lack it
-    from .errors import Stopped
-except ImportError:  # pragma: no cover - transitional
-    class Stopped(HFPruneError, InterruptedError):  # type: ignore[no-redef]
-        """A long job ended because its stop check said so."""
+__all__ = ["DistillOptions", "LogitDistillation", "Objective", "ParamSet", "Stopped", "TrainOptions", "train"]
 
 
 class TrainConfigError(HFPruneError):
@@ -301,8 +298,7 @@ class LogitDistillation:
         step = chunk_rows(student.config.vocab_size)
         kl_sum, count = 0.0, 0
         for index, w in enumerate(torch.split(windows, batch_size)):
-            if stop is not None and stop():
-                raise Stopped("Training was stopped during the held-out evaluation.")
+            check_stop(stop, "Training was stopped during the held-out evaluation.")
             hidden = base_forward(student, w.to(device)).reshape(-1, _hidden_size(student))  # (B·T, H)
             t_hidden = teacher_states[index * batch_size:index * batch_size + w.shape[0]].reshape(hidden.shape)
             for start in range(0, hidden.shape[0], step):
@@ -517,8 +513,8 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                 if used >= 1.0:
                     ended_by = name
                     break
-                if stop is not None and stop():
-                    raise Stopped(f"Training was stopped at step {step}.")
+                check_stop(stop, f"Training was stopped at step {step}; the student is back at its state from "
+                           "before the run.")
                 factor = lr_factor(step, used, options)
                 for group in optimizer.param_groups:
                     group["lr"] = options.lr * group["lr_scale"] * factor

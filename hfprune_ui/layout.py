@@ -12,7 +12,7 @@ from . import texts
 from .context import Ctx
 from .guard import session_id
 from .services import Services
-from .tabs import agreement, importance, model_data, prune, quantize_measure, runs, side_by_side
+from .tabs import agreement, importance, model_data, prune, quantize_measure, recover, runs, side_by_side
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -29,6 +29,7 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             importance.build(ctx)
             agreement.build(ctx)
             prune.build(ctx)
+            recover.build(ctx)
             side_by_side.build(ctx)
             quantize_measure.build(ctx)
             runs.build(ctx)

@@ -48,11 +48,13 @@ def allocations() -> list[tuple[str, str]]:
                                                                        SEQUENTIAL)]
 
 
-def engine_allocation(choice: str) -> tuple[str, engine.AllocationOptions]:
-    """A dashboard allocation choice → the engine's allocation name and options."""
+def engine_allocation(choice: str, knobs: dict | None = None) -> tuple[str, engine.AllocationOptions]:
+    """A dashboard allocation choice (+ the adaptive search's knobs: halvings, heldout_samples,
+    heldout_seq_len, fidelity) → the engine's allocation name and options."""
+    knobs = dict(knobs or {})
     if choice == SEQUENTIAL:
-        return "adaptive", engine.AllocationOptions(mode="sequential")
-    return choice, engine.AllocationOptions()
+        return "adaptive", engine.AllocationOptions(**{**knobs, "mode": "sequential"})
+    return choice, engine.AllocationOptions(**knobs)
 
 
 def locked_steps(lock: threading.RLock, steps: Iterator[T]) -> Iterator[T]:
@@ -153,10 +155,11 @@ class Services:
 
     def prune(self, session: Session, criterion: str, ratio: float, allocation: str, round_to: int,
               name: str, stop: Callable[[], bool] | None = None,
-              compensate_windows: int = 0) -> tuple[Variant, str | None]:
+              compensate_windows: int = 0, adaptive: dict | None = None) -> tuple[Variant, str | None]:
         """Prune the session's model with its scores for ``criterion``; store the run and the variant.
         ``compensate_windows`` > 0 refits every down_proj by least squares on that many calibration
-        windows (of the session's data source and window length)."""
+        windows (of the session's data source and window length); ``adaptive`` holds the adaptive
+        search's knobs (see :func:`engine_allocation`)."""
         if not session.model_spec or criterion not in session.scores:
             raise PruneConfigError(f"Score the model with '{criterion}' first (Importance tab).")
         name = (name or "").strip() or f"{criterion}-{round(100 * float(ratio))}%"
@@ -166,7 +169,7 @@ class Services:
         scores = session.scores[criterion]
         compensation = self.compensation(session, [criterion], compensate_windows)
         with self.model_lock:
-            engine_name, options = engine_allocation(allocation)
+            engine_name, options = engine_allocation(allocation, adaptive)
             result = engine.prune_with_scores(loaded, scores, float(ratio), allocation=engine_name, options=options,
                                                 round_to=int(round_to), stop=stop, compensation=compensation)
             model = pruned_view(loaded.model, result.kept, weights_from=result.model)  # shares non-MLP tensors
@@ -336,6 +339,8 @@ class Services:
             evicted = session.add_variant(variant)
             extra = f" (dropped the oldest variant '{evicted}' from this session)" if evicted else ""
             return f"Loaded pruned variant '{name}' of {model_spec} from run {run_id}{extra}."
+        if run.kind == "recover":
+            return self.load_recover_run(session, run)
         raise HFPruneError(f"Run {run_id} is of kind '{run.kind}', which cannot be loaded into the dashboard.")
 
     def delete_run(self, run_id: str, session: Session | None = None) -> None:
@@ -390,3 +395,97 @@ class Services:
         archive = zip_folder(folder, work / f"{safe}.zip")
         shutil.rmtree(folder, ignore_errors=True)
         return archive
+
+    # -- recovery (issue 11: distil a pruned variant from the original) ----------------------------
+    def recover(self, session: Session, source: str, *, params: str = "mlp", minutes: float = 2.0, steps: int = 0,
+                lr: float = 3e-4, name: str = "", lora_rank: int = 16, tau: float = 1.0, alpha: float = 1.0,
+                batch_size: int = 4, seq_len: int = 128, eval_every: int = 10,
+                stop: Callable[[], bool] | None = None,
+                on_step: Callable[[object], None] | None = None) -> tuple[Variant, str | None]:
+        """Train a copy of variant ``source`` against the session's original (core.recover) for the
+        budget, store it as a ``recover`` run (its trained tensors, or its LoRA adapters) and add it as
+        a new variant. Takes ``model_lock`` for the whole run: call it from a worker thread, never
+        from a generator that yields while it runs. Stop leaves ``source`` untouched, stores nothing."""
+        import copy
+
+        from core.recover import LoraOptions, RecoverOptions, recover
+        from core.train import DistillOptions, TrainOptions
+
+        variant = self.variant(session, source)
+        name = (name or "").strip() or f"{source}+kd-{params}"
+        if name in ("original", source):
+            raise PruneConfigError(f"Name the recovered variant differently from '{name}'.")
+        options = RecoverOptions(params=params, seq_len=int(seq_len),
+                                 source=session.data.source if session.data else "wiki")
+        train_options = TrainOptions(minutes=float(minutes), steps=int(steps), lr=float(lr),
+                                     batch_size=int(batch_size), eval_every=int(eval_every),
+                                     warmup_steps=min(10, max(1, int(steps) // 10)) if steps else 5)
+        distill = DistillOptions(tau=float(tau), alpha=float(alpha))
+        lora = LoraOptions(rank=int(lora_rank), alpha=2.0 * int(lora_rank))
+        loaded = self.model(variant.base_spec)
+        with self.model_lock:
+            student = LoadedModel(copy.deepcopy(variant.model), loaded.tokenizer, f"{variant.base_spec}:{source}", "")
+            result = recover(student, loaded, options, train_options, distill, lora, meta=variant.meta, stop=stop,
+                             on_step=on_step)
+        weights = result.lora_state if params == "lora" else _trained_tensors(result.model, params)
+        config = {"model": variant.base_spec, "name": name, "source_variant": source, "source_run": variant.run_id,
+                  "params": params, "recover_options": options.to_dict(), "train": train_options.to_dict(),
+                  "distill": distill.to_dict(), "lora": lora.to_dict(), "session": session.session_id}
+        widths = mlp_widths_any(result.model)
+        run = self.runs.create("recover", config, results={"widths": widths, "meta": result.meta}, weights=weights)
+        recovered = Variant(name, variant.base_spec, result.model, widths, result.meta, run.run_id)
+        return recovered, session.add_variant(recovered)
+
+    def rebuild_variant_model(self, run) -> torch.nn.Module:
+        """The model of a stored prune or recover run, rebuilt from its source run (a recover run's
+        source is rebuilt first, then its stored tensors or LoRA adapters are applied)."""
+        import copy
+
+        loaded = self.model(run.config.get("model"))
+        if run.kind == "prune":
+            kept = run.kept()
+            model = pruned_view(loaded.model, kept)
+            engine.apply_compensation(loaded, model, kept, run.results.get("meta", {}))
+            return model
+        if run.kind != "recover":
+            raise HFPruneError(f"Run {run.run_id} is of kind '{run.kind}', which holds no model.")
+        source_id = run.config.get("source_run")
+        if not source_id:
+            raise HFPruneError(f"Recover run {run.run_id} does not name the run of the variant it started from.")
+        model = self.rebuild_variant_model(self.runs.load(source_id))
+        params = run.config.get("params")
+        if params != "mlp":  # a pruned view shares attention and embeddings with the original: copy first
+            model = copy.deepcopy(model)
+        weights = run.weights()
+        if params == "lora":
+            from core.recover import LoraOptions, apply_lora_state
+
+            return apply_lora_state(model, LoraOptions.from_dict(run.config.get("lora")), weights)
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            missing = sorted(set(weights) - set(named))
+            if missing:
+                raise HFPruneError(f"Recover run {run.run_id} stores tensors this model lacks ({missing[0]}, ...).")
+            for key, tensor in weights.items():
+                named[key].copy_(tensor)
+        return model
+
+    def load_recover_run(self, session: Session, run) -> str:
+        """A stored recover run → a session variant (rebuilt from the prune run it started from)."""
+        model_spec = run.config.get("model")
+        with self.model_lock:
+            model = self.rebuild_variant_model(run)
+        session.switch_model(model_spec)
+        name = run.config.get("name") or run.run_id
+        variant = Variant(name, model_spec, model, list(run.results.get("widths", [])), run.results.get("meta", {}),
+                          run.run_id, run.results.get("metrics"))
+        evicted = session.add_variant(variant)
+        extra = f" (dropped the oldest variant '{evicted}' from this session)" if evicted else ""
+        return f"Loaded recovered variant '{name}' of {model_spec} from run {run.run_id}{extra}."
+
+
+def _trained_tensors(model: torch.nn.Module, params: str) -> dict[str, torch.Tensor]:
+    """The tensors a full / mlp recovery changed, by parameter name (tied weights stored once)."""
+    from core.recover import param_set
+
+    return {n: p.detach().cpu().clone() for n, p in param_set(model, params).named}

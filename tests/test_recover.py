@@ -276,3 +276,66 @@ def test_cli_recover_writes_a_folder_and_bad_input_writes_nothing(tmp_path, real
         assert failed.returncode != 0 and not target.exists(), bad
         lines = [line for line in failed.stderr.strip().splitlines() if line.startswith("error:")]
         assert len(lines) == 1, failed.stderr
+
+
+@pytest.fixture()
+def dashboard(tmp_path, real_tokenizer):
+    """(services, session, run store root) with a tiny model's 50 % pruned variant 'half'."""
+    from hfprune_ui.services import Services
+
+    folder = tmp_path / "tiny"
+    make_tiny("llama", intermediate_size=64).save_pretrained(folder)
+    real_tokenizer.save_pretrained(folder)
+    services = Services(runs_root=tmp_path / "runs")
+    session = services.sessions.get("local")
+    services.score(session, str(folder), services.data_spec("wiki", None, 2, 16, 0), "entropy")
+    services.prune(session, "entropy", 0.5, "global", 1, "half")
+    return services, session, tmp_path / "runs"
+
+
+def _form(**kw):
+    """The Recover tab's inputs, in order (source, params, minutes, steps, lr, name, tau, alpha, rank, batch,
+    seq_len, eval_every)."""
+    values = {"source": "half", "params": "lora", "minutes": 0, "steps": 3, "lr": 1e-3, "name": "", "tau": 1.0,
+              "alpha": 1.0, "lora_rank": 4, "batch_size": 2, "seq_len": 32, "eval_every": 1, **kw}
+    return list(values.values())
+
+
+def test_dashboard_recover_streams_curves_and_the_run_reloads_after_restart(dashboard):
+    from hfprune_ui.services import Services
+    from hfprune_ui.tabs.recover import make_start
+
+    services, session, root = dashboard
+    outputs = list(make_start(services)(*_form()))
+    status, _plot, update = outputs[-1]
+    assert "Recovered" in status and update["value"] == "half+kd-lora"
+    variant = session.variants["half+kd-lora"]
+    assert variant.meta["recovery"]["steps"] == 3 and variant.widths == session.variants["half"].widths
+    ids = torch.randint(0, 1000, (1, 16))
+    expected = _logits(variant.model, ids)
+    restarted = Services(runs_root=root)  # a new server process: nothing in memory
+    fresh = restarted.sessions.get("other")
+    message = restarted.load_run(fresh, variant.run_id)
+    assert "recovered variant" in message
+    assert torch.allclose(_logits(fresh.variants["half+kd-lora"].model, ids), expected, atol=1e-5)
+    assert not torch.allclose(_logits(fresh.variants["half+kd-lora"].model, ids),
+                              _logits(session.variants["half"].model, ids), atol=1e-6)
+
+
+def test_dashboard_stop_ends_the_worker_and_stores_nothing(dashboard):
+    from hfprune_ui.tabs.recover import make_start, make_stop
+
+    services, session, _root = dashboard
+    ids = torch.randint(0, 1000, (1, 16))
+    before = _logits(session.variants["half"].model, ids)
+    runs_before = len(services.runs.list("recover"))
+    messages = []
+    for status, _plot, _update in make_start(services)(*_form(params="mlp", steps=500)):
+        messages.append(status)
+        if "step " in status and "step 0" not in status and len(messages) < 50:
+            make_stop(services)()
+    assert "Stopped" in messages[-1] and "nothing was stored" in messages[-1]
+    assert len(services.runs.list("recover")) == runs_before and list(session.variants) == ["half"]
+    assert torch.equal(_logits(session.variants["half"].model, ids), before)
+    assert services.model_lock.acquire(timeout=1)  # the worker let go of the model
+    services.model_lock.release()

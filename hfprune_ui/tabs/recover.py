@@ -1,0 +1,192 @@
+"""Recover tab: distil a pruned variant back toward the original, with live training curves.
+
+Training runs in a worker thread that takes ``Services.model_lock`` itself (inside
+``Services.recover``); the click handler is a generator that only polls a queue of step records and
+redraws, so no lock is ever held across a ``yield``. Stop sets the job's flag; the status line says
+when the worker has really ended (the engine then restores the variant's pre-run weights and stores
+nothing).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import asdict
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from core.errors import HFPruneError, Stopped
+
+from .. import figures
+from ..context import Ctx, model_events
+from ..guard import session_id, user_errors
+from ..services import Services
+
+TEACHING = (
+    "A pruned model has lost neurons, not knowledge of what the original would say: the original still "
+    "predicts a full probability for every next token, and those soft targets carry far more signal per "
+    "token than the one word that actually came next, so the smaller network can be nudged to reproduce "
+    "them with little text. "
+    "Matching the whole distribution (KL to the original) rather than the text alone also pulls the pruned "
+    "model back toward the original's behaviour — its hedges, its runner-up words — instead of toward a new "
+    "model of the training text."
+)
+PARAM_CHOICES = [("MLP projections only (fast, the pruned part)", "mlp"),
+                 ("LoRA adapters, merged at the end", "lora"),
+                 ("every parameter (full)", "full")]
+REDRAW_S = 1.0
+
+
+def curves(points: list[dict]) -> go.Figure:
+    """Training loss per step and held-out KL at evaluation steps, against tokens seen."""
+    if not points:
+        return figures.empty("Start a recovery run to see its curves here.")
+    fig = go.Figure()
+    trained = [p for p in points if p["loss"] is not None]
+    fig.add_trace(go.Scatter(x=[p["tokens"] for p in trained], y=[p["loss"] for p in trained], mode="lines",
+                             name="training loss (KD)", line={"color": figures.color(0), "width": 1.5}))
+    held = [p for p in points if p["heldout"] is not None]
+    fig.add_trace(go.Scatter(x=[p["tokens"] for p in held], y=[p["heldout"] for p in held], mode="lines+markers",
+                             name="held-out KL to the original", line={"color": figures.color(1), "width": 2.5}))
+    fig.update_layout(xaxis_title="training tokens seen", yaxis_title="nats per token")
+    return figures._finish(fig, title={"text": "Recovery: KD loss and held-out KL", "x": 0})
+
+
+def status_text(points: list[dict], minutes: float, steps: int, state: str) -> str:
+    if not points:
+        return f"{state}: preparing the training text and the held-out slice…"
+    last = points[-1]
+    held = [p["heldout"] for p in points if p["heldout"] is not None]
+    budget = f" of {minutes:g} min" if minutes else (f" of {steps} steps" if steps else "")
+    parts = [f"**{state}** — step {last['step']}{' of ' + str(steps) if steps and not minutes else ''}",
+             f"{last['tokens']:,} tokens", f"{last['elapsed'] / 60:.1f} min{budget}"]
+    if last["loss"] is not None:
+        parts.append(f"training loss {last['loss']:.4f}")
+    if held:
+        parts.append(f"held-out KL {held[-1]:.4f} (start {held[0]:.4f})")
+    return " · ".join(parts)
+
+
+def make_start(services: Services):
+    @user_errors
+    def start(source: str, params: str, minutes: float, steps: float, lr: float, name: str, tau: float, alpha: float,
+              lora_rank: float, batch_size: float, seq_len: float, eval_every: float, request: gr.Request = None):
+        """Run Services.recover in a worker thread and stream its curves; yields (status, plot, variants)."""
+        session = services.sessions.get(session_id(request))
+        if not source:
+            raise HFPruneError("Pick a pruned variant to recover (prune one on the Prune tab first).")
+        services.variant(session, source)  # a clear error before any thread starts
+        job = session.new_job()
+        records: queue.Queue = queue.Queue()
+        outcome: dict = {}
+        minutes, steps = float(minutes or 0), int(steps or 0)
+
+        def work() -> None:
+            try:
+                outcome["variant"] = services.recover(
+                    session, source, params=params, minutes=0.0 if steps else minutes, steps=steps, lr=float(lr),
+                    name=name, lora_rank=int(lora_rank), tau=float(tau), alpha=float(alpha),
+                    batch_size=int(batch_size), seq_len=int(seq_len), eval_every=int(eval_every), stop=job.is_set,
+                    on_step=lambda record: records.put(asdict(record)))
+            except Exception as exc:  # noqa: BLE001 - handed to the generator, which reports or re-raises it
+                outcome["error"] = exc
+            finally:
+                records.put(None)
+
+        worker = threading.Thread(target=work, name="hfprune-recover", daemon=True)
+        worker.start()
+        points: list[dict] = []
+        drawn = 0.0
+        no_change = gr.update()
+        try:
+            finished = False
+            while not finished:
+                try:
+                    item = records.get(timeout=REDRAW_S)
+                except queue.Empty:
+                    item = False
+                while item is not False:
+                    if item is None:
+                        finished = True
+                        break
+                    points.append(item)
+                    try:
+                        item = records.get_nowait()
+                    except queue.Empty:
+                        item = False
+                state = "Stopping" if job.is_set() else "Training"
+                if finished or time.monotonic() - drawn >= REDRAW_S:
+                    drawn = time.monotonic()
+                    yield status_text(points, 0.0 if steps else minutes, steps, state), curves(points), no_change
+        finally:
+            if worker.is_alive():  # the page went away or the event was cancelled: end the training too
+                job.set()
+        worker.join()
+        error = outcome.get("error")
+        if isinstance(error, Stopped):
+            message = (f"**Stopped** after step {points[-1]['step'] if points else 0}: the variant '{source}' is "
+                       "unchanged and nothing was stored.")
+            yield message, curves(points), no_change
+            return
+        if error is not None:
+            raise error
+        variant, evicted = outcome["variant"]
+        recovery = variant.meta.get("recovery", {})
+        note = f" The oldest variant '{evicted}' was dropped from memory (its run stays on disk)." if evicted else ""
+        before, after = recovery.get("heldout_kl_before") or float("nan"), recovery.get("heldout_kl_after") or float("nan")
+        message = (f"**Recovered** into variant **{variant.name}** (run `{variant.run_id}`): "
+                   f"{recovery.get('tokens_seen', 0):,} tokens in {recovery.get('seconds', 0):.0f} s, held-out KL "
+                   f"{before:.4f} → {after:.4f} (best at step {recovery.get('best_step')}). Compare it on the Side by "
+                   f"side and Quantize & measure tabs.{note}")
+        yield message, curves(points), gr.update(choices=list(session.variants), value=variant.name)
+    return start
+
+
+def make_stop(services: Services):
+    def stop(request: gr.Request = None) -> str:
+        """Set the running job's flag; the training ends at its next step and the status line says so."""
+        services.sessions.get(session_id(request)).stop.set()
+        return "Stopping after the current step… (the status above says when it has stopped)"
+    return stop
+
+
+def make_variants(services: Services):
+    def variants(current: str | None, request: gr.Request = None):
+        names = list(services.sessions.get(session_id(request)).variants)
+        return gr.update(choices=names, value=current if current in names else (names[-1] if names else None))
+    return variants
+
+
+def build(ctx: Ctx) -> None:
+    services = ctx.services
+    with gr.Tab("Recover", id="recover") as tab:
+        gr.Markdown(TEACHING, elem_classes="teach")
+        with gr.Row():
+            source = gr.Dropdown([], value=None, label="Pruned variant to recover", allow_custom_value=True,
+                                 elem_id="recover-variant")
+            params = gr.Radio(PARAM_CHOICES, value="mlp", label="What trains")
+        with gr.Row():
+            minutes = gr.Slider(0.25, 30, value=2, step=0.25, label="Budget: minutes", elem_id="recover-minutes")
+            steps = gr.Number(0, precision=0, minimum=0, label="…or steps (0 = use the minutes)")
+            lr = gr.Number(3e-4, minimum=1e-7, label="Peak learning rate")
+            name = gr.Textbox("", label="Name of the recovered variant", placeholder="default: <variant>+kd-<params>")
+        with gr.Accordion("Loss and batch", open=False):
+            with gr.Row():
+                tau = gr.Slider(0.5, 4, value=1.0, step=0.25, label="Temperature τ")
+                alpha = gr.Slider(0, 1, value=1.0, step=0.05, label="α: weight of KL to the original (1 − α: next-token CE)")
+                lora_rank = gr.Slider(1, 64, value=16, step=1, label="LoRA rank")
+            with gr.Row():
+                batch_size = gr.Slider(1, 16, value=4, step=1, label="Windows per step")
+                seq_len = gr.Slider(32, 512, value=128, step=32, label="Tokens per window")
+                eval_every = gr.Slider(1, 100, value=10, step=1, label="Held-out KL every N steps")
+        with gr.Row():
+            start_button = gr.Button("Start", variant="primary", elem_id="recover-start")
+            stop_button = gr.Button("Stop", variant="stop", elem_id="recover-stop")
+        status = gr.Markdown("", elem_id="recover-status")
+        plot = gr.Plot(label="Training curves", elem_id="recover-plot")
+    tab.select(make_variants(services), source, source, api_visibility="private")
+    start_button.click(make_start(services), [source, params, minutes, steps, lr, name, tau, alpha, lora_rank,
+                                              batch_size, seq_len, eval_every], [status, plot, source],
+                       api_name="recover", **model_events())
+    stop_button.click(make_stop(services), None, status, queue=False, api_name="recover_stop")
