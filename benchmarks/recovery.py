@@ -24,18 +24,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from _common import RESULTS, machine, markdown_table
 
-import torch  # noqa: E402
-
-from core.data import evaluation_windows  # noqa: E402
-from core.engine import CompensationOptions, prune_with_scores, score_model  # noqa: E402
-from core.evaluate import evaluate  # noqa: E402
-from core.export import read_meta, save_pruned  # noqa: E402
-from core.models import load_model  # noqa: E402
-from core.paths import cache_dir  # noqa: E402
-from core.recover import LoraOptions, RecoverOptions, recover  # noqa: E402
-from core.train import DistillOptions, TrainOptions  # noqa: E402
+from core.data import evaluation_windows
+from core.engine import CompensationOptions, prune_with_scores, score_model
+from core.evaluate import evaluate
+from core.export import read_meta, save_pruned
+from core.models import load_model
+from core.paths import cache_dir
+from core.recover import LoraOptions, RecoverOptions, recover
+from core.train import DistillOptions, TrainOptions
 
 TRAIN_KEYS = {"lr": float, "warmup_steps": int, "min_lr_ratio": float, "batch_size": int, "weight_decay": float,
               "eval_every": int}
@@ -120,7 +119,8 @@ def render(setup: dict, rows: list[dict]) -> str:
     lines = [f"## Recovery on `{setup['model']}` at equal wall-clock budgets", "",
              f"- students: {setup['students']}", f"- evaluation: {setup['evaluation']}",
              f"- training text: {setup['training']}", f"- machine: {setup['machine']}",
-             f"- command: `{setup['command']}`", ""]
+             "- commands (in order; later ones resume the same file):", ""]
+    lines += [f"      {c}" for c in setup.get("commands", [setup["command"]])] + [""]
     headers = ["ratio", "refit", "recipe", "budget min", "KL", "vs one-shot", "top-1", "ppl", "tokens", "tok/s",
                "held-out KL", "steps"]
     table = []
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = earlier.get("rows", [])
         setup["recipes"] = earlier.get("setup", {}).get("recipes", {})
         setup["overhead"] = earlier.get("setup", {}).get("overhead", [])
+        setup["commands"] = earlier.get("setup", {}).get("commands", [earlier.get("setup", {}).get("command", "")])
+    setup["commands"] = [c for c in setup.get("commands", []) if c] + [command]
     setup["recipes"].update(recipes)
     done = {(r["ratio"], r["compensation"], r["minutes"], r["recipe"]) for r in rows}
 

@@ -339,3 +339,27 @@ def test_dashboard_stop_ends_the_worker_and_stores_nothing(dashboard):
     assert torch.equal(_logits(session.variants["half"].model, ids), before)
     assert services.model_lock.acquire(timeout=1)  # the worker let go of the model
     services.model_lock.release()
+
+
+def test_param_ratio_converts_to_a_neuron_ratio_on_a_tiny_model():
+    from core.allocate import neuron_ratio_for_param_ratio as convert
+    from core.allocate import removed_shares, uniform_widths
+    from core.counts import count_params
+    from core.errors import PruneConfigError
+    from core.prune import prune_mlp_neurons
+
+    model = make_tiny("llama", intermediate_size=256)
+    params = count_params(model)["params"]
+    neuron_ratio = convert(model, 0.01)
+    mlp_share = (count_params(model)["mlp_params"]) / params
+    assert neuron_ratio == pytest.approx(0.01 / mlp_share)  # no MLP biases: every MLP weight scales with width
+    widths = uniform_widths([256, 256], neuron_ratio)
+    shares = removed_shares(model, widths)
+    assert shares["mlp_neuron_ratio"] == pytest.approx(1 - sum(widths) / 512)
+    assert shares["params_removed_share"] == pytest.approx(0.01, abs=0.0005)  # up to one neuron of rounding
+    pruned = prune_mlp_neurons(model, [torch.arange(w) for w in widths])
+    assert 1 - count_params(pruned)["params"] / params == pytest.approx(shares["params_removed_share"])
+    with pytest.raises(PruneConfigError, match="impossible"):
+        convert(model, 0.9)
+    with pytest.raises(PruneConfigError, match=r"\[0, 1\)"):
+        convert(model, -0.1)
