@@ -279,6 +279,9 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
         "compensation": compensation.to_dict() if compensation.method != "none" else {"method": "none"},
         "tool_version": __version__,
     }
+    from .allocate import removed_shares
+
+    meta["params_removed_share"] = removed_shares(loaded.model, widths)["params_removed_share"]  # of ALL parameters
     if allocation != "uniform":
         meta["allocation_options"] = options.to_dict()
     if plan.adaptive is not None:

@@ -363,3 +363,22 @@ def test_param_ratio_converts_to_a_neuron_ratio_on_a_tiny_model():
         convert(model, 0.9)
     with pytest.raises(PruneConfigError, match=r"\[0, 1\)"):
         convert(model, -0.1)
+
+
+def test_cli_prune_accepts_a_share_of_all_parameters(tmp_path, real_tokenizer):
+    from core.export import read_meta
+
+    folder = tmp_path / "tiny"
+    make_tiny("llama", intermediate_size=256).save_pretrained(folder)
+    real_tokenizer.save_pretrained(folder)
+    out = tmp_path / "p"
+    done = run_cli("prune", "--model", str(folder), "--param-ratio", "0.01", "--samples", "2", "--seq-len", "16",
+                   "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["param_ratio"] == 0.01 and report["params_removed_share"] == pytest.approx(0.01, abs=0.0005)
+    assert report["achieved_ratio"] > 0.1  # the MLPs of this tiny model hold only a small share of its parameters
+    assert read_meta(out)["params_removed_share"] == pytest.approx(report["params_removed_share"], abs=1e-5)
+    both = run_cli("prune", "--model", str(folder), "--param-ratio", "0.01", "--ratio", "0.2", "--out",
+                   str(tmp_path / "q"))
+    assert both.returncode != 0 and "exactly one" in both.stderr and not (tmp_path / "q").exists()

@@ -35,7 +35,9 @@ def register(sub) -> None:
     _common(prune)
     _criterion_options(prune)
     prune.add_argument("--scores", help="reuse a scores file from 'score' instead of scoring again")
-    prune.add_argument("--ratio", type=float, required=True, help="fraction of MLP neurons removed, 0 <= R < 1")
+    prune.add_argument("--ratio", type=float, help="fraction of MLP neurons removed, 0 <= R < 1")
+    prune.add_argument("--param-ratio", type=float,
+                       help="share of ALL parameters to remove, taken from the MLPs (the seed papers' unit: 20 %% of LLaMA-2-7B ~ 31 %% of its MLP neurons); converted to --ratio")
     prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     prune.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (8/64/128)")
     _allocation_options(prune)
@@ -140,7 +142,11 @@ def cmd_score(args) -> dict:
 
 
 def cmd_prune(args) -> dict:
-    check_ratio(args.ratio)
+    if (args.ratio is None) == (args.param_ratio is None):
+        raise PruneConfigError("Give exactly one of --ratio (share of MLP neurons) and --param-ratio (share of all "
+                               "parameters).")
+    if args.ratio is not None:
+        check_ratio(args.ratio)
     compensation = CompensationOptions(args.compensate, args.compensate_samples, args.compensate_seq_len,
                                        args.compensate_damping).check()
     check_output_dir(args.out)
@@ -151,6 +157,10 @@ def cmd_prune(args) -> dict:
                                "each layer its own width: use --export hf-remote-code or hf-padded.")
     export = args.export or ("hf-native" if args.allocation == "uniform" else "hf-remote-code")
     loaded = load_model(args.model)
+    if args.param_ratio is not None:  # the share of all parameters → the share of MLP neurons for this model
+        from ..allocate import neuron_ratio_for_param_ratio
+
+        args.ratio = neuron_ratio_for_param_ratio(loaded.model, args.param_ratio)
     if args.allocation == "uniform":  # fail on a layer-emptying ratio before spending time on scoring
         plan_widths(loaded.model, args.ratio, args.allocation, args.round_to)
     if compensation.method != "none":  # fail on too little calibration text before spending time on scoring
@@ -168,6 +178,7 @@ def cmd_prune(args) -> dict:
     before, after = count_params(loaded.model), count_params(pruned.model)
     return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
             "allocation": args.allocation, "compensation": args.compensate, "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
+            "params_removed_share": round(pruned.meta["params_removed_share"], 5), "param_ratio": args.param_ratio,
             "criterion_params": result.config.get("criterion_params", {}),
             "intermediate_sizes": pruned.widths, "params_before": before["params"], "params_after": after["params"],
             "scoring_seconds": round(result.seconds, 2)}
