@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import metrics
 from .adapters import decoder_layers, mlp_handles
 from .allocate import check_ratio
 from .errors import DataError, PruneConfigError
@@ -171,9 +171,9 @@ class MaskedEvaluator:
             with hooks([layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]):
                 hidden = self.model.model(input_ids=batch, use_cache=False).last_hidden_state
             self.layer_inputs.append(captured)
-            logp = F.log_softmax(lm_logits(self.model, hidden).float(), dim=-1)
+            logp = metrics.log_probs(lm_logits(self.model, hidden))  # (B, T, V)
             probs = logp.exp()
-            neg_entropy = float((probs * logp).sum(-1).double().sum())
+            neg_entropy = float(metrics.cross(probs, logp).double().sum())
             self.dense_probs.append(probs if self.fidelity == "kl" else probs[..., :0])
             self.dense_neg_entropy.append(neg_entropy)
         self.dense_value = 0.0 if self.fidelity == "kl" else -sum(self.dense_neg_entropy) / self.tokens
@@ -208,12 +208,12 @@ class MaskedEvaluator:
                 if stub is not None:
                     stub.value = self.layer_inputs[index][start]
                 hidden = self.model.model(input_ids=batch, use_cache=False).last_hidden_state
-                logp = F.log_softmax(lm_logits(self.model, hidden).float(), dim=-1)
+                logp = metrics.log_probs(lm_logits(self.model, hidden))  # (B, T, V)
                 if self.fidelity == "kl":  # KL = Σ p·log p_dense − Σ p·log p_masked
-                    cross = float((self.dense_probs[index] * logp).sum(-1).double().sum())
-                    total += self.dense_neg_entropy[index] - cross
+                    total += self.dense_neg_entropy[index] - float(metrics.cross(self.dense_probs[index], logp)
+                                                                   .double().sum())
                 else:
-                    total += float(-(logp.exp() * logp).sum(-1).double().sum())
+                    total += float(metrics.entropy(logp).double().sum())
         return total / self.tokens
 
 

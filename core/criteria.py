@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import metrics
 from .adapters import mlp_handles
 from .errors import HFPruneError
 
@@ -210,7 +211,7 @@ class SelfDistillCriterion(TaylorCriterion):
             raise HFPruneError("self_distill needs teacher logits.")
         logp = F.log_softmax(logits, dim=-1)
         teacher_logp = F.log_softmax(teacher.to(logits.dtype), dim=-1)
-        kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)
+        kl = metrics.kl(teacher_logp, logp)
         loss = self.alpha * kl
         if self.alpha < 1.0:
             ce = F.nll_loss(logp, targets.clamp_min(0), reduction="none") * (targets >= 0)

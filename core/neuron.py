@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from . import metrics
 from .adapters import mlp_handles
 from .data import bos_token
 from .errors import SelectionError
@@ -226,7 +227,7 @@ def inspect_neuron(loaded, windows: torch.Tensor, layer: int, index: int, *,
         dense, removed = logp[(w, p)]
         lo, hi = max(0, p - options.context), min(T, p + options.context + 1)
         ids = windows[w, lo:hi].tolist()
-        kl = float((dense.exp() * (dense - removed)).sum().clamp_min(0.0))
+        kl = float(metrics.kl(dense, removed).clamp_min(0.0))
         contexts.append(NeuronContext(
             window=w, position=p, activation=float(acts[w, p]), tokens=[decode(t) for t in ids],
             activations=[float(v) for v in acts[w, lo:hi]], center=p - lo,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import DataError
-from .evaluate import per_token_kl
+from .metrics import entropy, log_probs, per_token_kl
 
 
 @dataclass
@@ -101,7 +101,7 @@ def next_token_menus(models: dict[str, nn.Module], tokenizer, context: str, k: i
     dists = {}
     for name, model in models.items():
         logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits[0, -1]
-        dists[name] = logits.float().cpu().log_softmax(-1)  # (V,)
+        dists[name] = log_probs(logits.cpu())  # (V,)
     union: list[int] = []
     for logp in dists.values():
         for token in logp.topk(k).indices.tolist():
@@ -110,9 +110,9 @@ def next_token_menus(models: dict[str, nn.Module], tokenizer, context: str, k: i
     names = list(dists)
     union.sort(key=lambda t: tuple(-float(dists[n][t]) for n in names))
     probs = {n: [float(dists[n][t].exp()) for t in union] for n in names}
-    entropy = {n: float(-(dists[n].exp() * dists[n]).sum()) for n in names}
+    entropies = {n: float(entropy(dists[n])) for n in names}
     top1 = {n: tokenizer.decode([int(dists[n].argmax())]) for n in names}
-    return TokenMenu(context, union, [tokenizer.decode([t]) for t in union], probs, entropy, top1)
+    return TokenMenu(context, union, [tokenizer.decode([t]) for t in union], probs, entropies, top1)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from .allocate import check_ratio, top_k_indices
 from .engine import CompensationOptions, ScoreResult, compensation_grams, plan_widths
 from .errors import PruneConfigError
-from .evaluate import evaluate
+from .evaluate import Reference, evaluate
 from .models import LoadedModel
 from .progress import check_stop
 from .prune import pruned_view
@@ -54,6 +54,7 @@ def fidelity_sweep(loaded: LoadedModel, results: dict[str, ScoreResult], ratios:
     base_allocation, _, compensate = allocation.partition("+")
     options = replace(compensation or CompensationOptions(), method="lsq").check() if compensate else None
     grams = None
+    reference = None  # the dense model's distributions on ``windows``, computed once for every row
     for name, result in results.items():
         for ratio in ratios:
             check_stop(stop, "The sweep was stopped.")
@@ -65,7 +66,9 @@ def fidelity_sweep(loaded: LoadedModel, results: dict[str, ScoreResult], ratios:
                     grams = compensation_grams(loaded, options, source=result.config.get("source") or "wiki",
                                                seed=int(result.config.get("seed") or 0), progress=progress, stop=stop)
                 compensate_pruned(variant, loaded.model, kept, grams, options.damping)
-            metrics = evaluate(variant, windows, loaded.model, progress=progress, stop=stop)
+            if reference is None:
+                reference = Reference(loaded.model, windows)
+            metrics = evaluate(variant, windows, reference, progress=progress, stop=stop)
             yield {"criterion": name, "ratio": ratio, "allocation": allocation, "perplexity": metrics.perplexity,
                    "kl_to_dense": metrics.kl_to_reference, "top1_agreement": metrics.top1_agreement,
                    "params": metrics.params}

@@ -18,7 +18,7 @@ from core.counts import mlp_widths_any
 from core.criteria import REGISTRY, resolve_params
 from core.data import evaluation_windows, store_text_file
 from core.errors import DataError, HFPruneError, PruneConfigError
-from core.evaluate import evaluate
+from core.evaluate import Reference, evaluate, evaluate_reference
 from core.models import LoadedModel
 from core.paths import cache_dir
 from core.prune import pruned_view
@@ -191,11 +191,12 @@ class Services:
         ids = evaluation_windows(loaded.tokenizer, source, int(windows), int(seq_len), max_length=loaded.max_length)
         rows = []
         with self.model_lock:
-            base = evaluate(loaded.model, ids, progress=True).to_dict()
+            reference = Reference(loaded.model, ids)  # the original runs once, not once per variant
+            base = evaluate_reference(reference, progress=True).to_dict()
             rows.append({"variant": "original", **base})
             for name in names:
                 variant = self.variant(session, name)
-                metrics = evaluate(variant.model, ids, loaded.model, progress=True).to_dict()
+                metrics = evaluate(variant.model, ids, reference, progress=True).to_dict()
                 variant.metrics = metrics
                 if variant.run_id:
                     try:
