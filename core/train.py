@@ -571,6 +571,8 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                 if options.keep_best and last_value is not None and (best_value is None or last_value < best_value):
                     best_value, best_step, best_state = last_value, step, None
                 curve[-1]["heldout"] = last_value
+                if on_step is not None:  # the live curve gets the final held-out point too
+                    on_step(StepRecord(**curve[-1]))
             final_value = last_value
             if options.keep_best and best_step is not None and best_step != step:
                 _restore(params, best_state if best_state is not None else initial)
