@@ -1,9 +1,11 @@
 """Criteria × allocation benchmark: fidelity of pruned models to the dense one.
 
 For every criterion (scored once on N × L calibration windows from the wiki calibration split) and
-every allocation (uniform / global / adaptive …) at each ratio, prune physically and measure on the
-held-out evaluation articles (``core.data.evaluation_windows``): perplexity, mean per-token
-KL(p_dense ‖ p_pruned), top-1 agreement — plus the scoring time and the allocation time. Rows are
+every allocation (uniform / global / adaptive …) at each ratio, prune and measure on the held-out
+evaluation articles (``core.data.evaluation_windows``): perplexity, mean per-token
+KL(p_dense ‖ p_pruned), top-1 agreement — plus the scoring time and the allocation time. The rows
+come from the engine's sweep (``core.sweep.FidelitySweep``, the code behind the dashboard's sweep
+table); this script adds the scoring, the resume logic and the tables. Rows are
 appended to ``benchmarks/results/criteria_<model>.json`` as they finish (``--resume`` skips done
 rows) and the markdown tables go to ``criteria_<model>.md``.
 
@@ -15,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,18 +26,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from core.adaptive import MaskedEvaluator, adaptive_search  # noqa: E402
-from core.allocate import global_widths, top_k_indices, uniform_widths  # noqa: E402
 from core.criteria import REGISTRY  # noqa: E402
-from core.compensate import compensate_pruned  # noqa: E402
 from core.data import evaluation_windows  # noqa: E402
+from core.engine import AllocationOptions, CompensationOptions, score_model  # noqa: E402
+from core.errors import PruneConfigError  # noqa: E402
 from core.models import load_model  # noqa: E402
-from core.engine import (AllocationOptions, CompensationOptions, adaptive_heldout,  # noqa: E402
-                         compensation_grams, score_model)
-from core.prune import prune_mlp_neurons  # noqa: E402
-from core.scoring import batches  # noqa: E402
+from core.sweep import FidelitySweep, split_allocation  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CRITERIA = "entropy,cross_entropy,self_distill,fisher,entropy+ce,wanda,fluctuation,magnitude,random"
@@ -50,29 +45,6 @@ ALLOCATION_LABELS = {
 }
 # An allocation name may end in "+lsq": the same widths and neurons, then the least-squares
 # down_proj refit of core.compensate (statistics from the dense model, computed once per run).
-
-
-@torch.no_grad()
-def dense_reference(model, windows, batch_size):
-    out = []
-    for batch in batches(windows, batch_size):
-        out.append(F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1))
-    return out
-
-
-@torch.no_grad()
-def fidelity(model, windows, ref_logp, batch_size):
-    """Perplexity (K·(T−1) predictions), mean KL(p_dense ‖ p) and top-1 agreement (K·T positions)."""
-    nll = kl = agree = 0.0
-    n_pred = n_pos = 0
-    for batch, ref in zip(batches(windows, batch_size), ref_logp):
-        logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
-        nll += float(-logp[:, :-1].gather(-1, batch[:, 1:, None]).double().sum())
-        n_pred += batch[:, 1:].numel()
-        kl += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
-        agree += float((ref.argmax(-1) == logp.argmax(-1)).double().sum())
-        n_pos += batch.numel()
-    return {"perplexity": math.exp(nll / n_pred), "kl": kl / n_pos, "top1": agree / n_pos}
 
 
 def parse_criterion(spec: str) -> tuple[str, str, dict]:
@@ -126,11 +98,11 @@ def main(argv=None) -> int:
     command = "python benchmarks/criteria.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     loaded = load_model(args.model)
-    model = loaded.model
     eval_windows = evaluation_windows(loaded.tokenizer, "wiki", args.eval_windows, args.eval_seq_len,
                                       max_length=loaded.max_length)
     setup = {"model": args.model, "calibration": f"wiki calibration split, N={args.samples} x L={args.seq_len} "
-             f"(seed {args.seed})", "evaluation": f"wiki evaluation articles, {args.eval_windows} x {args.eval_seq_len}",
+             f"(seed {args.seed})",
+             "evaluation": f"wiki evaluation articles, {args.eval_windows} x {args.eval_seq_len}",
              "adaptive_heldout": f"{args.heldout_samples} x {args.heldout_seq_len} calibration-split windows disjoint "
              f"from the scoring windows", "compensation": f"+lsq: least-squares down_proj refit on "
              f"{args.compensate_samples} x {args.compensate_seq_len} calibration windows, damping "
@@ -147,15 +119,22 @@ def main(argv=None) -> int:
         json_path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
         md_path.write_text(render(setup, rows, ratios))
 
-    print(f"[bench] dense reference on {eval_windows.shape[0]}x{eval_windows.shape[1]} eval tokens", flush=True)
-    ref = dense_reference(model, eval_windows, args.batch_size)
-    if ("dense", "-", 0.0) not in done:
-        rows.append({"criterion": "dense", "allocation": "-", "ratio": 0.0, **fidelity(model, eval_windows, ref,
-                     args.batch_size), "score_s": 0.0, "alloc_s": 0.0, "cost": "-", "achieved_ratio": 0.0})
-        save()
-    grams = None
+    for spec in allocations:
+        try:
+            split_allocation(spec)
+        except PruneConfigError as exc:
+            raise SystemExit(str(exc)) from exc
     compensation = CompensationOptions("lsq", args.compensate_samples, args.compensate_seq_len,
                                        args.compensate_damping).check()
+    options = AllocationOptions(heldout_samples=args.heldout_samples, heldout_seq_len=args.heldout_seq_len)
+    sweep = FidelitySweep(loaded, eval_windows, options=options, compensation=compensation,
+                          batch_size=args.batch_size)
+    print(f"[bench] dense reference on {eval_windows.shape[0]}x{eval_windows.shape[1]} eval tokens", flush=True)
+    if ("dense", "-", 0.0) not in done:
+        dense = sweep.dense()
+        rows.append({"criterion": "dense", "allocation": "-", "ratio": 0.0, "perplexity": dense.perplexity,
+                     "kl": 0.0, "top1": 1.0, "score_s": 0.0, "alloc_s": 0.0, "cost": "-", "achieved_ratio": 0.0})
+        save()
     for label, name, params in criteria:
         todo = [(a, r) for a in allocations for r in ratios if (label, a, r) not in done
                 and (not a.startswith("adaptive") or label in adaptive_set or name in adaptive_set)]
@@ -164,60 +143,26 @@ def main(argv=None) -> int:
         print(f"[bench] scoring {label}", flush=True)
         result = score_model(loaded, name, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                              batch_size=args.batch_size, progress=False, criterion_params=params)
-        scores = result.scores
-        full = [s.numel() for s in scores]
-        evaluator = None
         for allocation_spec, ratio in todo:
-            allocation, _, compensate = allocation_spec.partition("+")
-            if compensate not in ("", "lsq"):
-                raise SystemExit(f"unknown compensation '+{compensate}' in {allocation_spec}")
-            start = time.perf_counter()
-            extra = {}
-            earlier = next((r for r in rows if (r["criterion"], r["allocation"], r["ratio"]) == (label, allocation, ratio)
-                            and "widths" in r), None)
-            if compensate and earlier is not None:  # the same widths as the plain row: no second search
-                widths, extra = earlier["widths"], {k: earlier[k] for k in ("tolerance", "evaluations",
-                                                                              "search_ratio") if k in earlier}
-                start -= earlier["alloc_s"]
-            elif allocation == "uniform":
-                widths = uniform_widths(full, ratio)
-            elif allocation.startswith("global"):
-                norm = {"global": "mean", "global-z": "zscore", "global-raw": "none"}[allocation]
-                widths = global_widths(scores, ratio, normalize=norm, min_keep=0.1)
-            elif allocation in ("adaptive", "adaptive-seq"):
-                options = AllocationOptions(heldout_samples=args.heldout_samples, heldout_seq_len=args.heldout_seq_len)
-                if evaluator is None:
-                    heldout = adaptive_heldout(loaded, result, options)
-                    evaluator = MaskedEvaluator(model, heldout, scores, "kl", args.batch_size)
-                mode = "sequential" if allocation == "adaptive-seq" else "independent"
-                found = adaptive_search(model, scores, ratio, None, evaluator=evaluator, mode=mode, progress=False)
-                widths = found.widths
-                extra = {"tolerance": found.tolerance, "evaluations": found.evaluations,
-                         "search_ratio": found.search_ratio}
-            else:
-                raise SystemExit(f"unknown allocation {allocation}")
-            alloc_s = time.perf_counter() - start
-            kept = top_k_indices(scores, widths)
-            pruned = prune_mlp_neurons(model, kept)
-            if compensate:
-                if grams is None:
-                    t0 = time.perf_counter()
-                    grams = compensation_grams(loaded, compensation, seed=args.seed, batch_size=args.batch_size,
-                                               progress=False)
-                    setup["compensation_statistics_s"] = round(time.perf_counter() - t0, 1)
-                    print(f"[bench] compensation statistics in {setup['compensation_statistics_s']} s", flush=True)
-                t0 = time.perf_counter()
-                compensate_pruned(pruned, model, kept, grams, compensation.damping)
-                extra["compensate_s"] = round(time.perf_counter() - t0, 2)
-            metrics = fidelity(pruned, eval_windows, ref, args.batch_size)
-            del pruned
-            row = {"criterion": label, "allocation": allocation_spec, "ratio": ratio, **metrics,
-                   "score_s": round(result.seconds, 2), "alloc_s": round(alloc_s, 2), "cost": result.config["cost"],
-                   "achieved_ratio": 1.0 - sum(widths) / sum(full), "widths": widths, **extra}
-            rows.append(row)
+            plain = allocation_spec.partition("+")[0]
+            earlier = None
+            if plain != allocation_spec:  # the same widths as the plain row: no second search
+                earlier = next((r for r in rows if "widths" in r
+                                and (r["criterion"], r["allocation"], r["ratio"]) == (label, plain, ratio)), None)
+            had_grams = sweep.grams is not None
+            row = sweep.row(label, result, allocation_spec, ratio, reuse=earlier)
+            if not had_grams and sweep.grams is not None:
+                setup["compensation_statistics_s"] = round(sweep.grams_seconds, 1)
+                print(f"[bench] compensation statistics in {setup['compensation_statistics_s']} s", flush=True)
+            extra = {k: row[k] for k in ("tolerance", "evaluations", "search_ratio", "compensate_s") if k in row}
+            rows.append({"criterion": label, "allocation": allocation_spec, "ratio": ratio,
+                         "perplexity": row["perplexity"], "kl": row["kl_to_dense"], "top1": row["top1_agreement"],
+                         "score_s": round(result.seconds, 2), "alloc_s": row["alloc_s"], "cost": result.config["cost"],
+                         "achieved_ratio": row["achieved_ratio"], "widths": row["widths"], **extra})
             save()
-            print(f"[bench] {label:>14} {allocation_spec:>10} r={ratio:.1f} kl={metrics['kl']:.4f} "
-                  f"ppl={metrics['perplexity']:.2f} top1={metrics['top1']:.3f} alloc={alloc_s:.1f}s", flush=True)
+            print(f"[bench] {label:>14} {allocation_spec:>10} r={ratio:.1f} kl={row['kl_to_dense']:.4f} "
+                  f"ppl={row['perplexity']:.2f} top1={row['top1_agreement']:.3f} alloc={row['alloc_s']:.1f}s",
+                  flush=True)
     save()
     print(md_path.read_text())
     return 0
@@ -270,7 +215,8 @@ def render(setup: dict, rows: list[dict], ratios: list[float]) -> str:
         if r["criterion"] == "dense":
             continue
         lines.append(f"| {r['criterion']} | {r['allocation']} | {r['ratio']:.1f} | {r['achieved_ratio']:.4f} | "
-                     f"{r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {r['score_s']:.1f} | {r['alloc_s']:.1f} |")
+                     f"{r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {r['score_s']:.1f} | "
+                     f"{r['alloc_s']:.1f} |")
     lines += [""]
     if base:
         best = []
