@@ -10,9 +10,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -208,12 +208,15 @@ def resolve(spec: str) -> tuple[str, str | None]:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool | None = None) -> LoadedModel:
+               trust_remote_code: bool | None = None, device_map: str | dict | None = None) -> LoadedModel:
     """Load model + tokenizer, check the architecture, return it in eval mode.
 
     ``trust_remote_code``: run Python code shipped with the model (``auto_map``). By default (None) only
     the code our own hf-remote-code export wrote is trusted, or any when $HFPRUNE_TRUST_REMOTE_CODE=1
-    (the CLI's --trust-remote-code); a folder with other code is refused with a clear message."""
+    (the CLI's --trust-remote-code); a folder with other code is refused with a clear message.
+    ``device_map``: accelerate's placement (``"auto"`` spreads the layers over the visible GPUs, then the
+    CPU) for models larger than one device; weights stream straight to their device (a GGUF file is
+    de-quantized on the CPU first, then dispatched)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = (spec or "").strip()
@@ -223,10 +226,13 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     if gguf_file:
         model, tokenizer = _load_gguf(Path(location) / gguf_file)
         model = model.to(dtype)
+        if device_map is not None:
+            model = _dispatch(model, device_map)
     else:
         try:
             trust = _trust_remote_code(location, trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust)
+            placement = {} if device_map is None else {"device_map": device_map}
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust, **placement)
             tokenizer = AutoTokenizer.from_pretrained(location)
         except (UnsupportedArchitectureError, ModelLoadError):
             raise
@@ -246,6 +252,18 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=location)
+
+
+def _dispatch(model: nn.Module, device_map: str | dict) -> nn.Module:
+    """Spread an already loaded model with accelerate (balanced over the GPUs, whole decoder layers)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = getattr(model, "_no_split_modules", None) or []
+        memory = get_balanced_memory(model, no_split_module_classes=no_split)
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    return dispatch_model(model, device_map)
 
 
 def _trust_remote_code(location: str, explicit: bool | None) -> bool:

@@ -76,10 +76,12 @@ def check_memory(location: str, factor: float = 1.5) -> None:
                              f"but only {available / 2**30:.1f} GiB is free.")
 
 
-def load_any(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+def load_any(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+             device_map: str | None = None):
     """Like ``core.models.load_model``, but a folder with ``quantization.json`` comes back quantized
     (recipe applied on load, on ``device`` or the CPU). Returns a ``LoadedModel``; the method is
-    ``quantization_of(loaded.model)`` and the recipe ``loaded.recipe`` (None for plain models)."""
+    ``quantization_of(loaded.model)`` and the recipe ``loaded.recipe`` (None for plain models).
+    ``device_map="auto"``: accelerate spreads a plain model over the GPUs (``device`` is then ignored)."""
     spec = (spec or "").strip()
     recipe = None
     if spec and Path(spec).expanduser().is_dir():
@@ -88,9 +90,12 @@ def load_any(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.
             check_method(recipe["method"], device or "cpu")
     if spec:
         location, _gguf = resolve(spec)
-        check_memory(location)
-    loaded = load_model(spec, dtype=dtype)
-    if device is not None:
+        if device_map is None:  # a dispatched model streams to the GPUs; the CPU need not hold it
+            check_memory(location)
+    if recipe and device_map is not None:
+        raise ModelLoadError("A quantized folder is loaded whole on one device; drop --device-map auto.")
+    loaded = load_model(spec, dtype=dtype, device_map=device_map)
+    if device is not None and device_map is None:
         loaded.model.to(device)
     if recipe:
         quantize_model(loaded.model, recipe["method"], device=device)

@@ -9,7 +9,9 @@ final hidden states with a two-stage backward, so (B·T, V) fp32 logits never ex
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Protocol
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -78,38 +80,103 @@ def base_forward(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state
 
 
+class _ScoreTap(torch.autograd.Function):
+    """Identity on the down_proj input ``a`` (B, T, d_ff) whose backward hands (a, g = dL/da) to
+    ``accumulate``. ``a`` is kept through ``save_for_backward`` (not a closure), so activation
+    checkpointing drops it after the forward and recomputes it for the backward like any other
+    saved activation; the backward runs once per real backward, never for a recompute."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, accumulate: Callable[[torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.accumulate = accumulate
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (a,) = ctx.saved_tensors
+        ctx.accumulate(a.detach(), g)
+        return g, None
+
+
+@contextlib.contextmanager
+def checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Recompute each decoder layer's activations in the backward (transformers' gradient
+    checkpointing, non-reentrant) while the model stays in eval mode. transformers only checkpoints
+    a layer whose own ``training`` flag is set, so the flag is raised on the decoder-layer modules
+    alone: dropout and every other submodule keep eval behaviour. Restored on exit."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        from .errors import HFPruneError
+
+        raise HFPruneError(f"{type(model).__name__} does not support gradient checkpointing.")
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    saved = [m.training for m in layers]
+    for m in layers:
+        m.training = True  # this module only (not .train(), which would recurse into dropout)
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, saved):
+            m.training = flag
+        model.gradient_checkpointing_disable()
+
+
 def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss, *, batch_size: int = 4,
                   aggregate: str = "sum_abs", teacher: nn.Module | None = None, teacher_temperature: float = 1.0,
-                  progress: bool = True, stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
+                  progress: bool = True, stop: Callable[[], bool] | None = None, data_parallel: bool = False,
+                  grad_checkpointing: bool = False) -> list[torch.Tensor]:
     """First-order Taylor importance of every MLP neuron.
 
     windows: (N, T) token ids. aggregate: ``sum_abs`` = Σ_samples Σ_t |a·g| (HFPrune),
     ``abs_sum`` = mean_samples |Σ_t a·g| (AMP) or ``sq_sum`` = Σ_samples (Σ_t a·g)² (Fisher). teacher: optional frozen model whose logits
-    (divided by ``teacher_temperature``) are passed to the criterion. Returns one fp32 (d_ff_l,)
-    tensor per layer.
+    (divided by ``teacher_temperature``) are passed to the criterion. ``data_parallel``: inside a
+    torch.distributed group, this rank scores only its shard of the windows and the per-window sums
+    are all-reduced (every aggregate is a sum over windows; ``abs_sum`` divides by the global N
+    after the reduction). ``grad_checkpointing``: recompute layer activations in the backward.
+    Returns one fp32 (d_ff_l,) tensor per layer, on the CPU.
     """
+    from . import distributed
+
     if aggregate not in ("sum_abs", "abs_sum", "sq_sum"):
         raise ValueError(f"aggregate must be 'sum_abs', 'abs_sum' or 'sq_sum', got {aggregate!r}")
     handles = mlp_handles(model)
-    scores = [torch.zeros(h.width, dtype=torch.float32) for h in handles]
-    seq_len = windows.shape[1]
+    scores: list[torch.Tensor | None] = [None] * len(handles)  # fp32 (d_ff_l,) on the layer's device
+    n_windows, seq_len = windows.shape
+    ids = distributed.shard(n_windows) if data_parallel else torch.arange(n_windows)
+    local = windows[ids]  # (N_rank, T)
     weights = criterion.position_weights(seq_len).to(torch.float32)  # (T,)
     rows_per_chunk = chunk_rows(model.config.vocab_size)
+    row_uniforms = getattr(criterion, "row_uniforms", None)
+    takes_uniforms = row_uniforms is not None and "uniforms" in inspect.signature(criterion.token_loss).parameters
+
+    def make_accumulate(layer: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        def accumulate(a: torch.Tensor, g: torch.Tensor) -> None:
+            prod = a.float() * g.float()  # (B, T, d_ff)
+            if aggregate == "sum_abs":
+                per_batch = prod.abs().sum(dim=(0, 1))
+            elif aggregate == "abs_sum":
+                per_batch = prod.sum(dim=1).abs().sum(dim=0)
+            else:  # sq_sum: (Σ_t a·g)² per window; windows of a batch do not mix in the backward
+                per_batch = prod.sum(dim=1).pow(2).sum(dim=0)
+            if scores[layer] is None:
+                scores[layer] = torch.zeros_like(per_batch)
+            scores[layer].add_(per_batch)
+        return accumulate
 
     def make_pre_hook(layer: int):
+        accumulate = make_accumulate(layer)
+
         def pre_hook(_module, args):
             a = args[0]  # (B, T, d_ff)
             if a.requires_grad:
-                def grad_hook(g: torch.Tensor) -> None:
-                    prod = a.detach().float() * g.float()  # (B, T, d_ff)
-                    if aggregate == "sum_abs":
-                        per_batch = prod.abs().sum(dim=(0, 1))
-                    elif aggregate == "abs_sum":
-                        per_batch = prod.sum(dim=1).abs().sum(dim=0)
-                    else:  # sq_sum: (Σ_t a·g)² per window; windows of a batch do not mix in the backward
-                        per_batch = prod.sum(dim=1).pow(2).sum(dim=0)
-                    scores[layer].add_(per_batch.to(scores[layer].device))
-                a.register_hook(grad_hook)
+                return (_ScoreTap.apply(a, accumulate), *args[1:])
+            return None
         return pre_hook
 
     def grad_entry_hook(_module, args, kwargs):
@@ -123,9 +190,9 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
     registered = [h.down.register_forward_pre_hook(make_pre_hook(h.index)) for h in handles]
     registered.append(handles[0].mlp.register_forward_pre_hook(grad_entry_hook, with_kwargs=True))
     device = next(model.parameters()).device
-    bar = tqdm(total=int(windows.shape[0]), desc="scoring", unit="window", disable=not progress)
-    with frozen(model), hooks(registered), torch.enable_grad(), bar:
-        for batch in batches(windows, batch_size):
+    bar = tqdm(total=int(local.shape[0]), desc="scoring", unit="window", disable=not progress)
+    with frozen(model), hooks(registered), checkpointed(model, grad_checkpointing), torch.enable_grad(), bar:
+        for batch_ids, batch in zip(batches(ids, batch_size), batches(local, batch_size)):
             check_stop(stop, "Scoring was stopped.")
             batch = batch.to(device)
             teacher_logits = None
@@ -136,19 +203,25 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
             detached = hidden.detach().requires_grad_(True)
             flat = detached.reshape(-1, hidden.shape[-1])  # (B·T, H)
             targets = _next_token_targets(batch).reshape(-1)  # (B·T,)
-            row_weights = weights.to(device).repeat(batch.shape[0])  # (B·T,)
+            row_weights = weights.repeat(batch.shape[0])  # (B·T,)
             teacher_flat = None if teacher_logits is None else teacher_logits.reshape(flat.shape[0], -1)
+            uniforms = row_uniforms(batch_ids, seq_len) if takes_uniforms else None  # (B·T,)
             for start in range(0, flat.shape[0], rows_per_chunk):
                 stop_row = start + rows_per_chunk
-                logits = lm_logits(model, flat[start:stop_row]).float()  # (R, V)
-                chunk_teacher = None if teacher_flat is None else teacher_flat[start:stop_row]
-                per_row = criterion.token_loss(logits, targets[start:stop_row], chunk_teacher)  # (R,)
-                (per_row * row_weights[start:stop_row]).sum().backward()
+                logits = lm_logits(model, flat[start:stop_row]).float()  # (R, V), on lm_head's device
+                here = logits.device
+                chunk_teacher = None if teacher_flat is None else teacher_flat[start:stop_row].to(here)
+                extra = {} if uniforms is None else {"uniforms": uniforms[start:stop_row].to(here)}
+                per_row = criterion.token_loss(logits, targets[start:stop_row].to(here), chunk_teacher, **extra)  # (R,)
+                (per_row * row_weights[start:stop_row].to(here)).sum().backward()
             hidden.backward(detached.grad)
             bar.update(batch.shape[0])
+    out = [(s if s is not None else torch.zeros(h.width)).float().cpu() for s, h in zip(scores, handles)]
+    if data_parallel:
+        distributed.all_reduce_sum(out)
     if aggregate == "abs_sum":
-        scores = [s / windows.shape[0] for s in scores]
-    return scores
+        out = [s / n_windows for s in out]
+    return out
 
 
 def _next_token_targets(batch: torch.Tensor) -> torch.Tensor:
@@ -160,11 +233,16 @@ def _next_token_targets(batch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_sq_norms(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
-                        stop: Callable[[], bool] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+                        stop: Callable[[], bool] | None = None,
+                        data_parallel: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """Forward-only statistics of ``a`` at each down_proj input over all calibration tokens.
 
     Returns (Σ a², Σ a, token count): two lists of fp32 (d_ff_l,) tensors and the number of tokens.
+    ``data_parallel``: this rank runs its shard of the windows and the sums are all-reduced, so every
+    rank returns the statistics of all windows.
     """
+    from . import distributed
+
     handles = mlp_handles(model)
     sq = [torch.zeros(h.width, dtype=torch.float32) for h in handles]
     total = [torch.zeros(h.width, dtype=torch.float32) for h in handles]
@@ -176,8 +254,11 @@ def activation_sq_norms(model: nn.Module, windows: torch.Tensor, *, batch_size: 
             total[layer].add_(a.sum(0).cpu())
         return pre_hook
 
-    forward_with_down_hooks(model, windows, make_pre_hook, desc="activation statistics", batch_size=batch_size,
+    local = windows[distributed.shard(windows.shape[0])] if data_parallel else windows  # (N_rank, T)
+    forward_with_down_hooks(model, local, make_pre_hook, desc="activation statistics", batch_size=batch_size,
                             progress=progress, stop=stop)
+    if data_parallel:
+        distributed.all_reduce_sum(sq + total)
     return sq, total, int(windows.numel())
 
 
