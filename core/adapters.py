@@ -1,7 +1,10 @@
-"""Architecture adapters: find each decoder layer's gated MLP (gate/up/down projections).
+"""Architecture adapters: find each transformer block's MLP (gate/up/down projections).
 
-Every supported family computes ``a = act(W_gate x) * (W_up x)`` and ``y = W_down a`` with
-``a`` of width d_ff; pruning neuron j removes row j of W_gate and W_up and column j of W_down.
+Gated families (the causal LMs, DINOv2's SwiGLU) compute ``a = act(W_gate x) * (W_up x)``, plain
+ones (ViT, DINOv2, CLIP-vision, BERT) ``a = act(W_fc1 x)``; both then ``y = W_down a`` with ``a`` of
+width d_ff. Pruning neuron j removes row j of W_gate (if any) and W_up (= fc1) and column j of
+W_down (= fc2). :class:`MLPHandle` is the one view of either kind: ``gate`` is None when the MLP
+has no gate, and :meth:`MLPHandle.replace` swaps a projection wherever the family keeps it.
 """
 from __future__ import annotations
 
@@ -12,27 +15,72 @@ from torch import nn
 from .errors import UnsupportedArchitectureError
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Encoders (no LM head): where the block list lives, relative to the model.
+ENCODER_LAYERS: dict[str, str] = {"dinov2": "encoder.layer", "vit": "encoder.layer", "bert": "encoder.layer",
+                                  "clip_vision_model": "vision_model.encoder.layers"}
+ENCODER_MODEL_TYPES: tuple[str, ...] = tuple(ENCODER_LAYERS)
+# MLP layouts, tried in order inside each block: role -> dotted path relative to the block.
+_LAYOUTS: tuple[dict[str, str], ...] = (
+    {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},  # LLMs, DINOv2 SwiGLU
+    {"up": "mlp.fc1", "down": "mlp.fc2"},  # ViT, DINOv2, CLIP
+    {"up": "intermediate.dense", "down": "output.dense"},  # BERT
+)
+
+
+class _SplitMLP(nn.Module):
+    """A detached view over an MLP whose projections live in different submodules (BERT's
+    ``intermediate.dense`` / ``output.dense``), so ``handle.mlp.parameters()`` is exactly the MLP's."""
+
+    def __init__(self, up: nn.Linear, down: nn.Linear):
+        super().__init__()
+        self.up, self.down = up, down
 
 
 @dataclass
 class MLPHandle:
-    """One decoder layer's MLP and its three projections."""
+    """One block's MLP and its projections (``gate`` is None for a plain fc1/fc2 MLP)."""
 
     index: int
     mlp: nn.Module
-    gate: nn.Linear
+    gate: nn.Linear | None
     up: nn.Linear
     down: nn.Linear
+    block: nn.Module | None = None  # the transformer block holding the MLP
+    paths: dict[str, str] | None = None  # role -> dotted path relative to ``block``
 
     @property
     def width(self) -> int:
         """Number of hidden neurons d_ff (rows of gate/up, columns of down)."""
-        return self.gate.out_features
+        return self.up.out_features
+
+    @property
+    def linears(self) -> dict[str, nn.Linear]:
+        """The projections present, by role (``gate`` only for gated MLPs)."""
+        out = {"gate": self.gate} if self.gate is not None else {}
+        return {**out, "up": self.up, "down": self.down}
+
+    def replace(self, role: str, linear: nn.Linear) -> None:
+        """Put ``linear`` in place of the ``role`` projection ("gate" / "up" / "down") in the model."""
+        if self.block is None or self.paths is None:  # a handle built by hand around a gated mlp
+            setattr(self.mlp, f"{role}_proj", linear)
+        else:
+            parent, _, name = self.paths[role].rpartition(".")
+            setattr(self.block.get_submodule(parent), name, linear)
+        setattr(self, role, linear)
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def is_encoder(model: nn.Module) -> bool:
+    """True for the supported encoders (ViT, DINOv2, CLIP-vision, BERT), which have no LM head."""
+    return model_type_of(model) in ENCODER_MODEL_TYPES
 
 
 def check_supported(model: nn.Module) -> None:
     """Raise one clear error unless the model is a supported causal LM."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = model_type_of(model)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
             f"Architecture '{model_type}' is not supported; supported model types are: "
@@ -52,20 +100,62 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a supported causal LM or encoder, in order."""
+    path = ENCODER_LAYERS.get(model_type_of(model))
+    if path is None:
+        return decoder_layers(model)
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise UnsupportedArchitectureError(
+            f"Could not find the blocks of {type(model).__name__} at '{path}'; load the bare encoder "
+            f"(e.g. Dinov2Model, ViTModel, CLIPVisionModel, BertModel), not a task head.") from exc
+
+
+def _linear_at(block: nn.Module, path: str) -> nn.Linear | None:
+    try:
+        found = block.get_submodule(path)
+    except AttributeError:
+        return None
+    return found if isinstance(found, nn.Linear) else None
+
+
 def mlp_handles(model: nn.Module) -> list[MLPHandle]:
-    """One handle per decoder layer, in order."""
+    """One handle per block, in order (gated gate/up/down, or plain fc1/fc2 with ``gate=None``)."""
     handles = []
-    for index, layer in enumerate(decoder_layers(model)):
-        mlp = layer.mlp
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if not isinstance(getattr(mlp, name, None), nn.Linear):
-                raise UnsupportedArchitectureError(
-                    f"Layer {index} MLP has no linear '{name}'; only gated MLPs are supported."
-                )
-        handles.append(MLPHandle(index, mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    encoder = is_encoder(model)
+    for index, block in enumerate(blocks(model)):
+        layouts = _LAYOUTS if encoder else _LAYOUTS[:1]
+        for paths in layouts:
+            found = {role: _linear_at(block, path) for role, path in paths.items()}
+            if all(v is not None for v in found.values()):
+                break
+        else:
+            kind = "an fc1/fc2 or gated" if encoder else "a gated gate_proj/up_proj/down_proj"
+            raise UnsupportedArchitectureError(f"Layer {index} has no MLP of {kind} form that the engine can prune.")
+        up, down, gate = found["up"], found["down"], found.get("gate")
+        parent = paths["up"].rpartition(".")[0]
+        mlp = block.get_submodule(parent) if parent == paths["down"].rpartition(".")[0] else _SplitMLP(up, down)
+        handles.append(MLPHandle(index, mlp, gate, up, down, block=block, paths=dict(paths)))
     return handles
 
 
-def mlp_widths(model: nn.Module) -> list[int]:
-    """Current d_ff of every layer."""
-    return [h.width for h in mlp_handles(model)]
+def set_config_widths(config, widths: list[int]) -> None:
+    """Record per-layer MLP widths on a config: ``intermediate_size`` when all are equal, else
+    ``intermediate_sizes``. DINOv2 has no intermediate_size (its width is ``hidden · mlp_ratio``
+    with an integer ratio), so equal widths there are native only at a multiple of the hidden size."""
+    uniform = len(set(widths)) == 1
+    if getattr(config, "model_type", None) == "dinov2":
+        native = uniform and widths[0] % config.hidden_size == 0 and not getattr(config, "use_swiglu_ffn", False)
+        if native:
+            config.mlp_ratio = widths[0] // config.hidden_size
+    else:
+        native = uniform
+        if native:
+            config.intermediate_size = widths[0]
+    if native:
+        if hasattr(config, "intermediate_sizes"):
+            del config.intermediate_sizes
+    else:
+        config.intermediate_sizes = list(widths)

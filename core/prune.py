@@ -1,4 +1,4 @@
-"""Physically remove MLP neurons: slice gate/up rows and down columns; the result is a smaller model.
+"""Physically remove MLP neurons: slice gate/up (fc1) rows and down (fc2) columns; the result is a smaller model.
 
 ``pruned_view`` makes a pruned copy that shares every non-MLP tensor with the original."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-from .adapters import mlp_handles
+from .adapters import mlp_handles, set_config_widths
 from .errors import PruneConfigError
 
 
@@ -42,18 +42,11 @@ def prune_mlp_neurons(model: nn.Module, kept: list[torch.Tensor], inplace: bool 
             raise PruneConfigError(f"Layer {h.index} would keep no neurons.")
         if index.min() < 0 or index.max() >= h.width or index.unique().numel() != index.numel():
             raise PruneConfigError(f"Layer {h.index}: kept indices must be unique and within [0, {h.width}).")
-        h.mlp.gate_proj = _sliced_linear(h.gate, index, 0)
-        h.mlp.up_proj = _sliced_linear(h.up, index, 0)
-        h.mlp.down_proj = _sliced_linear(h.down, index, 1)
+        for role, linear in h.linears.items():  # gate/up lose rows, down loses columns
+            h.replace(role, _sliced_linear(linear, index, 1 if role == "down" else 0))
         if hasattr(h.mlp, "intermediate_size"):
             h.mlp.intermediate_size = int(index.numel())
-    widths = [h.width for h in mlp_handles(target)]
-    if len(set(widths)) == 1:
-        target.config.intermediate_size = widths[0]
-        if hasattr(target.config, "intermediate_sizes"):
-            del target.config.intermediate_sizes
-    else:
-        target.config.intermediate_sizes = widths
+    set_config_widths(target.config, [h.width for h in mlp_handles(target)])
     return target
 
 
@@ -68,7 +61,7 @@ def pruned_view(model: nn.Module, kept: list[torch.Tensor], weights_from: nn.Mod
     handles = mlp_handles(model)
     memo: dict[int, object] = {}
     for h in handles:  # never copy the full-size MLP weights: they are replaced by sliced ones
-        for linear in (h.gate, h.up, h.down):
+        for linear in h.linears.values():
             memo[id(linear)] = linear
     mlp_ids = {id(p) for h in handles for p in h.mlp.parameters()}
     for p in model.parameters():
@@ -81,6 +74,6 @@ def pruned_view(model: nn.Module, kept: list[torch.Tensor], weights_from: nn.Mod
     if weights_from is not None:
         with torch.no_grad():
             for mine, theirs in zip(mlp_handles(view), mlp_handles(weights_from)):
-                for name in ("gate", "up", "down"):
-                    getattr(mine, name).weight.copy_(getattr(theirs, name).weight)
+                for name, linear in mine.linears.items():
+                    linear.weight.copy_(theirs.linears[name].weight)
     return view
