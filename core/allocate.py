@@ -2,10 +2,38 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .errors import PruneConfigError
+from .options import Options, knob
+
+ADAPTIVE_MODES = ("independent", "sequential")
+
+
+@dataclass
+class AllocationOptions(Options):
+    """Knobs of the non-uniform allocations: ``global`` (one ranking after per-layer normalisation,
+    a floor per layer) and ``adaptive`` (AMP's per-layer binary search on held-out calibration text)."""
+
+    error = PruneConfigError
+
+    normalize: str = knob("mean", "global: per-layer score normalisation before the one ranking",
+                          choices=("mean", "zscore", "none"), flag="normalize")
+    min_keep: float = knob(0.1, "global: minimum kept fraction of every layer", low=0.0, high=1.0, low_open=True,
+                           high_open=True, step=0.01, flag="min-keep")
+    fidelity: str = knob("kl", "adaptive: the loss whose increase must stay under the tolerance",
+                         choices=("kl", "entropy"), flag="fidelity")
+    mode: str = knob("independent", "adaptive: each layer against the dense model, or AMP's last-to-first "
+                     "with the later layers already pruned", choices=ADAPTIVE_MODES, flag="adaptive-mode")
+    halvings: int = knob(6, "adaptive: binary-search steps per layer", low=1, high=16, flag="halvings")
+    heldout_samples: int = knob(4, "adaptive: held-out calibration windows", low=1, ui_high=64,
+                                flag="heldout-samples")
+    heldout_seq_len: int = knob(64, "adaptive: tokens per held-out window", low=2, ui_low=16, ui_high=512,
+                                step=16, flag="heldout-seq-len")
+    adaptive_min_keep: float = knob(0.05, "adaptive: minimum kept fraction of every layer", low=0.0, high=1.0,
+                                    low_open=True, step=0.01, flag="adaptive-min-keep")
 
 
 def check_ratio(ratio: float) -> float:

@@ -15,6 +15,7 @@ smaller model (same shapes as plain pruning), so every export mode reloads it un
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,9 +23,39 @@ from torch import nn
 
 from .adapters import mlp_handles
 from .errors import PruneConfigError
+from .options import Options, knob
 from .scoring import forward_with_down_hooks
 
 COMPENSATIONS = ("none", "lsq")
+
+
+@dataclass
+class CompensationOptions(Options):
+    """Least-squares refit of down_proj after pruning. The statistics come from ``samples`` ×
+    ``seq_len`` windows of the scoring source's calibration split (forward passes of the dense model
+    only); λ = ``damping`` · mean diag(G_KK)."""
+
+    error = PruneConfigError
+    cli_prefix = "compensate-"
+
+    method: str = knob("none", "lsq: refit each down_proj by least squares so the MLP output on calibration "
+                       "text stays close to the dense one (forward passes only)", choices=COMPENSATIONS,
+                       flag="compensate")
+    samples: int = knob(128, "lsq: calibration windows for the statistics", low=1, ui_low=4, ui_high=256, step=4)
+    seq_len: int = knob(128, "lsq: tokens per window", low=2, ui_low=16, ui_high=1024, step=16)
+    damping: float = knob(0.1, "lsq: ridge damping, a fraction of the mean kept-neuron activation energy",
+                          low=0.0, low_open=True, ui_high=1.0)
+
+    def validate(self) -> None:
+        if self.method not in COMPENSATIONS:  # checked first: these sentences predate the knobs
+            raise PruneConfigError(f"Unknown compensation '{self.method}'; available: {', '.join(COMPENSATIONS)}.")
+        check_damping(self.damping)
+        super().validate()
+
+    def check(self) -> CompensationOptions:
+        """Kept for callers of the older API: the options validate themselves on construction."""
+        self.validate()
+        return self
 
 
 @torch.no_grad()

@@ -7,8 +7,9 @@ weights and forward activations. Higher score = more important = kept.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 from . import metrics
 from .adapters import mlp_handles
 from .errors import HFPruneError
-
+from .options import Options, knob
 from .scoring import activation_sq_norms, taylor_scores
 
 
@@ -29,6 +30,8 @@ class ScoreOptions:
     progress: bool = True
     seed: int = 0
     stop: Callable[[], bool] | None = None
+    data_parallel: bool = False  # inside a torch.distributed group: shard windows by rank, all-reduce the sums
+    grad_checkpointing: bool = False  # Taylor criteria: recompute layer activations in the backward
 
 
 class Criterion(ABC):
@@ -40,9 +43,21 @@ class Criterion(ABC):
     # passes per calibration batch: (forwards, backwards); the teacher forward of self_distill counts
     passes: ClassVar[tuple[int, int]] = (1, 1)
 
+    # The criterion's tunable parameters, declared once (CLI flags, dashboard sliders and the
+    # ``criterion_params`` recorded with the scores all come from it); None = no parameters.
+    Params: ClassVar[type[Options] | None] = None
+
+    def __init__(self, **params) -> None:
+        if self.Params is None:
+            if params:
+                raise TypeError(f"{self.name} takes no parameters")
+            self.p = None
+        else:
+            self.p = self.Params(**params)
+
     def params(self) -> dict:
         """The criterion's tunable parameters (recorded with the scores)."""
-        return {}
+        return self.p.to_dict() if self.p is not None else {}
 
     @abstractmethod
     def __call__(self, model: nn.Module, windows: torch.Tensor, options: ScoreOptions) -> list[torch.Tensor]:
@@ -65,7 +80,8 @@ class TaylorCriterion(Criterion):
 
     def __call__(self, model, windows, options):
         return taylor_scores(model, windows, self, batch_size=options.batch_size, aggregate=self.aggregate,
-                             progress=options.progress, stop=options.stop)
+                             progress=options.progress, stop=options.stop, data_parallel=options.data_parallel,
+                             grad_checkpointing=options.grad_checkpointing)
 
 
 class _Entropy(torch.autograd.Function):
@@ -112,7 +128,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (R, V), (R,) → (R,)
-        p, lse, ce, safe, valid = _softmax_ce(logits, targets)
+        p, _lse, ce, safe, valid = _softmax_ce(logits, targets)
         ctx.save_for_backward(p, safe, valid)
         return ce
 
@@ -158,6 +174,34 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _CrossEntropy.apply(logits, targets)
 
 
+@dataclass
+class SelfDistillParams(Options):
+    label = "self_distill"
+
+    temperature: float = knob(0.5, "self_distill: teacher temperature τ (< 1 sharpens the teacher)", low=0.0,
+                              low_open=True, ui_low=0.05, ui_high=1.0, step=0.05, flag="temperature")
+    alpha: float = knob(0.5, "self_distill: KL weight α in (1−α)·CE + α·KL", low=0.0, high=1.0, step=0.05,
+                        flag="alpha")
+
+
+@dataclass
+class FisherParams(Options):
+    label = "fisher"
+
+    aggregate: str = knob("sq_sum", "fisher: score aggregate (sq_sum = diagonal-Fisher KL estimate)",
+                          choices=("sq_sum", "sum_abs", "abs_sum"), flag="fisher-aggregate")
+    draws: int = knob(1, "fisher: label draws from the model's own distribution", low=1, ui_high=8,
+                      flag="fisher-draws")
+
+
+@dataclass
+class EntropyCEParams(Options):
+    label = "entropy+ce"
+
+    weight: float = knob(0.5, "entropy+ce: entropy weight w in w·H + (1−w)·CE", low=0.0, high=1.0, step=0.05,
+                         flag="weight")
+
+
 class EntropyCriterion(TaylorCriterion):
     name = "entropy"
     summary = "HFPrune: entropy of the model's own full next-token distribution; no labels, no teacher."
@@ -195,16 +239,11 @@ class SelfDistillCriterion(TaylorCriterion):
     summary = ("SDMPrune-style: (1−α)·CE + α·KL(sharpened dense teacher ‖ model), τ < 1; costs an extra "
                "teacher forward per batch.")
 
-    def __init__(self, temperature: float = 0.5, alpha: float = 0.5):
-        if not temperature > 0:
-            raise HFPruneError(f"self_distill temperature must be > 0, got {temperature}.")
-        if not 0.0 <= alpha <= 1.0:
-            raise HFPruneError(f"self_distill alpha must be in [0, 1], got {alpha}.")
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
+    Params = SelfDistillParams
 
-    def params(self) -> dict:
-        return {"temperature": self.temperature, "alpha": self.alpha}
+    def __init__(self, temperature: float = 0.5, alpha: float = 0.5):
+        super().__init__(temperature=temperature, alpha=alpha)
+        self.temperature, self.alpha = self.p.temperature, self.p.alpha
 
     def token_loss(self, logits, targets, teacher):
         if teacher is None:
@@ -222,7 +261,8 @@ class SelfDistillCriterion(TaylorCriterion):
         # The dense model itself is the teacher (frozen, no_grad inside taylor_scores): an extra forward.
         return taylor_scores(model, windows, self, batch_size=options.batch_size, aggregate=self.aggregate,
                              teacher=model, teacher_temperature=self.temperature, progress=options.progress,
-                             stop=options.stop)
+                             stop=options.stop, data_parallel=options.data_parallel,
+                             grad_checkpointing=options.grad_checkpointing)
 
 
 class FisherCriterion(TaylorCriterion):
@@ -240,32 +280,41 @@ class FisherCriterion(TaylorCriterion):
     summary = ("Taylor with labels sampled from the model's own distribution; squared per-window Σa·g = "
                "diagonal-Fisher estimate of the KL increase.")
 
+    Params = FisherParams
+
     def __init__(self, aggregate: str = "sq_sum", draws: int = 1):
-        if aggregate not in ("sq_sum", "sum_abs", "abs_sum"):
-            raise HFPruneError(f"fisher aggregate must be sq_sum, sum_abs or abs_sum, got {aggregate!r}.")
-        if int(draws) < 1:
-            raise HFPruneError(f"fisher draws must be >= 1, got {draws}.")
-        self.fisher_aggregate = aggregate
-        self.draws = int(draws)
-        self._generator: torch.Generator | None = None
+        super().__init__(aggregate=aggregate, draws=draws)
+        self.fisher_aggregate, self.draws = self.p.aggregate, self.p.draws
         self._seed = 0
 
-    def params(self) -> dict:
-        return {"aggregate": self.fisher_aggregate, "draws": self.draws}
+    def row_uniforms(self, window_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """One uniform in [0, 1) per (window, position), keyed by (seed, draw, global window index):
+        (B,) ids → (B·T,) fp32. The label drawn for a token is then the same whatever the batch size
+        or the rank that scores the window, so data-parallel scores equal single-process ones."""
+        rows = []
+        for w in window_ids.tolist():
+            key = (self._seed * 1_000_003 + self._draw) * 1_000_000_007 + int(w)
+            rows.append(torch.rand(seq_len, generator=torch.Generator().manual_seed(key % (2**63 - 1))))
+        return torch.cat(rows)
 
-    def token_loss(self, logits, targets, teacher):
-        probs = F.softmax(logits.detach(), dim=-1)
-        if self._generator is None or self._generator.device != probs.device:
-            self._generator = torch.Generator(device=probs.device).manual_seed(self._seed)
-        sampled = torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)  # (R,)
+    def token_loss(self, logits, targets, teacher, uniforms: torch.Tensor | None = None):
+        """CE against labels drawn from softmax(logits) by inverse CDF with ``uniforms`` (R,)."""
+        if uniforms is None:
+            raise HFPruneError("fisher draws its labels from per-token uniforms; score it through taylor_scores.")
+        with torch.no_grad():
+            cdf = F.softmax(logits.detach(), dim=-1).cumsum_(dim=-1)  # (R, V)
+            sampled = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)  # (R,)
+            sampled = sampled.clamp_(max=logits.shape[-1] - 1)
         return cross_entropy(logits, sampled)
 
     def __call__(self, model, windows, options):
-        self._seed, self._generator = options.seed, None
+        self._seed = options.seed
         total = None
-        for _ in range(self.draws):
+        for draw in range(self.draws):
+            self._draw = draw
             got = taylor_scores(model, windows, self, batch_size=options.batch_size, aggregate=self.fisher_aggregate,
-                                progress=options.progress, stop=options.stop)
+                                progress=options.progress, stop=options.stop, data_parallel=options.data_parallel,
+                                grad_checkpointing=options.grad_checkpointing)
             total = got if total is None else [t + g for t, g in zip(total, got)]
         return [t / self.draws for t in total]
 
@@ -276,13 +325,11 @@ class EntropyCEMixCriterion(TaylorCriterion):
     name = "entropy+ce"
     summary = "Weighted mix w·entropy + (1−w)·cross-entropy (w exposed, default 0.5)."
 
-    def __init__(self, weight: float = 0.5):
-        if not 0.0 <= weight <= 1.0:
-            raise HFPruneError(f"entropy+ce weight must be in [0, 1], got {weight}.")
-        self.weight = float(weight)
+    Params = EntropyCEParams
 
-    def params(self) -> dict:
-        return {"weight": self.weight}
+    def __init__(self, weight: float = 0.5):
+        super().__init__(weight=weight)
+        self.weight = self.p.weight
 
     def token_loss(self, logits, targets, teacher):
         return entropy_ce(logits, targets, self.weight)
@@ -310,7 +357,8 @@ class WandaCriterion(Criterion):
 
     def __call__(self, model, windows, options):
         sq, _total, _count = activation_sq_norms(model, windows, batch_size=options.batch_size,
-                                                 progress=options.progress, stop=options.stop)
+                                                 progress=options.progress, stop=options.stop,
+                                                 data_parallel=options.data_parallel)
         return [h.down.weight.detach().float().abs().mean(dim=0).cpu() * s.sqrt()
                 for h, s in zip(mlp_handles(model), sq)]
 
@@ -328,7 +376,8 @@ class FluctuationCriterion(Criterion):
 
     def __call__(self, model, windows, options):
         sq, total, count = activation_sq_norms(model, windows, batch_size=options.batch_size,
-                                               progress=options.progress, stop=options.stop)
+                                               progress=options.progress, stop=options.stop,
+                                               data_parallel=options.data_parallel)
         out = []
         for h, s, t in zip(mlp_handles(model), sq, total):
             mean = t / count
@@ -384,3 +433,29 @@ def describe() -> list[dict]:
 
 def needs_data(name: str) -> bool:
     return get_criterion(name).cost != "weights only"
+
+
+def parameter_knobs() -> list[tuple[str, type[Options], str]]:
+    """(criterion, its Params class, field) for every tunable criterion parameter, in registry order:
+    what the CLI turns into flags and the dashboard into sliders."""
+    return [(name, cls.Params, f.name) for name, cls in REGISTRY.items() if cls.Params is not None
+            for f, _spec, _kind in cls.Params.knobs()]
+
+
+def add_parameter_arguments(parser) -> None:
+    """Add every criterion's parameter flags (``--temperature``, ``--fisher-aggregate`` …) to an argparse
+    parser; a flag not typed on the command line leaves no attribute (see :func:`parameters_from_args`)."""
+    for cls in dict.fromkeys(c.Params for c in REGISTRY.values() if c.Params is not None):
+        cls.add_arguments(parser, only_given=True)
+
+
+def parameters_from_args(args, criterion: str) -> dict:
+    """The parameters of ``criterion`` typed on the command line; a flag of another criterion is an error."""
+    if criterion not in REGISTRY:
+        raise HFPruneError(f"Unknown criterion '{criterion}'; choose one of: {', '.join(REGISTRY)}.")
+    own = REGISTRY[criterion].Params
+    foreign = [cls.flag(field) for name, cls, field in parameter_knobs()
+               if cls is not own and field in cls.given(args)]
+    if foreign:
+        raise HFPruneError(f"{', '.join(sorted(set(foreign)))} does not apply to the '{criterion}' criterion.")
+    return own.given(args) if own is not None else {}

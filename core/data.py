@@ -22,6 +22,7 @@ import torch
 
 from .errors import DataError
 from .files import write_bytes, write_json
+from .options import Options, knob
 from .paths import data_dir
 
 BUILTIN_SOURCES = ("wiki", "news")
@@ -29,6 +30,21 @@ SPLITS = ("calibration", "evaluation")
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+
+
+@dataclass
+class CalibrationOptions(Options):
+    """Which calibration windows a scoring (or compensation, or training) pass reads: ``samples``
+    windows of ``seq_len`` tokens from the calibration split of ``source``, drawn by ``seed``, run
+    ``batch_size`` at a time. Recorded with every score / prune run (``ScoreResult.config``)."""
+
+    error = DataError
+
+    source: str = knob("wiki", "calibration text: wiki, news, or a .txt/.jsonl path")
+    samples: int = knob(16, "calibration windows", low=1, ui_high=256)
+    seq_len: int = knob(128, "tokens per window", low=2, ui_low=16, ui_high=1024, step=16)
+    seed: int = knob(0, "which calibration windows are drawn", low=0)
+    batch_size: int = knob(4, "windows per forward/backward pass", low=1, ui_high=32)
 _CLEAN_VERSION = 1
 
 

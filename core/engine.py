@@ -19,9 +19,16 @@ from torch import nn
 
 from . import __version__
 from .adapters import mlp_widths
-from .allocate import check_ratio, global_widths, top_k_indices, uniform_widths
+from .allocate import (
+    AllocationOptions,
+    check_ratio,
+    global_widths,
+    top_k_indices,
+    uniform_widths,
+)
+from .compensate import CompensationOptions
 from .criteria import ScoreOptions, get_criterion
-from .data import calibration_windows
+from .data import CalibrationOptions, calibration_windows
 from .errors import DataError, HFPruneError, PruneConfigError
 from .files import read_layer_tensors, write_layer_tensors
 from .models import LoadedModel
@@ -40,6 +47,11 @@ class ScoreResult:
     scores: list[torch.Tensor]
     config: dict
     seconds: float
+
+    @property
+    def calibration(self) -> CalibrationOptions:
+        """The calibration settings these scores were made with (defaults fill keys older runs lack)."""
+        return CalibrationOptions.from_dict(self.config)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write scores as safetensors (``layer_000`` …) with the config in the header metadata."""
@@ -70,42 +82,37 @@ class PruneResult:
 
 def score_model(loaded: LoadedModel, criterion: str, *, source: str = "wiki", samples: int = 16, seq_len: int = 128,
                 seed: int = 0, batch_size: int = 4, progress: bool = True,
-                stop: Callable[[], bool] | None = None, criterion_params: dict | None = None) -> ScoreResult:
+                stop: Callable[[], bool] | None = None, criterion_params: dict | None = None,
+                grad_checkpointing: bool = False, data_parallel: bool | None = None) -> ScoreResult:
     """Score every MLP neuron of ``loaded`` with ``criterion`` on calibration windows from ``source``.
     ``criterion_params``: e.g. {"temperature": 0.5, "alpha": 0.5} for self_distill, {"weight": 0.5}
-    for entropy+ce."""
+    for entropy+ce. ``grad_checkpointing``: recompute layer activations in the backward (less memory).
+    ``data_parallel``: shard the windows over a torch.distributed group and all-reduce the scores
+    (default: whenever a group of more than one process is running, e.g. under torchrun); every rank
+    returns the same scores."""
+    from . import distributed
+
+    if data_parallel is None:
+        data_parallel = distributed.active()
     scorer = get_criterion(criterion, **(criterion_params or {}))
+    calib = CalibrationOptions(source=source, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
+    source, samples, seq_len, seed, batch_size = (calib.source, calib.samples, calib.seq_len, calib.seed,
+                                                  calib.batch_size)
     windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, max_length=loaded.max_length)
     vocab = loaded.model.config.vocab_size
     if int(windows.max()) >= vocab:
         raise DataError(f"The tokenizer produced ids up to {int(windows.max())} but the model's vocabulary has {vocab}.")
     start = time.perf_counter()
-    scores = scorer(loaded.model, windows, ScoreOptions(batch_size=batch_size, progress=progress, seed=seed, stop=stop))
+    options = ScoreOptions(batch_size=batch_size, progress=progress and distributed.is_main(), seed=seed, stop=stop,
+                           data_parallel=data_parallel, grad_checkpointing=grad_checkpointing)
+    scores = scorer(loaded.model, windows, options)
     seconds = time.perf_counter() - start
     config = {"model": loaded.spec, "criterion": criterion, "criterion_params": scorer.params(), "cost": scorer.cost,
               "forwards_per_batch": scorer.passes[0], "backwards_per_batch": scorer.passes[1], "source": source,
               "samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size,
-              "tokens": int(windows.numel()), "tool_version": __version__}
+              "tokens": int(windows.numel()), "tool_version": __version__,
+              "processes": distributed.world() if data_parallel else 1}
     return ScoreResult([s.detach().cpu().float() for s in scores], config, seconds)
-
-
-@dataclass
-class AllocationOptions:
-    """Knobs of the non-uniform allocations (defaults are the CLI's)."""
-
-    normalize: str = "mean"  # global: per-layer normalisation, "mean", "zscore" or "none" (raw, e.g. fisher)
-    min_keep: float = 0.1  # global/adaptive: minimum kept fraction of every layer (adaptive uses min(…, 0.05) by default)
-    fidelity: str = "kl"  # adaptive: "kl" (to the dense model) or "entropy"
-    mode: str = "independent"  # adaptive: "independent" (each layer vs the dense model) or "sequential" (AMP)
-    halvings: int = 6  # adaptive: binary-search steps per layer
-    heldout_samples: int = 4  # adaptive: held-out calibration windows …
-    heldout_seq_len: int = 64  # … of this many tokens
-    adaptive_min_keep: float = 0.05
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
 
 
 def plan_widths(model: nn.Module, ratio: float, allocation: str = "uniform", round_to: int = 1,
@@ -146,34 +153,6 @@ class WidthPlan:
         return out
 
 
-@dataclass
-class CompensationOptions:
-    """Least-squares refit of down_proj after pruning (see :mod:`core.compensate`). The statistics
-    come from ``samples`` × ``seq_len`` windows of the scoring source's calibration split (forward
-    passes of the dense model only)."""
-
-    method: str = "none"  # "none" or "lsq"
-    samples: int = 128
-    seq_len: int = 128
-    damping: float = 0.1  # λ = damping · mean diag(G_KK)
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-    def check(self) -> "CompensationOptions":
-        from .compensate import COMPENSATIONS, check_damping
-
-        if self.method not in COMPENSATIONS:
-            raise PruneConfigError(f"Unknown compensation '{self.method}'; available: {', '.join(COMPENSATIONS)}.")
-        if self.method != "none":
-            check_damping(self.damping)
-            if self.samples < 1 or self.seq_len < 2:
-                raise PruneConfigError("Compensation needs at least 1 window of at least 2 tokens.")
-        return self
-
-
 def compensation_grams(loaded: LoadedModel, options: CompensationOptions, *, source: str = "wiki", seed: int = 0,
                        batch_size: int = 4, progress: bool = True,
                        stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
@@ -196,10 +175,10 @@ def apply_compensation(loaded: LoadedModel, pruned: nn.Module, kept: list[torch.
     recorded = dict(meta.get("compensation") or {})
     if recorded.get("method", "none") == "none":
         return pruned
-    options = CompensationOptions(**recorded).check()
-    calibration = meta.get("calibration") or {}
-    grams = compensation_grams(loaded, options, source=calibration.get("source") or "wiki",
-                               seed=int(calibration.get("seed") or 0), progress=progress, stop=stop)
+    options = CompensationOptions.from_dict(recorded)
+    calibration = CalibrationOptions.from_dict(meta.get("calibration"))
+    grams = compensation_grams(loaded, options, source=calibration.source, seed=calibration.seed,
+                               progress=progress, stop=stop)
     return compensate_pruned(pruned, loaded.model, kept, grams, options.damping)
 
 
@@ -208,11 +187,14 @@ def adaptive_heldout(loaded: LoadedModel, result: "ScoreResult | None", options:
     from the windows the scores were computed on (never the evaluation split)."""
     from .adaptive import heldout_windows
 
-    config = result.config if result is not None else {}
-    source = config.get("source") or "wiki"
-    return heldout_windows(loaded.tokenizer, source, options.heldout_samples, options.heldout_seq_len,
-                           seed=int(config.get("seed") or 0), score_samples=int(config.get("samples") or 0),
-                           score_seq_len=int(config.get("seq_len") or 128), max_length=loaded.max_length)
+    if result is None:  # no scoring windows to stay clear of
+        calib, score_samples = CalibrationOptions(), 0
+    else:
+        calib = result.calibration
+        score_samples = calib.samples
+    return heldout_windows(loaded.tokenizer, calib.source, options.heldout_samples, options.heldout_seq_len,
+                           seed=calib.seed, score_samples=score_samples, score_seq_len=calib.seq_len,
+                           max_length=loaded.max_length)
 
 
 def preview_widths(loaded: LoadedModel, ratio: float, allocation: str = "uniform", *,

@@ -74,6 +74,7 @@ class Options:
 
     error: ClassVar[type[HFPruneError]] = HFPruneError  # raised for a bad value
     cli_prefix: ClassVar[str] = ""  # e.g. "compensate-" → --compensate-samples
+    label: ClassVar[str] = ""  # when set, errors read "<label> <field> must be …" (no flag named)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,7 +103,10 @@ class Options:
         """Coerce each knob to its type and check its range / choices; one sentence on failure."""
         for f, spec, kind in self.knobs():
             value = getattr(self, f.name)
-            label = f"{f.name} ({self.flag(f.name)})" if spec.cli else f.name
+            if self.label:
+                label = f"{self.label} {f.name}"
+            else:
+                label = f"{f.name} ({self.flag(f.name)})" if spec.cli else f.name
             try:
                 value = _coerce(value, kind)
             except (TypeError, ValueError):
@@ -138,19 +142,26 @@ class Options:
     # -- command line ---------------------------------------------------------------------------
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                      skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
-        """Add one flag per knob (``skip`` names are left to the command); the help shows the range."""
+                      skip: tuple[str, ...] = (), defaults: dict | None = None, only_given: bool = False) -> None:
+        """Add one flag per knob (``skip`` names are left to the command); the help shows the range.
+        ``only_given``: a flag that is not on the command line leaves no attribute (so a command can
+        tell which were given, e.g. parameters of another criterion)."""
         defaults = defaults or {}
         for f, spec, kind in cls.knobs():
             if f.name in skip or not spec.cli:
                 continue
             default = defaults.get(f.name, f.default)
-            help_text = f"{spec.help} ({spec.range_text()}; default {default})"
+            accepted = "" if spec.range_text() == "any value" else f"{spec.range_text()}; "
+            help_text = f"{spec.help} ({accepted}default {default})"
+            value = argparse.SUPPRESS if only_given else default
             if kind is bool:
                 parser.add_argument(cls.flag(f.name), dest=cls._dest(f.name), action=argparse.BooleanOptionalAction,
-                                    default=default, help=help_text)
+                                    default=value, help=help_text)
+            elif spec.choices is not None:
+                parser.add_argument(cls.flag(f.name), dest=cls._dest(f.name), type=kind, default=value,
+                                    choices=spec.choices, help=help_text)
             else:
-                parser.add_argument(cls.flag(f.name), dest=cls._dest(f.name), type=kind, default=default,
+                parser.add_argument(cls.flag(f.name), dest=cls._dest(f.name), type=kind, default=value,
                                     help=help_text, metavar=f.name.upper())
 
     @classmethod
@@ -158,10 +169,15 @@ class Options:
         return cls.flag(name)[2:].replace("-", "_")
 
     @classmethod
+    def given(cls, args: argparse.Namespace) -> dict:
+        """{field: value} of the flags present in ``args`` (with ``only_given`` parsers: those typed)."""
+        return {f.name: getattr(args, cls._dest(f.name)) for f, spec, _ in cls.knobs()
+                if spec.cli and hasattr(args, cls._dest(f.name))}
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> Options:
         """The option group from parsed flags (flags a command skipped keep their defaults)."""
-        values = {f.name: getattr(args, cls._dest(f.name)) for f, spec, _ in cls.knobs()
-                  if spec.cli and hasattr(args, cls._dest(f.name))}
+        values = cls.given(args)
         values.update(overrides)
         return cls(**values)
 

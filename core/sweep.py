@@ -119,7 +119,7 @@ class FidelitySweep:
     def _grams(self, result: ScoreResult) -> list[torch.Tensor]:
         if self.grams is None:  # the dense model's statistics, on the first criterion's calibration source
             start = time.perf_counter()
-            source, seed = result.config.get("source") or "wiki", int(result.config.get("seed") or 0)
+            source, seed = result.calibration.source, result.calibration.seed
             self.grams = compensation_grams(self.loaded, self.compensation, source=source, seed=seed,
                                             batch_size=self.batch_size, progress=self.progress, stop=self.stop)
             self.grams_seconds = time.perf_counter() - start

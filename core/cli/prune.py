@@ -9,16 +9,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..allocate import check_ratio
+from .. import distributed
+from ..allocate import AllocationOptions, check_ratio
+from ..compensate import CompensationOptions
 from ..counts import count_params, mlp_params_for_widths
-from ..criteria import REGISTRY
-from ..data import calibration_windows, evaluation_windows
-from ..engine import (ALLOCATIONS, AllocationOptions, CompensationOptions, ScoreResult, plan_widths,
-                      prune_with_scores, score_model)
+from ..criteria import REGISTRY, add_parameter_arguments, parameters_from_args
+from ..data import CalibrationOptions, calibration_windows, evaluation_windows
+from ..engine import (
+    ALLOCATIONS,
+    ScoreResult,
+    plan_widths,
+    prune_with_scores,
+    score_model,
+)
 from ..errors import HFPruneError, PruneConfigError
 from ..evaluate import evaluate
 from ..export import EXPORT_MODES, check_output_dir, read_meta, save_pruned
-from ..models import EMBEDDED, load_model
+from ..models import EMBEDDED
+from ..placement import PlacementOptions, load_placed, scoring_preflight
 from ..quant_store import load_any
 from ..quantize import quantization_of
 
@@ -40,15 +48,8 @@ def register(sub) -> None:
                        help="share of ALL parameters to remove, taken from the MLPs (the seed papers' unit: 20 %% of LLaMA-2-7B ~ 31 %% of its MLP neurons); converted to --ratio")
     prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     prune.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (8/64/128)")
-    _allocation_options(prune)
-    prune.add_argument("--compensate", choices=("none", "lsq"), default="none",
-                       help="lsq: refit each down_proj by least squares so the MLP output on calibration text "
-                            "stays close to the dense one (forward passes only)")
-    prune.add_argument("--compensate-samples", type=int, default=128,
-                       help="lsq: calibration windows for the statistics (default 128)")
-    prune.add_argument("--compensate-seq-len", type=int, default=128, help="lsq: tokens per window (default 128)")
-    prune.add_argument("--compensate-damping", type=float, default=0.1,
-                       help="lsq: ridge damping, a fraction of the mean kept-neuron activation energy (default 0.1)")
+    AllocationOptions.add_arguments(prune)
+    CompensationOptions.add_arguments(prune)
     prune.add_argument("--export", default=None, choices=EXPORT_MODES,
                        help="hf-native (uniform widths; default for uniform), hf-remote-code (default otherwise), hf-padded")
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -71,56 +72,14 @@ def register(sub) -> None:
 def _common(parser: argparse.ArgumentParser, data: bool = True) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="embedded alias, hub id, model folder or .gguf file")
     if data:
-        parser.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
-        parser.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-        parser.add_argument("--source", default="wiki", help="calibration text: wiki, news, or a .txt/.jsonl path")
-        parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
-        parser.add_argument("--batch-size", type=int, default=4, help="windows per forward/backward pass")
+        CalibrationOptions.add_arguments(parser)
+    PlacementOptions.add_arguments(parser, skip=() if data else ("grad_checkpointing", "memory_check"))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _criterion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--criterion", default="entropy", choices=sorted(REGISTRY))
-    parser.add_argument("--temperature", type=float, help="self_distill: teacher temperature tau (< 1 sharpens; default 0.5)")
-    parser.add_argument("--alpha", type=float, help="self_distill: KL weight alpha in (1-alpha)*CE + alpha*KL (default 0.5)")
-    parser.add_argument("--weight", type=float, help="entropy+ce: entropy weight w in w*H + (1-w)*CE (default 0.5)")
-    parser.add_argument("--fisher-aggregate", choices=("sq_sum", "sum_abs", "abs_sum"), help="fisher: score aggregate")
-
-
-def criterion_params(args) -> dict:
-    """The criterion parameters given on the command line, checked against the chosen criterion."""
-    given = {"temperature": args.temperature, "alpha": args.alpha, "weight": args.weight,
-             "aggregate": args.fisher_aggregate}
-    given = {k: v for k, v in given.items() if v is not None}
-    extra = sorted(set(given) - set(REGISTRY[args.criterion]().params()))
-    if extra:
-        flags = ", ".join("--fisher-aggregate" if k == "aggregate" else f"--{k}" for k in extra)
-        raise PruneConfigError(f"{flags} does not apply to the '{args.criterion}' criterion.")
-    return given
-
-
-def _allocation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--normalize", choices=("mean", "zscore", "none"), default="mean",
-                        help="global: per-layer score normalisation before the one ranking")
-    parser.add_argument("--min-keep", type=float, default=0.1, help="global: minimum kept fraction per layer")
-    parser.add_argument("--fidelity", choices=("kl", "entropy"), default="kl",
-                        help="adaptive: the loss whose increase must stay under the tolerance")
-    parser.add_argument("--adaptive-mode", choices=("independent", "sequential"), default="independent",
-                        help="adaptive: each layer against the dense model, or AMP's last-to-first with the "
-                             "later layers already pruned")
-    parser.add_argument("--halvings", type=int, default=6, help="adaptive: binary-search steps per layer")
-    parser.add_argument("--heldout-samples", type=int, default=4, help="adaptive: held-out calibration windows")
-    parser.add_argument("--heldout-seq-len", type=int, default=64, help="adaptive: tokens per held-out window")
-
-
-def allocation_options(args):
-    if not 0.0 <= args.min_keep < 1.0:
-        raise PruneConfigError(f"--min-keep must be in [0, 1), got {args.min_keep}.")
-    if args.halvings < 1:
-        raise PruneConfigError(f"--halvings must be at least 1, got {args.halvings}.")
-    return AllocationOptions(normalize=args.normalize, min_keep=args.min_keep, fidelity=args.fidelity,
-                             mode=args.adaptive_mode, halvings=args.halvings, heldout_samples=args.heldout_samples,
-                             heldout_seq_len=args.heldout_seq_len)
+    add_parameter_arguments(parser)  # every criterion's own knobs, declared once on its Params
 
 
 def cmd_score(args) -> dict:
@@ -131,10 +90,16 @@ def cmd_score(args) -> dict:
         raise HFPruneError(f"--out must end in .safetensors, got '{out.name}'.")
     if not out.parent.exists():
         raise HFPruneError(f"Parent folder {out.parent} does not exist.")
-    params = criterion_params(args)
-    loaded = load_model(args.model)
-    result = score_model(loaded, args.criterion, source=args.source, samples=args.samples, seq_len=args.seq_len,
-                         seed=args.seed, batch_size=args.batch_size, progress=not args.quiet, criterion_params=params)
+    params = parameters_from_args(args, args.criterion)
+    calib = CalibrationOptions.from_args(args)
+    placement = PlacementOptions.from_args(args)
+    loaded = load_placed(args.model, placement)
+    scoring_preflight(loaded.model, placement, batch_size=calib.batch_size, seq_len=calib.seq_len,
+                      criterion=args.criterion)
+    result = score_model(loaded, args.criterion, **calib.to_dict(), progress=not args.quiet, criterion_params=params,
+                         grad_checkpointing=placement.grad_checkpointing)
+    if not distributed.is_main():  # under torchrun every rank holds the same reduced scores; rank 0 writes
+        return None
     result.save(out)
     tokens = result.config["tokens"]
     return {"out": str(out), "seconds": round(result.seconds, 2),
@@ -147,16 +112,17 @@ def cmd_prune(args) -> dict:
                                "parameters).")
     if args.ratio is not None:
         check_ratio(args.ratio)
-    compensation = CompensationOptions(args.compensate, args.compensate_samples, args.compensate_seq_len,
-                                       args.compensate_damping).check()
+    compensation = CompensationOptions.from_args(args)
+    calib = CalibrationOptions.from_args(args)
     check_output_dir(args.out)
-    params = criterion_params(args)
-    options = allocation_options(args)
+    params = parameters_from_args(args, args.criterion)
+    options = AllocationOptions.from_args(args)
     if args.export == "hf-native" and args.allocation != "uniform":
         raise PruneConfigError(f"--export hf-native needs uniform widths; the '{args.allocation}' allocation gives "
                                "each layer its own width: use --export hf-remote-code or hf-padded.")
     export = args.export or ("hf-native" if args.allocation == "uniform" else "hf-remote-code")
-    loaded = load_model(args.model)
+    placement = PlacementOptions.from_args(args)
+    loaded = load_placed(args.model, placement)
     if args.param_ratio is not None:  # the share of all parameters → the share of MLP neurons for this model
         from ..allocate import neuron_ratio_for_param_ratio
 
@@ -169,15 +135,18 @@ def cmd_prune(args) -> dict:
     if args.scores:
         result = ScoreResult.load(args.scores)
     else:
-        result = score_model(loaded, args.criterion, source=args.source, samples=args.samples, seq_len=args.seq_len,
-                             seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
-                             criterion_params=params)
+        scoring_preflight(loaded.model, placement, batch_size=calib.batch_size, seq_len=calib.seq_len,
+                          criterion=args.criterion)
+        result = score_model(loaded, args.criterion, **calib.to_dict(), progress=not args.quiet,
+                             criterion_params=params, grad_checkpointing=placement.grad_checkpointing)
+    if not distributed.is_main():  # the data-parallel part is the scoring; rank 0 prunes and writes
+        return None
     pruned = prune_with_scores(loaded, result, args.ratio, allocation=args.allocation, round_to=args.round_to,
                                options=options, progress=not args.quiet, compensation=compensation)
     target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export)
     before, after = count_params(loaded.model), count_params(pruned.model)
     return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
-            "allocation": args.allocation, "compensation": args.compensate, "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
+            "allocation": args.allocation, "compensation": compensation.method, "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
             "params_removed_share": round(pruned.meta["params_removed_share"], 5), "param_ratio": args.param_ratio,
             "criterion_params": result.config.get("criterion_params", {}),
             "intermediate_sizes": pruned.widths, "params_before": before["params"], "params_after": after["params"],
@@ -185,9 +154,12 @@ def cmd_prune(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    loaded = load_any(args.model)  # a quantized folder comes back quantized (its recipe applied on load)
+    placement = PlacementOptions.from_args(args)
+    device, device_map = placement.resolve_device(), (None if placement.device_map == "none" else "auto")
+    where = {"dtype": placement.resolve_dtype(device), "device": device, "device_map": device_map}
+    loaded = load_any(args.model, **where)  # a quantized folder comes back quantized (its recipe applied on load)
     windows = evaluation_windows(loaded.tokenizer, args.text, args.windows, args.seq_len, max_length=loaded.max_length)
-    reference = load_any(args.reference).model if args.reference else None
+    reference = load_any(args.reference, **where).model if args.reference else None
     result = evaluate(loaded.model, windows, reference, batch_size=args.batch_size, progress=not args.quiet)
     return {"model": args.model, "reference": args.reference, "text": args.text,
             "quantization": quantization_of(loaded.model), **result.to_dict(),
