@@ -127,33 +127,17 @@ def checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.gradient_checkpointing_disable()
 
 
-def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss, *, batch_size: int = 4,
-                  aggregate: str = "sum_abs", teacher: nn.Module | None = None, teacher_temperature: float = 1.0,
-                  progress: bool = True, stop: Callable[[], bool] | None = None, data_parallel: bool = False,
-                  grad_checkpointing: bool = False) -> list[torch.Tensor]:
-    """First-order Taylor importance of every MLP neuron.
+AGGREGATES = ("sum_abs", "abs_sum", "sq_sum")
 
-    windows: (N, T) token ids. aggregate: ``sum_abs`` = Σ_samples Σ_t |a·g| (HFPrune),
-    ``abs_sum`` = mean_samples |Σ_t a·g| (AMP) or ``sq_sum`` = Σ_samples (Σ_t a·g)² (Fisher). teacher: optional frozen model whose logits
-    (divided by ``teacher_temperature``) are passed to the criterion. ``data_parallel``: inside a
-    torch.distributed group, this rank scores only its shard of the windows and the per-window sums
-    are all-reduced (every aggregate is a sum over windows; ``abs_sum`` divides by the global N
-    after the reduction). ``grad_checkpointing``: recompute layer activations in the backward.
-    Returns one fp32 (d_ff_l,) tensor per layer, on the CPU.
-    """
-    from . import distributed
 
-    if aggregate not in ("sum_abs", "abs_sum", "sq_sum"):
+def score_taps(handles: list, scores: list[torch.Tensor | None], aggregate: str) -> list:
+    """Forward pre-hooks on every down projection (fc2) that route its input ``a`` (B, T, d_ff)
+    through :class:`_ScoreTap`, so the backward adds the per-neuron aggregate of ``a·g`` to
+    ``scores[layer]`` (fp32, created on first use): ``sum_abs`` Σ_b Σ_t |a·g| (HFPrune), ``abs_sum``
+    Σ_b |Σ_t a·g| (AMP; divide by the number of examples afterwards), ``sq_sum`` Σ_b (Σ_t a·g)².
+    Only activations that require grad are tapped. Returns the hook handles."""
+    if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be 'sum_abs', 'abs_sum' or 'sq_sum', got {aggregate!r}")
-    handles = mlp_handles(model)
-    scores: list[torch.Tensor | None] = [None] * len(handles)  # fp32 (d_ff_l,) on the layer's device
-    n_windows, seq_len = windows.shape
-    ids = distributed.shard(n_windows) if data_parallel else torch.arange(n_windows)
-    local = windows[ids]  # (N_rank, T)
-    weights = criterion.position_weights(seq_len).to(torch.float32)  # (T,)
-    rows_per_chunk = chunk_rows(model.config.vocab_size)
-    row_uniforms = getattr(criterion, "row_uniforms", None)
-    takes_uniforms = row_uniforms is not None and "uniforms" in inspect.signature(criterion.token_loss).parameters
 
     def make_accumulate(layer: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
         def accumulate(a: torch.Tensor, g: torch.Tensor) -> None:
@@ -179,16 +163,72 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
             return None
         return pre_hook
 
-    def grad_entry_hook(_module, args, kwargs):
-        # The gradient enters at the first MLP's input: nothing below it (embeddings, layer 0
-        # attention) needs a backward pass, and no weight ever needs a gradient.
-        if args:
-            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
-        key = next(iter(kwargs))
-        return args, {**kwargs, key: kwargs[key].detach().requires_grad_(True)}
+    return [h.down.register_forward_pre_hook(make_pre_hook(i)) for i, h in enumerate(handles)]
 
-    registered = [h.down.register_forward_pre_hook(make_pre_hook(h.index)) for h in handles]
-    registered.append(handles[0].mlp.register_forward_pre_hook(grad_entry_hook, with_kwargs=True))
+
+def _input_requires_grad(_module, args, kwargs):
+    """Forward pre-hook: the module's first input becomes a fresh leaf that requires grad, so the
+    backward starts there (nothing below it, and no weight, needs a gradient)."""
+    if args:
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: kwargs[key].detach().requires_grad_(True)}
+
+
+def loss_taylor_scores(model: nn.Module, data: torch.Tensor, loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                       *, batch_size: int = 32, aggregate: str = "abs_sum", progress: bool = True,
+                       stop: Callable[[], bool] | None = None, desc: str = "scoring") -> list[torch.Tensor]:
+    """Taylor importance for any model with MLP handles and any scalar loss of a batch (encoders:
+    AMP's similarity entropy of the embeddings). ``data``: (N, ...) examples split along dim 0;
+    ``loss_fn(model, batch)`` → scalar. Same taps and aggregates as :func:`taylor_scores`; the
+    gradient enters at the first MLP's up projection (fc1). Returns fp32 (d_ff_l,) per layer, CPU;
+    ``abs_sum`` is divided by N (AMP: the mean over images of |Σ_tokens a·g|)."""
+    handles = mlp_handles(model)
+    scores: list[torch.Tensor | None] = [None] * len(handles)
+    registered = score_taps(handles, scores, aggregate)
+    registered.append(handles[0].up.register_forward_pre_hook(_input_requires_grad, with_kwargs=True))
+    device = next(model.parameters()).device
+    bar = tqdm(total=int(data.shape[0]), desc=desc, unit="example", disable=not progress)
+    with frozen(model), hooks(registered), torch.enable_grad(), bar:
+        for batch in batches(data, batch_size):
+            check_stop(stop, "Scoring was stopped.")
+            loss = loss_fn(model, batch.to(device))
+            loss.backward()
+            bar.update(batch.shape[0])
+    out = [(s if s is not None else torch.zeros(h.width)).float().cpu() for s, h in zip(scores, handles)]
+    return [s / data.shape[0] for s in out] if aggregate == "abs_sum" else out
+
+
+def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss, *, batch_size: int = 4,
+                  aggregate: str = "sum_abs", teacher: nn.Module | None = None, teacher_temperature: float = 1.0,
+                  progress: bool = True, stop: Callable[[], bool] | None = None, data_parallel: bool = False,
+                  grad_checkpointing: bool = False) -> list[torch.Tensor]:
+    """First-order Taylor importance of every MLP neuron.
+
+    windows: (N, T) token ids. aggregate: ``sum_abs`` = Σ_samples Σ_t |a·g| (HFPrune),
+    ``abs_sum`` = mean_samples |Σ_t a·g| (AMP) or ``sq_sum`` = Σ_samples (Σ_t a·g)² (Fisher). teacher: optional frozen model whose logits
+    (divided by ``teacher_temperature``) are passed to the criterion. ``data_parallel``: inside a
+    torch.distributed group, this rank scores only its shard of the windows and the per-window sums
+    are all-reduced (every aggregate is a sum over windows; ``abs_sum`` divides by the global N
+    after the reduction). ``grad_checkpointing``: recompute layer activations in the backward.
+    Returns one fp32 (d_ff_l,) tensor per layer, on the CPU.
+    """
+    from . import distributed
+
+    handles = mlp_handles(model)
+    scores: list[torch.Tensor | None] = [None] * len(handles)  # fp32 (d_ff_l,) on the layer's device
+    n_windows, seq_len = windows.shape
+    ids = distributed.shard(n_windows) if data_parallel else torch.arange(n_windows)
+    local = windows[ids]  # (N_rank, T)
+    weights = criterion.position_weights(seq_len).to(torch.float32)  # (T,)
+    rows_per_chunk = chunk_rows(model.config.vocab_size)
+    row_uniforms = getattr(criterion, "row_uniforms", None)
+    takes_uniforms = row_uniforms is not None and "uniforms" in inspect.signature(criterion.token_loss).parameters
+
+    registered = score_taps(handles, scores, aggregate)
+    # The gradient enters at the first MLP's input: nothing below it (embeddings, layer 0 attention)
+    # needs a backward pass, and no weight ever needs a gradient.
+    registered.append(handles[0].mlp.register_forward_pre_hook(_input_requires_grad, with_kwargs=True))
     device = next(model.parameters()).device
     bar = tqdm(total=int(local.shape[0]), desc="scoring", unit="window", disable=not progress)
     with frozen(model), hooks(registered), checkpointed(model, grad_checkpointing), torch.enable_grad(), bar:
@@ -233,46 +273,54 @@ def _next_token_targets(batch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_sq_norms(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
-                        stop: Callable[[], bool] | None = None,
-                        data_parallel: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+                        stop: Callable[[], bool] | None = None, data_parallel: bool = False,
+                        forward: Callable[[nn.Module, torch.Tensor], object] | None = None,
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """Forward-only statistics of ``a`` at each down_proj input over all calibration tokens.
 
     Returns (Σ a², Σ a, token count): two lists of fp32 (d_ff_l,) tensors and the number of tokens.
     ``data_parallel``: this rank runs its shard of the windows and the sums are all-reduced, so every
-    rank returns the statistics of all windows.
+    rank returns the statistics of all windows. ``forward``: see :func:`forward_with_down_hooks`; the
+    token count is then the number of activation rows seen (e.g. images × patches).
     """
     from . import distributed
 
     handles = mlp_handles(model)
     sq = [torch.zeros(h.width, dtype=torch.float32) for h in handles]
     total = [torch.zeros(h.width, dtype=torch.float32) for h in handles]
+    rows = [0]  # activation rows seen by layer 0 (local)
 
     def make_pre_hook(layer: int):
         def pre_hook(_module, args):
             a = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (B·T, d_ff)
             sq[layer].add_(a.pow(2).sum(0).cpu())
             total[layer].add_(a.sum(0).cpu())
+            if layer == 0:
+                rows[0] += a.shape[0]
         return pre_hook
 
     local = windows[distributed.shard(windows.shape[0])] if data_parallel else windows  # (N_rank, T)
     forward_with_down_hooks(model, local, make_pre_hook, desc="activation statistics", batch_size=batch_size,
-                            progress=progress, stop=stop)
+                            progress=progress, stop=stop, forward=forward)
     if data_parallel:
         distributed.all_reduce_sum(sq + total)
-    return sq, total, int(windows.numel())
+    return sq, total, int(windows.numel()) if forward is None else rows[0]
 
 
 @torch.no_grad()
 def forward_with_down_hooks(model: nn.Module, windows: torch.Tensor, make_pre_hook: Callable[[int], Callable], *,
                             desc: str, batch_size: int = 4, progress: bool = True,
-                            stop: Callable[[], bool] | None = None) -> None:
+                            stop: Callable[[], bool] | None = None,
+                            forward: Callable[[nn.Module, torch.Tensor], object] | None = None) -> None:
     """Run the decoder stack over (N, T) windows with ``make_pre_hook(layer)`` as a forward pre-hook
-    on every down_proj (it sees the (B, T, d_ff) activations); checks ``stop`` before each batch."""
+    on every down_proj (it sees the (B, T, d_ff) activations); checks ``stop`` before each batch.
+    ``forward(model, batch)`` replaces the decoder-stack call (encoders: pixels or token ids)."""
+    forward = forward or base_forward
     registered = [h.down.register_forward_pre_hook(make_pre_hook(h.index)) for h in mlp_handles(model)]
     device = next(model.parameters()).device
     bar = tqdm(total=int(windows.shape[0]), desc=desc, unit="window", disable=not progress)
     with hooks(registered), bar:
         for batch in batches(windows, batch_size):
             check_stop(stop, f"Stopped while computing {desc}.")
-            base_forward(model, batch.to(device))
+            forward(model, batch.to(device))
             bar.update(batch.shape[0])
