@@ -32,6 +32,7 @@ class ScoreOptions:
     stop: Callable[[], bool] | None = None
     data_parallel: bool = False  # inside a torch.distributed group: shard windows by rank, all-reduce the sums
     grad_checkpointing: bool = False  # Taylor criteria: recompute layer activations in the backward
+    forward: Callable | None = None  # encoders: forward(model, batch) for pixels / ids; None = the decoder stack
 
 
 class Criterion(ABC):
@@ -339,13 +340,14 @@ class MagnitudeCriterion(Criterion):
     name = "magnitude"
     cost = "weights only"
     passes = (0, 0)
-    summary = "L2 norms of the neuron's gate row, up row and down column, summed; ignores data."
+    summary = "L2 norms of the neuron's gate row (if gated), up (fc1) row and down (fc2) column, summed; ignores data."
 
     def __call__(self, model, windows, options):
         out = []
         for h in mlp_handles(model):
-            norm = h.gate.weight.detach().float().norm(dim=1) + h.up.weight.detach().float().norm(dim=1)
-            out.append((norm + h.down.weight.detach().float().norm(dim=0)).cpu())
+            norm = sum(linear.weight.detach().float().norm(dim=1 if role != "down" else 0)
+                       for role, linear in h.linears.items())  # (d_ff,)
+            out.append(norm.cpu())
         return out
 
 
@@ -358,7 +360,7 @@ class WandaCriterion(Criterion):
     def __call__(self, model, windows, options):
         sq, _total, _count = activation_sq_norms(model, windows, batch_size=options.batch_size,
                                                  progress=options.progress, stop=options.stop,
-                                                 data_parallel=options.data_parallel)
+                                                 data_parallel=options.data_parallel, forward=options.forward)
         return [h.down.weight.detach().float().abs().mean(dim=0).cpu() * s.sqrt()
                 for h, s in zip(mlp_handles(model), sq)]
 
@@ -377,7 +379,7 @@ class FluctuationCriterion(Criterion):
     def __call__(self, model, windows, options):
         sq, total, count = activation_sq_norms(model, windows, batch_size=options.batch_size,
                                                progress=options.progress, stop=options.stop,
-                                               data_parallel=options.data_parallel)
+                                               data_parallel=options.data_parallel, forward=options.forward)
         out = []
         for h, s, t in zip(mlp_handles(model), sq, total):
             mean = t / count
