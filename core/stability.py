@@ -189,15 +189,17 @@ def fidelity_over_draws(loaded: LoadedModel, draw_scores: dict[str, list[list[to
     draw and the mean, sample std, min and max of KL over the draws."""
     from .sweep import fidelity_sweep
 
+    cells_by: dict[tuple[str, float], list[dict]] = {}
+    draws = len(next(iter(draw_scores.values()), []))
+    for k in range(draws):  # one sweep per draw: the dense reference is computed once for all its rows
+        results = {name: ScoreResult(sets[k], {"criterion": name}, 0.0) for name, sets in draw_scores.items()}
+        for row in fidelity_sweep(loaded, results, ratios, windows, allocation=allocation, progress=progress,
+                                  stop=stop):
+            cells_by.setdefault((row["criterion"], row["ratio"]), []).append(row)
     rows = []
-    for name, sets in draw_scores.items():
-        per_draw: dict[float, list[dict]] = {}
-        for scores in sets:
-            result = ScoreResult(scores, {"criterion": name}, 0.0)
-            for row in fidelity_sweep(loaded, {name: result}, ratios, windows, allocation=allocation,
-                                      progress=progress, stop=stop):
-                per_draw.setdefault(row["ratio"], []).append(row)
-        for ratio, cells in per_draw.items():
+    for name in draw_scores:
+        for ratio in sorted({r for c, r in cells_by if c == name}):
+            cells = cells_by[(name, ratio)]
             kl = [c["kl_to_dense"] for c in cells]
             rows.append({"criterion": name, "ratio": ratio, "allocation": allocation, "draws": len(cells),
                          "kl_mean": sum(kl) / len(kl), "kl_std": _std(kl), "kl_min": min(kl), "kl_max": max(kl),
