@@ -159,3 +159,8 @@ def set_config_widths(config, widths: list[int]) -> None:
             del config.intermediate_sizes
     else:
         config.intermediate_sizes = list(widths)
+
+
+def mlp_widths(model: nn.Module) -> list[int]:
+    """Current d_ff of every layer."""
+    return [h.width for h in mlp_handles(model)]
