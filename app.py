@@ -40,9 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from core.progress import quiet_third_party
     from hfprune_ui import build_demo, launch_options, queue
     from hfprune_ui.services import Services
 
+    quiet_third_party()
     if args.export_root:
         print(f"Exports saved to a folder stay inside {args.export_root}")
     demo = queue(build_demo(Services(export_root=args.export_root)))

@@ -19,6 +19,7 @@ import os
 import sys
 
 from ..errors import HFPruneError
+from ..progress import quiet_third_party
 
 GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed",
                      "core.cli.recover"]
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_third_party(progress_bars=not getattr(args, "quiet", False))
     if args.trust_remote_code:
         os.environ["HFPRUNE_TRUST_REMOTE_CODE"] = "1"
     try:
