@@ -146,12 +146,19 @@ class Objective(Protocol):
 class ParamSet:
     """The parameters that train. ``named``: (name, parameter) pairs; ``lr_scale``: optional factor per
     name for its learning rate (a separate AdamW group per distinct factor); ``after_step``: called
-    after every optimiser step under no_grad (e.g. a clamp)."""
+    after every optimiser step under no_grad (e.g. a clamp); ``options``: per name, extra AdamW group
+    options (``{"maximize": True}``: gradient *ascent*, e.g. Lagrange multipliers) and two loop flags,
+    ``"clip": False`` (left out of gradient clipping) and ``"schedule": False`` (constant lr: no
+    warm-up, no cosine)."""
 
     name: str
     named: list[tuple[str, nn.Parameter]]
     lr_scale: dict[str, float] = field(default_factory=dict)
     after_step: Callable[[], None] | None = None
+    options: dict[str, dict] = field(default_factory=dict)
+
+    def option(self, name: str, key: str, default=True):
+        return self.options.get(name, {}).get(key, default)
 
     @property
     def count(self) -> int:
@@ -249,13 +256,18 @@ class LogitDistillation:
     def needs_teacher(self) -> bool:
         return self.options.alpha > 0
 
+    def teacher_states(self, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's final hidden states (B, T, H) for ids (B, T), no grad. A subclass whose teacher
+        is the student itself in another mode (DDP: the same model run ungated) overrides this."""
+        return base_forward(teacher, ids)
+
     def forward_backward(self, student, teacher, batch, state):
         tau, alpha = self.options.tau, self.options.alpha
         t0 = time.perf_counter()
         teacher_hidden = None
         if alpha > 0:
             with torch.no_grad():
-                teacher_hidden = base_forward(teacher, batch).reshape(-1, _hidden_size(teacher))  # (B·T, H)
+                teacher_hidden = self.teacher_states(teacher, batch).reshape(-1, _hidden_size(teacher))  # (B·T, H)
         t1 = time.perf_counter()
         hidden = base_forward(student, batch)  # (B, T, H)
         detached = hidden.detach().requires_grad_(True)
@@ -292,7 +304,7 @@ class LogitDistillation:
         device = _device(student)
         cache = self._heldout_cache
         if cache is None or cache[0] is not windows or cache[1] is not teacher:  # the teacher is frozen: reuse
-            states = [base_forward(teacher, w.to(device)) for w in torch.split(windows, batch_size)]
+            states = [self.teacher_states(teacher, w.to(device)) for w in torch.split(windows, batch_size)]
             cache = self._heldout_cache = (windows, teacher, torch.cat(states))  # states (N, T, H)
         teacher_states = cache[2]
         step = chunk_rows(student.config.vocab_size)
@@ -412,13 +424,19 @@ def lr_factor(step: int, progress: float, options: TrainOptions) -> float:
 
 
 def _optimizer(params: ParamSet, options: TrainOptions, device: torch.device) -> torch.optim.Optimizer:
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    """One AdamW; a param group per distinct (lr factor, decay, per-name options) — one optimiser
+    serves ascent and descent alike since AdamW keeps ``maximize`` per group."""
+    groups: dict[tuple, list[nn.Parameter]] = {}
     for name, p in params.named:
         decay = options.weight_decay > 0 and p.dim() >= 2
-        groups.setdefault((params.lr_scale.get(name, 1.0), decay), []).append(p)
-    param_groups = [{"params": ps, "lr": options.lr * scale, "lr_scale": scale,
-                     "weight_decay": options.weight_decay if decay else 0.0}
-                    for (scale, decay), ps in groups.items()]
+        extra = tuple(sorted(params.options.get(name, {}).items()))
+        groups.setdefault((params.lr_scale.get(name, 1.0), decay, extra), []).append(p)
+    param_groups = []
+    for (scale, decay, extra), ps in groups.items():
+        group_options = {k: v for k, v in extra if k not in ("clip", "schedule")}
+        param_groups.append({"params": ps, "lr": options.lr * scale, "lr_scale": scale,
+                             "schedule": dict(extra).get("schedule", True),
+                             "weight_decay": options.weight_decay if decay else 0.0, **group_options})
     return torch.optim.AdamW(param_groups, lr=options.lr, betas=(0.9, options.beta2), foreach=True)
 
 
@@ -517,7 +535,7 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                            "before the run.")
                 factor = lr_factor(step, used, options)
                 for group in optimizer.param_groups:
-                    group["lr"] = options.lr * group["lr_scale"] * factor
+                    group["lr"] = options.lr * group["lr_scale"] * (factor if group["schedule"] else 1.0)
                 step_start = time.perf_counter()
                 t = time.perf_counter()
                 if cursor + options.batch_size > order.numel():
@@ -538,7 +556,8 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                         timing[key] = timing.get(key, 0.0) + value
                 t = time.perf_counter()
                 if options.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for _n, p in params.named], options.grad_clip)
+                    torch.nn.utils.clip_grad_norm_([p for n, p in params.named if params.option(n, "clip")],
+                                                   options.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if params.after_step is not None:
