@@ -15,7 +15,9 @@ calibration split and be disjoint from the scoring windows (see :func:`heldout_w
 the evaluation split.
 
 Fidelity: ``kl`` = mean per-token KL(p_dense ‖ p_masked); ``entropy`` = mean next-token entropy of
-the masked model (AMP's loss). Modes: ``sequential`` (AMP: later layers stay pruned at their chosen
+the masked model (AMP's loss). The search sees the model only through a :class:`MaskedModel`
+(per-layer masks + ``value(start)``): :class:`MaskedEvaluator` is the causal-LM one; encoders plug
+in their own fidelity (``core.vision.EmbeddingEntropyEvaluator``: AMP's similarity entropy). Modes: ``sequential`` (AMP: later layers stay pruned at their chosen
 widths while an earlier layer is searched; the increase is measured against that state) and
 ``independent`` (each layer alone against the dense model; cheaper, results reusable across ratios).
 """
@@ -32,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .adapters import decoder_layers, mlp_handles
+from .adapters import blocks, mlp_handles
 from .allocate import check_ratio
 from .errors import DataError, PruneConfigError
 from .progress import check_stop
@@ -115,27 +117,35 @@ class _Skip(nn.Module):
         return hidden_states
 
 
-class MaskedEvaluator:
-    """Fidelity of the model with per-layer neuron masks, on fixed held-out windows."""
+class MaskedModel:
+    """What :func:`adaptive_search` needs from a model: 0/1 neuron masks at every down projection's
+    input (top-``keep`` by score via :meth:`width_mask`), and a fidelity loss under the current masks.
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, scores: list[torch.Tensor], fidelity: str = "kl",
-                 batch_size: int = 4):
-        if fidelity not in FIDELITIES:
-            raise PruneConfigError(f"Unknown fidelity '{fidelity}'; choose one of: {', '.join(FIDELITIES)}.")
-        self.model, self.fidelity = model, fidelity
+    A subclass sets ``fidelity`` (its name), ``dense_value`` (the loss with no mask) and ``tokens``
+    (held-out size, for the report), and implements :meth:`value`. Blocks before ``start`` are dense
+    while layer ``start`` is searched, so a subclass may cache their output (see :meth:`_start_at`)."""
+
+    fidelity: str = ""
+    dense_value: float = 0.0
+    tokens: int = 0
+
+    def __init__(self, model: nn.Module, scores: list[torch.Tensor]):
+        self.model = model
         self.handles = mlp_handles(model)
         if [int(s.numel()) for s in scores] != [h.width for h in self.handles]:
             raise PruneConfigError("The scores do not match this model's MLP widths.")
         self.device = next(model.parameters()).device
         self.orders = [torch.argsort(s.float(), descending=True, stable=True) for s in scores]
         self.masks: list[torch.Tensor | None] = [None] * len(self.handles)
-        self.batches = [b.to(self.device) for b in batches(windows, batch_size)]
-        self.tokens = int(windows.numel())
         self.evaluations = 0
-        self.layer_inputs: list[list[torch.Tensor]] = []  # [batch][layer] → (B, T, H)
-        self.dense_probs: list[torch.Tensor] = []  # p_dense per batch (kl only)
-        self.dense_neg_entropy: list[float] = []  # Σ p_dense·log p_dense per batch
-        self._dense_pass()
+
+    def value(self, start: int = 0) -> float:
+        """The fidelity loss with the current masks (lower is better); layers before ``start`` are dense."""
+        raise NotImplementedError
+
+    def _check_start(self, start: int) -> None:
+        if any(m is not None for m in self.masks[:start]):
+            raise RuntimeError("Layers before the restart point must be dense.")
 
     def width_mask(self, layer: int, keep: int) -> torch.Tensor | None:
         width = self.handles[layer].width
@@ -158,33 +168,26 @@ class MaskedEvaluator:
         with hooks([h.down.register_forward_pre_hook(make(h.index)) for h in self.handles]):
             yield
 
-    @torch.no_grad()
-    def _dense_pass(self) -> None:
-        layers = decoder_layers(self.model)
-        for batch in self.batches:
-            captured: list[torch.Tensor] = []
+    def _layer_inputs(self, run: Callable[[], object]) -> tuple[list[torch.Tensor], object]:
+        """Run ``run()`` (a dense forward) and return (the input of every block, run's result), so
+        :meth:`_start_at` can restart later forwards at any block."""
+        captured: list[torch.Tensor] = []
 
-            def grab(_module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                captured.append(hidden.detach())
+        def grab(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured.append(hidden.detach())
 
-            with hooks([layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]):
-                hidden = self.model.model(input_ids=batch, use_cache=False).last_hidden_state
-            self.layer_inputs.append(captured)
-            logp = metrics.log_probs(lm_logits(self.model, hidden))  # (B, T, V)
-            probs = logp.exp()
-            neg_entropy = float(metrics.cross(probs, logp).double().sum())
-            self.dense_probs.append(probs if self.fidelity == "kl" else probs[..., :0])
-            self.dense_neg_entropy.append(neg_entropy)
-        self.dense_value = 0.0 if self.fidelity == "kl" else -sum(self.dense_neg_entropy) / self.tokens
+        with hooks([layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in blocks(self.model)]):
+            result = run()
+        return captured, result
 
     @contextlib.contextmanager
     def _start_at(self, start: int) -> Iterator[_Cached | None]:
-        """Temporarily replace decoder layers [0, start) by a stub that returns the cached input of ``start``."""
+        """Temporarily replace blocks [0, start) by a stub that returns the cached input of ``start``."""
         if start <= 0:
             yield None
             return
-        layers = decoder_layers(self.model)
+        layers = blocks(self.model)
         saved = [layers[i] for i in range(start)]
         stub = _Cached()
         try:
@@ -196,11 +199,41 @@ class MaskedEvaluator:
             for i, module in enumerate(saved):
                 layers[i] = module
 
+
+class MaskedEvaluator(MaskedModel):
+    """Causal-LM fidelity (KL to the dense model or next-token entropy) with per-layer neuron masks,
+    on fixed held-out windows."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, scores: list[torch.Tensor], fidelity: str = "kl",
+                 batch_size: int = 4):
+        if fidelity not in FIDELITIES:
+            raise PruneConfigError(f"Unknown fidelity '{fidelity}'; choose one of: {', '.join(FIDELITIES)}.")
+        super().__init__(model, scores)
+        self.fidelity = fidelity
+        self.batches = [b.to(self.device) for b in batches(windows, batch_size)]
+        self.tokens = int(windows.numel())
+        self.layer_inputs: list[list[torch.Tensor]] = []  # [batch][layer] → (B, T, H)
+        self.dense_probs: list[torch.Tensor] = []  # p_dense per batch (kl only)
+        self.dense_neg_entropy: list[float] = []  # Σ p_dense·log p_dense per batch
+        self._dense_pass()
+
+    @torch.no_grad()
+    def _dense_pass(self) -> None:
+        for batch in self.batches:
+            captured, hidden = self._layer_inputs(
+                lambda batch=batch: self.model.model(input_ids=batch, use_cache=False).last_hidden_state)
+            self.layer_inputs.append(captured)
+            logp = metrics.log_probs(lm_logits(self.model, hidden))  # (B, T, V)
+            probs = logp.exp()
+            neg_entropy = float(metrics.cross(probs, logp).double().sum())
+            self.dense_probs.append(probs if self.fidelity == "kl" else probs[..., :0])
+            self.dense_neg_entropy.append(neg_entropy)
+        self.dense_value = 0.0 if self.fidelity == "kl" else -sum(self.dense_neg_entropy) / self.tokens
+
     @torch.no_grad()
     def value(self, start: int = 0) -> float:
         """Mean fidelity loss per token with the current masks; layers before ``start`` must be unmasked."""
-        if any(m is not None for m in self.masks[:start]):
-            raise RuntimeError("Layers before the restart point must be dense.")
+        self._check_start(start)
         self.evaluations += 1
         total = 0.0
         with self._mask_hooks(), self._start_at(start) as stub:
@@ -233,17 +266,18 @@ def _interpolate(points: dict[int, float], width: int, full: int) -> float:
     return v0 + (v1 - v0) * (width - k0) / (k1 - k0)
 
 
-def adaptive_search(model: nn.Module, scores: list[torch.Tensor], ratio: float, windows: torch.Tensor, *,
+def adaptive_search(model: nn.Module, scores: list[torch.Tensor], ratio: float, windows: torch.Tensor | None, *,
                     fidelity: str = "kl", mode: str = "independent", halvings: int = 6, min_keep: float = 0.05,
                     round_to: int = 1, ratio_tolerance: float = 0.005, max_outer: int = 16, exact: bool = True,
                     batch_size: int = 4, progress: bool = True, stop: Callable[[], bool] | None = None,
-                    evaluator: MaskedEvaluator | None = None) -> AdaptiveResult:
+                    evaluator: MaskedModel | None = None) -> AdaptiveResult:
     """Per-layer widths that keep ``(1 − ratio)`` of all MLP neurons, chosen by the fidelity search.
 
     scores: the criterion's per-layer scores (they order neurons inside a layer). windows: held-out
     calibration windows (N, T). Returns widths, the per-layer traces at the final tolerance and the
     outer bisection steps. Pass ``evaluator`` to reuse the dense pass (and, in ``independent`` mode,
-    every memoised evaluation) across ratios.
+    every memoised evaluation) across ratios, or to search with another fidelity (any
+    :class:`MaskedModel`, e.g. an encoder's; ``windows`` and ``fidelity`` are then unused).
     """
     ratio = check_ratio(ratio)
     if mode not in MODES:
