@@ -63,7 +63,8 @@ def variant(model, fmt: str):
 
 
 def device_line() -> str:
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             pruned_cache[ratio] = pruned_variant(loaded, scores, ratio)[0]
         model = variant(pruned_cache[ratio], fmt)
         t0 = time.time()
-        ev = evaluate(model, windows, reference=dense, batch_size=4, progress=False)  # counts quantized layers logically
+        # evaluate counts quantized layers logically (core.counts.count_params)
+        ev = evaluate(model, windows, reference=dense, batch_size=4, progress=False)
         zs = run_zeroshot(model, loaded.tokenizer, limit=args.limit, batch_size=8, progress=False)
         row = {"ratio": ratio, "format": fmt, "perplexity": ev.perplexity, "kl_to_dense": ev.kl_to_reference,
                "top1_agreement": ev.top1_agreement,
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"Device: {meta['device']}. Model: {meta['model']}; pruning: {meta['criterion']}/{meta['allocation']} "
-        f"(scores from {meta['calibration'].get('samples')}×{meta['calibration'].get('seq_len')} calibration tokens, seed "
+        f"(scores from {meta['calibration'].get('samples')}×{meta['calibration'].get('seq_len')} "
+        f"calibration tokens, seed "
         f"{meta['calibration'].get('seed')}). Perplexity and KL(p_dense ‖ p) on {meta['windows']} held-out windows × "
         f"{meta['seq_len']} tokens; zero-shot on the first {meta['zeroshot_limit']} items of each shipped task "
         f"(stderr ≈ ±{(0.25 / max(1, meta['zeroshot_limit'])) ** 0.5:.2f}). Command: `{meta['command']}` "

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from _common import RESULTS, machine, markdown_table
 
 from core.data import evaluation_windows

@@ -14,11 +14,11 @@ import contextlib
 import json
 import time
 
-import _common  # noqa: F401
-from _common import machine, markdown_table, write_result
-
 import torch
 import torch.nn.functional as F
+
+import _common  # noqa: F401
+from _common import machine, markdown_table, write_result
 
 from core.adapters import mlp_handles
 from core.criteria import REGISTRY, ScoreOptions, get_criterion

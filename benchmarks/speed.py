@@ -23,9 +23,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize import FORMATS, LEGACY, ROOT, device_line, load_scores, pruned_variant, variant  # noqa: E402
-
 import torch  # noqa: E402
+
+from quantize import FORMATS, LEGACY, ROOT, device_line, load_scores, pruned_variant, variant  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # bitsandbytes, once per decode step
 
@@ -33,8 +33,8 @@ warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # bit
 def disk_bytes(model, tokenizer, fmt: str, meta: dict | None, source: str) -> int:
     """Save the variant the way the CLI does (pruned: safetensors; quantized: source weights +
     recipe) into a temp folder and measure its bytes."""
-    from core.export import save_pruned
     from core.counts import folder_bytes
+    from core.export import save_pruned
     from core.quant_store import save_quantized
 
     tmp = Path(tempfile.mkdtemp(prefix="hfprune-speed-"))
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
-    from core.models import load_model
     from core.counts import mlp_widths_any
+    from core.models import load_model
     from core.quantize import check_method
     from core.speed import ideal_speedup, measure_speed, pick_device, release_memory
 
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = device.type
     meta = {"model": args.model, "device": device_line() if kind == "cpu" else
             f"{torch.cuda.get_device_name(device)} (bf16, CUDA events), torch {torch.__version__}",
-            "round_to": args.round_to, "prefill": args.prefill, "decode": args.decode, "prompt": args.prompt, "repeats": args.repeats,
+            "round_to": args.round_to, "prefill": args.prefill, "decode": args.decode, "prompt": args.prompt,
+            "repeats": args.repeats,
             "command": "python benchmarks/speed.py " + " ".join(argv or sys.argv[1:]),
             "seconds": round(time.time() - started, 1)}
     out = Path(args.out)
@@ -161,7 +162,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {pruned_label(r, meta)} | {r['format']} | {r['params'] / 1e6:.1f} | {r['prefill_ms']:.0f} | "
             f"{r['decode_tokens_per_s']:.1f} | {r['peak_memory_bytes'] / 1e6:.0f} | {r['weight_bytes'] / 1e6:.0f} | "
             f"{(r['disk_bytes'] or 0) / 1e6:.0f} | {r['ideal_speedup']:.3f} | "
-            f"{r.get('measured_prefill_speedup', float('nan')):.3f} | {r.get('measured_decode_speedup', float('nan')):.3f} |")
+            f"{r.get('measured_prefill_speedup', float('nan')):.3f} | "
+            f"{r.get('measured_decode_speedup', float('nan')):.3f} |")
     return "\n".join(lines) + "\n"
 
 

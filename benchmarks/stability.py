@@ -77,12 +77,15 @@ def markdown(data: dict) -> str:
     lines = [f"## Rank stability over {data['draws']} disjoint calibration draws", "",
              (f"- model {data['model']}; each draw {data['samples']} × {data['seq_len']} calibration tokens "
              f"(wiki calibration articles, draws disjoint, draw 0 = seed {data['seed']}'s usual windows)"),
-             (f"- KL to dense on {data['eval_windows']} × {data['eval_seq_len']} evaluation-article tokens after uniform "
+             (f"- KL to dense on {data['eval_windows']} × {data['eval_seq_len']} evaluation-article tokens "
+              "after uniform "
              f"pruning with each draw's scores"),
              (f"- command: `{data['command']}` ({data['machine']}; scoring {data['scoring_seconds']:.0f} s, "
              f"evaluation {data['eval_seconds']:.0f} s)"), "",
-             (f"### Rank agreement (mean over layers; draw vs draw: the {data['draws'] * (data['draws'] - 1) // 2} pairs "
-              f"of different draws of one criterion; same draw: each of the {data['draws']} draws scored by both criteria)"),
+             (f"### Rank agreement (mean over layers; draw vs draw: the "
+              f"{data['draws'] * (data['draws'] - 1) // 2} pairs "
+              f"of different draws of one criterion; same draw: each of the {data['draws']} draws scored by both "
+              "criteria)"),
              ""]
     rows = [[r["comparison"], r["pairs"], f"{r['mean_rho']:.3f}", f"{r['min_layer_rho']:.3f}",
              *[f"{r[f'overlap@{x:g}']:.3f}" for x in ratios]] for r in data["summary"]]

@@ -104,7 +104,8 @@ def normalize_scores(scores: list[torch.Tensor], method: str = "mean") -> list[t
     return out
 
 
-def round_to_total(widths: list[int], multiple: int, limits: list[int], target: int, floor: list[int] | None = None) -> list[int]:
+def round_to_total(widths: list[int], multiple: int, limits: list[int], target: int,
+                   floor: list[int] | None = None) -> list[int]:
     """Round every width to a multiple of ``multiple`` (capped at its layer's full width, which is
     allowed even when it is not a multiple) while keeping the total as close as possible to ``target``:
     round down, then give one more multiple to the layers with the largest remainders."""
@@ -191,7 +192,8 @@ def neuron_ratio_for_param_ratio(model, param_ratio: float) -> float:
     except (TypeError, ValueError) as exc:
         raise PruneConfigError(f"The parameter ratio must be a number in [0, 1), got {param_ratio!r}.") from exc
     if not 0.0 <= share < 1.0 or math.isnan(share):
-        raise PruneConfigError(f"The parameter ratio must be in [0, 1) (share of all parameters removed), got {param_ratio}.")
+        raise PruneConfigError(f"The parameter ratio must be in [0, 1) (share of all parameters removed), "
+                               f"got {param_ratio}.")
     handles = mlp_handles(model)
     full = [h.width for h in handles]
     bias = handles[0].gate.bias is not None

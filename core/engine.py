@@ -101,7 +101,8 @@ def score_model(loaded: LoadedModel, criterion: str, *, source: str = "wiki", sa
     windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, max_length=loaded.max_length)
     vocab = loaded.model.config.vocab_size
     if int(windows.max()) >= vocab:
-        raise DataError(f"The tokenizer produced ids up to {int(windows.max())} but the model's vocabulary has {vocab}.")
+        raise DataError(f"The tokenizer produced ids up to {int(windows.max())} but the model's vocabulary has "
+                        f"{vocab}.")
     start = time.perf_counter()
     options = ScoreOptions(batch_size=batch_size, progress=progress and distributed.is_main(), seed=seed, stop=stop,
                            data_parallel=data_parallel, grad_checkpointing=grad_checkpointing)
@@ -240,7 +241,8 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
         raise PruneConfigError("These scores were computed for a model with different MLP widths.")
     options = options or AllocationOptions()
     compensation = (compensation or CompensationOptions()).check()
-    if plan is None or plan.allocation != allocation or plan.ratio != check_ratio(ratio) or plan.full_widths != widths_before:
+    if (plan is None or plan.allocation != allocation or plan.ratio != check_ratio(ratio)
+            or plan.full_widths != widths_before):
         plan = preview_widths(loaded, ratio, allocation, scores=result, round_to=round_to, options=options,
                               progress=progress, stop=stop)
     widths = plan.widths

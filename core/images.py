@@ -75,7 +75,8 @@ def random_crops(images: list[torch.Tensor] | tuple[torch.Tensor, ...], count: i
     return out
 
 
-def calibration_images(count: int = 64, size: int = 224, seed: int = 0, scale: tuple[float, float] = (0.2, 1.0)) -> torch.Tensor:
+def calibration_images(count: int = 64, size: int = 224, seed: int = 0,
+                       scale: tuple[float, float] = (0.2, 1.0)) -> torch.Tensor:
     """Calibration crops of the scikit-image samples: uint8 (count, 3, size, size)."""
     return random_crops(sample_images(), count, size, seed, scale)
 
@@ -116,7 +117,8 @@ def labelled_images(name: str = "digits", size: int = 112) -> tuple[torch.Tensor
     return _resize(images, size), labels
 
 
-def stratified_split(labels: torch.Tensor, test_fraction: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, test_fraction: float = 0.3,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, test indices): ``test_fraction`` of every class to the test side, seeded."""
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}.")

@@ -244,7 +244,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                 f"a .gguf file, and the Hugging Face Hub could not provide it (offline or unknown id)."
             ) from exc
         except ValueError as exc:
-            raise UnsupportedArchitectureError(f"Could not build a causal LM from '{spec}': {_first_line(exc)}") from exc
+            raise UnsupportedArchitectureError(f"Could not build a causal LM from '{spec}': "
+                                               f"{_first_line(exc)}") from exc
         except Exception as exc:  # corrupt safetensors, bad json, ...
             raise ModelLoadError(f"Could not load '{spec}': {_first_line(exc)}") from exc
     check_supported(model)

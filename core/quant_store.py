@@ -69,7 +69,7 @@ def check_memory(location: str, factor: float = 1.5) -> None:
     folder = Path(location)
     if not folder.is_dir():
         return
-    need = sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(p.stat().st_size for p in folder.glob("*.bin"))
+    need = sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))
     available = psutil.virtual_memory().available
     if need * factor > available:
         raise ModelLoadError(f"The model in {folder} needs about {need * factor / 2**30:.1f} GiB of memory to load "

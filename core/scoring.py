@@ -206,7 +206,8 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
     """First-order Taylor importance of every MLP neuron.
 
     windows: (N, T) token ids. aggregate: ``sum_abs`` = Σ_samples Σ_t |a·g| (HFPrune),
-    ``abs_sum`` = mean_samples |Σ_t a·g| (AMP) or ``sq_sum`` = Σ_samples (Σ_t a·g)² (Fisher). teacher: optional frozen model whose logits
+    ``abs_sum`` = mean_samples |Σ_t a·g| (AMP) or ``sq_sum`` = Σ_samples (Σ_t a·g)² (Fisher). teacher: optional
+    frozen model whose logits
     (divided by ``teacher_temperature``) are passed to the criterion. ``data_parallel``: inside a
     torch.distributed group, this rank scores only its shard of the windows and the per-window sums
     are all-reduced (every aggregate is a sum over windows; ``abs_sum`` divides by the global N

@@ -234,7 +234,8 @@ def compare_over_draws(rows: list[dict], a: str, b: str) -> list[dict]:
         p_value = float(ttest_rel(ra["kl_draws"], rb["kl_draws"]).pvalue) if len(diffs) > 1 and _std(diffs) > 0 \
             else float("nan")
         out.append({"ratio": ratio, "a": a, "b": b, "kl_a": ra["kl_mean"], "kl_b": rb["kl_mean"],
-                    "difference": ra["kl_mean"] - rb["kl_mean"], "relative": (ra["kl_mean"] - rb["kl_mean"]) / rb["kl_mean"],
+                    "difference": ra["kl_mean"] - rb["kl_mean"],
+                    "relative": (ra["kl_mean"] - rb["kl_mean"]) / rb["kl_mean"],
                     "std_a": ra["kl_std"], "std_b": rb["kl_std"], "range_a": [ra["kl_min"], ra["kl_max"]],
                     "range_b": [rb["kl_min"], rb["kl_max"]],
                     "outside_spread": ra["kl_max"] < rb["kl_min"] or rb["kl_max"] < ra["kl_min"],

@@ -33,7 +33,8 @@ SHIPPED_TASKS = (CLOZE_TASK, CHOICE_TASK)
 MAX_ITEMS = 1000
 BUILD_VERSION = 1
 
-_ABBREV = re.compile(r"\b(?:[A-Z]|Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Gen|Col|Lt|Mt|No|vs|etc|e\.g|i\.e|c|ca|approx|U\.S|U\.K)\.$")
+_ABBREV = re.compile(r"\b(?:[A-Z]|Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Gen|Col|Lt|Mt|No|vs|etc|e\.g|i\.e|c|ca|approx|"
+                     r"U\.S|U\.K)\.$")
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 _WORD = re.compile(r"^[A-Za-z]+$")
 _STOP = set("""a an and are as at be been but by for from had has have he her his i in into is it its more most
@@ -57,7 +58,8 @@ def split_sentences(paragraph: str) -> list[str]:
 
 def _clean_sentence(sentence: str) -> bool:
     words = sentence.split()
-    return 6 <= len(words) <= 45 and sentence[-1] in ".!?" and "  " not in sentence and not re.search(r"[\[\]{}|=<>]", sentence)
+    return (6 <= len(words) <= 45 and sentence[-1] in ".!?" and "  " not in sentence
+            and not re.search(r"[\[\]{}|=<>]", sentence))
 
 
 def _key(*parts: object) -> str:
@@ -169,7 +171,8 @@ def check_assets(folder: Path = ASSETS) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.zeroshot_tasks", description="build the shipped zero-shot tasks")
+    parser = argparse.ArgumentParser(prog="python -m core.zeroshot_tasks",
+                                     description="build the shipped zero-shot tasks")
     parser.add_argument("action", choices=["build", "check"])
     args = parser.parse_args(argv)
     if args.action == "build":

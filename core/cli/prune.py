@@ -45,13 +45,15 @@ def register(sub) -> None:
     prune.add_argument("--scores", help="reuse a scores file from 'score' instead of scoring again")
     prune.add_argument("--ratio", type=float, help="fraction of MLP neurons removed, 0 <= R < 1")
     prune.add_argument("--param-ratio", type=float,
-                       help="share of ALL parameters to remove, taken from the MLPs (the seed papers' unit: 20 %% of LLaMA-2-7B ~ 31 %% of its MLP neurons); converted to --ratio")
+                       help="share of ALL parameters to remove, taken from the MLPs (the seed papers' unit: "
+                            "20 %% of LLaMA-2-7B ~ 31 %% of its MLP neurons); converted to --ratio")
     prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     prune.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (8/64/128)")
     AllocationOptions.add_arguments(prune)
     CompensationOptions.add_arguments(prune)
     prune.add_argument("--export", default=None, choices=EXPORT_MODES,
-                       help="hf-native (uniform widths; default for uniform), hf-remote-code (default otherwise), hf-padded")
+                       help="hf-native (uniform widths; default for uniform), hf-remote-code (default otherwise), "
+                            "hf-padded")
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     prune.set_defaults(handler=cmd_prune)
 
@@ -146,7 +148,8 @@ def cmd_prune(args) -> dict:
     target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export)
     before, after = count_params(loaded.model), count_params(pruned.model)
     return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
-            "allocation": args.allocation, "compensation": compensation.method, "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
+            "allocation": args.allocation, "compensation": compensation.method,
+            "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
             "params_removed_share": round(pruned.meta["params_removed_share"], 5), "param_ratio": args.param_ratio,
             "criterion_params": result.config.get("criterion_params", {}),
             "intermediate_sizes": pruned.widths, "params_before": before["params"], "params_after": after["params"],

@@ -48,4 +48,5 @@ def cmd_quantize(args) -> dict:
     return {"out": str(target), "method": args.method, "source": args.model, "quantize_seconds": round(seconds, 2),
             **stats, "compression": round(stats["source_weight_bytes"] / stats["quantized_bytes"], 3),
             "folder_bytes": folder_bytes(target),
-            "note": "the folder stores the unquantized source weights + quantization.json; the method is applied on load"}
+            "note": "the folder stores the unquantized source weights + quantization.json; the method is applied "
+                    "on load"}

@@ -134,7 +134,8 @@ def make_start(services: Services):
         variant, evicted = outcome["variant"]
         recovery = variant.meta.get("recovery", {})
         note = f" The oldest variant '{evicted}' was dropped from memory (its run stays on disk)." if evicted else ""
-        before, after = recovery.get("heldout_kl_before") or float("nan"), recovery.get("heldout_kl_after") or float("nan")
+        before = recovery.get("heldout_kl_before") or float("nan")
+        after = recovery.get("heldout_kl_after") or float("nan")
         message = (f"**Recovered** into variant **{variant.name}** (run `{variant.run_id}`): "
                    f"{recovery.get('tokens_seen', 0):,} tokens in {recovery.get('seconds', 0):.0f} s, held-out KL "
                    f"{before:.4f} → {after:.4f} (best at step {recovery.get('best_step')}). Compare it on the Side by "
@@ -174,7 +175,8 @@ def build(ctx: Ctx) -> None:
         with gr.Accordion("Loss and batch", open=False):
             with gr.Row():
                 tau = gr.Slider(0.5, 4, value=1.0, step=0.25, label="Temperature τ")
-                alpha = gr.Slider(0, 1, value=1.0, step=0.05, label="α: weight of KL to the original (1 − α: next-token CE)")
+                alpha = gr.Slider(0, 1, value=1.0, step=0.05,
+                                  label="α: weight of KL to the original (1 − α: next-token CE)")
                 lora_rank = gr.Slider(1, 64, value=16, step=1, label="LoRA rank")
             with gr.Row():
                 batch_size = gr.Slider(1, 16, value=4, step=1, label="Windows per step")
