@@ -250,6 +250,42 @@ class MaskedEvaluator(MaskedModel):
         return total / self.tokens
 
 
+# Probes (masked forwards) a search runs, relative to layers × (halvings + 1): the outer bisection on
+# the tolerance re-asks most (layer, width) pairs, which independent mode memoises; sequential mode
+# re-probes each layer against a new state at every outer step. Measured on SmolLM2-135M
+# (benchmarks/dashboard.py); used for the progress bar and core.timing's estimate.
+INDEPENDENT_REUSE = 2.0
+SEQUENTIAL_OUTER = 8.0
+
+
+def expected_probes(layers: int, halvings: int, mode: str = "independent") -> int:
+    """About how many masked forwards :func:`adaptive_search` runs (an estimate, not a bound)."""
+    factor = SEQUENTIAL_OUTER if mode == "sequential" else INDEPENDENT_REUSE
+    return max(1, round(layers * (halvings + 1) * factor))
+
+
+class _ProbeBar:
+    """Progress over the search's masked forwards against :func:`expected_probes`; when the estimate
+    runs out a fresh 'refining' bar takes over, so the shown fraction never sits at 100 %."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled, self.total = enabled, total
+        self.bar = tqdm(total=total, desc="adaptive search: masked forwards", unit="probe", disable=not enabled)
+
+    def tick(self) -> None:
+        self.bar.update(1)
+        if self.bar.n >= self.bar.total:
+            self.total = max(8, self.total // 2)
+            self.bar.close()
+            self.bar = tqdm(total=self.total, desc="adaptive search: refining", unit="probe", disable=not self.enabled)
+
+    def note(self, **postfix) -> None:
+        self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _interpolate(points: dict[int, float], width: int, full: int) -> float:
     """Loss increase at ``width`` by linear interpolation of the known (width, increase) points."""
     known = sorted({**points, full: points.get(full, 0.0)}.items())
@@ -301,6 +337,7 @@ def adaptive_search(model: nn.Module, scores: list[torch.Tensor], ratio: float, 
     memo: dict = getattr(ev, "_memo", {})
     ev._memo = memo
     evals_before = ev.evaluations
+    bar = _ProbeBar(expected_probes(n_layers, halvings, mode), progress)
 
     def increase(layer: int, keep: int, state: tuple, base: float) -> float:
         key = (layer, keep, state)
@@ -309,12 +346,15 @@ def adaptive_search(model: nn.Module, scores: list[torch.Tensor], ratio: float, 
             ev.masks[layer] = ev.width_mask(layer, keep)
             memo[key] = ev.value(start=layer) - base
             ev.masks[layer] = None
+            bar.tick()
         return memo[key]
 
     def base_value(layer: int, state: tuple) -> float:
         key = (layer, "base", state)
         if key not in memo:
             memo[key] = ev.dense_value if mode == "independent" else ev.value(start=layer)
+            if mode != "independent":
+                bar.tick()
         return memo[key]
 
     def search(tol: float) -> tuple[list[int], list[LayerTrace]]:
@@ -358,14 +398,12 @@ def adaptive_search(model: nn.Module, scores: list[torch.Tensor], ratio: float, 
 
     outer: list[dict] = []
     limit = ratio_tolerance * total_full
-    bar = tqdm(total=max_outer, desc="adaptive search", unit="tol", disable=not progress)
-
     def run(tol: float):
         widths, traces = search(tol)
         kept = sum(widths)
         outer.append({"tolerance": tol, "kept": kept, "ratio": 1.0 - kept / total_full})
-        bar.update(1)
-        bar.set_postfix(tol=f"{tol:.2e}", ratio=f"{1.0 - kept / total_full:.4f}", evals=ev.evaluations - evals_before)
+        bar.note(step=len(outer), tol=f"{tol:.2e}", ratio=f"{1.0 - kept / total_full:.4f}",
+                 evals=ev.evaluations - evals_before)
         return widths, traces, kept
 
     try:

@@ -15,8 +15,10 @@ nothing half-written.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -25,8 +27,21 @@ from .adapters import mlp_handles, mlp_widths
 from .errors import PruneConfigError
 from .files import atomic_file, atomic_folder
 
-EXPORT_MODES = ("hf-native", "hf-remote-code", "hf-padded")
+EXPORT_MODES = ("hf-native", "hf-remote-code", "hf-padded", "gguf")  # gguf: core.gguf_export
 META_FILE = "pruning_meta.json"
+
+
+def default_export_mode(widths: list[int]) -> tuple[str, str]:
+    """The format that works for a variant with these per-layer MLP widths, and why, in one line:
+    ``hf-native`` when every layer has the same width, else ``hf-remote-code`` (true widths; the
+    alternative ``hf-padded`` reloads without remote code but keeps the padded bytes and FLOPs)."""
+    if len(set(widths)) <= 1:
+        return "hf-native", ("hf-native: every layer has the same width, so the standard config describes the model "
+                             "and plain from_pretrained reloads it anywhere.")
+    return "hf-remote-code", ("hf-remote-code: the layers have different widths, which the standard config cannot "
+                              f"express ({min(widths)}–{max(widths)}); this format ships a small modeling file "
+                              "(reload with trust_remote_code=True). hf-padded reloads without it but pads every "
+                              "layer back to the widest, losing the size and speed gains.")
 
 
 def check_output_dir(out_dir: str | os.PathLike) -> Path:
@@ -39,33 +54,46 @@ def check_output_dir(out_dir: str | os.PathLike) -> Path:
     return target
 
 
-def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: dict, mode: str = "hf-native") -> Path:
-    """Write model (safetensors), tokenizer and ``pruning_meta.json`` to ``out_dir``; return it."""
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: dict, mode: str = "hf-native",
+                gguf=None) -> Path:
+    """Write model (safetensors), tokenizer and ``pruning_meta.json`` to ``out_dir``; return it.
+    ``mode="gguf"`` writes one ``model-<TYPE>.gguf`` (tokenizer inside) + ``pruning_meta.json`` instead;
+    ``gguf``: its :class:`core.gguf_export.GGUFOptions` (type f32/f16/q8_0, per-layer layout)."""
     if mode not in EXPORT_MODES:
         raise PruneConfigError(f"Unknown export mode '{mode}'; available: {', '.join(EXPORT_MODES)}.")
     widths = mlp_widths(model)
+    if mode == "gguf":
+        return _save_gguf_folder(model, tokenizer, out_dir, meta, widths, gguf)
     if mode == "hf-native" and len(set(widths)) != 1:
         raise PruneConfigError("hf-native export needs every layer at the same width; these widths differ "
                                "(use hf-remote-code or hf-padded).")
+    width = _config_width(model.config, max(widths))
+    if mode == "hf-native" and width != widths[0]:
+        raise PruneConfigError(f"A DINOv2 config can only describe an MLP width that is a multiple of the hidden size "
+                               f"({model.config.hidden_size}); {widths[0]} is not: use hf-remote-code or hf-padded.")
     target = check_output_dir(out_dir)
     with atomic_folder(target) as tmp:
-        to_save = padded_copy(model, max(widths)) if mode == "hf-padded" else model
-        config = to_save.config
-        saved_sizes = getattr(config, "intermediate_sizes", None)
-        if hasattr(config, "intermediate_sizes"):
-            del config.intermediate_sizes
-        saved_width = config.intermediate_size
-        config.intermediate_size = max(widths)
-        try:
+        to_save = padded_copy(model, width) if mode == "hf-padded" else model
+        with _config_saved_at(to_save.config, width):
             to_save.save_pretrained(str(tmp), safe_serialization=True)
-        finally:
-            config.intermediate_size = saved_width
-            if saved_sizes is not None:
-                config.intermediate_sizes = saved_sizes
         if mode == "hf-remote-code":
             _add_remote_code(model, tmp, widths)
-        tokenizer.save_pretrained(str(tmp))
+        if tokenizer is not None:  # a tokenizer, or an encoder's image preprocessing
+            tokenizer.save_pretrained(str(tmp))
         full_meta = {"export": mode, "intermediate_sizes": widths, **meta}
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
+    return target
+
+
+def _save_gguf_folder(model: nn.Module, tokenizer, out_dir, meta: dict, widths: list[int], options) -> Path:
+    from .gguf_export import GGUFOptions, save_gguf
+
+    options = options or GGUFOptions()
+    target = check_output_dir(out_dir)
+    with atomic_folder(target) as tmp:
+        save_gguf(model, tokenizer, tmp / options.file_name(), options, source=meta.get("model"))
+        full_meta = {"export": "gguf", "gguf_file": options.file_name(), "gguf": options.to_dict(),
+                     "intermediate_sizes": widths, **meta}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
     return target
 
@@ -83,6 +111,33 @@ def zip_folder(folder: str | os.PathLike, archive: str | os.PathLike) -> Path:
     return target
 
 
+def _config_width(config, width: int) -> int:
+    """The width a saved config can state for ``width``: DINOv2 states ``hidden · mlp_ratio`` with an
+    integer ratio, so it rounds up to a multiple of the hidden size; other families state it as is."""
+    if getattr(config, "model_type", None) == "dinov2":
+        return -(-width // config.hidden_size) * config.hidden_size
+    return width
+
+
+@contextlib.contextmanager
+def _config_saved_at(config, width: int) -> Iterator[None]:
+    """Temporarily make ``config`` state one MLP width (``intermediate_size``, or DINOv2's
+    ``mlp_ratio``) without ``intermediate_sizes``, for save_pretrained; restored afterwards."""
+    field = "mlp_ratio" if getattr(config, "model_type", None) == "dinov2" else "intermediate_size"
+    value = width // config.hidden_size if field == "mlp_ratio" else width
+    saved_sizes = getattr(config, "intermediate_sizes", None)
+    if hasattr(config, "intermediate_sizes"):
+        del config.intermediate_sizes
+    saved = getattr(config, field)
+    setattr(config, field, value)
+    try:
+        yield
+    finally:
+        setattr(config, field, saved)
+        if saved_sizes is not None:
+            config.intermediate_sizes = saved_sizes
+
+
 def padded_copy(model: nn.Module, width: int) -> nn.Module:
     """A copy of ``model`` whose every MLP is zero-padded to ``width`` hidden neurons (same outputs)."""
     import copy
@@ -94,30 +149,34 @@ def padded_copy(model: nn.Module, width: int) -> nn.Module:
         extra = width - h.width
         if extra == 0:
             continue
-        for name in ("gate", "up", "down"):
-            old: nn.Linear = getattr(h, name)
+        for name, old in h.linears.items():
             out_dim, in_dim = (width, old.in_features) if name != "down" else (old.out_features, width)
-            new = nn.Linear(in_dim, out_dim, bias=old.bias is not None, dtype=old.weight.dtype, device=old.weight.device)
+            new = nn.Linear(in_dim, out_dim, bias=old.bias is not None, dtype=old.weight.dtype,
+                            device=old.weight.device)
             with torch.no_grad():
                 new.weight.zero_()
                 new.weight[: old.weight.shape[0], : old.weight.shape[1]] = old.weight
                 if old.bias is not None:
                     new.bias.zero_()
                     new.bias[: old.bias.shape[0]] = old.bias
-            setattr(h.mlp, f"{name}_proj", new)
+            h.replace(name, new)
         if hasattr(h.mlp, "intermediate_size"):
             h.mlp.intermediate_size = width
     return clone
 
 
 def _add_remote_code(model: nn.Module, folder: Path, widths: list[int]) -> None:
-    """Write the modeling file and point config.json at it (``intermediate_sizes`` + ``auto_map``)."""
-    from .remote_code import MODELING_FILE, auto_map, modeling_source
+    """Write the modeling file and point config.json at it (``intermediate_sizes`` + ``auto_map``;
+    encoders also ``hfprune_mlp_paths``)."""
+    from .adapters import is_encoder
+    from .remote_code import MODELING_FILE, auto_map, mlp_paths, modeling_source
 
     (folder / MODELING_FILE).write_text(modeling_source(model))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["intermediate_sizes"] = widths
+    if is_encoder(model):
+        config["hfprune_mlp_paths"] = mlp_paths(model)
     config["auto_map"] = auto_map(model)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 

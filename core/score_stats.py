@@ -44,12 +44,16 @@ def _log10(values: torch.Tensor) -> torch.Tensor:
 
 
 def histogram(values: torch.Tensor, bins: int = 40, log: bool = False,
-              value_range: tuple[float, float] | None = None) -> tuple[list[float], list[int]]:
-    """Bin ``values`` (optionally log10 first) → (bin edges (bins+1,), counts (bins,))."""
+              value_range: tuple[float, float] | None = None,
+              clamp: bool = False) -> tuple[list[float], list[int]]:
+    """Bin ``values`` (optionally log10 first) → (bin edges (bins+1,), counts (bins,)). With ``clamp``,
+    values outside ``value_range`` land in the first / last bin instead of being left out."""
     data = _log10(values) if log else values.double()
     lo, hi = value_range if value_range is not None else (float(data.min()), float(data.max()))
     if hi <= lo:
         hi = lo + 1e-12
+    if clamp:
+        data = data.clamp(lo, hi)
     counts = torch.histc(data.float(), bins=bins, min=lo, max=hi)
     edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
     return edges.tolist(), [int(c) for c in counts.tolist()]
@@ -59,6 +63,31 @@ def shared_range(score_sets: list[torch.Tensor], log: bool = False) -> tuple[flo
     """One (min, max) covering several score vectors, so overlaid histograms share their bins."""
     data = torch.cat([(_log10(s) if log else s.double()).flatten() for s in score_sets])
     return float(data.min()), float(data.max())
+
+
+def bulk_range(score_sets: list[torch.Tensor], log: bool = False, coverage: float = 0.99) -> tuple[float, float]:
+    """(lo, hi) of the central ``coverage`` of all values (after log10 if ``log``): histogram bins over
+    this range show where most neurons are, instead of one crowded bin beside a few far outliers."""
+    data = torch.cat([(_log10(s) if log else s.double()).flatten() for s in score_sets])
+    tail = (1.0 - coverage) / 2.0
+    lo, hi = torch.quantile(data, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return (lo, hi) if hi > lo else (float(data.min()), float(data.max()))
+
+
+def outside(values: torch.Tensor, value_range: tuple[float, float], log: bool = False) -> tuple[int, int]:
+    """How many values fall below / above ``value_range`` (in the display scale)."""
+    data = _log10(values) if log else values.double()
+    return int((data < value_range[0]).sum()), int((data > value_range[1]).sum())
+
+
+def robust_limits(matrix: torch.Tensor, low: float = 2.0, high: float = 98.0) -> tuple[float, float]:
+    """Colour limits for a heatmap: the ``low`` / ``high`` percentiles of its finite cells, so a few
+    extreme cells do not flatten everything else into one colour."""
+    cells = matrix[torch.isfinite(matrix)].double()
+    if cells.numel() == 0:
+        return 0.0, 1.0
+    lo, hi = torch.quantile(cells, torch.tensor([low / 100.0, high / 100.0], dtype=torch.float64)).tolist()
+    return (lo, hi) if hi > lo else (float(cells.min()), float(cells.max()) + 1e-12)
 
 
 def sorted_score_matrix(scores: list[torch.Tensor], log: bool = True, columns: int | None = 256) -> torch.Tensor:
@@ -133,6 +162,12 @@ def removal_overlap(a: list[torch.Tensor], b: list[torch.Tensor], widths: list[i
                      "overlap": shared / len(set_a) if set_a else 1.0,
                      "jaccard": shared / union if union else 1.0})
     return rows
+
+
+def chance_overlap(widths: list[int], full_widths: list[int]) -> list[float]:
+    """Per layer, the removal overlap two *random* criteria would have on average: B removes each
+    neuron with probability (removed / width), so that share of A's removals is expected to match."""
+    return [1.0 - kept / full if full else 0.0 for kept, full in zip(widths, full_widths, strict=True)]
 
 
 def disagreements(a: list[torch.Tensor], b: list[torch.Tensor], top: int = 10) -> list[dict]:

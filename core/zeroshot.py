@@ -26,7 +26,8 @@ from .errors import HFPruneError
 from .zeroshot_tasks import ASSETS, SHIPPED_TASKS
 
 DEFAULT_TASKS = SHIPPED_TASKS
-CHANCE = {"wiki_nextsent": 0.25}
+CHANCE = {"wiki_nextsent": 0.25, "wiki_cloze": 0.0}  # next sentence: 1 of 4 choices; cloze: any word of the vocabulary
+SEPARATION_Z = 2.0  # two accuracies are told apart when they differ by more than 2 combined standard errors
 
 
 class ZeroShotError(HFPruneError):
@@ -159,6 +160,25 @@ def run_zeroshot(model: nn.Module, tokenizer, tasks: list[str] | tuple[str, ...]
         report[name] = entry
     return {"tasks": report, "limit": limit, "num_fewshot": num_fewshot, "seconds": round(seconds, 2),
             "device": str(getattr(model, "device", "cpu")), "lm_eval_version": lm_eval.__version__}
+
+
+def resolvable_difference(p1: float, n1: int, p2: float, n2: int, z: float = SEPARATION_Z) -> float:
+    """The smallest accuracy difference that ``n1`` / ``n2`` items can tell apart: z · √(SE₁² + SE₂²),
+    with binomial standard errors (inf when either n < 2; p is kept ½ item away from 0 and 1 so a
+    perfect or null score on few items does not look exact)."""
+    def clipped(p: float, n: int) -> float:
+        return min(max(p, 0.5 / n), 1.0 - 0.5 / n) if n > 0 else p
+
+    se1, se2 = _stderr(clipped(p1, n1), n1), _stderr(clipped(p2, n2), n2)
+    if se1 is None or se2 is None:
+        return math.inf
+    return z * math.sqrt(se1 ** 2 + se2 ** 2)
+
+
+def separates(p1: float, n1: int, p2: float, n2: int, z: float = SEPARATION_Z) -> bool:
+    """True when accuracies ``p1`` (n1 items) and ``p2`` (n2 items) differ by more than
+    :func:`resolvable_difference`, i.e. the difference is not within sampling noise."""
+    return abs(p1 - p2) > resolvable_difference(p1, n1, p2, n2, z)
 
 
 def flat_scores(result: dict) -> dict[str, float]:

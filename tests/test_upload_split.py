@@ -107,3 +107,21 @@ def test_too_short_file_is_refused_with_one_sentence(tmp_path):
     with pytest.raises(DataError, match="too short to split"):
         data.store_text_file(path, store)
     assert not store.exists() or not any(store.iterdir())  # nothing stored
+
+
+def test_cli_data_says_how_a_file_is_split(tmp_path):
+    from conftest import run_cli
+
+    rng = random.Random(4)
+    path = tmp_path / "notes.jsonl"
+    path.write_text("\n".join(json.dumps({"text": random_text(rng, 100)}) for _ in range(12)) + "\n")
+    done = run_cli("data", "--source", str(path), "--seq-len", "32", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["how"] == "document" and (out["calibration_documents"], out["evaluation_documents"]) == (9, 3)
+    assert "split by document" in out["split"] and out["evaluation_windows"] >= 1
+    assert out["calibration_tokens"] > 2 * out["evaluation_tokens"]
+    short = tmp_path / "short.txt"
+    short.write_text("too short to split " * 10)
+    done = run_cli("data", "--source", str(short))
+    assert done.returncode == 2 and "too short to split" in done.stderr and not done.stdout

@@ -9,6 +9,7 @@ dict. A new group is added to ``GROUPS``:
     core/cli/zeroshot.py   zeroshot
     core/cli/speed.py      bench (measured latency / memory)
     core/cli/recover.py    recover (distil a pruned model from its teacher: full / mlp / lora)
+    core/cli/data.py       data (how a text source is split into calibration / evaluation text)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..errors import HFPruneError
 from ..progress import quiet_third_party
 
 GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed",
-                     "core.cli.recover"]
+                     "core.cli.recover", "core.cli.data"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from ..counts import folder_bytes
 from ..export import read_meta
 from ..quant_store import load_on, read_recipe, spec_folder
 from ..quantize import METHODS, check_method, quantization_of
-from ..speed import ideal_speedup, measure_speed, pick_device, release_memory
+from ..speed import ideal_speedup, measure_speed, pick_device, release_memory, speedup, spread
 
 
 def register(sub) -> None:
@@ -20,7 +20,9 @@ def register(sub) -> None:
     b.add_argument("--prefill", type=int, default=512, help="prefill tokens (batch 1)")
     b.add_argument("--decode", type=int, default=64, help="greedy decode steps with KV cache")
     b.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
-    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--repeats", type=int, default=5, help="repeats of each timing (at least)")
+    b.add_argument("--max-repeats", type=int, default=None,
+                   help="keep repeating, up to this many, until the timings' IQR is within 5 %% of the median")
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--baseline", default="auto",
                    help="dense model measured too for the measured speed-up: a spec, 'auto' (the source model of "
@@ -38,7 +40,7 @@ def cmd_bench(args) -> dict:
     recipe = read_recipe(folder) if folder else None
     meta = read_meta(folder) if folder else None
     options = dict(prefill_tokens=args.prefill, decode_tokens=args.decode, decode_prompt_tokens=args.prompt,
-                   repeats=args.repeats, warmup=args.warmup)
+                   repeats=args.repeats, warmup=args.warmup, max_repeats=args.max_repeats)
     loaded = load_on(args.model, device, args.method)
     disk = folder_bytes(folder) if folder else None
     result = measure_speed(loaded.model, loaded.tokenizer, disk_bytes=disk, **options)
@@ -60,4 +62,8 @@ def cmd_bench(args) -> dict:
         out["baseline"] = {"model": baseline, **ref.to_dict()}
         out["measured_prefill_speedup"] = round(ref.prefill_ms / result.prefill_ms, 4)
         out["measured_decode_speedup"] = round(result.decode_tokens_per_s / ref.decode_tokens_per_s, 4)
+        # the same two speed-ups with their quartile intervals and a verdict (e.g. above the FLOP ideal: noise)
+        for phase, key in (("prefill", "prefill_ms_all"), ("decode", "decode_ms_all")):
+            out[f"{phase}_speedup"] = speedup(spread(getattr(ref, key)), spread(getattr(result, key)),
+                                              out["ideal_speedup"]).to_dict()
     return out
