@@ -10,13 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny, run_cli
+
 from core.adapters import mlp_handles
 from core.compensate import activation_grams, compensate_pruned, compensated_down
 from core.data import calibration_windows, evaluation_windows
+from core.engine import CompensationOptions, apply_compensation, prune_with_scores, score_model
 from core.errors import PruneConfigError
 from core.evaluate import evaluate
 from core.export import save_pruned
-from core.engine import CompensationOptions, apply_compensation, prune_with_scores, score_model
 from core.prune import prune_mlp_neurons
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import make_tiny, run_cli
-from core.adaptive import adaptive_search
+
 from core.adapters import mlp_widths
+from core.adaptive import adaptive_search
 from core.criteria import REGISTRY, ScoreOptions, describe, get_criterion
 from core.errors import HFPruneError, PruneConfigError
 

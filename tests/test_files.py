@@ -8,8 +8,15 @@ import torch
 from safetensors.torch import save_file
 
 from core.engine import ScoreResult
-from core.files import (atomic_file, atomic_folder, read_layer_tensors, write_bytes, write_json,
-                        write_layer_tensors, write_text)
+from core.files import (
+    atomic_file,
+    atomic_folder,
+    read_layer_tensors,
+    write_bytes,
+    write_json,
+    write_layer_tensors,
+    write_text,
+)
 from core.runs import RunStore
 
 

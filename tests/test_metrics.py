@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny
+
 from core import metrics
 from core.allocate import top_k_indices
 from core.evaluate import Reference, evaluate, evaluate_reference

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import make_tiny
+
 from hfprune_ui.services import Services
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny
+
 from core import data
 from core.errors import DataError, ModelLoadError, UnsupportedArchitectureError
 from core.models import load_model

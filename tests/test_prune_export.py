@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import ARCHS, make_tiny
+
 from core.adapters import mlp_handles, mlp_widths
 from core.allocate import top_k_indices, uniform_widths
+from core.engine import ScoreResult, prune_with_scores
 from core.errors import PruneConfigError
 from core.export import save_pruned
-from core.engine import ScoreResult, prune_with_scores
 from core.prune import prune_mlp_neurons
 
 

@@ -6,9 +6,9 @@ from scipy.stats import spearmanr
 
 from core.adapters import mlp_widths
 from core.data import evaluation_windows
+from core.engine import prune_with_scores, score_model
 from core.evaluate import evaluate
 from core.export import save_pruned
-from core.engine import prune_with_scores, score_model
 
 pytestmark = pytest.mark.real
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from conftest import make_tiny, run_cli, tiny_config
 
 

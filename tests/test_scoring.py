@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ARCHS, make_tiny
+
 from core.adapters import mlp_handles
 from core.criteria import REGISTRY, ScoreOptions, get_criterion
 from core.errors import HFPruneError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_tiny
+
 from hfprune_ui.services import SEQUENTIAL, Services, allocations, engine_allocation
 
 
