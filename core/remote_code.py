@@ -5,6 +5,10 @@ it still sees e.g. ``llama``), adds ``intermediate_sizes`` (one width per decode
 ``auto_map`` pointing at ``modeling_hfprune.py``; ``AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`` then builds the base class and resizes each layer's gate/up/down before
 the checkpoint is loaded, so shapes match exactly and nothing is ever loaded with mismatched sizes.
+
+Encoders (ViT, DINOv2, CLIP-vision, BERT) get a second template: their MLPs live at family-specific
+paths, so ``config.json`` also carries ``hfprune_mlp_paths`` (per block: role → dotted module path)
+and ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` resizes exactly those linears.
 """
 from __future__ import annotations
 
@@ -51,6 +55,58 @@ class HFPrune{model_class}({model_class}):
 '''
 
 
+_ENCODER_TEMPLATE = '''"""Written by HFPrune Studio: {base_model} with a different MLP width in every block."""
+from torch import nn
+from {config_module} import {config_class}
+from {model_module} import {model_class}
+
+
+class HFPrune{config_class}({config_class}):
+    """{config_class} plus ``intermediate_sizes`` (the kept MLP width of each block) and
+    ``hfprune_mlp_paths`` (per block: role -> dotted path of that MLP projection)."""
+
+    def __init__(self, intermediate_sizes=None, hfprune_mlp_paths=None, **kwargs):
+        super().__init__(**kwargs)
+        self.intermediate_sizes = list(intermediate_sizes) if intermediate_sizes is not None else None
+        self.hfprune_mlp_paths = list(hfprune_mlp_paths) if hfprune_mlp_paths is not None else None
+
+
+class HFPrune{model_class}({model_class}):
+    """{model_class} whose block ``i`` MLP has ``config.intermediate_sizes[i]`` hidden neurons."""
+
+    config_class = HFPrune{config_class}
+
+    def __init__(self, config):
+        super().__init__(config)
+        sizes, paths = config.intermediate_sizes or [], config.hfprune_mlp_paths or []
+        if len(sizes) != len(paths):
+            raise ValueError(f"intermediate_sizes has {{len(sizes)}} entries for {{len(paths)}} MLPs")
+        for width, roles in zip(sizes, paths):
+            for role, path in roles.items():
+                parent, _, name = path.rpartition(".")
+                owner = self.get_submodule(parent)
+                old = getattr(owner, name)
+                shape = (width, old.out_features) if role == "down" else (old.in_features, width)
+                setattr(owner, name, nn.Linear(*shape, bias=old.bias is not None, dtype=old.weight.dtype))
+        self.post_init()
+'''
+
+
+def _encoder(model_or_config) -> bool:
+    from .adapters import ENCODER_MODEL_TYPES
+
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) in ENCODER_MODEL_TYPES
+
+
+def mlp_paths(model: nn.Module) -> list[dict[str, str]]:
+    """Per block, role → dotted path (from the model root) of each MLP projection (encoders)."""
+    from .adapters import ENCODER_LAYERS, mlp_handles
+
+    root = ENCODER_LAYERS[model.config.model_type]
+    return [{role: f"{root}.{h.index}.{path}" for role, path in h.paths.items()} for h in mlp_handles(model)]
+
+
 def _library_class(obj: object) -> type:
     """The transformers class behind ``obj`` (skips our own subclasses when a reloaded export is re-exported)."""
     return next(c for c in type(obj).__mro__ if c.__module__.startswith("transformers.models."))
@@ -59,7 +115,8 @@ def _library_class(obj: object) -> type:
 def modeling_source(model: nn.Module) -> str:
     """The modeling file for ``model``'s architecture (base classes imported from transformers)."""
     model_cls, config_cls = _library_class(model), _library_class(model.config)
-    return _TEMPLATE.format(base_model=model_cls.__name__, config_module=config_cls.__module__,
+    template = _ENCODER_TEMPLATE if _encoder(model) else _TEMPLATE
+    return template.format(base_model=model_cls.__name__, config_module=config_cls.__module__,
                             config_class=config_cls.__name__, model_module=model_cls.__module__,
                             model_class=model_cls.__name__)
 
@@ -67,22 +124,27 @@ def modeling_source(model: nn.Module) -> str:
 def auto_map(model: nn.Module) -> dict[str, str]:
     """``auto_map`` entries of config.json pointing at the classes in the modeling file."""
     stem = MODELING_FILE.removesuffix(".py")
+    auto = "AutoModel" if _encoder(model) else "AutoModelForCausalLM"
     return {"AutoConfig": f"{stem}.HFPrune{_library_class(model.config).__name__}",
-            "AutoModelForCausalLM": f"{stem}.HFPrune{_library_class(model).__name__}"}
+            auto: f"{stem}.HFPrune{_library_class(model).__name__}"}
 
 
 def _source_for(model_type: str) -> str | None:
     """The modeling file this tool writes for a config's ``model_type`` (None if not a causal LM we know)."""
-    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
+    from .adapters import ENCODER_MODEL_TYPES
+
+    encoder = model_type in ENCODER_MODEL_TYPES
     try:
         config_cls = CONFIG_MAPPING[model_type]
-        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+        model_cls = (MODEL_MAPPING if encoder else MODEL_FOR_CAUSAL_LM_MAPPING)[config_cls]
     except KeyError:
         return None
-    return _TEMPLATE.format(base_model=model_cls.__name__, config_module=config_cls.__module__,
-                            config_class=config_cls.__name__, model_module=model_cls.__module__,
-                            model_class=model_cls.__name__)
+    template = _ENCODER_TEMPLATE if encoder else _TEMPLATE
+    return template.format(base_model=model_cls.__name__, config_module=config_cls.__module__,
+                           config_class=config_cls.__name__, model_module=model_cls.__module__,
+                           model_class=model_cls.__name__)
 
 
 def is_own_export(folder: str | Path) -> bool:
