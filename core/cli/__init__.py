@@ -19,6 +19,9 @@ import json
 import os
 import sys
 
+import torch
+
+from .. import distributed
 from ..errors import HFPruneError
 from ..progress import quiet_third_party
 
@@ -47,18 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.trust_remote_code:
         os.environ["HFPRUNE_TRUST_REMOTE_CODE"] = "1"
     try:
-        result = args.handler(args)
+        with distributed.process_group():  # under torchrun: one process group for the command (gloo/NCCL)
+            result = args.handler(args)
     except HFPruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError:  # the estimate said it fits but the device disagreed
+        print("error: the device ran out of memory; lower --batch-size or --seq-len, add --grad-checkpointing, "
+              "or spread the model with --device-map auto.", file=sys.stderr)
+        return 2
     except (OSError, MemoryError) as exc:  # a full disk, a permission problem, no memory: one sentence
         detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"error: {type(exc).__name__}: {detail}{where}", file=sys.stderr)
         return 2
+    if result is None:  # a non-main rank of a torchrun job: rank 0 prints
+        return 0
     if getattr(args, "json", False) or args.command != "eval":
         print(json.dumps(result, indent=None if getattr(args, "json", False) else 2))
     else:
