@@ -17,8 +17,9 @@ the evaluation split.
 Fidelity: ``kl`` = mean per-token KL(p_dense ‖ p_masked); ``entropy`` = mean next-token entropy of
 the masked model (AMP's loss). The search sees the model only through a :class:`MaskedModel`
 (per-layer masks + ``value(start)``): :class:`MaskedEvaluator` is the causal-LM one; encoders plug
-in their own fidelity (``core.vision.EmbeddingEntropyEvaluator``: AMP's similarity entropy). Modes: ``sequential`` (AMP: later layers stay pruned at their chosen
-widths while an earlier layer is searched; the increase is measured against that state) and
+in their own fidelity (``core.vision.EmbeddingEntropyEvaluator``: AMP's similarity entropy). Modes:
+``sequential`` (AMP: later layers stay pruned at their chosen widths while an earlier layer is
+searched; the increase is measured against that state) and
 ``independent`` (each layer alone against the dense model; cheaper, results reusable across ratios).
 """
 from __future__ import annotations
@@ -302,6 +303,131 @@ def _interpolate(points: dict[int, float], width: int, full: int) -> float:
     return v0 + (v1 - v0) * (width - k0) / (k1 - k0)
 
 
+def _check_search(ratio: float, mode: str, halvings: int, round_to: int, min_keep: float) -> float:
+    ratio = check_ratio(ratio)
+    if mode not in MODES:
+        raise PruneConfigError(f"Unknown adaptive mode '{mode}'; choose one of: {', '.join(MODES)}.")
+    if not 1 <= halvings <= 16:
+        raise PruneConfigError(f"halvings must be between 1 and 16, got {halvings}.")
+    if round_to < 1:
+        raise PruneConfigError(f"round_to must be a positive integer, got {round_to}.")
+    if not 0.0 < min_keep <= 1.0:
+        raise PruneConfigError(f"min_keep must be in (0, 1], got {min_keep}.")
+    return ratio
+
+
+class _LayerSearch:
+    """The inner search at one tolerance: for layers last to first, the smallest width (binary search
+    over ``halvings`` steps between the layer's floor and its full width) whose loss increase stays
+    within ``tol``. Every masked forward is memoised on the evaluator, keyed by (layer, width, state)
+    where state = the later layers' widths in sequential mode, () in independent mode."""
+
+    def __init__(self, ev: MaskedModel, fulls: list[int], floors: list[int], *, mode: str, halvings: int,
+                 round_to: int, stop: Callable[[], bool] | None, bar: _ProbeBar) -> None:
+        self.ev, self.fulls, self.floors = ev, fulls, floors
+        self.mode, self.halvings, self.round_to, self.stop, self.bar = mode, halvings, round_to, stop, bar
+        self.memo: dict = getattr(ev, "_memo", {})
+        ev._memo = self.memo
+
+    def increase(self, layer: int, keep: int, state: tuple, base: float) -> float:
+        """Loss increase when ``layer`` keeps its top ``keep`` neurons (the later layers as in ``state``)."""
+        key = (layer, keep, state)
+        if key not in self.memo:
+            check_stop(self.stop, "Adaptive search was stopped.")
+            self.ev.masks[layer] = self.ev.width_mask(layer, keep)
+            self.memo[key] = self.ev.value(start=layer) - base
+            self.ev.masks[layer] = None
+            self.bar.tick()
+        return self.memo[key]
+
+    def base_value(self, layer: int, state: tuple) -> float:
+        """The loss before ``layer`` is masked: dense (independent) or with the later layers pruned."""
+        key = (layer, "base", state)
+        if key not in self.memo:
+            self.memo[key] = self.ev.dense_value if self.mode == "independent" else self.ev.value(start=layer)
+            if self.mode != "independent":
+                self.bar.tick()
+        return self.memo[key]
+
+    def layer_width(self, layer: int, tol: float, state: tuple) -> tuple[int, list[tuple[int, float]]]:
+        """(chosen width, the (width, increase) probes tried) for one layer."""
+        base = self.base_value(layer, state)
+        tried: list[tuple[int, float]] = []
+
+        def probe(keep: int) -> float:
+            value = self.increase(layer, keep, state, base)
+            tried.append((keep, value))
+            return value
+
+        lo, hi = self.floors[layer], self.fulls[layer]
+        if lo >= hi or probe(lo) <= tol:
+            return lo, tried
+        for _ in range(self.halvings):
+            if hi - lo <= self.round_to:
+                break
+            mid = lo + max(1, (hi - lo) // (2 * self.round_to)) * self.round_to
+            if mid >= hi:
+                break
+            if probe(mid) <= tol:
+                hi = mid
+            else:
+                lo = mid
+        return hi, tried
+
+    def __call__(self, tol: float) -> tuple[list[int], list[LayerTrace]]:
+        n_layers, ev = len(self.fulls), self.ev
+        widths = list(self.fulls)
+        traces: list[LayerTrace | None] = [None] * n_layers
+        ev.masks = [None] * n_layers
+        try:
+            for layer in reversed(range(n_layers)):
+                state = tuple(widths[layer + 1:]) if self.mode == "sequential" else ()
+                if self.mode == "sequential":
+                    for later in range(layer + 1, n_layers):
+                        ev.masks[later] = ev.width_mask(later, widths[later])
+                chosen, tried = self.layer_width(layer, tol, state)
+                widths[layer] = chosen
+                traces[layer] = LayerTrace(layer, self.fulls[layer], tried, chosen, chosen)
+        finally:
+            ev.masks = [None] * n_layers
+        return widths, traces  # type: ignore[return-value]
+
+
+def _next_tolerance(tol: float, lo_tol: float | None, hi_tol: float | None) -> float | None:
+    """The outer bisection's next tolerance (×10 up or down until the target is bracketed, then
+    geometric midpoints), or None when it cannot move any further."""
+    if hi_tol is None:
+        return None if tol >= 1e6 else tol * 10.0
+    if lo_tol is None:
+        return None if tol <= 1e-12 else tol / 10.0
+    if hi_tol / lo_tol < 1.0 + 1e-6:
+        return None
+    return math.sqrt(lo_tol * hi_tol)
+
+
+def _bisect_tolerance(run: Callable[[float], tuple[list[int], list[LayerTrace], int]], target: int, limit: float,
+                      max_outer: int) -> tuple[list[int], list[LayerTrace], int, float]:
+    """Outer loop: the tolerance whose widths keep ``target`` neurons (± ``limit``); returns the best
+    (widths, traces, kept, tolerance) seen."""
+    tol: float | None = 1e-3
+    best = None
+    lo_tol = hi_tol = None  # lo_tol kept too many neurons (kept > target); hi_tol kept too few
+    for _ in range(max_outer):
+        widths, traces, kept = run(tol)
+        if best is None or abs(kept - target) < abs(best[2] - target):
+            best = (widths, traces, kept, tol)
+        if abs(kept - target) <= limit:
+            break  # within the ratio tolerance; the correction (if exact) removes the rest
+        if kept > target:
+            lo_tol = tol if lo_tol is None else max(lo_tol, tol)
+        else:
+            hi_tol = tol if hi_tol is None else min(hi_tol, tol)
+        tol = _next_tolerance(tol, lo_tol, hi_tol)
+        if tol is None:
+            break
+    return best
+
+
 def adaptive_search(model: nn.Module, scores: list[torch.Tensor], ratio: float, windows: torch.Tensor | None, *,
                     fidelity: str = "kl", mode: str = "independent", halvings: int = 6, min_keep: float = 0.05,
                     round_to: int = 1, ratio_tolerance: float = 0.005, max_outer: int = 16, exact: bool = True,
@@ -315,90 +441,22 @@ def adaptive_search(model: nn.Module, scores: list[torch.Tensor], ratio: float, 
     every memoised evaluation) across ratios, or to search with another fidelity (any
     :class:`MaskedModel`, e.g. an encoder's; ``windows`` and ``fidelity`` are then unused).
     """
-    ratio = check_ratio(ratio)
-    if mode not in MODES:
-        raise PruneConfigError(f"Unknown adaptive mode '{mode}'; choose one of: {', '.join(MODES)}.")
-    if not 1 <= halvings <= 16:
-        raise PruneConfigError(f"halvings must be between 1 and 16, got {halvings}.")
-    if round_to < 1:
-        raise PruneConfigError(f"round_to must be a positive integer, got {round_to}.")
-    if not 0.0 < min_keep <= 1.0:
-        raise PruneConfigError(f"min_keep must be in (0, 1], got {min_keep}.")
+    ratio = _check_search(ratio, mode, halvings, round_to, min_keep)
     start_time = time.perf_counter()
     ev = evaluator or MaskedEvaluator(model, windows, scores, fidelity, batch_size)
-    fidelity = ev.fidelity
     fulls = [h.width for h in ev.handles]
-    n_layers, total_full = len(fulls), sum(fulls)
+    total_full = sum(fulls)
     target = int(round((1.0 - ratio) * total_full))
     floors = [min(d, max(round_to, int(math.ceil(min_keep * d / round_to - 1e-9)) * round_to)) for d in fulls]
     if sum(floors) > target:
         raise PruneConfigError(f"Ratio {ratio} keeps {target} neurons, fewer than the adaptive minimum per layer "
                                f"({sum(floors)}); lower the ratio or min_keep.")
-    memo: dict = getattr(ev, "_memo", {})
-    ev._memo = memo
     evals_before = ev.evaluations
-    bar = _ProbeBar(expected_probes(n_layers, halvings, mode), progress)
-
-    def increase(layer: int, keep: int, state: tuple, base: float) -> float:
-        key = (layer, keep, state)
-        if key not in memo:
-            check_stop(stop, "Adaptive search was stopped.")
-            ev.masks[layer] = ev.width_mask(layer, keep)
-            memo[key] = ev.value(start=layer) - base
-            ev.masks[layer] = None
-            bar.tick()
-        return memo[key]
-
-    def base_value(layer: int, state: tuple) -> float:
-        key = (layer, "base", state)
-        if key not in memo:
-            memo[key] = ev.dense_value if mode == "independent" else ev.value(start=layer)
-            if mode != "independent":
-                bar.tick()
-        return memo[key]
-
-    def search(tol: float) -> tuple[list[int], list[LayerTrace]]:
-        widths = list(fulls)
-        traces: list[LayerTrace | None] = [None] * n_layers
-        ev.masks = [None] * n_layers
-        try:
-            for layer in reversed(range(n_layers)):
-                state = tuple(widths[layer + 1:]) if mode == "sequential" else ()
-                if mode == "sequential":
-                    for later in range(layer + 1, n_layers):
-                        ev.masks[later] = ev.width_mask(later, widths[later])
-                base = base_value(layer, state)
-                tried = []
-
-                def probe(keep: int) -> float:
-                    value = increase(layer, keep, state, base)
-                    tried.append((keep, value))
-                    return value
-
-                lo, hi = floors[layer], fulls[layer]
-                if lo >= hi or probe(lo) <= tol:
-                    chosen = lo
-                else:
-                    for _ in range(halvings):
-                        if hi - lo <= round_to:
-                            break
-                        mid = lo + max(1, (hi - lo) // (2 * round_to)) * round_to
-                        if mid >= hi:
-                            break
-                        if probe(mid) <= tol:
-                            hi = mid
-                        else:
-                            lo = mid
-                    chosen = hi
-                widths[layer] = chosen
-                traces[layer] = LayerTrace(layer, fulls[layer], tried, chosen, chosen)
-        finally:
-            ev.masks = [None] * n_layers
-        return widths, traces  # type: ignore[return-value]
-
+    bar = _ProbeBar(expected_probes(len(fulls), halvings, mode), progress)
+    search = _LayerSearch(ev, fulls, floors, mode=mode, halvings=halvings, round_to=round_to, stop=stop, bar=bar)
     outer: list[dict] = []
-    limit = ratio_tolerance * total_full
-    def run(tol: float):
+
+    def run(tol: float) -> tuple[list[int], list[LayerTrace], int]:
         widths, traces = search(tol)
         kept = sum(widths)
         outer.append({"tolerance": tol, "kept": kept, "ratio": 1.0 - kept / total_full})
@@ -407,42 +465,17 @@ def adaptive_search(model: nn.Module, scores: list[torch.Tensor], ratio: float, 
         return widths, traces, kept
 
     try:
-        tol = 1e-3
-        best = None
-        lo_tol = hi_tol = None  # lo_tol kept too many neurons (kept > target); hi_tol kept too few
-        for _ in range(max_outer):
-            widths, traces, kept = run(tol)
-            if best is None or abs(kept - target) < abs(best[2] - target):
-                best = (widths, traces, kept, tol)
-            if abs(kept - target) <= limit:
-                break  # within the ratio tolerance; the correction (if exact) removes the rest
-            if kept > target:
-                lo_tol = tol if lo_tol is None else max(lo_tol, tol)
-            else:
-                hi_tol = tol if hi_tol is None else min(hi_tol, tol)
-            if hi_tol is None:
-                if tol >= 1e6:
-                    break
-                tol *= 10.0
-            elif lo_tol is None:
-                if tol <= 1e-12:
-                    break
-                tol /= 10.0
-            else:
-                if hi_tol / lo_tol < 1.0 + 1e-6:
-                    break
-                tol = math.sqrt(lo_tol * hi_tol)
+        widths, traces, kept, tol = _bisect_tolerance(run, target, ratio_tolerance * total_full, max_outer)
     finally:
         bar.close()
-    widths, traces, kept, tol = best
     search_ratio = 1.0 - kept / total_full
     if exact and kept != target:
-        widths = _correct(widths, traces, fulls, floors, target, round_to, memo, mode)
+        widths = _correct(widths, traces, fulls, floors, target, round_to, search.memo, mode)
         for trace, width in zip(traces, widths):
             trace.width = width
     achieved = 1.0 - sum(widths) / total_full
     return AdaptiveResult(widths=widths, traces=traces, tolerance=tol, target_ratio=ratio, achieved_ratio=achieved,
-                          search_ratio=search_ratio, fidelity=fidelity, mode=mode,
+                          search_ratio=search_ratio, fidelity=ev.fidelity, mode=mode,
                           evaluations=ev.evaluations - evals_before, seconds=time.perf_counter() - start_time,
                           heldout_tokens=ev.tokens, outer=outer)
 
@@ -462,8 +495,8 @@ def _correct(widths: list[int], traces: list[LayerTrace], fulls: list[int], floo
     total = sum(widths)
     while abs(total - target) > round_to / 2:
         if total > target:  # remove: cheapest next step down
-            options = [(_interpolate(points[l], w - round_to, fulls[l]) - _interpolate(points[l], w, fulls[l]), l)
-                       for l, w in enumerate(widths) if w - round_to >= floors[l]]
+            options = [(_interpolate(points[i], w - round_to, fulls[i]) - _interpolate(points[i], w, fulls[i]), i)
+                       for i, w in enumerate(widths) if w - round_to >= floors[i]]
             if not options:
                 break
             _, layer = min(options)
@@ -471,8 +504,9 @@ def _correct(widths: list[int], traces: list[LayerTrace], fulls: list[int], floo
             widths[layer] -= step
             total -= step
         else:  # add back: the step that saves the most
-            options = [(_interpolate(points[l], w, fulls[l]) - _interpolate(points[l], min(fulls[l], w + round_to), fulls[l]), l)
-                       for l, w in enumerate(widths) if w < fulls[l]]
+            options = [(_interpolate(points[i], w, fulls[i])
+                        - _interpolate(points[i], min(fulls[i], w + round_to), fulls[i]), i)
+                       for i, w in enumerate(widths) if w < fulls[i]]
             if not options:
                 break
             _, layer = max(options)
