@@ -39,7 +39,8 @@ def _require_lm_eval():
         import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM  # noqa: F401
     except ImportError as exc:
-        raise ZeroShotError(f"Zero-shot evaluation needs lm-eval; install it with: pip install lm-eval==0.4.13 ({exc}).") from exc
+        raise ZeroShotError(f"Zero-shot evaluation needs lm-eval; install it with: pip install lm-eval==0.4.13 "
+                            f"({exc}).") from exc
 
 
 def _offline() -> bool:
@@ -59,7 +60,8 @@ def write_task_dir(tasks: list[str] | tuple[str, ...] = SHIPPED_TASKS, folder: s
         for split, relative in files.items():
             path = (ASSETS / relative).resolve()
             if not path.is_file():
-                raise ZeroShotError(f"The shipped task file {path} is missing; rebuild it with: python -m core.zeroshot_tasks build.")
+                raise ZeroShotError(f"The shipped task file {path} is missing; rebuild it with: "
+                                    "python -m core.zeroshot_tasks build.")
             files[split] = str(path)
         (target / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return target
@@ -95,7 +97,8 @@ def check_tasks(tasks: list[str] | tuple[str, ...]) -> list[str]:
         known = set(TaskManager(include_defaults=True).all_tasks)
         unknown = [t for t in hub if t not in known]
         if unknown:
-            raise ZeroShotError(f"Unknown zero-shot task {', '.join(repr(u) for u in unknown)}: it is neither a shipped "
+            names = ", ".join(repr(u) for u in unknown)
+            raise ZeroShotError(f"Unknown zero-shot task {names}: it is neither a shipped "
                                 f"offline task ({', '.join(SHIPPED_TASKS)}) nor an lm-eval task.")
         if _offline():
             raise ZeroShotError(f"Task {', '.join(hub)} needs its dataset from the Hugging Face Hub, but the hub is "

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import ROOT, make_tiny
 
 from core.criteria import ScoreOptions, get_criterion

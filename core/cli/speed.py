@@ -57,7 +57,8 @@ def cmd_bench(args) -> dict:
         release_memory()
         dense = load_on(baseline, device)
         dense_folder = spec_folder(baseline)
-        ref = measure_speed(dense.model, dense.tokenizer, disk_bytes=folder_bytes(dense_folder) if dense_folder else None,
+        dense_disk = folder_bytes(dense_folder) if dense_folder else None
+        ref = measure_speed(dense.model, dense.tokenizer, disk_bytes=dense_disk,
                             **options)
         out["baseline"] = {"model": baseline, **ref.to_dict()}
         out["measured_prefill_speedup"] = round(ref.prefill_ms / result.prefill_ms, 4)
