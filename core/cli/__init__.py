@@ -8,6 +8,7 @@ dict. A new group is added to ``GROUPS``:
     core/cli/quantize.py   quantize
     core/cli/zeroshot.py   zeroshot
     core/cli/speed.py      bench (measured latency / memory)
+    core/cli/inspector.py  neuron, stability, report (neuron inspector, rank stability, HTML report)
     core/cli/recover.py    recover (distil a pruned model from its teacher: full / mlp / lora)
     core/cli/data.py       data (how a text source is split into calibration / evaluation text)
 """
@@ -26,7 +27,7 @@ from ..errors import HFPruneError
 from ..progress import quiet_third_party
 
 GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed",
-                     "core.cli.recover", "core.cli.data"]
+                     "core.cli.inspector", "core.cli.recover", "core.cli.data"]
 
 
 def build_parser() -> argparse.ArgumentParser:
