@@ -1,34 +1,62 @@
 """HFPrune Studio engine: entropy-Taylor structured pruning of transformer MLPs (no gradio here).
 
 Module map, in pipeline order load → calibrate → score → allocate → prune → compensate → export →
-quantize → measure, then runs and the command line. Imports go one way: nothing here imports
-``core.cli``.
+quantize → measure, then training, runs and the command line. Imports go one way: engine modules
+never import ``core.cli``.
 
-  errors.py          user-facing errors (HFPruneError and subclasses: one clear sentence each)
-  paths.py           cache / runs / data folders; atomic folder creation
-  models.py          load model + tokenizer (embedded alias, hub id, folder, GGUF)                 [load]
-  adapters.py        per-architecture MLP handles (gate / up / down of each decoder layer)
-  data.py            text sources, calibration / evaluation splits, token windows                  [calibrate]
-  scoring.py         hook machinery: loss → per-neuron Taylor scores                               [score]
-  criteria.py        importance criteria + registry
-  score_stats.py     per-layer score summaries, histograms, ranks, Spearman, removal-set overlap
-  allocate.py        uniform / global widths, ratio checks, top-k kept indices                     [allocate]
-  adaptive.py        adaptive (AMP) width search
-  prune.py           slicing (prune_mlp_neurons) and pruned_view                                   [prune]
-  compensate.py      least-squares down_proj refit                                                 [compensate]
-  engine.py          the top-level calls: score_model, prune_with_scores, ScoreResult, plan_widths
-  export.py          save pruned models (hf-native / hf-remote-code / hf-padded)                   [export]
-  remote_code.py     the hf-remote-code modeling file
-  quantize.py        quantization backends and applying them                                       [quantize]
-  quant_store.py     quantized folders: recipe files, save_quantized, load_any
-  counts.py          analytic parameter / FLOP / byte counts, the prune preview, Pareto front      [measure]
-  outputs.py         what models say: seeded generation, next-token menus, per-token KL along a text
-  evaluate.py        perplexity + fidelity to a reference on evaluation windows
-  sweep.py           criteria × ratio fidelity sweep
-  speed.py           measured latency / memory
-  zeroshot.py        lm-eval runs; zeroshot_tasks.py builds the shipped offline tasks
-  runs.py            the run store                                                                 [runs]
-  cli/               python -m core: __init__ (main, parser, GROUPS); prune (score, prune,         [cli]
-                     eval, models), quantize, zeroshot, speed (bench)
+  shared
+    errors.py          user-facing errors (HFPruneError subclasses, one sentence each); Stopped for stop checks
+    paths.py           cache / runs / data folders
+    files.py           atomic writes (text, json, bytes, safetensors, folders); per-layer tensor files
+    options.py         typed option groups + the Knob mechanism (CLI flags, UI ranges, stored fields)
+    progress.py        stop checks (check_stop raises errors.Stopped); quiet third-party loggers
+    metrics.py         log-probs, entropy, KL, NLL, top-k overlap in fp32 row chunks (one home)
+    distributed.py     torch.distributed process group, rank shards, all-reduce (data parallelism)
+    placement.py       device, dtype, device_map="auto", memory estimates and refusals
+    timing.py          rough wall-time estimates of long jobs
+  load
+    models.py          load model + tokenizer (embedded alias, hub id, folder, GGUF)
+    adapters.py        per-architecture MLP handles (gated gate/up/down or plain fc1/fc2)
+    encoders.py        encoders to prune (DINOv2, MiniLM, ViT, CLIP-vision); images.py: their images
+  calibrate
+    data.py            text sources, calibration / evaluation splits, token windows
+  score
+    scoring.py         hook machinery: loss → per-neuron Taylor scores
+    criteria.py        importance criteria + registry
+    score_stats.py     per-layer summaries, histograms, ranks, Spearman, removal-set overlap
+    neuron.py          one neuron up close: ranks, top contexts, ablation effect
+    stability.py       rank stability over disjoint calibration draws
+  allocate
+    allocate.py        uniform / global widths, ratio checks, AllocationOptions
+    adaptive.py        adaptive (AMP) width search
+    ddp.py             deterministic differentiable pruning (learned gates)
+  prune
+    prune.py           slicing (prune_mlp_neurons) and pruned_view
+    engine.py          the top-level calls: score_model, plan_widths, prune_with_scores, ScoreResult
+    vision.py          AMP for encoders: score, allocate, prune and distil
+  compensate
+    compensate.py      least-squares down_proj refit
+  export
+    export.py          save pruned models (hf-native / hf-remote-code / hf-padded), zip
+    remote_code.py     the hf-remote-code modeling file
+    gguf_export.py     one .gguf file for llama.cpp / Ollama
+  quantize
+    quantize.py        quantization backends and applying them (backends imported only here)
+    quant_store.py     quantized folders: recipe files, save_quantized, load_any
+  measure
+    counts.py          analytic parameter / FLOP / byte counts, prune preview, Pareto front
+    outputs.py         what models say: seeded generation, next-token menus, per-token KL along a text
+    evaluate.py        perplexity + fidelity to a reference (Reference: the dense pass computed once)
+    sweep.py           criteria × allocation × ratio fidelity sweep (dashboard and benchmarks/criteria.py)
+    speed.py           measured latency / memory
+    zeroshot.py        lm-eval runs; zeroshot_tasks.py builds the shipped offline tasks
+  training
+    train.py           the training engine (student, teacher, objective, parameter set, budget)
+    recover.py         recovery recipes on top of train.py (full / mlp / lora, merge)
+  runs
+    runs.py            the run store; report.py: a stored run as one HTML file
+  cli
+    cli/__init__.py    main(), build_parser(), GROUPS; one module per subcommand group: prune (score,
+                       prune, eval, models), quantize, zeroshot, speed (bench), inspector, recover, data, ddp
 """
 __version__ = "0.1.0"
