@@ -189,3 +189,17 @@ def test_cli_bad_input_is_one_sentence(folder, tmp_path):
     run = cli("neuron", "--model", str(folder), "--layer", "5", "--index", "0", "--samples", "2", "--seq-len", "32")
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip().splitlines()[-1] == "error: Layer 5 does not exist: the model has 2 layers (0–1)."
+
+
+def test_kl_error_bars_over_draws(tiny_loaded):
+    from core.stability import fidelity_over_draws
+
+    loaded = tiny_loaded("llama")
+    scores = score_draws(loaded, ["wanda", "magnitude"], [windows(2, 16, seed=1), windows(2, 16, seed=2)])
+    rows = fidelity_over_draws(loaded, scores, [0.25, 0.5], windows(2, 16, seed=3))
+    assert [(r["criterion"], r["ratio"], len(r["kl_draws"])) for r in rows] == [
+        ("wanda", 0.25, 2), ("wanda", 0.5, 2), ("magnitude", 0.25, 2), ("magnitude", 0.5, 2)]
+    magnitude = [r for r in rows if r["criterion"] == "magnitude"]
+    assert all(r["kl_std"] == 0 and r["kl_mean"] > 0 for r in magnitude)  # weights only: every draw prunes alike
+    assert all(r["kl_min"] <= r["kl_mean"] <= r["kl_max"] for r in rows)
+    assert len(compare_over_draws(rows, "wanda", "magnitude")) == 2
