@@ -61,6 +61,11 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: d
     ``gguf``: its :class:`core.gguf_export.GGUFOptions` (type f32/f16/q8_0, per-layer layout)."""
     if mode not in EXPORT_MODES:
         raise PruneConfigError(f"Unknown export mode '{mode}'; available: {', '.join(EXPORT_MODES)}.")
+    from .remote_code import has_pruned_heads
+
+    if mode != "hf-remote-code" and has_pruned_heads(model):
+        raise PruneConfigError(f"This model has per-layer attention head counts (head pruning), which only the "
+                               f"hf-remote-code export can express; use it instead of {mode}.")
     widths = mlp_widths(model)
     if mode == "gguf":
         return _save_gguf_folder(model, tokenizer, out_dir, meta, widths, gguf)

@@ -77,3 +77,47 @@ def pruned_view(model: nn.Module, kept: list[torch.Tensor], weights_from: nn.Mod
                 for name, linear in mine.linears.items():
                     linear.weight.copy_(theirs.linears[name].weight)
     return view
+
+
+def prune_attention_heads(model: nn.Module, kept_heads: list[torch.Tensor], kept_kv: list[torch.Tensor],
+                          inplace: bool = False) -> nn.Module:
+    """Keep query heads ``kept_heads[l]`` and KV heads ``kept_kv[l]`` (ascending) in each layer.
+
+    Every kept query head must read a kept KV head and every kept KV head must keep the same number of
+    query heads (HF attention repeats each KV head ``heads // kv_heads`` times); the kept query heads
+    are then contiguous per KV head, so the new layout's head i reads new KV head ``i // group``.
+    q/o lose the removed heads' rows/columns, k/v the removed KV heads' rows. The config records the
+    per-layer counts as ``layer_num_attention_heads`` / ``layer_num_key_value_heads`` (exported
+    through hf-remote-code). Returns the pruned model (a copy unless inplace)."""
+    from .adapters import attention_handles
+
+    target = model if inplace else copy.deepcopy(model)
+    handles = attention_handles(target)
+    if len(kept_heads) != len(handles) or len(kept_kv) != len(handles):
+        raise PruneConfigError(f"Got kept heads for {len(kept_heads)} layers; the model has {len(handles)}.")
+    for h, heads, kv in zip(handles, kept_heads, kept_kv):
+        heads = torch.as_tensor(heads, dtype=torch.long).sort().values
+        kv = torch.as_tensor(kv, dtype=torch.long).sort().values
+        if heads.numel() < 1 or kv.numel() < 1:
+            raise PruneConfigError(f"Layer {h.index} would keep no attention heads.")
+        if heads.unique().numel() != heads.numel() or heads.min() < 0 or heads.max() >= h.heads \
+                or kv.unique().numel() != kv.numel() or kv.min() < 0 or kv.max() >= h.kv_heads:
+            raise PruneConfigError(f"Layer {h.index}: kept heads must be unique and within range.")
+        owners = heads // h.group  # (kept,) the KV head each kept query head reads
+        per_kv = torch.bincount(owners, minlength=h.kv_heads)[kv]
+        if set(owners.tolist()) != set(kv.tolist()) or per_kv.unique().numel() != 1:
+            raise PruneConfigError(f"Layer {h.index}: every kept KV head must keep the same number of query heads "
+                                   "and every kept query head its KV head.")
+        d = h.head_dim
+        rows = (heads.unsqueeze(1) * d + torch.arange(d)).reshape(-1)  # (kept·d,) query rows / o columns
+        kv_rows = (kv.unsqueeze(1) * d + torch.arange(d)).reshape(-1)
+        attn = h.attn
+        attn.q_proj = _sliced_linear(attn.q_proj, rows, 0)
+        attn.k_proj = _sliced_linear(attn.k_proj, kv_rows, 0)
+        attn.v_proj = _sliced_linear(attn.v_proj, kv_rows, 0)
+        attn.o_proj = _sliced_linear(attn.o_proj, rows, 1)
+        attn.num_key_value_groups = heads.numel() // kv.numel()
+    handles = attention_handles(target)
+    target.config.layer_num_attention_heads = [h.heads for h in handles]
+    target.config.layer_num_key_value_heads = [h.kv_heads for h in handles]
+    return target

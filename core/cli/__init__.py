@@ -11,6 +11,7 @@ dict. A new group is added to ``GROUPS``:
     core/cli/inspector.py  neuron, stability, report (neuron inspector, rank stability, HTML report)
     core/cli/recover.py    recover (distil a pruned model from its teacher: full / mlp / lora)
     core/cli/data.py       data (how a text source is split into calibration / evaluation text)
+    core/cli/ddp.py        ddp (deterministic differentiable pruning: learned gates, hardened and exported)
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ..errors import HFPruneError
 from ..progress import quiet_third_party
 
 GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed",
-                     "core.cli.inspector", "core.cli.recover", "core.cli.data"]
+                     "core.cli.inspector", "core.cli.recover", "core.cli.data", "core.cli.ddp"]
 
 
 def build_parser() -> argparse.ArgumentParser:
