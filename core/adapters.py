@@ -164,3 +164,41 @@ def set_config_widths(config, widths: list[int]) -> None:
 def mlp_widths(model: nn.Module) -> list[int]:
     """Current d_ff of every layer."""
     return [h.width for h in mlp_handles(model)]
+
+
+@dataclass
+class AttentionHandle:
+    """One decoder layer's self-attention: ``heads`` query heads on ``kv_heads`` key/value heads of
+    ``head_dim`` each. Query head h reads KV head ``h // (heads // kv_heads)`` (HF's ``repeat_kv``)."""
+
+    index: int
+    attn: nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.heads // self.kv_heads
+
+
+def attention_handles(model: nn.Module) -> list[AttentionHandle]:
+    """One handle per decoder layer (``layer.self_attn`` with q/k/v/o projections), counts read from
+    the projections' shapes, so an already head-pruned model reports its true per-layer counts."""
+    handles = []
+    for index, layer in enumerate(decoder_layers(model)):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear)
+                                   for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise UnsupportedArchitectureError(f"Layer {index} has no self_attn with q/k/v/o projections.")
+        head_dim = int(attn.head_dim)
+        handles.append(AttentionHandle(index, attn, attn.q_proj.out_features // head_dim,
+                                       attn.k_proj.out_features // head_dim, head_dim))
+    return handles
+
+
+def head_counts(model: nn.Module) -> tuple[list[int], list[int]]:
+    """(query heads, KV heads) per decoder layer."""
+    handles = attention_handles(model)
+    return [h.heads for h in handles], [h.kv_heads for h in handles]

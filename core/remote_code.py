@@ -5,6 +5,8 @@ it still sees e.g. ``llama``), adds ``intermediate_sizes`` (one width per decode
 ``auto_map`` pointing at ``modeling_hfprune.py``; ``AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`` then builds the base class and resizes each layer's gate/up/down before
 the checkpoint is loaded, so shapes match exactly and nothing is ever loaded with mismatched sizes.
+Head-pruned decoders (core.ddp) also carry ``layer_num_attention_heads`` / ``layer_num_key_value_heads``
+and their file then rebuilds each layer's q/k/v/o at those counts (``num_key_value_groups`` per layer).
 
 Encoders (ViT, DINOv2, CLIP-vision, BERT) get a second template: their MLPs live at family-specific
 paths, so ``config.json`` also carries ``hfprune_mlp_paths`` (per block: role → dotted module path)
@@ -51,7 +53,23 @@ class HFPrune{model_class}({model_class}):
             mlp.down_proj = nn.Linear(width, hidden, bias=mlp.down_proj.bias is not None, dtype=dtype)
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = width
-        self.post_init()
+{heads_block}        self.post_init()
+'''
+
+# Added to the decoder modeling file only for head-pruned exports (core.ddp), so MLP-only exports stay
+# byte-identical to what earlier versions wrote and are still recognised as our own.
+_HEADS_BLOCK = '''        heads = getattr(config, "layer_num_attention_heads", None)
+        kv_heads = getattr(config, "layer_num_key_value_heads", None)
+        if heads is not None:  # per-layer attention heads
+            for layer, n_q, n_kv in zip(self.model.layers, heads, kv_heads):
+                attn = layer.self_attn
+                d, hidden, dtype = attn.head_dim, attn.q_proj.in_features, attn.q_proj.weight.dtype
+                attn.q_proj = nn.Linear(hidden, n_q * d, bias=attn.q_proj.bias is not None, dtype=dtype)
+                attn.k_proj = nn.Linear(hidden, n_kv * d, bias=attn.k_proj.bias is not None, dtype=dtype)
+                attn.v_proj = nn.Linear(hidden, n_kv * d, bias=attn.v_proj.bias is not None, dtype=dtype)
+                attn.o_proj = nn.Linear(n_q * d, attn.o_proj.out_features, bias=attn.o_proj.bias is not None,
+                                        dtype=dtype)
+                attn.num_key_value_groups = n_q // n_kv
 '''
 
 
@@ -112,13 +130,23 @@ def _library_class(obj: object) -> type:
     return next(c for c in type(obj).__mro__ if c.__module__.startswith("transformers.models."))
 
 
+def has_pruned_heads(model_or_config) -> bool:
+    """True when a model (or config, or config.json dict) records per-layer attention head counts."""
+    if isinstance(model_or_config, dict):
+        return model_or_config.get("layer_num_attention_heads") is not None
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "layer_num_attention_heads", None) is not None
+
+
 def modeling_source(model: nn.Module) -> str:
-    """The modeling file for ``model``'s architecture (base classes imported from transformers)."""
+    """The modeling file for ``model``'s architecture (base classes imported from transformers); a
+    head-pruned decoder's file also rebuilds each layer's attention at its recorded head counts."""
     model_cls, config_cls = _library_class(model), _library_class(model.config)
     template = _ENCODER_TEMPLATE if _encoder(model) else _TEMPLATE
     return template.format(base_model=model_cls.__name__, config_module=config_cls.__module__,
                             config_class=config_cls.__name__, model_module=model_cls.__module__,
-                            model_class=model_cls.__name__)
+                            model_class=model_cls.__name__,
+                            heads_block=_HEADS_BLOCK if has_pruned_heads(model) else "")
 
 
 def auto_map(model: nn.Module) -> dict[str, str]:
@@ -129,7 +157,7 @@ def auto_map(model: nn.Module) -> dict[str, str]:
             auto: f"{stem}.HFPrune{_library_class(model).__name__}"}
 
 
-def _source_for(model_type: str) -> str | None:
+def _source_for(model_type: str, heads: bool = False) -> str | None:
     """The modeling file this tool writes for a config's ``model_type`` (None if not a causal LM we know)."""
     from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
@@ -144,7 +172,7 @@ def _source_for(model_type: str) -> str | None:
     template = _ENCODER_TEMPLATE if encoder else _TEMPLATE
     return template.format(base_model=model_cls.__name__, config_module=config_cls.__module__,
                            config_class=config_cls.__name__, model_module=model_cls.__module__,
-                           model_class=model_cls.__name__)
+                           model_class=model_cls.__name__, heads_block=_HEADS_BLOCK if heads else "")
 
 
 def is_own_export(folder: str | Path) -> bool:
@@ -164,5 +192,5 @@ def is_own_export(folder: str | Path) -> bool:
         return False
     if {p.name for p in folder.glob("*.py")} != {MODELING_FILE}:
         return False
-    expected = _source_for(str(config.get("model_type", "")))
+    expected = _source_for(str(config.get("model_type", "")), heads=has_pruned_heads(config))
     return expected is not None and (folder / MODELING_FILE).read_text() == expected
