@@ -15,9 +15,11 @@ from torch import nn
 from .errors import UnsupportedArchitectureError
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-# Encoders (no LM head): where the block list lives, relative to the model.
-ENCODER_LAYERS: dict[str, str] = {"dinov2": "encoder.layer", "vit": "encoder.layer", "bert": "encoder.layer",
-                                  "clip_vision_model": "vision_model.encoder.layers"}
+# Encoders (no LM head): where the block list lives, relative to the model (first that exists:
+# transformers 5 moved ViT's to ``layers`` and CLIPVisionModel's to ``encoder.layers``).
+ENCODER_LAYERS: dict[str, tuple[str, ...]] = {
+    "dinov2": ("encoder.layer",), "vit": ("layers", "encoder.layer"), "bert": ("encoder.layer",),
+    "clip_vision_model": ("encoder.layers", "vision_model.encoder.layers")}
 ENCODER_MODEL_TYPES: tuple[str, ...] = tuple(ENCODER_LAYERS)
 # MLP layouts, tried in order inside each block: role -> dotted path relative to the block.
 _LAYOUTS: tuple[dict[str, str], ...] = (
@@ -100,17 +102,25 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def blocks_path(model: nn.Module) -> str:
+    """Dotted path of an encoder's block list (e.g. ``encoder.layer``)."""
+    paths = ENCODER_LAYERS[model_type_of(model)]
+    for path in paths:
+        try:
+            if isinstance(model.get_submodule(path), nn.ModuleList):
+                return path
+        except AttributeError:
+            continue
+    raise UnsupportedArchitectureError(
+        f"Could not find the blocks of {type(model).__name__} at {' or '.join(paths)}; load the bare encoder "
+        f"(e.g. Dinov2Model, ViTModel, CLIPVisionModel, BertModel), not a task head.")
+
+
 def blocks(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of a supported causal LM or encoder, in order."""
-    path = ENCODER_LAYERS.get(model_type_of(model))
-    if path is None:
+    if not is_encoder(model):
         return decoder_layers(model)
-    try:
-        return model.get_submodule(path)
-    except AttributeError as exc:
-        raise UnsupportedArchitectureError(
-            f"Could not find the blocks of {type(model).__name__} at '{path}'; load the bare encoder "
-            f"(e.g. Dinov2Model, ViTModel, CLIPVisionModel, BertModel), not a task head.") from exc
+    return model.get_submodule(blocks_path(model))
 
 
 def _linear_at(block: nn.Module, path: str) -> nn.Linear | None:

@@ -151,7 +151,10 @@ def prefinal_tokens(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     model_type = model.config.model_type
     if model_type == "bert":
         return encoder_forward(model, batch).last_hidden_state
-    norm = model.vision_model.post_layernorm if model_type == "clip_vision_model" else model.layernorm
+    if model_type == "clip_vision_model":
+        norm = model.post_layernorm if hasattr(model, "post_layernorm") else model.vision_model.post_layernorm
+    else:
+        norm = model.layernorm
 
     def grab(_module, args):
         captured.append(args[0])
@@ -380,11 +383,11 @@ def load_encoder(spec: str, trust_remote_code: bool | None = None) -> LoadedEnco
         raise UnsupportedArchitectureError(f"'{spec}' is a '{model_type}' model; the encoder path takes "
                                            f"{', '.join((*ENCODER_MODEL_TYPES, 'clip'))}.")
     try:
-        if model_type in ("clip", "clip_vision_model"):
+        trust = (_trust_remote_code(location, trust_remote_code) if Path(location).is_dir()
+                 else bool(trust_remote_code))
+        if model_type in ("clip", "clip_vision_model") and not trust:  # a full CLIP: take its vision tower
             model = CLIPVisionModel.from_pretrained(location, dtype=torch.float32)
         else:
-            trust = (_trust_remote_code(location, trust_remote_code) if Path(location).is_dir()
-                     else bool(trust_remote_code))
             model = AutoModel.from_pretrained(location, dtype=torch.float32, trust_remote_code=trust)
     except (ModelLoadError, UnsupportedArchitectureError):
         raise

@@ -78,6 +78,16 @@ from torch import nn
 from {config_module} import {config_class}
 from {model_module} import {model_class}
 
+try:  # transformers renames legacy checkpoint keys only for its own classes: register ours too
+    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
+
+    _renames = get_checkpoint_conversion_mapping("{model_class}") or get_checkpoint_conversion_mapping("{model_type}")
+    if _renames:
+        register_checkpoint_conversion_mapping("HFPrune{model_class}", _renames, overwrite=True)
+except ImportError:  # older transformers: no renaming, nothing to register
+    pass
+
 
 class HFPrune{config_class}({config_class}):
     """{config_class} plus ``intermediate_sizes`` (the kept MLP width of each block) and
@@ -119,9 +129,9 @@ def _encoder(model_or_config) -> bool:
 
 def mlp_paths(model: nn.Module) -> list[dict[str, str]]:
     """Per block, role → dotted path (from the model root) of each MLP projection (encoders)."""
-    from .adapters import ENCODER_LAYERS, mlp_handles
+    from .adapters import blocks_path, mlp_handles
 
-    root = ENCODER_LAYERS[model.config.model_type]
+    root = blocks_path(model)
     return [{role: f"{root}.{h.index}.{path}" for role, path in h.paths.items()} for h in mlp_handles(model)]
 
 
@@ -145,7 +155,7 @@ def modeling_source(model: nn.Module) -> str:
     template = _ENCODER_TEMPLATE if _encoder(model) else _TEMPLATE
     return template.format(base_model=model_cls.__name__, config_module=config_cls.__module__,
                             config_class=config_cls.__name__, model_module=model_cls.__module__,
-                            model_class=model_cls.__name__,
+                            model_class=model_cls.__name__, model_type=config_cls.model_type,
                             heads_block=_HEADS_BLOCK if has_pruned_heads(model) else "")
 
 
@@ -172,7 +182,8 @@ def _source_for(model_type: str, heads: bool = False) -> str | None:
     template = _ENCODER_TEMPLATE if encoder else _TEMPLATE
     return template.format(base_model=model_cls.__name__, config_module=config_cls.__module__,
                            config_class=config_cls.__name__, model_module=model_cls.__module__,
-                           model_class=model_cls.__name__, heads_block=_HEADS_BLOCK if heads else "")
+                           model_class=model_cls.__name__, model_type=config_cls.model_type,
+                           heads_block=_HEADS_BLOCK if heads else "")
 
 
 def is_own_export(folder: str | Path) -> bool:

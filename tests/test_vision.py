@@ -1,0 +1,246 @@
+"""Encoders (AMP): tiny random ViT / DINOv2 / CLIP-vision / BERT built from configs — criterion,
+slicing, export + reload with identical outputs, the shared adaptive search, feature distillation
+through core.train, and the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core.adapters import mlp_handles, mlp_widths
+from core.criteria import ScoreOptions
+from core.encoders import ImagePreprocess, LoadedEncoder, embed, load_encoder, prefinal_tokens
+from core.errors import HFPruneError
+from core.vision import (
+    AmpEntropyCriterion,
+    EmbeddingEntropyEvaluator,
+    EncoderOptions,
+    FeatureDistillation,
+    encoder_criterion,
+    plan_encoder_widths,
+    prune_encoder,
+    save_encoder,
+    score_encoder,
+    similarity_entropy,
+)
+
+FAMILIES = ("dinov2", "vit", "clip_vision_model", "bert")
+SIZE = 28  # 2×2 patches of 14
+
+
+def tiny_encoder(family: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import (
+        BertConfig,
+        BertModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        ViTConfig,
+        ViTModel,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    if family == "dinov2":
+        model = Dinov2Model(Dinov2Config(**common, mlp_ratio=2, image_size=SIZE, patch_size=14))
+    elif family == "vit":
+        model = ViTModel(ViTConfig(**common, intermediate_size=64, image_size=SIZE, patch_size=14),
+                         add_pooling_layer=False)
+    elif family == "clip_vision_model":
+        model = CLIPVisionModel(CLIPVisionConfig(**common, intermediate_size=64, image_size=SIZE, patch_size=14))
+    else:
+        model = BertModel(BertConfig(**common, intermediate_size=64, vocab_size=200, max_position_embeddings=64),
+                          add_pooling_layer=False)
+    with torch.no_grad():  # widen the near-zero init so the tests see real signal
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embeddings" not in name:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+class _Tok:
+    """Enough of a tokenizer for the text path of the tests (ids only; never saved)."""
+
+    cls_token_id, sep_token_id = 1, 2
+
+    def save_pretrained(self, folder):
+        (__import__("pathlib").Path(folder) / "tokenizer_config.json").write_text("{}")
+
+
+def loaded(family: str, seed: int = 0) -> LoadedEncoder:
+    model = tiny_encoder(family, seed)
+    if family == "bert":
+        return LoadedEncoder(model, "text", f"tiny-{family}", "", tokenizer=_Tok())
+    return LoadedEncoder(model, "image", f"tiny-{family}", "", preprocess=ImagePreprocess(SIZE))
+
+
+def batch_for(enc: LoadedEncoder, n: int = 6, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if enc.kind == "text":
+        return torch.randint(3, 200, (n, 12), generator=g)
+    return torch.randn(n, 3, SIZE, SIZE, generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_handles_find_fc1_fc2(family):
+    model = tiny_encoder(family)
+    handles = mlp_handles(model)
+    assert len(handles) == 2 and all(h.gate is None and h.width == 64 for h in handles)
+    assert all(h.down.in_features == 64 and h.up.out_features == 64 for h in handles)
+
+
+def test_similarity_entropy_matches_definition_and_self_term():
+    f = torch.randn(5, 8)
+    n = torch.nn.functional.normalize(f, dim=-1)
+    p = torch.softmax(20.0 * n @ n.t(), dim=-1)
+    expected = -(p * p.log()).sum(-1).mean()
+    assert torch.allclose(similarity_entropy(f, 20.0), expected, atol=1e-5)
+    logits = (20.0 * n @ n.t()).masked_fill(torch.eye(5, dtype=torch.bool), float("-inf"))
+    q = torch.softmax(logits, dim=-1)
+    no_self = -(q * q.clamp_min(1e-30).log()).sum(-1).mean()
+    assert torch.allclose(similarity_entropy(f, 20.0, self_similarity=False), no_self, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_amp_scores_equal_hand_computed_taylor(family):
+    """Per example |Σ_tokens a·g| averaged over examples, with g from the batch entropy — recomputed by hand."""
+    enc = loaded(family)
+    data = batch_for(enc, 6)
+    crit = AmpEntropyCriterion(temp_inv=15.0)
+    scores = crit(enc.model, data, ScoreOptions(batch_size=3, progress=False))
+    acts: list[torch.Tensor] = []
+    hooks = [h.down.register_forward_pre_hook(lambda _m, a: acts.append(a[0].retain_grad() or a[0]))
+             for h in mlp_handles(enc.model)]
+    expected = [torch.zeros(64) for _ in range(2)]
+    try:
+        for part in torch.split(data, 3):
+            acts.clear()
+            with torch.enable_grad():
+                loss = crit.loss(enc.model, part)
+                loss.backward()
+            for layer, a in enumerate(acts):
+                expected[layer] += (a * a.grad).sum(dim=1).abs().sum(dim=0).detach()
+    finally:
+        for h in hooks:
+            h.remove()
+        enc.model.zero_grad(set_to_none=True)
+    for got, want in zip(scores, expected):
+        assert torch.isfinite(got).all() and got.abs().sum() > 0
+        assert torch.allclose(got, want / 6, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in enc.model.parameters())  # no weight gradient was made
+
+
+@pytest.mark.parametrize("name", ["magnitude", "wanda", "fluctuation", "random"])
+def test_baselines_through_the_same_interface(name):
+    enc = loaded("dinov2")
+    result = score_encoder(enc, name, EncoderOptions(samples=4, batch_size=4, image_size=SIZE), progress=False)
+    assert [s.numel() for s in result.scores] == [64, 64]
+    assert all(torch.isfinite(s).all() for s in result.scores)
+
+
+def test_unknown_criterion_is_one_sentence():
+    with pytest.raises(HFPruneError, match="does not apply to encoders"):
+        encoder_criterion("entropy")
+    with pytest.raises(HFPruneError, match="temp_inv"):
+        encoder_criterion("amp_entropy", temp_inv=-1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["hf-remote-code", "hf-padded"])
+def test_prune_export_reload_identical(family, mode, tmp_path):
+    enc = loaded(family)
+    opts = EncoderOptions(samples=4, batch_size=4, image_size=SIZE, seq_len=12, heldout_samples=4)
+    result = score_encoder(enc, "random", opts, progress=False)
+    pruned = prune_encoder(enc, result, 0.4, "global", opts, progress=False)
+    assert mlp_widths(pruned.model) == pruned.widths and sum(pruned.widths) == round(0.6 * 128)
+    x = batch_for(enc)
+    # slicing = masking the dense model's removed neurons
+    masks = [torch.zeros(64).index_fill_(0, k, 1.0) for k in pruned.kept]
+    hooks = [h.down.register_forward_pre_hook(lambda _m, a, m=m: (a[0] * m,)) for h, m in zip(mlp_handles(enc.model), masks)]
+    with torch.no_grad():
+        masked = embed(enc.model, x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        sliced = embed(pruned.model, x)
+    assert torch.allclose(masked, sliced, atol=1e-5)
+    folder = save_encoder(pruned, enc, str(tmp_path / "out"), mode=mode)
+    meta = json.loads((folder / "pruning_meta.json").read_text())
+    assert meta["intermediate_sizes"] == pruned.widths and meta["export"] == mode
+    back = load_encoder(str(folder))
+    assert back.kind == enc.kind
+    with torch.no_grad():
+        assert torch.equal(embed(back.model, x), sliced)
+    if mode == "hf-remote-code":
+        assert mlp_widths(back.model) == pruned.widths
+
+
+def test_uniform_dinov2_export_is_native_only_at_multiples(tmp_path):
+    enc = loaded("dinov2")
+    opts = EncoderOptions(samples=4, batch_size=4, image_size=SIZE)
+    result = score_encoder(enc, "magnitude", opts, progress=False)
+    half = prune_encoder(enc, result, 0.5, "uniform", opts, progress=False)  # 32 = 1 × hidden
+    assert half.model.config.mlp_ratio == 1 and not hasattr(half.model.config, "intermediate_sizes")
+    folder = save_encoder(half, enc, str(tmp_path / "native"))
+    assert not (folder / "modeling_hfprune.py").exists()
+    x = batch_for(enc)
+    with torch.no_grad():
+        assert torch.equal(embed(load_encoder(str(folder)).model, x), embed(half.model, x))
+    odd = prune_encoder(enc, result, 0.25, "uniform", opts, progress=False)  # 48: not a multiple of 32
+    with pytest.raises(HFPruneError, match="multiple of the hidden size"):
+        save_encoder(odd, enc, str(tmp_path / "odd"), mode="hf-native")
+    assert not (tmp_path / "odd").exists()
+
+
+@pytest.mark.parametrize("family", ["dinov2", "bert"])
+def test_adaptive_search_hits_ratio(family):
+    enc = loaded(family)
+    opts = EncoderOptions(samples=8, batch_size=8, image_size=SIZE, seq_len=12, heldout_samples=8, halvings=4)
+    result = score_encoder(enc, "magnitude", opts, progress=False)
+    if family == "bert":  # the text path draws windows from core.data; give it fixed ids here
+        import core.vision as vision
+
+        original = vision.heldout_data
+        vision.heldout_data = lambda _loaded, _options: batch_for(enc, 8, seed=5)
+    try:
+        plan = plan_encoder_widths(enc, result, 0.4, "adaptive", opts, temp_inv=20.0, progress=False)
+    finally:
+        if family == "bert":
+            vision.heldout_data = original
+    assert sum(plan.widths) == round(0.6 * 128)
+    assert plan.adaptive.fidelity == "similarity_entropy" and plan.adaptive.mode == "sequential"
+    assert all(t.tried for t in plan.adaptive.traces)
+
+
+def test_evaluator_restart_equals_full_forward():
+    enc = loaded("vit")
+    scores = [torch.rand(64) for _ in range(2)]
+    ev = EmbeddingEntropyEvaluator(enc.model, batch_for(enc, 6), scores, temp_inv=20.0, batch_size=4)
+    assert abs(ev.value(0) - ev.dense_value) < 1e-6
+    ev.masks[1] = ev.width_mask(1, 16)
+    assert abs(ev.value(1) - ev.value(0)) < 1e-5
+    assert ev.value(1) != pytest.approx(ev.dense_value, abs=1e-7)
+
+
+def test_feature_distillation_through_the_training_engine():
+    from core.train import TrainOptions
+    from core.vision import distill_encoder
+
+    teacher = loaded("dinov2")
+    opts = EncoderOptions(samples=4, batch_size=4, image_size=SIZE)
+    result = score_encoder(teacher, "magnitude", opts, progress=False)
+    student = prune_encoder(teacher, result, 0.5, "uniform", opts, progress=False).model
+    data = batch_for(teacher, 16, seed=3)
+    heldout = batch_for(teacher, 4, seed=4)
+    objective = FeatureDistillation()
+    before = objective.heldout(student, teacher.model, heldout, 4, None)
+    train = distill_encoder(student, teacher.model, data, TrainOptions(steps=12, lr=3e-4, warmup_steps=2, beta2=0.95,
+                                                                       batch_size=4, eval_every=6),
+                            heldout=heldout)
+    assert train.steps == 12 and train.heldout_name == "feature_mse"
+    assert train.final_heldout < before
+    with torch.no_grad():
+        s, t = prefinal_tokens(student, heldout), prefinal_tokens(teacher.model, heldout)
+    assert abs(FeatureDistillation.loss(s, t)[0].item() - train.final_heldout) < 1e-4
