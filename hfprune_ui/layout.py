@@ -12,7 +12,7 @@ from . import texts
 from .context import Ctx
 from .guard import session_id
 from .services import Services
-from .tabs import agreement, importance, model_data, prune, quantize_measure, recover, runs, side_by_side
+from .tabs import agreement, ddp, importance, model_data, prune, quantize_measure, recover, runs, side_by_side
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -30,6 +30,7 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             agreement.build(ctx)
             prune.build(ctx)
             recover.build(ctx)
+            ddp.build(ctx)  # DDP: learned gates hardened into the pruned structure (issue 12)
             side_by_side.build(ctx)
             quantize_measure.build(ctx)
             runs.build(ctx)

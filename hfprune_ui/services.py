@@ -342,6 +342,8 @@ class Services:
             return f"Loaded pruned variant '{name}' of {model_spec} from run {run_id}{extra}."
         if run.kind == "recover":
             return self.load_recover_run(session, run)
+        if run.kind == "ddp":
+            return self.load_ddp_run(session, run)
         raise HFPruneError(f"Run {run_id} is of kind '{run.kind}', which cannot be loaded into the dashboard.")
 
     def delete_run(self, run_id: str, session: Session | None = None) -> None:
@@ -448,6 +450,10 @@ class Services:
             model = pruned_view(loaded.model, kept)
             engine.apply_compensation(loaded, model, kept, run.results.get("meta", {}))
             return model
+        if run.kind == "ddp":  # kept units + gate values: fold and slice the original again
+            from core.ddp import DDPPlan
+
+            return DDPPlan.from_tensors(run.weights()).apply(loaded.model)
         if run.kind != "recover":
             raise HFPruneError(f"Run {run.run_id} is of kind '{run.kind}', which holds no model.")
         source_id = run.config.get("source_run")
@@ -483,6 +489,61 @@ class Services:
         evicted = session.add_variant(variant)
         extra = f" (dropped the oldest variant '{evicted}' from this session)" if evicted else ""
         return f"Loaded recovered variant '{name}' of {model_spec} from run {run.run_id}{extra}."
+
+    # -- DDP (issue 12: learned gates hardened into the pruned structure) --------------------------
+    def ddp(self, session: Session, *, ratio: float = 0.2, units: str = "mlp", head_ratio: float = 0.0,
+            minutes: float = 2.0, steps: int = 0, lr: float = 5e-2, warm_start: bool = False, name: str = "",
+            batch_size: int = 4, seq_len: int = 128, eval_every: int = 10, kd_weight: float = 2.0,
+            stop: Callable[[], bool] | None = None,
+            on_step: Callable[[dict], None] | None = None) -> tuple[Variant, str | None, dict]:
+        """Train DDP gates on the session's model for the budget (core.ddp), store the result as a
+        ``ddp`` run (kept units + gate values) and add it as a variant. The entropy-Taylor scores of
+        the session's calibration data (cached / stored like any scores) give the warm start and the
+        widths a one-shot global entropy allocation would choose. Takes ``model_lock`` for the whole run
+        (the gates hook into the shared model): call it from a worker thread, never from a generator
+        that yields while it runs. Stop stores nothing and leaves the model as it was. Returns (variant,
+        evicted variant name, {"history", "snapshots", "entropy_widths"})."""
+        from core.ddp import TRAIN_DEFAULTS, DDPOptions, ddp
+        from core.train import TrainOptions
+
+        model_spec = self.require_model(session)
+        name = (name or "").strip() or f"ddp-{units}-{round(float(ratio) * 100)}"
+        if name == "original":
+            raise PruneConfigError("Name the DDP variant something other than 'original'.")
+        data = session.data or DataSpec("wiki", "wiki", 16, 128, 0)
+        options = DDPOptions(ratio=float(ratio), units=units, head_ratio=float(head_ratio), warm_start=bool(warm_start),
+                             kd_weight=float(kd_weight), seq_len=int(seq_len), source=data.source)
+        train_options = TrainOptions(**{**TRAIN_DEFAULTS, "minutes": 0.0 if steps else float(minutes),
+                                        "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size),
+                                        "eval_every": int(eval_every)})
+        loaded = self.model(model_spec)
+        scores = None
+        if options.prunes_mlp:  # the warm start and the comparison with a one-shot entropy allocation
+            scores = self.score(session, model_spec, data, "entropy", stop=stop)[0].scores
+        with self.model_lock:
+            result = ddp(loaded, options, train_options, scores=scores, stop=stop, on_step=on_step)
+        config = {"model": model_spec, "name": name, "criterion": "ddp", "allocation": f"learned ({units})",
+                  "ratio": float(ratio), "ddp": options.to_dict(), "train": train_options.to_dict(),
+                  "source": data.label, "samples": result.meta["ddp"]["training_windows"], "seq_len": int(seq_len),
+                  "seed": train_options.seed, "session": session.session_id}
+        extra = {"history": result.history, "snapshots": result.snapshots, "entropy_widths": result.entropy_widths}
+        run = self.runs.create("ddp", config, results={"widths": result.plan.widths(), "meta": result.meta, **extra},
+                               weights=result.plan.to_tensors())
+        variant = Variant(name, model_spec, result.model, result.plan.widths(), result.meta, run.run_id)
+        return variant, session.add_variant(variant), extra
+
+    def load_ddp_run(self, session: Session, run) -> str:
+        """A stored ddp run → a session variant (the original folded and sliced again from the stored plan)."""
+        model_spec = run.config.get("model")
+        with self.model_lock:
+            model = self.rebuild_variant_model(run)
+        session.switch_model(model_spec)
+        name = run.config.get("name") or run.run_id
+        variant = Variant(name, model_spec, model, list(run.results.get("widths", [])), run.results.get("meta", {}),
+                          run.run_id, run.results.get("metrics"))
+        evicted = session.add_variant(variant)
+        extra = f" (dropped the oldest variant '{evicted}' from this session)" if evicted else ""
+        return f"Loaded DDP variant '{name}' of {model_spec} from run {run.run_id}{extra}."
 
 
 def _trained_tensors(model: torch.nn.Module, params: str) -> dict[str, torch.Tensor]:

@@ -352,3 +352,73 @@ def test_cli_ddp_writes_a_folder_and_bad_input_writes_nothing(tmp_path, real_tok
         assert failed.returncode != 0 and not target.exists(), bad
         lines = [line for line in failed.stderr.strip().splitlines() if line.startswith("error:")]
         assert len(lines) == 1, failed.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# dashboard
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def dashboard(tmp_path, real_tokenizer):
+    """(services, session, run store root) with a tiny model loaded and its entropy scores computed."""
+    from conftest import make_tiny
+
+    from hfprune_ui.services import Services
+
+    folder = tmp_path / "tiny"
+    make_tiny("llama", intermediate_size=64).save_pretrained(folder)
+    real_tokenizer.save_pretrained(folder)
+    services = Services(runs_root=tmp_path / "runs")
+    session = services.sessions.get("local")
+    services.score(session, str(folder), services.data_spec("wiki", None, 2, 16, 0), "entropy")
+    return services, session, tmp_path / "runs"
+
+
+def _form(**kw):
+    """The DDP tab's inputs, in order."""
+    values = {"ratio": 0.25, "units": "both", "head_ratio": 0.5, "minutes": 0, "steps": 3, "lr": 5e-2,
+              "warm_start": True, "name": "", "batch_size": 2, "seq_len": 32, "eval_every": 1, "kd_weight": 2.0, **kw}
+    return list(values.values())
+
+
+def test_dashboard_ddp_streams_curves_and_the_run_reloads_after_restart(dashboard):
+    from hfprune_ui.services import Services
+    from hfprune_ui.tabs.ddp import make_start, show_snapshot
+
+    services, session, root = dashboard
+    outputs = list(make_start(services)(*_form()))
+    status, sparsity, lambdas, _hist, slider, widths, snapshots = outputs[-1]
+    assert "Done" in status and "ddp-both-25" in status
+    assert len(sparsity.data) >= 6 and len(lambdas.data) == 6  # ŝ, gates at 0, target per type + KL; 3 λ's × 2
+    assert [t.name for t in widths.data][:2] == ["DDP (learned gates)", "one-shot entropy scores, global allocation"]
+    assert slider["maximum"] == len(snapshots) - 1 and snapshots[-1]["step"] == 3
+    assert show_snapshot(0, snapshots).layout.title.text == "Gate values at step 0"
+    variant = session.variants["ddp-both-25"]
+    assert sum(variant.widths) == 96 and sum(variant.meta["heads"]["layer_num_attention_heads"]) == 4
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        expected = variant.model(input_ids=ids).logits
+    restarted = Services(runs_root=root)  # a new server process: nothing in memory
+    fresh = restarted.sessions.get("other")
+    assert "DDP variant" in restarted.load_run(fresh, variant.run_id)
+    with torch.no_grad():
+        assert torch.allclose(fresh.variants["ddp-both-25"].model(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_dashboard_ddp_stop_stores_nothing(dashboard):
+    from hfprune_ui.tabs.ddp import make_start, make_stop
+
+    services, session, _root = dashboard
+    base = services.model(session.model_spec).model
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    messages = []
+    for status, *_rest in make_start(services)(*_form(steps=500, warm_start=False)):
+        messages.append(status)
+        if "step " in status and "step 0" not in status and len(messages) < 50:
+            make_stop(services)()
+    assert "Stopped" in messages[-1] and "nothing was stored" in messages[-1]
+    assert services.runs.list("ddp") == [] and not session.variants
+    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+    assert services.model_lock.acquire(timeout=1)
+    services.model_lock.release()
