@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -29,6 +30,7 @@ from .state import DataSpec, ModelCache, ScoreCache, Session, SessionStore, Vari
 T = TypeVar("T")
 
 SOURCES = {"wiki": "Wikipedia (built-in)", "news": "News paragraphs (built-in)", "upload": "Uploaded file"}
+BASELINE = "random (baseline)"  # the sweep's rows for seeded random scores
 
 
 def criteria() -> list[str]:
@@ -78,6 +80,12 @@ def locked_steps(lock: threading.RLock, steps: Iterator[T]) -> Iterator[T]:
         steps.close()
 
 
+def tour_file(model_spec: str, data: DataSpec, criterion: str) -> str:
+    """File name of shipped precomputed scores: model, criterion and calibration settings spelled out."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{model_spec}_{criterion}")
+    return f"{safe}_{data.name}_{data.samples}x{data.seq_len}_seed{data.seed}.safetensors"
+
+
 class Services:
     """Shared caches + the per-session store + the run store, and the engine calls on top of them."""
 
@@ -90,6 +98,8 @@ class Services:
         self.models = ModelCache()
         self.scores = ScoreCache()
         self.sessions = SessionStore()
+        self._quick_originals: dict[tuple, tuple] = {}  # (model, source, windows, seq_len) → (Reference, perplexity)
+        self._per_token: dict[str, float] = {}  # model spec → measured forward seconds per token (estimates)
         self.model_lock = threading.RLock()
 
     # -- inputs ----------------------------------------------------------------------------
@@ -175,7 +185,8 @@ class Services:
             model = pruned_view(loaded.model, result.kept, weights_from=result.model)  # shares non-MLP tensors
             del result.model
         config = {"model": session.model_spec, "name": name, "criterion": criterion, "ratio": float(ratio),
-                  "allocation": allocation, "round_to": int(round_to), "compensation": compensation.to_dict(), "scores_run": session.score_runs.get(criterion),
+                  "allocation": allocation, "round_to": int(round_to), "compensation": compensation.to_dict(),
+                  "scores_run": session.score_runs.get(criterion),
                   "session": session.session_id, **(session.data.match() if session.data else {})}
         run = self.runs.create("prune", config, results={"widths": result.widths, "meta": result.meta},
                                kept=result.kept)
@@ -208,9 +219,10 @@ class Services:
 
     def sweep(self, session: Session, names: list[str], ratios: list[float], allocation: str, round_to: int,
               windows: int, seq_len: int, stop: Callable[[], bool] | None = None,
-              compensate_windows: int = 64) -> Iterator[dict]:
+              compensate_windows: int = 64, baseline: bool = False) -> Iterator[dict]:
         """Criteria × ratio fidelity rows (engine: core.sweep) for this session's scored criteria;
-        ``+lsq`` allocations refit on ``compensate_windows`` calibration windows."""
+        ``+lsq`` allocations refit on ``compensate_windows`` calibration windows; ``baseline`` adds
+        rows for seeded random scores (criterion ``BASELINE``), the floor every criterion must beat."""
         from core.sweep import fidelity_sweep
 
         loaded = self.model(self.require_model(session))
@@ -219,7 +231,10 @@ class Services:
             raise HFPruneError(f"Score {', '.join(missing)} first (Importance tab).")
         source = session.data.source if session.data else "wiki"
         ids = evaluation_windows(loaded.tokenizer, source, int(windows), int(seq_len), max_length=loaded.max_length)
-        rows = fidelity_sweep(loaded, {n: session.scores[n] for n in names}, ratios, ids,
+        scored = {n: session.scores[n] for n in names}
+        if baseline:
+            scored[BASELINE] = self.random_scores(session)
+        rows = fidelity_sweep(loaded, scored, ratios, ids,
                               allocation=allocation, round_to=int(round_to), progress=True,
                               stop=stop, compensation=self.compensation(session, names, compensate_windows))
         yield from locked_steps(self.model_lock, rows)
@@ -247,41 +262,144 @@ class Services:
         variant = Variant(name, base_spec, quantized, list(widths), {**meta, "quantization": method, "source": source})
         return variant, session.add_variant(variant)
 
-    def zeroshot(self, session: Session, names: list[str], tasks: list[str], limit: int) -> list[dict]:
-        """lm-eval zero-shot accuracies (acc, acc_norm) of the original and each named variant."""
+    def zeroshot(self, session: Session, names: list[str], tasks: list[str], limit: int,
+                 stop: Callable[[], bool] | None = None,
+                 on_model: Callable[[int, int, str], None] | None = None) -> list[dict]:
+        """lm-eval zero-shot accuracies (acc, acc_norm, each with its binomial standard error; the
+        task's chance level) of the original and each named variant. ``on_model(k, n, name)`` is
+        called before model k (0-based) of n; ``stop`` is checked between models."""
+        from core.progress import check_stop
         from core.zeroshot import check_tasks, run_zeroshot
 
         tasks = check_tasks(tasks)
         rows = []
         tokenizer = self.model(self.require_model(session)).tokenizer
-        for name, model in self.models_for(session, names).items():
+        chosen = self.models_for(session, names)
+        for index, (name, model) in enumerate(chosen.items()):
+            check_stop(stop, "The zero-shot run was stopped.")
+            if on_model is not None:
+                on_model(index, len(chosen), name)
             with self.model_lock:
-                result = run_zeroshot(model, tokenizer, tasks, limit=int(limit), progress=False)
+                result = run_zeroshot(model, tokenizer, tasks, limit=int(limit), progress=True)
             row = {"variant": name}
             for task, entry in result["tasks"].items():
                 for metric in ("acc", "acc_norm"):
                     if metric in entry:
                         row[f"{task} {metric}"] = entry[metric]
+                        row[f"{task} {metric}_stderr"] = entry.get(f"{metric}_stderr")
                 row[f"{task} n"] = entry["n"]
+                row[f"{task} chance"] = entry.get("chance")
             rows.append(row)
         return rows
 
     def bench(self, session: Session, names: list[str], prefill_tokens: int, decode_tokens: int,
-              repeats: int) -> list[dict]:
-        """Measured prefill latency, decode speed, memory and size of the original and each variant."""
+              repeats: int, max_repeats: int | None = None, stop: Callable[[], bool] | None = None,
+              on_model: Callable[[int, int, str], None] | None = None,
+              on_repeat: Callable[[str, int, int], None] | None = None) -> list[dict]:
+        """Measured prefill latency, decode speed, memory and size of the original and each variant;
+        each timing is repeated ``repeats`` times, and up to ``max_repeats`` until its spread is known,
+        and the rows carry prefill and decode speed-ups with their quartile intervals."""
         from core.speed import add_measured_speedups, ideal_speedup, measure_speed
 
         loaded = self.model(self.require_model(session))
         dense = mlp_widths_any(loaded.model)
         rows = []
-        for name, model in self.models_for(session, names).items():
+        chosen = self.models_for(session, names)
+        for index, (name, model) in enumerate(chosen.items()):
+            if on_model is not None:
+                on_model(index, len(chosen), name)
             with self.model_lock:
                 result = measure_speed(model, loaded.tokenizer, prefill_tokens=int(prefill_tokens),
                                        decode_tokens=int(decode_tokens), repeats=int(repeats),
+                                       max_repeats=max_repeats, stop=stop, on_progress=on_repeat,
                                        method=getattr(model, "hfprune_quantization", None))
             rows.append({"variant": name, **result.to_dict(), "ideal_speedup": ideal_speedup(model, dense,
                                                                                              int(prefill_tokens))})
         return add_measured_speedups(rows)
+
+    # -- dashboard helpers (issue 10): quality at a glance, the sweep's random baseline ---------
+    QUICK_WINDOWS = 4  # held-out windows × …
+    QUICK_SEQ_LEN = 64  # … tokens for the quality shown right after Prune (a few seconds on a CPU)
+
+    def quick_quality(self, session: Session, name: str, stop: Callable[[], bool] | None = None) -> dict:
+        """Perplexity of the original and of variant ``name`` and the variant's KL to the original on a
+        few held-out windows: {} when the held-out text has no room for one window."""
+        from core.data import window_capacity
+
+        loaded = self.model(self.require_model(session))
+        variant = self.variant(session, name)
+        source = session.data.source if session.data else "wiki"
+        windows = min(self.QUICK_WINDOWS, window_capacity(loaded.tokenizer, source, "evaluation", self.QUICK_SEQ_LEN))
+        if windows < 1:
+            return {}
+        ids = evaluation_windows(loaded.tokenizer, source, windows, self.QUICK_SEQ_LEN, max_length=loaded.max_length)
+        with self.model_lock:
+            key = (session.model_spec, source, windows, self.QUICK_SEQ_LEN)
+            if key not in self._quick_originals:  # the original runs once per set of windows (~50 MB of log-probs)
+                reference = Reference(loaded.model, ids)
+                self._quick_originals[key] = (reference, evaluate_reference(reference, progress=False).perplexity)
+                while len(self._quick_originals) > 4:
+                    self._quick_originals.pop(next(iter(self._quick_originals)))
+            reference, original = self._quick_originals[key]
+            metrics = evaluate(variant.model, ids, reference, progress=False, stop=stop)
+        return {"windows": windows, "seq_len": self.QUICK_SEQ_LEN, "original_perplexity": original,
+                "perplexity": metrics.perplexity, "kl": metrics.kl_to_reference, "top1": metrics.top1_agreement}
+
+    def seconds_per_token(self, spec: str) -> float:
+        """The model's measured forward time per token on this machine (once per model; for estimates)."""
+        from core.timing import seconds_per_token
+
+        if spec not in self._per_token:
+            loaded = self.model(spec)
+            with self.model_lock:
+                self._per_token[spec] = seconds_per_token(loaded.model)
+        return self._per_token[spec]
+
+    def adaptive_seconds(self, spec: str, halvings: int, heldout_samples: int, heldout_seq_len: int,
+                         sequential: bool = False) -> float:
+        """About how long the adaptive search would take on this machine (core.timing)."""
+        from core.adapters import mlp_widths
+        from core.timing import adaptive_seconds
+
+        layers = len(mlp_widths(self.model(spec).model))
+        return adaptive_seconds(self.seconds_per_token(spec), layers, halvings, heldout_samples * heldout_seq_len,
+                                sequential)
+
+    # -- the Tour's precomputed default scores (assets/tour; recomputable with one click) ------------
+    def tour_scores(self, session: Session, model_spec: str, data: DataSpec, criteria: list[str], folder: Path,
+                    recompute: bool = False, stop: Callable[[], bool] | None = None) -> dict[str, str]:
+        """Make ``criteria``'s scores for (model, data) the session's: read from ``folder`` (shipped,
+        computed with exactly these settings; marked ``precomputed`` in their config) unless ``recompute``
+        or a file is missing or does not fit the model, else computed here (cached / stored like any
+        scoring). Returns {criterion: 'precomputed' | 'memory' | 'disk' | 'computed'}."""
+        from core.adapters import mlp_widths
+
+        widths = mlp_widths(self.model(model_spec).model)
+        origins = {}
+        for criterion in criteria:
+            path = folder / tour_file(model_spec, data, criterion)
+            result = None
+            if not recompute and path.is_file():
+                result = engine.ScoreResult.load(path)
+                if [s.numel() for s in result.scores] != widths:
+                    result = None  # shipped for another model: compute instead
+            if result is None:
+                origins[criterion] = self.score(session, model_spec, data, criterion, stop=stop)[2]
+                continue
+            session.set_context(model_spec, data)
+            result.config = {**result.config, "precomputed": True}
+            session.scores[criterion] = result
+            session.score_runs.pop(criterion, None)
+            origins[criterion] = "precomputed"
+        return origins
+
+    def random_scores(self, session: Session) -> engine.ScoreResult:
+        """Seeded random scores for the session's model (the sweep's baseline row; weights only, instant)."""
+        loaded = self.model(self.require_model(session))
+        data = session.data or DataSpec("wiki", "wiki", 1, 16, 0)
+        with self.model_lock:
+            return engine.score_model(loaded, "random", source=data.source, samples=1, seq_len=16, seed=data.seed,
+                                      progress=False)
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -338,7 +456,7 @@ class Services:
             variant = Variant(name, model_spec, model, list(run.results.get("widths", [])),
                               run.results.get("meta", {}), run.run_id, run.results.get("metrics"))
             evicted = session.add_variant(variant)
-            extra = f" (dropped the oldest variant '{evicted}' from this session)" if evicted else ""
+            extra = f" ('{evicted}' was dropped from this session to make room)" if evicted else ""
             return f"Loaded pruned variant '{name}' of {model_spec} from run {run_id}{extra}."
         if run.kind == "recover":
             return self.load_recover_run(session, run)
