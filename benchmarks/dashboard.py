@@ -1,16 +1,22 @@
-"""Dashboard responsiveness, measured on the real app in a subprocess (issue #3 targets):
+"""Dashboard timings, measured on the real app in a subprocess (targets from issues 3 and 10):
 
-1. launch → page served (HTTP 200 on /), target ≤ 20 s;
-2. press Score with the default settings → first histogram back, target ≤ 60 s with the model
-   already converted (fresh run store), ≤ 120 s on a fresh cache (GGUF conversion included);
-3. redraw from cached scores, target ≤ 2 s.
+1. responsiveness: launch → page served (≤ 20 s); press Score with the default settings → first
+   histogram (≤ 60 s with the model converted, ≤ 120 s on a fresh cache that converts the GGUF);
+   redraw from cached scores (≤ 2 s);
+2. the Tour: its five one-click steps end to end on a fresh app (≤ 2 min), and step 1's
+   "Recompute" (scoring on this machine instead of the shipped scores);
+3. the adaptive allocation with the dashboard's default (quick) settings: Prune → done (≤ 3 min),
+   beside the estimate the dashboard shows before it starts; ``--thorough`` also times the
+   thorough preset (the command line's default) one click away.
 
-    python benchmarks/dashboard.py            # both scenarios
-    python benchmarks/dashboard.py --skip-fresh
+    python benchmarks/dashboard.py                       # everything
+    python benchmarks/dashboard.py --only tour,adaptive  # keep the stored responsiveness rows
+    python benchmarks/dashboard.py --write-tour-scores   # (re)make assets/tour's precomputed scores
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -22,12 +28,19 @@ import urllib.request
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import ROOT, machine, markdown_table, write_result
+from _common import RESULTS, ROOT, machine, markdown_table, write_result
 
-from hfprune_ui.tabs.importance import DEFAULT_CRITERIA  # noqa: E402  (the defaults the UI shows)
-from hfprune_ui.tabs.model_data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN  # noqa: E402
+from hfprune_ui.tabs.importance import DEFAULT_CRITERIA
+from hfprune_ui.tabs.model_data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+from hfprune_ui.tabs.prune import ADAPTIVE_PRESETS
 
 MODEL = "smollm2-135m"
+CRIT = (0.5, 0.5, 0.5)  # self_distill τ, α; entropy+ce w
+DATA = ("wiki", None, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, 0)
+TOUR_STEPS = (("1 · score (precomputed)", "/tour_score"), ("2 · histograms", "/tour_histograms"),
+              ("3 · disagreements", "/tour_disagreements"), ("4 · prune 30 % both ways", "/tour_prune"),
+              ("5 · next-token menus", "/tour_menus"))
+ADAPTIVE_RATIO = 0.3
 
 
 def free_port() -> int:
@@ -50,10 +63,9 @@ def wait_served(url: str, process: subprocess.Popen, limit: float = 300) -> None
     raise TimeoutError(f"{url} was not served within {limit} s")
 
 
-def scenario(name: str, env: dict[str, str]) -> dict:
-    """Launch the app with ``env``, score with the defaults, redraw; return the timings in seconds."""
-    from gradio_client import Client
-
+@contextlib.contextmanager
+def running_app(env: dict[str, str]):
+    """Launch ``python app.py`` with ``env``; yields (url, seconds until the page was served)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     started = time.perf_counter()
@@ -61,11 +73,36 @@ def scenario(name: str, env: dict[str, str]) -> dict:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_served(url, process)
-        launch = time.perf_counter() - started
-        client = Client(url, verbose=False)
+        yield url, time.perf_counter() - started
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def load() -> float:
+    """The machine's 1-minute load average when a scenario ends (2 = both cores busy): other work on
+    the machine slows every timing, so the tables show it."""
+    return round(os.getloadavg()[0], 2)
+
+
+def client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    started = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - started, out
+
+
+def responsiveness(name: str, env: dict[str, str]) -> dict:
+    """Launch, score with the defaults, redraw; the timings in seconds."""
+    with running_app(env) as (url, launch):
+        c = client(url)
         started = time.perf_counter()
-        job = client.submit(DEFAULT_CRITERIA, MODEL, "wiki", None, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, 0, 0.5, 0.5, 0.5, [], [], True,
-                            None, api_name="/score")
+        job = c.submit(DEFAULT_CRITERIA, MODEL, *DATA, *CRIT, [], [], True, None, api_name="/score")
         first = None
         while first is None:
             if job.outputs():
@@ -79,51 +116,144 @@ def scenario(name: str, env: dict[str, str]) -> dict:
         assert json.loads(hist["plot"])["data"], "the first histogram came back empty"
         job.result()
         total = time.perf_counter() - started
-        redraws = []
-        for layers in (["0", "29"], ["5"], ["10", "20"]):
-            t0 = time.perf_counter()
-            client.predict(layers, DEFAULT_CRITERIA, True, DEFAULT_CRITERIA[0], api_name="/redraw")
-            redraws.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        status = client.predict(DEFAULT_CRITERIA, MODEL, "wiki", None, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, 0, 0.5, 0.5, 0.5, [], [],
-                                True, None, api_name="/score")[0]
-        rescore = time.perf_counter() - t0
-        assert "cached" in status, status
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    result = {"scenario": name, "launch_s": launch, "first_histogram_s": first, "all_criteria_s": total,
-              "redraw_s": max(redraws), "rescore_cached_s": rescore}
+        redraws = [timed(c.predict, layers, DEFAULT_CRITERIA, True, DEFAULT_CRITERIA[0], api_name="/redraw")[0]
+                   for layers in (["0", "29"], ["5"], ["10", "20"])]
+        rescore, out = timed(c.predict, DEFAULT_CRITERIA, MODEL, *DATA, *CRIT, [], [], True, None, api_name="/score")
+        assert "cached" in out[0], out[0]
+    result = {"kind": "responsiveness", "scenario": name, "launch_s": launch, "first_histogram_s": first,
+              "all_criteria_s": total, "redraw_s": max(redraws), "rescore_cached_s": rescore, "load": load()}
     print(json.dumps(result), flush=True)
     return result
 
 
+def tour(env: dict[str, str]) -> dict:
+    """A fresh app: the five Tour clicks one after the other, then step 1's Recompute."""
+    with running_app(env) as (url, launch):
+        c = client(url)
+        steps = {}
+        for label, api in TOUR_STEPS:
+            steps[label], out = timed(c.predict, api_name=api)
+        assert "precomputed" in c.predict(api_name="/tour_score"), "the shipped scores were not used"
+        recompute, out = timed(c.predict, api_name="/tour_recompute")
+        assert "computed on this machine" in out, out
+    result = {"kind": "tour", "scenario": "fresh app, model converted", "launch_s": launch, "steps_s": steps,
+              "five_clicks_s": sum(steps.values()), "with_launch_s": launch + sum(steps.values()),
+              "recompute_s": recompute, "load": load()}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def adaptive(env: dict[str, str], presets: list[str]) -> list[dict]:
+    """Prune with the adaptive allocation at each preset (quick = the dashboard default), after the
+    Tour's scores; the estimate the dashboard showed beforehand beside the measured time."""
+    results = []
+    with running_app(env) as (url, _launch):
+        c = client(url)
+        c.predict(api_name="/tour_score")
+        for preset in presets:
+            knobs = ADAPTIVE_PRESETS[preset]
+            *_, estimate = c.predict(preset, "adaptive", MODEL, api_name="/adaptive_preset")
+            seconds, out = timed(c.predict, "entropy", ADAPTIVE_RATIO, "adaptive", "1", False, 64, f"ad-{preset}",
+                                 MODEL, *DATA, *CRIT, knobs["halvings"], knobs["heldout_samples"],
+                                 knobs["heldout_seq_len"], knobs["fidelity"], api_name="/prune")
+            status = out[0]
+            assert f"ad-{preset}" in status, status
+            glance = status.split("Quality at a glance")
+            quality = glance[1].split("top-1")[0] if len(glance) > 1 else ""
+            result = {"kind": "adaptive", "preset": preset, **knobs, "ratio": ADAPTIVE_RATIO, "criterion": "entropy",
+                      "seconds": seconds, "estimate": estimate.split("**")[1] if "**" in estimate else estimate,
+                      "quality": quality.strip(" :."), "load": load()}
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    return results
+
+
+def write_tour_scores() -> None:
+    """Compute the Tour's shipped scores with the dashboard's own code path and settings."""
+    from hfprune_ui.services import Services, tour_file
+    from hfprune_ui.tabs.tour import ASSETS, CRITERIA, DEFAULT_DATA
+
+    with tempfile.TemporaryDirectory(prefix="hfprune-tour-") as tmp:
+        services = Services(runs_root=Path(tmp) / "runs")
+        session = services.sessions.get("tour-scores")
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        for criterion in CRITERIA:
+            result, _run, origin = services.score(session, MODEL, DEFAULT_DATA, criterion)
+            result.config = {**result.config, "source_path": None, "session": None}
+            path = result.save(ASSETS / tour_file(MODEL, DEFAULT_DATA, criterion))
+            print(f"{criterion}: {origin} in {result.seconds:.1f} s → {path.relative_to(ROOT)}")
+
+
+def tables(results: list[dict]) -> str:
+    """The markdown written to benchmarks/results/dashboard.md."""
+    parts = [(f"Measured on {machine()}; each scenario launches `python app.py` in a subprocess and drives it "
+             "with gradio_client.")]
+    rows = []
+    for r in (r for r in results if r.get("kind", "responsiveness") == "responsiveness"):
+        first_target = 120 if r["scenario"].startswith("fresh") else 60
+        rows.append([r["scenario"], f"{r['launch_s']:.1f} (≤ 20)", f"{r['first_histogram_s']:.1f} (≤ {first_target})",
+                     f"{r['all_criteria_s']:.1f}", f"{r['redraw_s']:.2f} (≤ 2)", f"{r['rescore_cached_s']:.2f}",
+                     r.get("load", "—")])
+    if rows:
+        parts += [(f"#### Responsiveness (Score defaults: {', '.join(DEFAULT_CRITERIA)} on {DEFAULT_SAMPLES} × "
+                  f"{DEFAULT_SEQ_LEN} wiki windows)"),
+                  markdown_table(["scenario", "launch → page (s)", "Score → first histogram (s)",
+                                  "all criteria done (s)", "redraw from cache (s)", "Score again, cached (s)",
+                                  "load avg"], rows)]
+    for r in (r for r in results if r.get("kind") == "tour"):
+        step_rows = [[label, f"{seconds:.2f}"] for label, seconds in r["steps_s"].items()]
+        step_rows += [["**five clicks**", f"**{r['five_clicks_s']:.1f}** (≤ 120)"],
+                      ["launch + five clicks", f"{r['with_launch_s']:.1f}"],
+                      ["step 1 *Recompute* (scores on this machine instead of the shipped ones)",
+                       f"{r['recompute_s']:.1f}"], ["machine load average at the end", f"{r.get('load', '—')}"]]
+        parts += [f"#### Tour end to end ({r['scenario']})", markdown_table(["step", "seconds"], step_rows)]
+    rows = [[r["preset"], f"{r['halvings']}", f"{r['heldout_samples']} × {r['heldout_seq_len']}", r["fidelity"],
+             f"**{r['seconds']:.0f}**" + (" (≤ 180)" if r["preset"] == "quick" else ""), r["estimate"], r["quality"],
+             r.get("load", "—")]
+            for r in results if r.get("kind") == "adaptive"]
+    if rows:
+        parts += [(f"#### Adaptive allocation from the dashboard (entropy scores of the Tour, ratio {ADAPTIVE_RATIO}, "
+                  "independent mode; Prune → done, quality check included)"),
+                  markdown_table(["preset", "halvings", "held-out windows × tokens", "fidelity", "seconds",
+                                  "estimate shown before", "quality at a glance", "load avg"], rows)]
+    return "\n\n".join(parts) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="responsiveness,tour,adaptive",
+                        help="comma-separated scenarios: responsiveness, tour, adaptive (the others keep their "
+                             "stored rows)")
     parser.add_argument("--skip-fresh", action="store_true", help="skip the fresh-cache scenario (GGUF conversion)")
+    parser.add_argument("--thorough", action="store_true", help="also time the thorough adaptive preset")
+    parser.add_argument("--write-tour-scores", action="store_true", help="(re)make assets/tour and exit")
     args = parser.parse_args()
+    if args.write_tour_scores:
+        write_tour_scores()
+        return
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
     base = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    results = []
+    stored = RESULTS / "dashboard.json"
+    previous = json.loads(stored.read_text()) if stored.exists() else []
+    results = [r for r in previous if r.get("kind", "responsiveness") not in only]
     with tempfile.TemporaryDirectory(prefix="hfprune-bench-") as tmp:
-        # Converted model (the user's normal cache) but a fresh run store: nothing scored yet.
-        results.append(scenario("model converted, fresh run store", {**base, "HFPRUNE_RUNS": str(Path(tmp) / "r1")}))
-        if not args.skip_fresh:
-            fresh = {**base, "HFPRUNE_CACHE": str(Path(tmp) / "cache"), "HFPRUNE_RUNS": str(Path(tmp) / "r2")}
-            results.append(scenario("fresh cache (converts the GGUF)", fresh))
-    targets = {"launch_s": 20, "redraw_s": 2}
-    rows = []
-    for r in results:
-        first_target = 120 if r["scenario"].startswith("fresh") else 60
-        rows.append([r["scenario"], f"{r['launch_s']:.1f} (≤ {targets['launch_s']})",
-                     f"{r['first_histogram_s']:.1f} (≤ {first_target})", f"{r['all_criteria_s']:.1f}",
-                     f"{r['redraw_s']:.2f} (≤ {targets['redraw_s']})", f"{r['rescore_cached_s']:.2f}"])
-    header = (f"Score defaults: {', '.join(DEFAULT_CRITERIA)} on {DEFAULT_SAMPLES} × {DEFAULT_SEQ_LEN} wiki windows; "
-              f"{machine()}")
-    table = markdown_table(["scenario", "launch → page (s)", "Score → first histogram (s)", "all criteria done (s)",
-                            "redraw from cache (s)", "Score again, cached (s)"], rows)
-    print(header)
-    print(table)
-    write_result("dashboard.md", header + "\n\n" + table + "\n")
+        def env(tag: str) -> dict[str, str]:  # the user's converted model, a fresh run store
+            return {**base, "HFPRUNE_RUNS": str(Path(tmp) / tag)}
+
+        if "responsiveness" in only:
+            results.append(responsiveness("model converted, fresh run store", env("r1")))
+            if not args.skip_fresh:
+                fresh = {**env("r2"), "HFPRUNE_CACHE": str(Path(tmp) / "cache")}
+                results.append(responsiveness("fresh cache (converts the GGUF)", fresh))
+        if "tour" in only:
+            results.append(tour(env("tour")))
+        if "adaptive" in only:
+            results += adaptive(env("adaptive"), ["quick", "thorough"] if args.thorough else ["quick"])
+    order = {"responsiveness": 0, "tour": 1, "adaptive": 2}
+    results.sort(key=lambda r: order.get(r.get("kind", "responsiveness"), 3))
+    text = tables(results)
+    print(text)
+    write_result("dashboard.md", text)
     write_result("dashboard.json", json.dumps(results, indent=1))
 
 

@@ -2,50 +2,93 @@
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from collections.abc import Sequence
+from itertools import pairwise
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from core.counts import pareto_front
 
-PALETTE = ("#1f6feb", "#d9480f", "#2b8a3e", "#862e9c", "#e67700", "#0b7285", "#c2255c", "#5c940d")
-LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=50, b=45), height=360,
-              legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+from .services import BASELINE
+
+# Okabe–Ito: eight colours that stay distinct for colour-blind readers and on a projector
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#8C6D31")
+LAYOUT = {"template": "plotly_white", "margin": {"l": 70, "r": 30, "t": 60, "b": 60}, "height": 380,
+          "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+          "font": {"size": 13}}
+AXES = {"automargin": True}
+CHANCE_STYLE = {"color": "#868e96", "dash": "dash", "width": 1.5}
 
 
 def color(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
+def _finish(fig: go.Figure, **layout) -> go.Figure:
+    fig.update_layout(**{**LAYOUT, **layout})
+    fig.update_xaxes(**AXES)
+    fig.update_yaxes(**AXES)
+    return fig
+
+
 def empty(message: str) -> go.Figure:
     """A blank figure that says what to do next."""
     fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=14))
-    fig.update_layout(**LAYOUT, xaxis=dict(visible=False), yaxis=dict(visible=False))
-    return fig
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font={"size": 14})
+    return _finish(fig, xaxis={"visible": False}, yaxis={"visible": False})
 
 
-def histograms(series: Sequence[tuple[str, Sequence[float], Sequence[int]]], log: bool) -> go.Figure:
-    """Overlaid per-(criterion, layer) histograms: series of (name, bin edges, counts)."""
-    fig = go.Figure()
-    for i, (name, edges, counts) in enumerate(series):
-        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-        fig.add_trace(go.Bar(x=centers, y=list(counts), width=edges[1] - edges[0], name=name, opacity=0.55,
-                             marker_color=color(i)))
-    fig.update_layout(**LAYOUT, barmode="overlay", title="Neuron importance per layer",
-                      xaxis_title="log10(score)" if log else "score", yaxis_title="neurons")
-    return fig
+def _bars(edges: Sequence[float], counts: Sequence[int], name: str, colour: str, opacity: float,
+          legend: bool = True, group: str | None = None) -> go.Bar:
+    centers = [(a + b) / 2 for a, b in pairwise(edges)]
+    return go.Bar(x=centers, y=list(counts), width=edges[1] - edges[0], name=name, opacity=opacity,
+                  marker_color=colour, showlegend=legend, legendgroup=group or name)
 
 
-def heatmap(matrix: list[list[float]], criterion: str, log: bool) -> go.Figure:
-    """Layer × neuron heatmap: each row is one layer's scores sorted high → low (relative to its mean)."""
+def histograms(series: Sequence[tuple[str, Sequence[float], Sequence[int]]], log: bool, note: str = "") -> go.Figure:
+    """All (name, bin edges, counts) series overlaid in one chart (the 'overlay' view)."""
+    fig = go.Figure([_bars(edges, counts, name, color(i), 0.5) for i, (name, edges, counts) in enumerate(series)])
+    return _finish(fig, barmode="overlay", title=_title("Neuron importance per layer (overlay)", note),
+                   xaxis_title="log10(score)" if log else "score", yaxis_title="neurons")
+
+
+def histogram_facets(facets: dict[str, Sequence[tuple[int, Sequence[float], Sequence[int]]]], log: bool,
+                     note: str = "") -> go.Figure:
+    """Small multiples: one panel per criterion ({criterion: [(layer, edges, counts)]}), the same
+    colour for the same layer in every panel, shared x axis so panels compare at a glance."""
+    names = list(facets)
+    fig = make_subplots(rows=len(names), cols=1, shared_xaxes=True, vertical_spacing=0.1 / max(1, len(names)),
+                        subplot_titles=names)
+    layers = sorted({layer for series in facets.values() for layer, _, _ in series})
+    for row, name in enumerate(names, start=1):
+        for layer, edges, counts in facets[name]:
+            fig.add_trace(_bars(edges, counts, f"layer {layer}", color(layers.index(layer)), 0.6, legend=row == 1,
+                                group=f"layer {layer}"), row=row, col=1)
+        fig.update_yaxes(title_text="neurons", row=row, col=1)
+    fig.update_xaxes(title_text="log10(score)" if log else "score", row=len(names), col=1)
+    return _finish(fig, barmode="overlay", height=max(380, 250 * len(names) + 80),
+                   title=_title("Neuron importance per layer, one panel per criterion", note))
+
+
+def _title(text: str, note: str) -> dict:
+    return {"text": text + (f"<br><sup>{html.escape(note)}</sup>" if note else "")}
+
+
+def heatmap(matrix: list[list[float]], criterion: str, log: bool,
+            limits: tuple[float, float] | None = None) -> go.Figure:
+    """Layer × neuron heatmap: each row is one layer's scores sorted high → low (relative to its mean);
+    ``limits`` clip the colour scale (robust percentiles) so the bulk is not one flat colour."""
     columns = len(matrix[0]) if matrix else 0
     x = [round(100 * c / max(1, columns - 1), 1) for c in range(columns)]
-    fig = go.Figure(go.Heatmap(z=matrix, x=x, y=list(range(len(matrix))), colorscale="Viridis",
-                               colorbar=dict(title="log10(s/mean)" if log else "s/mean")))
-    fig.update_layout(**{**LAYOUT, "height": 420}, title=f"{criterion}: neurons sorted by score, per layer",
-                      xaxis_title="neuron rank (% from most important)", yaxis_title="layer")
-    return fig
+    zmin, zmax = limits if limits else (None, None)
+    unit = "log10(score ÷ layer mean)" if log else "score ÷ layer mean"
+    fig = go.Figure(go.Heatmap(z=matrix, x=x, y=list(range(len(matrix))), colorscale="Viridis", zmin=zmin,
+                               zmax=zmax, colorbar={"title": {"text": unit, "side": "right"}},
+                               hovertemplate="layer %{y}<br>rank %{x} %<br>" + unit + " %{z:.3g}<extra></extra>"))
+    note = "colours clipped to the 2nd–98th percentile" if limits else ""
+    return _finish(fig, height=460, title=_title(f"{criterion}: each layer's neurons sorted by score", note),
+                   xaxis_title="neuron rank (% from most important)", yaxis_title="layer")
 
 
 def rank_scatter(rank_a: Sequence[float], rank_b: Sequence[float], name_a: str, name_b: str, layer: int,
@@ -53,18 +96,21 @@ def rank_scatter(rank_a: Sequence[float], rank_b: Sequence[float], name_a: str, 
     """Percentile rank under A vs under B for every neuron of one layer; the shaded corner is what
     both would remove at the chosen ratio."""
     fig = go.Figure(go.Scattergl(x=list(rank_a), y=list(rank_b), mode="markers", name=f"layer {layer}",
-                                 marker=dict(size=4, opacity=0.5, color=color(0))))
-    fig.add_shape(type="rect", x0=0, y0=0, x1=removed_fraction, y1=removed_fraction, line=dict(width=0),
-                  fillcolor="rgba(217,72,15,0.15)")
-    fig.update_layout(**{**LAYOUT, "height": 400}, title=f"Layer {layer}: rank under {name_a} vs {name_b}",
-                      xaxis_title=f"{name_a} rank (0 = least important)", yaxis_title=f"{name_b} rank")
-    return fig
+                                 marker={"size": 4, "opacity": 0.5, "color": color(0)}))
+    fig.add_shape(type="rect", x0=0, y0=0, x1=removed_fraction, y1=removed_fraction, line={"width": 0},
+                  fillcolor="rgba(213,94,0,0.15)")
+    return _finish(fig, height=420, title=f"Layer {layer}: rank under {name_a} vs {name_b}",
+                   xaxis_title=f"{name_a} rank (0 = least important)", yaxis_title=f"{name_b} rank")
 
 
 def per_layer_bars(values: Sequence[float], title: str, y_title: str, y_range: tuple[float, float] | None = None,
-                   name: str = "") -> go.Figure:
-    fig = go.Figure(go.Bar(x=list(range(len(values))), y=list(values), marker_color=color(0), name=name))
-    fig.update_layout(**LAYOUT, title=title, xaxis_title="layer", yaxis_title=y_title)
+                   name: str = "", chance: float | None = None, chance_label: str = "chance") -> go.Figure:
+    """One bar per layer, with an optional dashed chance line."""
+    fig = go.Figure(go.Bar(x=list(range(len(values))), y=list(values), marker_color=color(0), name=name or y_title))
+    if chance is not None:
+        fig.add_trace(go.Scatter(x=[-0.5, len(values) - 0.5], y=[chance, chance], mode="lines", line=CHANCE_STYLE,
+                                 name=f"{chance_label} ({chance:.2f})"))
+    _finish(fig, title=title, xaxis_title="layer", yaxis_title=y_title)
     if y_range:
         fig.update_yaxes(range=list(y_range))
     return fig
@@ -75,9 +121,7 @@ def widths(before: Sequence[int], after: Sequence[int]) -> go.Figure:
     layers = list(range(len(before)))
     fig = go.Figure([go.Bar(x=layers, y=list(before), name="original", marker_color="#ced4da"),
                      go.Bar(x=layers, y=list(after), name="kept", marker_color=color(0))])
-    fig.update_layout(**LAYOUT, barmode="overlay", title="MLP width per layer", xaxis_title="layer",
-                      yaxis_title="neurons")
-    return fig
+    return _finish(fig, barmode="overlay", title="MLP width per layer", xaxis_title="layer", yaxis_title="neurons")
 
 
 def token_menu(tokens: Sequence[str], probs: dict[str, Sequence[float]], entropy: dict[str, float]) -> go.Figure:
@@ -85,32 +129,30 @@ def token_menu(tokens: Sequence[str], probs: dict[str, Sequence[float]], entropy
     labels = [repr(t)[1:-1] or "∅" for t in tokens]
     fig = go.Figure([go.Bar(x=labels, y=list(p), name=f"{name} (H={entropy[name]:.2f} nats)", marker_color=color(i))
                      for i, (name, p) in enumerate(probs.items())])
-    fig.update_layout(**{**LAYOUT, "height": 400}, barmode="group", title="Next-token distribution (the whole menu)",
-                      xaxis_title="candidate next token", yaxis_title="probability")
-    return fig
+    return _finish(fig, height=420, barmode="group", title="Next-token distribution (the whole menu)",
+                   xaxis_title="candidate next token", yaxis_title="probability")
 
 
 def params_vs_perplexity(names: Sequence[str], params: Sequence[int], ppl: Sequence[float]) -> go.Figure:
     fig = go.Figure([go.Scatter(x=[params[i] / 1e6], y=[ppl[i]], mode="markers+text", text=[names[i]],
-                                textposition="top center", marker=dict(size=12, color=color(i)), name=names[i])
+                                textposition="top center", marker={"size": 12, "color": color(i)}, name=names[i])
                      for i in range(len(names))])
-    fig.update_layout(**LAYOUT, title="Parameters vs perplexity", xaxis_title="parameters (M)",
-                      yaxis_title="perplexity", showlegend=False)
-    return fig
+    return _finish(fig, title="Parameters vs perplexity", xaxis_title="parameters (M)", yaxis_title="perplexity",
+                   showlegend=False)
 
 
 def kl_text(tokens: Sequence[str], kl: Sequence[float | None], scale: float) -> str:
     """HTML: every token on a red background whose strength grows with KL(original ‖ variant)."""
     scale = scale if scale > 0 else 1.0
     spans = []
-    for token, value in zip(tokens, kl):
+    for token, value in zip(tokens, kl, strict=True):
         text = html.escape(token).replace("\n", "↵<br>")
         if value is None:
             spans.append(f'<span class="tok" title="no prediction">{text}</span>')
             continue
         alpha = min(1.0, value / scale)
         spans.append(f'<span class="tok" title="KL = {value:.4f} nats" '
-                     f'style="background: rgba(217,72,15,{alpha:.3f})">{text}</span>')
+                     f'style="background: rgba(213,94,0,{alpha:.3f})">{text}</span>')
     return '<div class="kl-text">' + "".join(spans) + "</div>"
 
 
@@ -131,24 +173,31 @@ def adaptive_trace(trace: Sequence[dict], layers: Sequence[int] | None = None) -
         points = sorted((int(w), float(v)) for w, v in t["tried"])
         fig.add_trace(go.Scatter(x=[w for w, _ in points], y=[max(v, 1e-9) for _, v in points],
                                  mode="lines+markers", name=f"layer {t['layer']} → {t['width']}",
-                                 marker_color=color(i), line=dict(width=1)))
-    fig.update_layout(**LAYOUT, title="Adaptive search: width tried vs increase in held-out loss",
-                      xaxis_title="kept width tried", yaxis_title="loss increase (nats, log)")
+                                 marker_color=color(i), line={"width": 1}))
+    _finish(fig, title="Adaptive search: width tried vs increase in held-out loss",
+            xaxis_title="kept width tried", yaxis_title="loss increase (nats, log)")
     fig.update_yaxes(type="log")
     return fig
 
 
 def sweep_lines(rows: Sequence[dict], metric: str = "kl_to_dense") -> go.Figure:
-    """One line per criterion: ``metric`` against the pruning ratio."""
+    """One line per criterion (and allocation): ``metric`` against the pruning ratio; the random
+    baseline is drawn grey and dashed."""
     fig = go.Figure()
-    for i, name in enumerate(dict.fromkeys(r["criterion"] for r in rows)):
+    names = list(dict.fromkeys(r["criterion"] for r in rows))
+    for i, name in enumerate(n for n in names if n != BASELINE):
         mine = sorted((r["ratio"], r[metric]) for r in rows if r["criterion"] == name)
         fig.add_trace(go.Scatter(x=[x for x, _ in mine], y=[y for _, y in mine], mode="lines+markers", name=name,
                                  marker_color=color(i)))
+    if BASELINE in names:
+        mine = sorted((r["ratio"], r[metric]) for r in rows if r["criterion"] == BASELINE)
+        fig.add_trace(go.Scatter(x=[x for x, _ in mine], y=[y for _, y in mine], mode="lines+markers", name=BASELINE,
+                                 line=CHANCE_STYLE, marker_color=CHANCE_STYLE["color"]))
     label = {"kl_to_dense": "KL to dense (nats/token)", "perplexity": "perplexity",
              "top1_agreement": "top-1 agreement"}.get(metric, metric)
-    fig.update_layout(**LAYOUT, title=f"{label} vs ratio", xaxis_title="ratio of MLP neurons removed",
-                      yaxis_title=label)
+    _finish(fig, title=f"{label} vs ratio", xaxis_title="ratio of MLP neurons removed", yaxis_title=label)
+    if metric in ("kl_to_dense", "perplexity"):
+        fig.update_yaxes(type="log")  # the random baseline is often 10× worse: a log axis keeps both readable
     return fig
 
 
@@ -158,10 +207,29 @@ def pareto(names: Sequence[str], size_mb: Sequence[float], quality: Sequence[flo
     better) are joined by a line."""
     front = [(size_mb[i], quality[i]) for i in pareto_front(list(size_mb), list(quality), lower_is_better)]
     fig = go.Figure([go.Scatter(x=[s for s, _ in front], y=[v for _, v in front], mode="lines", name="Pareto front",
-                                line=dict(color="#adb5bd", dash="dot"))])
-    for i, (name, size, value) in enumerate(zip(names, size_mb, quality)):
+                                line={"color": "#adb5bd", "dash": "dot"})])
+    for i, (name, size, value) in enumerate(zip(names, size_mb, quality, strict=True)):
         fig.add_trace(go.Scatter(x=[size], y=[value], mode="markers+text", text=[name], textposition="top center",
-                                 marker=dict(size=12, color=color(i)), name=name))
-    fig.update_layout(**LAYOUT, title=f"Weight size vs {quality_label}", xaxis_title="weights in memory (MB)",
-                      yaxis_title=quality_label, showlegend=False)
-    return fig
+                                 marker={"size": 12, "color": color(i)}, name=name))
+    return _finish(fig, title=f"Weight size vs {quality_label}", xaxis_title="weights in memory (MB)",
+                   yaxis_title=quality_label, showlegend=False)
+
+
+def speedups(names: Sequence[str], prefill: Sequence[dict | None], decode: Sequence[dict | None],
+             ideal: Sequence[float | None]) -> go.Figure:
+    """Prefill and decode speed-ups side by side per variant, each with its quartile interval as an
+    error bar, and the FLOP ideal as a marker."""
+    fig = go.Figure()
+    for i, (label, values) in enumerate((("prefill", prefill), ("decode", decode))):
+        shown = [(n, v) for n, v in zip(names, values, strict=True) if v]
+        fig.add_trace(go.Bar(x=[n for n, _ in shown], y=[v["median"] for _, v in shown], name=f"{label} speed-up",
+                             marker_color=color(i), error_y={"type": "data", "symmetric": False,
+                                                             "array": [v["high"] - v["median"] for _, v in shown],
+                                                             "arrayminus": [v["median"] - v["low"] for _, v in shown]}))
+    ideal_points = [(n, x) for n, x in zip(names, ideal, strict=True) if x]
+    fig.add_trace(go.Scatter(x=[n for n, _ in ideal_points], y=[x for _, x in ideal_points], mode="markers",
+                             name="FLOP ideal", marker={"symbol": "line-ew-open", "size": 28, "color": "#212529",
+                                                        "line": {"width": 3}}))
+    fig.add_hline(y=1.0, line=CHANCE_STYLE)
+    return _finish(fig, barmode="group", title="Measured speed-up vs the original (bars: median, whiskers: quartiles)",
+                   xaxis_title="variant", yaxis_title="× faster than the original")

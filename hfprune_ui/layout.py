@@ -12,7 +12,19 @@ from . import texts
 from .context import Ctx
 from .guard import session_id
 from .services import Services
-from .tabs import agreement, ddp, importance, model_data, prune, quantize_measure, recover, runs, side_by_side
+from .status import make_refresh
+from .tabs import (
+    agreement,
+    ddp,
+    importance,
+    model_data,
+    prune,
+    quantize_measure,
+    recover,
+    runs,
+    side_by_side,
+    tour,
+)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -24,7 +36,13 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
         with gr.Row(elem_id="header"):
             gr.HTML(_header())
         ctx = Ctx(services)
-        with gr.Tabs():
+        status_line = gr.Markdown("", elem_id="status-line")
+        with gr.Accordion("Glossary: the words this dashboard uses", open=False, elem_id="glossary"):
+            gr.Markdown(texts.glossary_markdown())
+        ctx.add(status_line=status_line)
+        with gr.Tabs() as tabs:
+            ctx.add(tabs=tabs)
+            wire_tour = tour.build(ctx)  # first in the row of tabs; wired once the tabs it fills exist
             model_data.build(ctx)
             importance.build(ctx)
             agreement.build(ctx)
@@ -34,6 +52,9 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             side_by_side.build(ctx)
             quantize_measure.build(ctx)
             runs.build(ctx)
+        wire_tour()
+        demo.load(make_refresh(services), None, status_line, api_visibility="private", concurrency_limit=None,
+                  show_progress="hidden")
     demo.services = services  # type: ignore[attr-defined]  # handy for tests and benchmarks
     _drop_sessions_on_unload(demo, services)
     return demo

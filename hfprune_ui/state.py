@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from core.models import LoadedModel, load_model
 from core.engine import ScoreResult
+from core.models import LoadedModel, load_model
 
 MAX_SESSIONS = 64
 MAX_VARIANTS_PER_SESSION = 4
@@ -36,6 +36,24 @@ class DataSpec:
     def match(self) -> dict:
         """The run-config fields that identify scores made with these settings."""
         return {"source": self.label, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
+
+    @property
+    def name(self) -> str:
+        """What a person calls the source: 'wiki', 'news' or the uploaded file's name."""
+        if self.label.startswith("upload:"):
+            return self.label[len("upload:"):].rsplit("#", 1)[0]
+        return self.label
+
+    def short(self) -> str:
+        """'wiki, 8 × 64 tokens, seed 0'."""
+        return f"{self.name}, {self.samples} × {self.seq_len} tokens, seed {self.seed}"
+
+    def changes(self, new: DataSpec) -> str:
+        """What differs from ``new``, in words: 'seed 0 → 1', 'source wiki → news, windows 8 → 16'."""
+        parts = [f"{what} {a} → {b}" for what, a, b in (("source", self.name, new.name), ("windows", self.samples,
+                 new.samples), ("tokens per window", self.seq_len, new.seq_len), ("seed", self.seed, new.seed))
+                 if a != b]
+        return ", ".join(parts) or "the uploaded file"
 
 
 @dataclass
@@ -60,10 +78,13 @@ class Session:
     data: DataSpec | None = None
     scores: dict[str, ScoreResult] = field(default_factory=dict)  # criterion → scores (active model/data)
     score_runs: dict[str, str] = field(default_factory=dict)  # criterion → run id
-    variants: "OrderedDict[str, Variant]" = field(default_factory=OrderedDict)
+    variants: OrderedDict[str, Variant] = field(default_factory=OrderedDict)
     stop: threading.Event = field(default_factory=threading.Event)
     export_dir: str | None = None  # temporary folder of the last .zip download
     last_used: float = field(default_factory=time.time)
+    replace: str | None = None  # the variant to drop when the session is full (None: the oldest)
+    notices: list[str] = field(default_factory=list)  # things the user must be told once (toasts)
+    set_aside: str = ""  # the last time scores were set aside by a change of model or data, in words
 
     def new_job(self) -> threading.Event:
         """A fresh stop flag for a job that starts now: Stop sets the current job's flag only, so a
@@ -72,38 +93,76 @@ class Session:
         return self.stop
 
     def set_context(self, model_spec: str, data: DataSpec) -> None:
-        """Switching model or data forgets the scores of the old context (they stay cached); switching
-        model also drops the variants cut from the old one, which no longer have an original here."""
+        """Switching model or data forgets the scores of the old context (they stay cached, so switching
+        back restores them); switching model also drops the variants cut from the old one, which no
+        longer have an original here. Either is recorded as a notice for the user."""
+        if data != self.data and self.data is not None and self.scores and model_spec == self.model_spec:
+            self._set_aside(f"the calibration data changed ({self.data.changes(data)})")
         if data != self.data:
             self.scores.clear()
             self.score_runs.clear()
         self.switch_model(model_spec)
         self.data = data
 
+    def _set_aside(self, why: str) -> None:
+        names = ", ".join(self.scores)
+        self.set_aside = (f"Scores for {names} were set aside because {why}; they stay cached, so going back "
+                          "restores them instantly.")
+        self.notices.append(self.set_aside)
+
+    def take_notices(self) -> list[str]:
+        """The pending notices (each shown once)."""
+        out, self.notices = self.notices, []
+        return out
+
     def switch_model(self, model_spec: str) -> None:
         """Make ``model_spec`` the session's model; a different one drops the old model's scores and variants."""
         if model_spec != self.model_spec:
+            if self.scores and self.model_spec:
+                self._set_aside(f"the model changed ({self.model_spec} → {model_spec})")
             self.scores.clear()
             self.score_runs.clear()
-            for name in [n for n, v in self.variants.items() if v.base_spec != model_spec]:
+            dropped = [n for n, v in self.variants.items() if v.base_spec != model_spec]
+            for name in dropped:
                 del self.variants[name]
+            if dropped:
+                self.notices.append(f"Variants {', '.join(dropped)} were dropped from this session: they were cut "
+                                    f"from {self.model_spec}, not {model_spec} (their runs stay on disk).")
         self.model_spec = model_spec
 
+    def next_to_drop(self) -> str | None:
+        """The variant a new one would replace when the session is full: the user's pick, else the oldest."""
+        if len(self.variants) < MAX_VARIANTS_PER_SESSION:
+            return None
+        return self.replace if self.replace in self.variants else next(iter(self.variants))
+
     def add_variant(self, variant: Variant) -> str | None:
-        """Store a variant under its name; returns the name of an evicted old variant, if any."""
+        """Store a variant under its name; when the session is full, the one :meth:`next_to_drop` names
+        makes room (its run stays on disk). Returns the dropped name, if any, and leaves a notice."""
         evicted = None
         self.variants.pop(variant.name, None)
         if len(self.variants) >= MAX_VARIANTS_PER_SESSION:
-            evicted, _ = self.variants.popitem(last=False)
+            evicted = self.next_to_drop()
+            del self.variants[evicted]
+            if self.replace == evicted:
+                self.replace = None
+            self.notices.append(f"This session holds {MAX_VARIANTS_PER_SESSION} variants: '{evicted}' was dropped to "
+                                f"make room for '{variant.name}' (its run stays on disk; reload it from Runs).")
         self.variants[variant.name] = variant
         return evicted
+
+    def drop_variant(self, name: str) -> None:
+        """Forget a variant (its run stays on disk)."""
+        self.variants.pop(name, None)
+        if self.replace == name:
+            self.replace = None
 
 
 class SessionStore:
     """Sessions keyed by Gradio's per-browser session hash; the least recently used are dropped."""
 
     def __init__(self, capacity: int = MAX_SESSIONS) -> None:
-        self._sessions: "OrderedDict[str, Session]" = OrderedDict()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
         self.capacity = capacity
 
@@ -133,7 +192,7 @@ class ModelCache:
     """Base models loaded once per spec and shared read-only by every session (LRU of a few)."""
 
     def __init__(self, capacity: int = MAX_MODELS) -> None:
-        self._models: "OrderedDict[str, LoadedModel]" = OrderedDict()
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self.capacity = capacity
 

@@ -59,3 +59,81 @@ DEFAULT_PROMPT = "The history of the printing press"
 DEFAULT_CONTEXT = "The capital of France is"
 DEFAULT_KL_TEXT = ("The river flows through the centre of the city, and its banks are lined with old stone houses. "
                    "In the nineteenth century the town became an important centre of the textile industry.")
+
+# -- glossary: every term a table, a plot or a control uses, in plain words ----------------------------
+GLOSSARY = {
+    "entropy (criterion)": "The HFPrune score: how much a neuron matters to the *spread* of the model's own next-token "
+                           "guesses (Taylor estimate on the entropy of its prediction). Needs no labels.",
+    "cross_entropy (criterion)": "The classic score: how much a neuron matters to predicting the word that really came "
+                                 "next in the calibration text.",
+    "prediction entropy (metric)": "How unsure a model is about the next token, in nats: 0 = certain, higher = more "
+                                   "spread out. A column in the fidelity tables, not the criterion.",
+    "KL to original / to dense": "How far a variant's next-token distribution has moved from the original model's, "
+                                 "averaged over held-out tokens (nats per token; 0 = identical).",
+    "perplexity": "How surprised a model is by held-out text (lower is better); the original sets the baseline.",
+    "top-1 agreement": "Share of held-out positions where the variant's most likely next token is the original's.",
+    "top-10 overlap": "Average share of the original's ten most likely next tokens that the variant also ranks in "
+                      "its top ten.",
+    "held-out / evaluation text": "Text never used for scoring or calibration; quality is only ever measured on it.",
+    "ratio": "The share of MLP neurons removed (0.3 = 30 % of them).",
+    "allocation": "How the cut is spread over layers: uniform (the same share everywhere), global (one ranking "
+                  "across layers), adaptive (each layer as far as a held-out loss allows).",
+    "tol (tolerance)": "Adaptive search: the loss increase a layer may cause. The search tunes it until the widths "
+                       "add up to the asked ratio; each try of a tolerance is one 'outer step'.",
+    "halvings": "Adaptive search: binary-search steps per layer; fewer is faster and coarser.",
+    "compensation (lsq)": "After the cut, each layer's output weights are refitted by least squares so the layer's "
+                          "output stays close to the original's. Same size and speed.",
+    "max ÷ mean": "Per-layer summary: the largest neuron score divided by the layer's mean score (how spiky "
+                  "importance is).",
+    "top-10 % share": "Per-layer summary: the share of the layer's total score held by its 10 % most important "
+                      "neurons.",
+    "Spearman ρ": "Rank correlation of two criteria's scores within a layer: 1 = same order, 0 = unrelated.",
+    "removal overlap": "Share of the neurons criterion A removes that criterion B removes too. Two random choices "
+                       "of the same size overlap by the ratio itself — the dashed chance line.",
+    "FLOP ideal": "The speed-up the cut could give at best: the original's arithmetic per token divided by the "
+                  "variant's.",
+    "spread (IQR)": "Timings are repeated; the interval shows the middle half of them (quartiles). A speed-up whose "
+                    "interval includes the ideal or 1.00× cannot be read as a gain.",
+    "acc / acc_norm": "Zero-shot accuracy (lm-eval's names): acc compares the choices' log-likelihoods, acc_norm "
+                      "divides them by each choice's length first.",
+    "± SE / chance": "Standard error of an accuracy from n questions (binomial: √(p(1−p)/n)); chance is what "
+                     "guessing scores. Two accuracies closer than about 2 SE apart are not separated.",
+}
+
+
+def glossary_markdown() -> str:
+    """The glossary as a two-column markdown table."""
+    rows = "\n".join(f"| **{term}** | {text} |" for term, text in GLOSSARY.items())
+    return "| term | meaning |\n|---|---|\n" + rows
+
+SPLIT_INFO = ("Calibration and quality checks never share text: the built-in corpora hold out whole articles or "
+              "paragraphs, and an uploaded file is split by document (every 4th held out) or, for one long text, "
+              "by position (its last quarter held out).")
+
+# -- the Tour: five steps, two sentences each, to read aloud --------------------------------------------
+TOUR_INTRO = (
+    "Five clicks tell the whole HFPrune story on the default model (SmolLM2-135M) and text (Wikipedia). Every "
+    "step also fills the regular tabs, so after the tour you can open any of them and keep exploring."
+)
+TOUR_STEPS = (
+    ("Score every neuron, two ways",
+     ("We watch the model read a few passages of Wikipedia and ask, for every one of its 46,080 MLP neurons, how much "
+     "the model would suffer without it. Cross-entropy asks about the word that really came next; entropy, the "
+     "HFPrune score, asks about the whole spread of words the model was considering.")),
+    ("Look at the distributions",
+     ("Each panel shows how the scores of one criterion are spread inside three layers, on a log scale. Most neurons "
+     "matter little and a few matter a lot, which is exactly why a model can lose some of them and keep working.")),
+    ("Find where the two criteria disagree",
+     ("The bars show, layer by layer, how many of the neurons entropy would remove cross-entropy would remove too; the "
+     "dashed line is what two random choices would share. The table lists the neurons the two rank most "
+     "differently: a neuron entropy keeps but cross-entropy would cut may serve the model's other guesses rather "
+     "than the word that happened to come next.")),
+    ("Cut 30 % of the MLP neurons, both ways",
+     ("We now really remove 30 % of the MLP neurons, once ranked by entropy and once by cross-entropy, and the model "
+     "shrinks from 134.5 M to 110.6 M parameters. The table measures the price right away on held-out text: how far "
+     "each cut model's predictions moved from the original's (KL) and how its perplexity changed.")),
+    ("Read the next-token menus",
+     ("Here is what the three models expect after 'The capital of France is': the original's full menu next to the "
+     "two cut models'. A cut can keep the favourite word while the rest of the menu flattens or drifts — the "
+     "difference the entropy criterion is designed to protect.")),
+)

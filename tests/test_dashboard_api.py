@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -53,12 +54,17 @@ def test_score_prune_compare_end_to_end(app):
     assert "entropy" in status and "cross_entropy" in status and "computed" in status
     hist_fig = plot(hist)
     names = [trace["name"] for trace in hist_fig["data"]]
-    assert names == [f"{c} · layer {i}" for c in ("entropy", "cross_entropy") for i in (0, 15, 29)]
+    assert names == [f"layer {i}" for _ in ("entropy", "cross_entropy") for i in (0, 15, 29)]  # one panel each
+    panels = [a["text"] for a in hist_fig["layout"]["annotations"]]
+    assert panels[:2] == ["entropy", "cross_entropy"]
     assert all(sum(trace["y"]) == 1536 for trace in hist_fig["data"])  # every neuron lands in one bin
     heat_fig = plot(heat)
     z = heat_fig["data"][0]["z"]
     assert len(z) == 30 and len(z[0]) == 256  # 1536 sorted neurons resampled to 256 columns
     assert all(row[i] >= row[i + 1] for row in z for i in range(255))  # sorted high → low
+    cells = sorted(v for row in z for v in row)
+    zmin, zmax = heat_fig["data"][0]["zmin"], heat_fig["data"][0]["zmax"]
+    assert cells[0] < zmin < zmax < cells[-1]  # colours clipped to robust percentiles
     assert len(table["data"]) == 60  # 30 layers × 2 criteria
 
     # Scoring again is served from the cache, and a redraw needs no model.
@@ -66,7 +72,12 @@ def test_score_prune_compare_end_to_end(app):
     status = c.predict(["entropy"], MODEL, *DATA, *CRIT, ["3"], ["entropy"], False, "entropy", api_name="/score")[0]
     assert "cached" in status and time.perf_counter() - started < 5
     hist, _, _ = c.predict(["3"], ["cross_entropy"], True, "entropy", api_name="/redraw")
-    assert [t["name"] for t in plot(hist)["data"]] == ["cross_entropy · layer 3"]
+    assert [t["name"] for t in plot(hist)["data"]] == ["layer 3"]
+    hist, _, _ = c.predict(["3"], ["cross_entropy", "entropy"], True, "entropy", True, api_name="/redraw")
+    assert [t["name"] for t in plot(hist)["data"]] == ["cross_entropy · layer 3", "entropy · layer 3"]  # overlay
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match="'40' is not a layer of this model \\(layers are 0–29\\)"):
+        c.predict(["3", "40"], ["entropy"], True, "entropy", api_name="/redraw")
 
     text, scatter, rho_bars, overlap_bars = c.predict("entropy", "cross_entropy", 5, 0.3, MODEL, *DATA, *CRIT,
                                                       api_name="/compare_criteria")[:4]
@@ -74,13 +85,18 @@ def test_score_prune_compare_end_to_end(app):
     assert 0.3 < rho < 1.0  # related but different criteria
     assert len(plot(rho_bars)["data"][0]["y"]) == 30
     assert all(0 <= v <= 1.0001 for v in plot(overlap_bars)["data"][0]["y"])
+    chance = plot(overlap_bars)["data"][1]
+    assert chance["name"].startswith("two random choices") and chance["y"] == [pytest.approx(0.3, abs=0.01)] * 2
 
     preview_text, widths = c.predict("entropy", 0.3, "uniform", "1", MODEL, api_name="/prune_preview")
     assert "134.52 M → 110.62 M" in preview_text
     assert plot(widths)["data"][1]["y"] == [1075] * 30
 
-    status, variants, _, trace = c.predict("entropy", 0.3, "uniform", "1", False, 64, "ent30", MODEL, *DATA, *CRIT, api_name="/prune")
+    status, _, trace, held, *_ = c.predict("entropy", 0.3, "uniform", "1", False, 64, "ent30", MODEL, *DATA, *CRIT,
+                                           api_name="/prune")
     assert "ent30" in status and "1075–1075" in status
+    assert "Quality at a glance (4 × 64 held-out tokens): perplexity" in status  # the price of the cut, at once
+    assert [r[0] for r in held["data"]] == ["ent30"] and "uniform" in held["data"][0]
     assert plot(trace)["data"] == []  # the trace plot only fills for the adaptive allocation
     run_id = status.split("run `")[1].split("`")[0]
     assert (services.runs.root / run_id).is_dir()
@@ -103,36 +119,49 @@ def test_score_prune_compare_end_to_end(app):
     assert rows["original"]["KL to original"] is None
     assert math.isfinite(rows["original"]["perplexity"]) and rows["original"]["perplexity"] > 1
     assert rows["ent30"]["KL to original"] > 0 and rows["ent30"]["perplexity"] > rows["original"]["perplexity"]
-    assert rows["ent30"]["params"] == 110616768
+    assert rows["ent30"]["params"] == "110.6 M"
     assert [t["name"] for t in plot(scatter)["data"]] == ["original", "ent30"]
 
-    table, lines = c.predict(["entropy", "cross_entropy"], "0.3, 0.1", "uniform", "1", 2, 32, "kl_to_dense",
-                             api_name="/sweep")
+    table, lines, note = c.predict(["entropy", "cross_entropy"], "0.3, 0.1", "uniform", "1", 2, 32, "kl_to_dense",
+                                   api_name="/sweep")
     cells = {(r[0], r[1]): dict(zip(table["headers"], r)) for r in table["data"]}
     assert sorted(cells) == [("cross_entropy", "0.10"), ("cross_entropy", "0.30"), ("entropy", "0.10"),
-                             ("entropy", "0.30")]
+                             ("entropy", "0.30"), ("random (baseline)", "0.10"), ("random (baseline)", "0.30")]
     for name in ("entropy", "cross_entropy"):
         assert 0 < cells[(name, "0.10")]["kl_to_dense"] < cells[(name, "0.30")]["kl_to_dense"]
-    assert [t["name"] for t in plot(lines)["data"]] == ["entropy", "cross_entropy"]
+        assert cells[(name, "0.30")]["kl_to_dense"] < cells[("random (baseline)", "0.30")]["kl_to_dense"]
+    assert [t["name"] for t in plot(lines)["data"]] == ["entropy", "cross_entropy", "random (baseline)"]
+    assert note.startswith("6 of 6 rows")
     # the same cells with the least-squares refit (statistics on 64 calibration windows): lower KL
-    table, _ = c.predict(["entropy"], "0.3", "uniform+lsq", "1", 2, 32, "kl_to_dense", 64, api_name="/sweep")
+    table, _, _ = c.predict(["entropy"], "0.3", "uniform+lsq", "1", 2, 32, "kl_to_dense", 64, False,
+                            api_name="/sweep")
     refit = dict(zip(table["headers"], table["data"][0]))
     assert refit["allocation"] == "uniform+lsq" and refit["kl_to_dense"] < cells[("entropy", "0.30")]["kl_to_dense"]
 
     status = c.predict("ent30", "torchao-int8", api_name="/quantize")[0]
     assert "ent30+torchao-int8" in status
-    table, pareto = c.predict(["ent30", "ent30+torchao-int8"], 32, 4, 1, api_name="/bench")
+    table, speedups, pareto = c.predict(["ent30", "ent30+torchao-int8"], 32, 4, 3, api_name="/bench")
     rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
     assert set(rows) == {"original", "ent30", "ent30+torchao-int8"}
     assert rows["ent30+torchao-int8"]["weights"] == "torchao-int8" and rows["ent30"]["weights"] == "fp32"
     assert rows["ent30+torchao-int8"]["weight MB"] < 0.6 * rows["ent30"]["weight MB"] < rows["original"]["weight MB"]
-    assert all(r["prefill ms (1×N)"] > 0 and r["decode tok/s"] > 0 for r in rows.values())
-    assert rows["ent30"]["ideal speed-up (FLOPs)"] > 1.0
+    assert all(r["prefill ms (1×N, median)"] > 0 and r["decode tok/s (median)"] > 0 for r in rows.values())
+    assert all(3 <= r["repeats"] <= 15 for r in rows.values())
+    assert rows["ent30"]["FLOP ideal"].endswith("×") and float(rows["ent30"]["FLOP ideal"][:-1]) > 1.0
+    assert rows["original"]["prefill speed-up"] == rows["original"]["decode speed-up"] == "baseline"
+    for phase in ("prefill", "decode"):  # median× (quartile interval), side by side
+        assert re.fullmatch(r"\d+\.\d\d× \(\d+\.\d\d–\d+\.\d\d\)", rows["ent30"][f"{phase} speed-up"])
+    bars = plot(speedups)["data"]
+    assert [b["name"] for b in bars[:2]] == ["prefill speed-up", "decode speed-up"] and bars[2]["name"] == "FLOP ideal"
     assert {t["name"] for t in plot(pareto)["data"]} >= {"original", "ent30", "ent30+torchao-int8"}
-    zero = c.predict(["ent30"], ["wiki_nextsent"], 10, api_name="/zeroshot")
+    zero, note = c.predict(["ent30"], ["wiki_nextsent"], 10, api_name="/zeroshot")
     accs = {r[0]: dict(zip(zero["headers"], r)) for r in zero["data"]}
     assert set(accs) == {"original", "ent30"} and all(a["wiki_nextsent n"] == 10 for a in accs.values())
-    assert all(0 <= a["wiki_nextsent acc"] <= 1 for a in accs.values())
+    for a in accs.values():  # '0.700 ± 0.153' and the chance level beside it
+        value, se = (float(x) for x in a["wiki_nextsent acc"].split(" ± "))
+        assert 0 <= value <= 1 and 0 < se < 0.2 and a["wiki_nextsent chance"] == "0.25"
+    assert "Chance (guessing): wiki_nextsent 0.25" in note
+    assert "Too few items to separate these variants" in note or "larger than 2 combined standard errors" in note
 
     listed, _ = c.predict(False, api_name="/runs_list")
     kinds = sorted(r[1] for r in listed["data"])
@@ -158,7 +187,7 @@ def test_sessions_do_not_see_each_other(app):
         bob.predict(["alice-only"], "Hello", 3, api_name="/menu")
     mine_bob, _ = bob.predict(True, api_name="/runs_list")
     mine_alice, _ = alice.predict(True, api_name="/runs_list")
-    assert {r[3] for r in mine_bob["data"]} == {"smollm2-135m"} and {r[4] for r in mine_bob["data"]} == {"wanda"}
+    assert {r[4] for r in mine_bob["data"]} == {"smollm2-135m"} and {r[5] for r in mine_bob["data"]} == {"wanda"}
     assert all(row[-1] == "yes" for row in mine_alice["data"] + mine_bob["data"])
     assert {r[0] for r in mine_alice["data"]}.isdisjoint({r[0] for r in mine_bob["data"]})
     assert "prune" in {r[1] for r in mine_alice["data"]} and "prune" not in {r[1] for r in mine_bob["data"]}
@@ -182,7 +211,7 @@ def test_stop_ends_scoring_and_stores_nothing(app):
         time.sleep(0.1)
     assert job.status().code == Status.PROGRESS, (job.status(), job.exception() if job.done() else None)
     started = time.time()
-    assert "Stopping" in c.predict(api_name="/stop")
+    assert c.predict(api_name="/stop").startswith("Stopped the scoring")  # said once it has really stopped
     with pytest.raises(Exception):
         job.result(timeout=60)
     # the engine itself stopped: the scoring thread let go of the model lock within a window or two
@@ -310,3 +339,44 @@ def test_app_flags_and_environment(monkeypatch):
     monkeypatch.setenv("GRADIO_SERVER_PORT", "eighty")
     with pytest.raises(SystemExit):
         entry.parse_args([])
+
+
+def test_tour_export_default_and_upload_split(app, tmp_path):
+    """The Tour's five steps, the export default of a non-uniform variant, an uploaded file's split."""
+    from gradio_client import handle_file
+
+    url, services = app
+    c = client(url)
+    assert "**precomputed**" in c.predict(api_name="/tour_score")
+    shipped = [s for s in services.sessions._sessions.values()
+               if any(r.config.get("precomputed") for r in s.scores.values())]
+    assert len(shipped) == 1 and set(shipped[0].scores) == {"entropy", "cross_entropy"}
+    hist, *_ = c.predict(api_name="/tour_histograms")
+    assert [a["text"] for a in plot(hist)["layout"]["annotations"]][:2] == ["entropy", "cross_entropy"]
+    text, overlap, table, *_ = c.predict(api_name="/tour_disagreements")
+    assert "two random choices would share" in text and len(table["data"]) == 12
+    quality, status, *_ = c.predict(api_name="/tour_prune")
+    rows = {r[0]: dict(zip(quality["headers"], r)) for r in quality["data"]}
+    assert set(rows) == {"tour-entropy-30%", "tour-cross_entropy-30%"}
+    assert all(r["parameters"] == "110.6 M" and r["KL to original (nats/token)"] > 0 for r in rows.values())
+    menu, summary, *_ = c.predict(api_name="/tour_menus")
+    assert [b["name"].split(" (")[0] for b in plot(menu)["data"]] == ["original", "tour-entropy-30%",
+                                                                      "tour-cross_entropy-30%"]
+    assert "Paris" in summary
+    # a global allocation gives each layer its own width: the export default is the format that saves it
+    c.predict("entropy", 0.3, "global", "1", False, 64, "glob30", MODEL, "wiki", None, 8, 64, 0, *CRIT,
+              api_name="/prune")
+    mode, why = c.predict("glob30", api_name="/export_default")
+    assert mode == "hf-remote-code" and "different widths" in why
+    assert c.predict("tour-entropy-30%", api_name="/export_default")[0] == "hf-native"
+    # an upload is split into calibration and held-out parts, and the Model & data tab says how
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("\n".join(json.dumps({"text": f"Note {i}: " + "the river runs past the old mill. " * 12})
+                               for i in range(12)))
+    status = c.predict(MODEL, "upload", handle_file(str(notes)), 2, 32, 0, api_name="/load_model")
+    assert "split by document: 9 documents" in status and "3 (every 4th) are held out for evaluation" in status
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to split. " * 10)
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match="too short to split into calibration and held-out evaluation text"):
+        c.predict(MODEL, "upload", handle_file(str(short)), 2, 32, 0, api_name="/load_model")

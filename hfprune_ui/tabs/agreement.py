@@ -5,11 +5,19 @@ import gradio as gr
 import pandas as pd
 
 from core.allocate import uniform_widths
-from core.score_stats import disagreements, ranks, removal_overlap, spearman_per_layer
+from core.errors import SelectionError
+from core.score_stats import (
+    chance_overlap,
+    disagreements,
+    ranks,
+    removal_overlap,
+    spearman_per_layer,
+)
 
 from .. import figures, texts
-from ..context import Ctx, criterion_params, model_events, stop_on_click
+from ..context import TRACK, Ctx, criterion_params, model_events, stop_on_click
 from ..guard import session_id, user_errors
+from ..progress import JobProgress
 from ..services import Services, criteria
 from ..state import Session
 
@@ -24,16 +32,21 @@ def draw(session: Session, a: str, b: str, layer: float, ratio: float):
         blank = figures.empty(message)
         return message, blank, blank, blank, pd.DataFrame()
     sa, sb = session.scores[a].scores, session.scores[b].scores
-    layer = max(0, min(int(layer), len(sa) - 1))
+    if not 0 <= int(layer) < len(sa):
+        raise SelectionError(f"Layer {int(layer)} does not exist: this model's layers are 0–{len(sa) - 1}.")
+    layer = int(layer)
     rho = spearman_per_layer(sa, sb)
     widths = uniform_widths([s.numel() for s in sa], float(ratio))
     overlap = removal_overlap(sa, sb, widths)
     removed_fraction = 1 - widths[layer] / sa[layer].numel()
     scatter = figures.rank_scatter(ranks(sa[layer]).tolist(), ranks(sb[layer]).tolist(), a, b, layer, removed_fraction)
-    rho_fig = figures.per_layer_bars(rho, f"Spearman ρ between {a} and {b}, per layer", "ρ", (-1, 1), "ρ")
+    chance = chance_overlap(widths, [s.numel() for s in sa])
+    rho_fig = figures.per_layer_bars(rho, f"Spearman ρ between {a} and {b}, per layer", "ρ", (-1, 1), "ρ",
+                                     chance=0.0, chance_label="unrelated rankings")
     overlap_fig = figures.per_layer_bars([row["overlap"] for row in overlap],
                                          f"Share of {a}'s removals that {b} also removes (ratio {ratio:.2f})",
-                                         "overlap", (0, 1), "overlap")
+                                         "overlap", (0, 1), "overlap", chance=sum(chance) / len(chance),
+                                         chance_label="two random choices")
     table = pd.DataFrame([{"layer": r["layer"], "neuron": r["neuron"], f"{a} rank": round(r["rank_a"], 3),
                            f"{b} rank": round(r["rank_b"], 3), "gap": round(r["gap"], 3),
                            "removed by": a if r["rank_a"] < removed_fraction <= r["rank_b"] else
@@ -43,7 +56,8 @@ def draw(session: Session, a: str, b: str, layer: float, ratio: float):
     mean_overlap = sum(r["overlap"] for r in overlap) / len(overlap)
     status = (f"Mean Spearman ρ = **{mean_rho:.3f}**; at ratio {ratio:.2f} the two criteria agree on "
               f"**{100 * mean_overlap:.1f} %** of the neurons they would remove (layer {layer}: "
-              f"{100 * overlap[layer]['overlap']:.1f} %).")
+              f"{100 * overlap[layer]['overlap']:.1f} %); two random choices would share "
+              f"{100 * sum(chance) / len(chance):.1f} % (the dashed line).")
     return status, scatter, rho_fig, overlap_fig, table
 
 
@@ -51,12 +65,14 @@ def make_compare(services: Services):
     @user_errors
     def compare(a: str, b: str, layer: float, ratio: float, model: str, source: str, upload: str | None,
                 samples: float, seq_len: float, seed: float, temperature: float, alpha: float, weight: float,
-                request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+                request: gr.Request = None, progress=TRACK):
         """Score whichever of the two criteria is missing (cached), then draw the comparison."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
         data = services.data_spec(source, upload, samples, seq_len, seed)
-        for c in (a, b):
+        tracker = JobProgress(progress, "Compare", stages=2, unit="criterion")
+        for index, c in enumerate((a, b)):
+            tracker.stage(index, c)
             services.score(session, (model or "").strip(), data, c, stop=job.is_set,
                            params=criterion_params(temperature, alpha, weight))
         return (*draw(session, a, b, layer, ratio), layer_update(session))
@@ -85,23 +101,30 @@ def build(ctx: Ctx) -> None:
     names = criteria()
     with gr.Tab("Entropy vs cross-entropy", id="criteria") as tab:
         gr.Markdown(texts.CRITERIA, elem_classes="teach")
+        with gr.Row(equal_height=True):
+            a = gr.Dropdown(names, value="entropy" if "entropy" in names else names[0], label="Criterion A", scale=2)
+            b = gr.Dropdown(names, value="cross_entropy" if "cross_entropy" in names else names[-1],
+                            label="Criterion B", scale=2)
+            go = gr.Button("Compare", variant="primary", scale=1, min_width=120, elem_id="compare-button")
+            stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=100)
         with gr.Row():
-            a = gr.Dropdown(names, value="entropy" if "entropy" in names else names[0], label="Criterion A")
-            b = gr.Dropdown(names, value="cross_entropy" if "cross_entropy" in names else names[-1], label="Criterion B")
-            layer = gr.Slider(0, 63, value=0, step=1, label="Layer for the rank scatter")
-            ratio = gr.Slider(0.05, 0.9, value=0.2, step=0.05, label="Ratio removed (for the overlap)")
-            go = gr.Button("Compare", variant="primary")
-            stop_button = gr.Button("Stop", variant="stop")
-        status = gr.Markdown("")
+            layer = gr.Slider(0, 63, value=0, step=1, label="Layer for the rank scatter",
+                              info="each dot is one neuron of this layer")
+            ratio = gr.Slider(0.05, 0.9, value=0.2, step=0.05, label="Ratio removed (for the overlap)",
+                              info="the share of each layer's neurons both criteria would cut")
+        status = gr.Markdown("", elem_id="agreement-status")
         with gr.Row():
-            scatter = gr.Plot(label="Rank vs rank")
-            rho = gr.Plot(label="Spearman ρ per layer")
-        overlap = gr.Plot(label="Removal overlap per layer")
-        table = gr.Dataframe(label="Neurons the two criteria disagree on most", interactive=False)
+            scatter = gr.Plot(label="Rank vs rank", elem_id="rank-plot")
+            rho = gr.Plot(label="Spearman ρ per layer", elem_id="rho-plot")
+        overlap = gr.Plot(label="Removal overlap per layer", elem_id="overlap-plot")
+        table = gr.Dataframe(label="Neurons the two criteria disagree on most", interactive=False,
+                             elem_id="disagree-table")
     outputs = [status, scatter, rho, overlap, table]
+    ctx.add(agree_a=a, agree_b=b, agree_layer=layer, agree_ratio=ratio, agree_outputs=outputs)
     event = go.click(make_compare(services), [a, b, layer, ratio, *ctx.data_inputs, *ctx.criterion_inputs],
                      [*outputs, layer], api_name="compare_criteria", **model_events())
-    stop_on_click(services, stop_button, status, [event])
+    ctx.after(event)
+    stop_on_click(services, stop_button, status, [event], what="scoring")
     redraw = make_redraw(services)
     inputs = [a, b, layer, ratio]
     a.input(redraw, inputs, outputs, api_visibility="private")

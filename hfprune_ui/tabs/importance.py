@@ -4,132 +4,191 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.score_stats import histogram, layer_summaries, shared_range, sorted_score_matrix
-from core.errors import HFPruneError
+from core.criteria import EntropyCEParams, SelfDistillParams
+from core.criteria import describe as describe_criteria
+from core.errors import SelectionError
+from core.score_stats import (
+    bulk_range,
+    histogram,
+    layer_summaries,
+    outside,
+    robust_limits,
+    sorted_score_matrix,
+)
 
 from .. import figures, texts
-from ..context import Ctx, criterion_params, model_events, stop_on_click
-from ..guard import session_id, user_errors
+from ..context import TRACK, Ctx, criterion_params, model_events, stop_on_click
+from ..guard import is_api, session_id, user_errors
+from ..progress import JobProgress
 from ..services import Services, criteria
 from ..state import Session
 
 DEFAULT_CRITERIA = [c for c in ("entropy", "cross_entropy") if c in criteria()] or criteria()[:1]
 BINS = 40
+COVERAGE = 0.99  # histogram bins span the central 99 % of the scores; the rest sit in the edge bins
+SUMMARY_COLUMNS = {"criterion": "criterion", "layer": "layer", "width": "width", "mean": "mean", "median": "median",
+                   "std": "std", "max": "max", "max_over_mean": "max ÷ mean", "top10_share": "top-10 % share"}
 
 
 def _sig(value: float) -> float:
     return float(f"{value:.4g}")
 
 
-def pick_layers(layers: list | None, count: int) -> list[int]:
-    """The user's layer choice as ints within range; default first / middle / last."""
-    chosen = sorted({int(x) for x in (layers or []) if str(x).strip().lstrip("-").isdigit() and 0 <= int(x) < count})
-    return chosen or sorted({0, count // 2, count - 1})
+def pick_layers(layers: list | None, count: int) -> tuple[list[int], str]:
+    """The user's layer choice as ints within range (default first / middle / last), and a message
+    naming every entry that is not a layer of this model (empty when all were fine)."""
+    chosen, bad = set(), []
+    for entry in layers or []:
+        text = str(entry).strip()
+        if text.lstrip("-").isdigit() and 0 <= int(text) < count:
+            chosen.add(int(text))
+        elif text:
+            bad.append(text)
+    default = sorted({0, count // 2, count - 1})
+    if not bad:
+        return sorted(chosen) or default, ""
+    shown = sorted(chosen) or default
+    return shown, (f"{', '.join(repr(b) for b in bad)} {'is not a layer' if len(bad) == 1 else 'are not layers'} of "
+                   f"this model (layers are 0–{count - 1}); showing layers {', '.join(map(str, shown))}.")
 
 
-def draw(session: Session, layers: list | None, overlay: list | None, log: bool, heat_criterion: str | None):
-    """(histogram figure, heatmap figure, summary table) from the session's scores; no model needed."""
+def draw(session: Session, layers: list | None, shown: list | None, log: bool, heat_criterion: str | None,
+         together: bool = False):
+    """(histogram figure, heatmap figure, summary table, message) from the session's scores; no model."""
     if not session.scores:
         message = "Press Score to compute importance scores."
-        return figures.empty(message), figures.empty(message), pd.DataFrame()
-    shown = [c for c in (overlay or []) if c in session.scores] or list(session.scores)
+        return figures.empty(message), figures.empty(message), pd.DataFrame(), ""
+    names = [c for c in (shown or []) if c in session.scores] or list(session.scores)
     count = len(next(iter(session.scores.values())).scores)
-    chosen = pick_layers(layers, count)
-    vectors = [session.scores[c].scores[layer] for c in shown for layer in chosen]
-    value_range = shared_range(vectors, log)
-    series = []
-    for c in shown:
-        for layer in chosen:
-            edges, counts = histogram(session.scores[c].scores[layer], BINS, log, value_range)
-            series.append((f"{c} · layer {layer}", edges, counts))
-    heat = heat_criterion if heat_criterion in session.scores else shown[0]
+    chosen, message = pick_layers(layers, count)
+    vectors = [session.scores[c].scores[layer] for c in names for layer in chosen]
+    value_range = bulk_range(vectors, log, COVERAGE)
+    below, above = (sum(x) for x in zip(*(outside(v, value_range, log) for v in vectors), strict=True))
+    note = (f"bins cover the central {100 * COVERAGE:.0f} % of scores; {below + above} outlying neuron-scores "
+            "sit in the edge bins" if below + above else "")
+    facets = {c: [(layer, *histogram(session.scores[c].scores[layer], BINS, log, value_range, clamp=True))
+                  for layer in chosen] for c in names}
+    if together:
+        hist = figures.histograms([(f"{c} · layer {layer}", edges, counts) for c, series in facets.items()
+                                   for layer, edges, counts in series], log, note)
+    else:
+        hist = figures.histogram_facets(facets, log, note)
+    heat = heat_criterion if heat_criterion in session.scores else names[0]
     matrix = sorted_score_matrix(session.scores[heat].scores, log=log)
+    heat_fig = figures.heatmap(matrix.tolist(), heat, log, robust_limits(matrix))
     rows = [{"criterion": c, **{k: (_sig(v) if isinstance(v, float) else v) for k, v in row.items()}}
-            for c in shown for row in layer_summaries(session.scores[c].scores)]
-    return (figures.histograms(series, log), figures.heatmap(matrix.tolist(), heat, log), pd.DataFrame(rows))
+            for c in names for row in layer_summaries(session.scores[c].scores)]
+    table = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).rename(columns=SUMMARY_COLUMNS)
+    return hist, heat_fig, table, message
 
 
-def control_updates(session: Session, layers: list | None, overlay: list | None, heat_criterion: str | None):
+def control_updates(session: Session, layers: list | None, shown: list | None, heat_criterion: str | None):
     """Refresh the choices of the layer / criterion pickers after new scores arrived."""
     count = len(next(iter(session.scores.values())).scores)
     scored = list(session.scores)
-    chosen = [str(x) for x in pick_layers(layers, count)]
-    shown = [c for c in (overlay or []) if c in scored] or scored
+    chosen = [str(x) for x in pick_layers(layers, count)[0]]
+    names = [c for c in (shown or []) if c in scored] or scored
     heat = heat_criterion if heat_criterion in scored else scored[0]
-    return (gr.update(choices=[str(i) for i in range(count)], value=chosen), gr.update(choices=scored, value=shown),
+    return (gr.update(choices=[str(i) for i in range(count)], value=chosen), gr.update(choices=scored, value=names),
             gr.update(choices=scored, value=heat))
+
+
+def warn(message: str, request: gr.Request | None) -> None:
+    """A message about the view (not an error): a toast in the browser, an error for API clients."""
+    if message:
+        if is_api(request):
+            raise SelectionError(message)
+        gr.Warning(message)
 
 
 def make_score(services: Services):
     @user_errors
     def score(chosen: list[str], model: str, source: str, upload: str | None, samples: float, seq_len: float,
               seed: float, temperature: float, alpha: float, weight: float, layers: list | None,
-              overlay: list | None, log: bool, heat_criterion: str | None,
-              request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+              shown: list | None, log: bool, heat_criterion: str | None, together: bool = False,
+              request: gr.Request = None, progress=TRACK):
         """Score each chosen criterion (cached per model/data/criterion) and redraw after each one."""
         if not chosen:
-            raise HFPruneError("Tick at least one criterion to score.")
+            raise SelectionError("Tick at least one criterion to score.")
         session = services.sessions.get(session_id(request))
         job = session.new_job()
         data = services.data_spec(source, upload, samples, seq_len, seed)
         model = (model or "").strip()
-        progress(0.0, desc=f"loading {model}")
+        tracker = JobProgress(progress, "Score", stages=len(chosen), unit="criterion")
+        tracker.stage(0, f"loading {model}")
         services.model(model)
         notes = []
-        for c in chosen:
-            progress(0.0, desc=f"scoring with {c}")
+        for index, c in enumerate(chosen):
+            tracker.stage(index, c)
             result, run_id, origin = services.score(session, model, data, c, stop=job.is_set,
                                                     params=criterion_params(temperature, alpha, weight))
             where = {"memory": "cached", "disk": "loaded from the run store",
-                     "computed": f"computed in {result.seconds:.1f} s"}[origin]
+                     "computed": f"computed in {result.seconds:.1f} s"}.get(origin, origin)
             notes.append(f"**{c}**: {where} (run `{run_id}`)")
-            overlay_now = list(dict.fromkeys([*(overlay or []), *chosen]))
-            hist, heat, table = draw(session, layers, overlay_now, log, heat_criterion)
-            yield ("  \n".join(notes), hist, heat, table, *control_updates(session, layers, overlay_now, heat_criterion))
+            shown_now = list(dict.fromkeys([*(shown or []), *chosen]))
+            hist, heat, table, _ = draw(session, layers, shown_now, log, heat_criterion, together)
+            yield ("  \n".join(notes), hist, heat, table, *control_updates(session, layers, shown_now, heat_criterion))
     return score
 
 
 def make_redraw(services: Services):
     @user_errors
-    def redraw(layers: list | None, overlay: list | None, log: bool, heat_criterion: str | None,
-               request: gr.Request = None):
-        """Redraw the plots from cached scores (instant: no model involved)."""
-        return draw(services.sessions.get(session_id(request)), layers, overlay, log, heat_criterion)
+    def redraw(layers: list | None, shown: list | None, log: bool, heat_criterion: str | None,
+               together: bool = False, request: gr.Request = None):
+        """Redraw the plots from cached scores (instant: no model involved); a message for bad layers."""
+        hist, heat, table, message = draw(services.sessions.get(session_id(request)), layers, shown, log,
+                                          heat_criterion, together)
+        warn(message, request)
+        return hist, heat, table
     return redraw
+
+
+def criteria_markdown() -> str:
+    rows = "\n".join(f"| **{c['name']}** | {c['cost']} | {c['summary']} |" for c in describe_criteria())
+    return "| criterion | cost | what it measures |\n|---|---|---|\n" + rows
 
 
 def build(ctx: Ctx) -> None:
     services = ctx.services
     with gr.Tab("Importance", id="importance"):
         gr.Markdown(texts.IMPORTANCE, elem_classes="teach")
-        with gr.Row():
-            chosen = gr.CheckboxGroup(criteria(), value=DEFAULT_CRITERIA, label="Criteria to score", scale=3)
-            score_button = gr.Button("Score", variant="primary", scale=1, elem_id="score-button")
-            stop_button = gr.Button("Stop", variant="stop", scale=1)
-        with gr.Accordion("Criterion settings (self_distill τ and α, entropy+ce weight)", open=False):
-            with gr.Row():
-                temperature = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="self_distill: teacher temperature τ",
-                                        info="< 1 sharpens the dense teacher; τ = 1 with α = 1 has zero gradient")
-                alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="self_distill: α in (1−α)·CE + α·KL")
-                weight = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="entropy+ce: w in w·H + (1−w)·CE")
+        with gr.Row(equal_height=True):
+            chosen = gr.CheckboxGroup(criteria(), value=DEFAULT_CRITERIA, label="Criteria to score", scale=4,
+                                      elem_id="criteria-chosen")
+            score_button = gr.Button("Score", variant="primary", scale=1, min_width=120, elem_id="score-button")
+            stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=100, elem_id="score-stop")
+        with gr.Accordion("What each criterion measures", open=False):
+            gr.Markdown(criteria_markdown())
+        with gr.Accordion("Criterion settings (self_distill τ and α, entropy+ce weight)", open=False), gr.Row():
+            temperature = gr.Slider(label="self_distill: teacher temperature τ", **SelfDistillParams.ui("temperature"))
+            alpha = gr.Slider(label="self_distill: α in (1−α)·CE + α·KL", **SelfDistillParams.ui("alpha"))
+            weight = gr.Slider(label="entropy+ce: w in w·H + (1−w)·CE", **EntropyCEParams.ui("weight"))
         status = gr.Markdown("", elem_id="score-status")
+        with gr.Row(equal_height=True):
+            layers = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Layers", scale=2,
+                                 info="type or pick layer numbers", elem_id="layers")
+            shown = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Criteria shown",
+                                scale=2)
+            heat_criterion = gr.Dropdown([], value=None, allow_custom_value=True, label="Heatmap criterion", scale=1)
         with gr.Row():
-            layers = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Layers", scale=2)
-            overlay = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
-                                  label="Overlay criteria", scale=2)
-            log = gr.Checkbox(True, label="log scale")
-            heat_criterion = gr.Dropdown([], value=None, allow_custom_value=True, label="Heatmap criterion")
+            log = gr.Checkbox(True, label="log scale", info="scores span orders of magnitude")
+            together = gr.Checkbox(False, label="overlay criteria in one chart",
+                                   info="default: one panel per criterion")
         hist = gr.Plot(label="Histogram", elem_id="hist-plot")
         heat = gr.Plot(label="Layer × neuron heatmap", elem_id="heat-plot")
-        table = gr.Dataframe(label="Per-layer summary", interactive=False, max_height=320)
-    views = [layers, overlay, log, heat_criterion]
-    ctx.add(temperature=temperature, alpha=alpha, weight=weight)
+        table = gr.Dataframe(label="Per-layer summary (see the glossary for max ÷ mean and top-10 % share)",
+                             interactive=False, max_height=320)
+    views = [layers, shown, log, heat_criterion, together]
+    ctx.add(temperature=temperature, alpha=alpha, weight=weight, hist=hist, heat=heat, summary=table,
+            layers=layers, shown=shown, heat_criterion=heat_criterion, log=log, together=together,
+            score_status=status)
     event = score_button.click(make_score(services), [chosen, *ctx.data_inputs, *ctx.criterion_inputs, *views],
-                               [status, hist, heat, table, layers, overlay, heat_criterion],
+                               [status, hist, heat, table, layers, shown, heat_criterion],
                                api_name="score", **model_events())
-    stop_on_click(services, stop_button, status, [event], api_name="stop")
+    ctx.after(event)
+    stop_on_click(services, stop_button, status, [event], api_name="stop", what="scoring")
     redraw = make_redraw(services)
     layers.input(redraw, views, [hist, heat, table], api_name="redraw", show_progress="minimal")
-    for component in (overlay, log, heat_criterion):
+    for component in (shown, log, heat_criterion, together):
         component.input(redraw, views, [hist, heat, table], api_visibility="private", show_progress="minimal")
     ctx.add(criteria_chosen=chosen)

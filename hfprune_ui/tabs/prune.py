@@ -1,30 +1,71 @@
-"""Tab 4 — Prune: preview widths / parameters / FLOPs for a ratio, prune, name, export."""
+"""Tab 4 — Prune: preview widths / parameters / FLOPs for a ratio, prune, name, see the price at a
+glance, keep or drop variants, sweep criteria × ratios, export."""
 from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
 
+from core.allocate import AllocationOptions
 from core.counts import prune_preview
-from core.errors import HFPruneError
-from core.export import EXPORT_MODES
+from core.errors import HFPruneError, SelectionError, Stopped
+from core.export import EXPORT_MODES, default_export_mode
 from core.sweep import SWEEP_ALLOCATIONS, parse_ratios
 
 from .. import figures, texts
-from ..context import Ctx, criterion_params, model_events, stop_on_click
+from ..context import PLAIN, TRACK, Ctx, criterion_params, model_events, stop_on_click
 from ..guard import session_id, user_errors
-from ..services import Services, allocations, criteria
-from ..state import Session
+from ..progress import JobProgress, duration
+from ..services import BASELINE, SEQUENTIAL, Services, allocations, criteria
+from ..state import MAX_VARIANTS_PER_SESSION, Session
+from ..status import count
 
 PREVIEW_SEQ_LEN = 128
+OLDEST = "the oldest"
+# The adaptive search's settings, one click apart: quick is the dashboard's default (≤ 3 min on a
+# 2-core CPU, measured in benchmarks/dashboard.py), thorough is the engine's / CLI's default.
+ADAPTIVE_PRESETS = {
+    "quick": {"halvings": 4, "heldout_samples": 2, "heldout_seq_len": 64, "fidelity": "kl"},
+    "thorough": {k: getattr(AllocationOptions(), k) for k in ("halvings", "heldout_samples", "heldout_seq_len",
+                                                              "fidelity")},
+}
+KNOBS = ("halvings", "heldout_samples", "heldout_seq_len", "fidelity")
 
 
-def variants_markdown(session: Session) -> str:
-    if not session.variants:
-        return "No variants yet."
-    lines = [f"- **{v.name}** — {v.meta.get('criterion')}, ratio {v.meta.get('ratio')}, "
-             f"{v.meta.get('allocation')}, widths {min(v.widths)}–{max(v.widths)}, run `{v.run_id}`"
-             for v in session.variants.values()]
-    return "Variants in this session:\n" + "\n".join(lines)
+def adaptive_knobs(halvings: float, heldout_samples: float, heldout_seq_len: float, fidelity: str) -> dict:
+    """Form values → the adaptive search's knobs (validated by the engine's AllocationOptions)."""
+    knobs = {"halvings": int(halvings), "heldout_samples": int(heldout_samples),
+             "heldout_seq_len": int(heldout_seq_len), "fidelity": fidelity}
+    AllocationOptions(**knobs)  # a bad value is one clear sentence before anything runs
+    return knobs
+
+
+def variant_rows(session: Session) -> pd.DataFrame:
+    """The variants this session holds, one row each (what tells three 'entropy · 0.3' apart)."""
+    rows = []
+    for v in session.variants.values():
+        compensation = (v.meta.get("compensation") or {}).get("method", "none")
+        quality = v.metrics or {}
+        kl = quality.get("kl", quality.get("kl_to_reference"))
+        rows.append({"name": v.name, "criterion": v.meta.get("criterion") or "—", "ratio": v.meta.get("ratio"),
+                     "allocation": v.meta.get("allocation") or "—", "compensation": compensation,
+                     "quantized": v.meta.get("quantization") or "—",
+                     "MLP widths": f"{min(v.widths)}–{max(v.widths)}" if v.widths else "—",
+                     "KL to original": round(kl, 4) if kl is not None else "",
+                     "run": v.run_id or ""})
+    return pd.DataFrame(rows, columns=["name", "criterion", "ratio", "allocation", "compensation", "quantized",
+                                       "MLP widths", "KL to original", "run"])
+
+
+def variant_controls(session: Session):
+    """(table, drop picker, replace picker, header) for the 'Variants held' panel."""
+    names = list(session.variants)
+    nxt = session.next_to_drop()
+    header = (f"**{len(names)} of {MAX_VARIANTS_PER_SESSION} variants held.** "
+              + (f"The session is full: the next prune replaces **{nxt}**." if nxt else
+                 "A full session replaces the variant chosen below (default: the oldest)."))
+    replace = session.replace if session.replace in names else OLDEST
+    return (variant_rows(session), gr.update(choices=names, value=None),
+            gr.update(choices=[OLDEST, *names], value=replace), header)
 
 
 def make_preview(services: Services):
@@ -35,27 +76,68 @@ def make_preview(services: Services):
         session = services.sessions.get(session_id(request))
         spec = (model or "").strip()
         if not services.models.cached(spec):
-            return "Load the model (Model & data tab) or press Score to see a preview.", figures.empty("No model loaded")
+            return ("Load the model (Model & data tab) or press Score to see a preview.",
+                    figures.empty("No model loaded"))
         loaded = services.model(spec)
-        scores = session.scores[criterion].scores if criterion in session.scores and session.model_spec == spec else None
+        ready = criterion in session.scores and session.model_spec == spec
+        scores = session.scores[criterion].scores if ready else None
         if allocation == "global" and scores is None:
-            return (f"The **global** allocation ranks neurons by their '{criterion}' scores across layers: score the "
-                    "model with it first (Importance tab), or press Prune, which scores it.",
+            return ((f"The **global** allocation ranks neurons by their '{criterion}' scores across layers: score the "
+                     "model with it first (Importance tab), or press Prune, which scores it."),
                     figures.empty("Global widths need scores"))
         widths = services.plan(loaded, ratio, allocation, int(round_to), scores)
         note = ""
         if widths is None:  # adaptive: the search runs on Prune; preview the uniform widths meanwhile
             widths = services.plan(loaded, ratio, "uniform", int(round_to), None)
             note = ("**Adaptive** widths come from a search on held-out calibration text that runs when you press "
-                    "Prune (a few minutes on a CPU); the preview shows the uniform widths for the same ratio.  \n")
+                    "Prune (its time estimate is under *Adaptive search settings*); the preview shows the uniform "
+                    "widths for the same ratio.  \n")
         p = prune_preview(loaded.model, widths, PREVIEW_SEQ_LEN)
-        text = note + (f"Parameters **{p['params_before'] / 1e6:.2f} M → {p['params_after'] / 1e6:.2f} M** "
-                f"(−{100 * (1 - p['params_after'] / p['params_before']):.1f} %); forward FLOPs/token at "
-                f"{PREVIEW_SEQ_LEN} tokens **{p['flops_before'] / 1e6:.1f} M → {p['flops_after'] / 1e6:.1f} M** "
-                f"(−{100 * (1 - p['flops_after'] / p['flops_before']):.1f} %); MLP width {min(widths)}–{max(widths)} "
-                f"of {max(p['widths_before'])}.")
+        text = note + (f"Parameters **{count(p['params_before'], 2)} → {count(p['params_after'], 2)}** "
+                       f"(−{100 * (1 - p['params_after'] / p['params_before']):.1f} %); forward FLOPs per token at "
+                       f"{PREVIEW_SEQ_LEN} tokens **{count(p['flops_before'])} → {count(p['flops_after'])}** "
+                       f"(−{100 * (1 - p['flops_after'] / p['flops_before']):.1f} %); MLP width "
+                       f"{min(widths)}–{max(widths)} of {max(p['widths_before'])}.")
         return text, figures.widths(p["widths_before"], widths)
     return preview
+
+
+def adaptive_estimate(services: Services, model: str, halvings: float, heldout_samples: float,
+                      heldout_seq_len: float, allocation: str = "adaptive") -> str:
+    """The honest time estimate shown before an adaptive search starts."""
+    spec = (model or "").strip()
+    if not services.models.cached(spec):
+        return "Time estimate: load the model first (it is measured on this machine)."
+    seconds = services.adaptive_seconds(spec, int(halvings), int(heldout_samples), int(heldout_seq_len),
+                                        sequential=allocation == SEQUENTIAL)
+    return (f"Estimated time for the adaptive search on this machine: **about {duration(seconds)}** "
+            f"({int(heldout_samples)} × {int(heldout_seq_len)} held-out tokens, {int(halvings)} halvings per layer"
+            f"{', sequential' if allocation == SEQUENTIAL else ''}).")
+
+
+def make_estimate(services: Services):
+    def estimate(allocation: str, model: str, halvings: float, heldout_samples: float, heldout_seq_len: float):
+        return adaptive_estimate(services, model, halvings, heldout_samples, heldout_seq_len, allocation)
+    return estimate
+
+
+def make_preset(services: Services):
+    def preset(choice: str, allocation: str, model: str):
+        """Fill the adaptive knobs with the quick or thorough preset, and re-estimate."""
+        knobs = ADAPTIVE_PRESETS.get(choice, ADAPTIVE_PRESETS["quick"])
+        return (*(gr.update(value=knobs[k]) for k in KNOBS),
+                adaptive_estimate(services, model, knobs["halvings"], knobs["heldout_samples"],
+                                  knobs["heldout_seq_len"], allocation))
+    return preset
+
+
+def quality_text(quality: dict) -> str:
+    if not quality:
+        return "  \n(The held-out text is too short for a quality check; see the Model & data tab.)"
+    return (f"  \nQuality at a glance ({quality['windows']} × {quality['seq_len']} held-out tokens): perplexity "
+            f"**{quality['original_perplexity']:.1f} → {quality['perplexity']:.1f}**, KL to the original "
+            f"**{quality['kl']:.3f}** nats/token, top-1 agreement {100 * quality['top1']:.0f} %. "
+            "Side by side shows what that means for the model's next-token menus.")
 
 
 def make_prune(services: Services):
@@ -63,29 +145,38 @@ def make_prune(services: Services):
     def prune(criterion: str, ratio: float, allocation: str, round_to: str | int, compensate: bool,
               compensate_windows: float, name: str, model: str, source: str,
               upload: str | None, samples: float, seq_len: float, seed: float, temperature: float, alpha: float,
-              weight: float, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
-        """Score if needed (cached), prune into a new variant, store the run."""
+              weight: float, halvings: float = 4, heldout_samples: float = 2, heldout_seq_len: float = 64,
+              fidelity: str = "kl", request: gr.Request = None, progress=TRACK):
+        """Score if needed (cached), prune into a new variant, store the run, measure it at a glance."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
+        knobs = adaptive_knobs(halvings, heldout_samples, heldout_seq_len, fidelity)
         data = services.data_spec(source, upload, samples, seq_len, seed)
         spec = (model or "").strip()
-        progress(0.05, desc=f"scores for {criterion}")
+        tracker = JobProgress(progress, "Prune", stages=3, unit="step")
+        tracker.stage(0, f"scores for {criterion}")
         services.score(session, spec, data, criterion, stop=job.is_set,
                        params=criterion_params(temperature, alpha, weight))
-        progress(0.6, desc="pruning")
+        tracker.stage(1, "adaptive search" if allocation in ("adaptive", SEQUENTIAL) else "pruning")
         variant, evicted = services.prune(session, criterion, ratio, allocation, int(round_to), name, stop=job.is_set,
-                                          compensate_windows=int(compensate_windows) if compensate else 0)
-        note = f" The oldest variant '{evicted}' was dropped from memory (its run stays on disk)." if evicted else ""
+                                          compensate_windows=int(compensate_windows) if compensate else 0,
+                                          adaptive=knobs)
+        tracker.stage(2, "quality at a glance")
+        quality = services.quick_quality(session, variant.name, stop=job.is_set)
+        if quality:
+            variant.metrics = {**(variant.metrics or {}), "kl": quality["kl"], "quick": quality}
+        note = f" '{evicted}' was dropped to make room (its run stays on disk)." if evicted else ""
         refit = (" Every down_proj was refitted by least squares on "
                  f"{variant.meta['compensation']['samples']} calibration windows."
                  if variant.meta.get("compensation", {}).get("method") == "lsq" else "")
+        params = sum(p.numel() for p in variant.model.parameters())
         status = (f"Pruned **{variant.name}**: MLP widths {min(variant.widths)}–{max(variant.widths)}, "
-                  f"stored as run `{variant.run_id}`.{refit}{note}")
-        names = list(session.variants)
+                  f"{count(params)} parameters, stored as run `{variant.run_id}`.{refit}{note}" + quality_text(quality))
         trace = variant.meta.get("adaptive", {}).get("trace")
         figure = (figures.adaptive_trace(trace, trace_layers(len(trace))) if trace else
                   figures.empty("Choose the adaptive allocation to see its per-layer search here."))
-        return status, variants_markdown(session), gr.update(choices=names, value=variant.name), figure
+        return (status, gr.update(choices=list(session.variants), value=variant.name), figure,
+                *variant_controls(session))
     return prune
 
 
@@ -98,22 +189,38 @@ def trace_layers(count: int) -> list[int]:
 def make_sweep(services: Services):
     @user_errors
     def sweep(names: list | None, ratios: str, allocation: str, round_to: str | int, windows: float,
-              seq_len: float, metric: str, compensate_windows: float = 64, request: gr.Request = None,
-              progress=gr.Progress(track_tqdm=True)):
-        """Prune each scored criterion at each ratio (in memory) and measure fidelity; stream the rows."""
+              seq_len: float, metric: str, compensate_windows: float = 64, baseline: bool = True,
+              request: gr.Request = None, progress=TRACK):
+        """Prune each scored criterion at each ratio (in memory) and measure fidelity; stream the rows.
+        A Stop or a failure keeps the rows already measured, with a note saying so."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
         unscored = [n for n in (names or []) if n not in session.scores]
         if unscored:
-            raise HFPruneError(f"Not scored yet: {', '.join(unscored)}. Score them on the Importance tab, or untick them.")
+            raise HFPruneError(f"Not scored yet: {', '.join(unscored)}. Score them on the Importance tab, or untick "
+                               "them.")
         chosen = list(names or []) or list(session.scores)
         if not chosen:
             raise HFPruneError("Score at least one criterion first (Importance tab).")
-        rows = []
-        for row in services.sweep(session, chosen, parse_ratios(ratios), allocation, int(round_to), int(windows),
-                                  int(seq_len), stop=job.is_set, compensate_windows=int(compensate_windows)):
-            rows.append(row)
-            yield sweep_table(rows), figures.sweep_lines(rows, metric)
+        ratio_list = parse_ratios(ratios)
+        total = (len(chosen) + bool(baseline)) * len(ratio_list)
+        tracker = JobProgress(progress, "Sweep", stages=total, unit="row")
+        rows: list[dict] = []
+        try:
+            for row in services.sweep(session, chosen, ratio_list, allocation, int(round_to), int(windows),
+                                      int(seq_len), stop=job.is_set, compensate_windows=int(compensate_windows),
+                                      baseline=bool(baseline)):
+                rows.append(row)
+                tracker.stage(len(rows), f"{row['criterion']} @ {row['ratio']:.2f}")
+                yield (sweep_table(rows), figures.sweep_lines(rows, metric),
+                       f"{len(rows)} of {total} rows measured on {int(windows)} × {int(seq_len)} held-out tokens.")
+        except (Stopped, HFPruneError) as exc:
+            if not rows:
+                raise
+            how = "stopped" if isinstance(exc, Stopped) else f"failed ({exc})"
+            gr.Info(f"The sweep {how}; the {len(rows)} rows already measured are kept.")
+            yield (sweep_table(rows), figures.sweep_lines(rows, metric),
+                   f"**Partial:** the sweep {how} after {len(rows)} of {total} rows; the rows above are kept.")
     return sweep
 
 
@@ -121,6 +228,8 @@ def sweep_table(rows: list[dict]) -> pd.DataFrame:
     """Rows → a criteria × ratio table (KL to dense; perplexity and top-1 in the other columns)."""
     frame = pd.DataFrame(rows)
     frame["ratio"] = frame["ratio"].map(lambda r: f"{r:.2f}")
+    if "params" in frame:
+        frame["params"] = frame["params"].map(count)
     return frame.round({"perplexity": 2, "kl_to_dense": 4, "top1_agreement": 4})
 
 
@@ -131,12 +240,50 @@ def make_scored(services: Services):
     return scored
 
 
+def make_variants_panel(services: Services):
+    def panel(request: gr.Request = None):
+        return variant_controls(services.sessions.get(session_id(request)))
+    return panel
+
+
+def make_drop(services: Services):
+    @user_errors
+    def drop(name: str | None, request: gr.Request = None):
+        session = services.sessions.get(session_id(request))
+        if not name or name not in session.variants:
+            raise SelectionError("Pick a variant of this session to drop.")
+        session.drop_variant(name)
+        return variant_controls(session)
+    return drop
+
+
+def make_replace(services: Services):
+    def replace(choice: str | None, request: gr.Request = None):
+        """Remember which variant a full session drops next."""
+        session = services.sessions.get(session_id(request))
+        session.replace = choice if choice in session.variants else None
+        return variant_controls(session)[3]
+    return replace
+
+
+def make_default_format(services: Services):
+    def default_format(name: str | None, request: gr.Request = None):
+        """The format that works for the picked variant, and why (one line)."""
+        session = services.sessions.get(session_id(request))
+        variant = session.variants.get(name or "")
+        if variant is None:
+            return gr.update(), ""
+        mode, why = default_export_mode(variant.widths)
+        return gr.update(value=mode), f"Default format for **{name}**: {why}"
+    return default_format
+
+
 def make_export_zip(services: Services):
     @user_errors
-    def export_zip(name: str, mode: str, request: gr.Request = None, progress=gr.Progress()):
+    def export_zip(name: str, mode: str, request: gr.Request = None, progress=PLAIN):
         session = services.sessions.get(session_id(request))
         if not name:
-            raise HFPruneError("Pick a variant to export.")
+            raise SelectionError("Pick a variant to export.")
         progress(0.1, desc="writing safetensors")
         archive = services.export_zip(session, name, mode)
         return str(archive), f"Packed **{name}** as `{archive.name}` ({archive.stat().st_size / 2**20:.0f} MiB)."
@@ -148,9 +295,9 @@ def make_export_save(services: Services):
     def export_save(name: str, mode: str, folder: str, request: gr.Request = None) -> str:
         session = services.sessions.get(session_id(request))
         if not name:
-            raise HFPruneError("Pick a variant to export.")
+            raise SelectionError("Pick a variant to export.")
         if not (folder or "").strip():
-            raise HFPruneError("Type the folder to save into (it must not exist yet, or be empty).")
+            raise SelectionError("Type the folder to save into (it must not exist yet, or be empty).")
         target = services.save_to_folder(session, name, mode, folder.strip())
         how = ("`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`" if mode == "hf-remote-code"
                else "`AutoModelForCausalLM.from_pretrained(folder)`")
@@ -161,13 +308,32 @@ def make_export_save(services: Services):
 def build(ctx: Ctx) -> None:
     services = ctx.services
     names = criteria()
+    quick = ADAPTIVE_PRESETS["quick"]
     with gr.Tab("Prune", id="prune") as tab:
         gr.Markdown(texts.PRUNE, elem_classes="teach")
         with gr.Row():
             criterion = gr.Dropdown(names, value="entropy" if "entropy" in names else names[0], label="Criterion")
             ratio = gr.Slider(0.0, 0.95, value=0.2, step=0.01, label="Ratio of MLP neurons removed", elem_id="ratio")
-            allocation = gr.Dropdown(allocations(), value=allocations()[0][1], label="Allocation")
+            allocation = gr.Dropdown(allocations(), value=allocations()[0][1], label="Allocation",
+                                     info="how the cut is spread over layers (see the glossary)", elem_id="allocation")
             round_to = gr.Dropdown(["1", "8", "64", "128"], value="1", label="Round widths to a multiple of")
+        with gr.Accordion("Adaptive search settings (used by the adaptive allocations)", open=False,
+                          elem_id="adaptive-settings"):
+            with gr.Row():
+                preset = gr.Radio(list(ADAPTIVE_PRESETS), value="quick", label="Preset",
+                                  info="quick: the dashboard default; thorough: the command line's default",
+                                  elem_id="adaptive-preset")
+                fidelity = gr.Dropdown(label="Fidelity measured", **{**AllocationOptions.ui("fidelity"),
+                                                                     "value": quick["fidelity"]})
+            with gr.Row():
+                halvings = gr.Slider(label="Halvings per layer", **{**AllocationOptions.ui("halvings"),
+                                                                    "value": quick["halvings"]})
+                heldout_samples = gr.Slider(label="Held-out windows", **{**AllocationOptions.ui("heldout_samples"),
+                                                                         "value": quick["heldout_samples"]})
+                heldout_seq_len = gr.Slider(label="Tokens per held-out window",
+                                            **{**AllocationOptions.ui("heldout_seq_len"),
+                                               "value": quick["heldout_seq_len"]})
+            estimate = gr.Markdown("", elem_id="adaptive-estimate")
         with gr.Row():
             compensate = gr.Checkbox(False, label="Least-squares compensation (refit down_proj after pruning)",
                                      info=texts.COMPENSATION, elem_id="compensate")
@@ -175,18 +341,26 @@ def build(ctx: Ctx) -> None:
                                            "tokens per window; forward passes only)")
         preview_text = gr.Markdown("", elem_id="prune-preview")
         preview_plot = gr.Plot(label="Kept width per layer", elem_id="widths-plot")
-        with gr.Row():
-            name = gr.Textbox("", label="Variant name", placeholder="e.g. entropy-20% (default)")
-            prune_button = gr.Button("Prune", variant="primary", elem_id="prune-button")
-            stop_button = gr.Button("Stop", variant="stop")
+        with gr.Row(equal_height=True):
+            name = gr.Textbox("", label="Variant name", placeholder="e.g. entropy-20% (default)", scale=3)
+            prune_button = gr.Button("Prune", variant="primary", elem_id="prune-button", scale=1, min_width=120)
+            stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=100, elem_id="prune-stop")
         status = gr.Markdown("", elem_id="prune-status")
-        variants = gr.Markdown("No variants yet.")
+        with gr.Accordion("Variants held in this session", open=True, elem_id="variants-held"):
+            held_header = gr.Markdown(f"**0 of {MAX_VARIANTS_PER_SESSION} variants held.**")
+            held = gr.Dataframe(interactive=False, elem_id="variants-table")
+            with gr.Row(equal_height=True):
+                replace = gr.Dropdown([OLDEST], value=OLDEST, label="When the session is full, replace",
+                                      elem_id="replace-choice", scale=2)
+                drop_pick = gr.Dropdown([], value=None, label="Drop a variant now", scale=2)
+                drop_button = gr.Button("Drop", scale=1, min_width=100)
         trace_plot = gr.Plot(label="Adaptive search trace", elem_id="trace-plot")
-        with gr.Accordion("Criteria × ratio fidelity (prunes in memory, measures on held-out text)", open=False):
+        with gr.Accordion("Criteria × ratio fidelity sweep (prunes in memory, measures on held-out text)", open=False,
+                          elem_id="sweep-accordion"):
             with gr.Row():
                 sweep_criteria = gr.CheckboxGroup(names, value=[], label="Criteria (the scored ones are ticked)",
-                                                  scale=2)
-                sweep_ratios = gr.Textbox("0.2, 0.3, 0.4", label="Ratios", scale=1)
+                                                  scale=3)
+                sweep_ratios = gr.Textbox("0.2, 0.3, 0.4", label="Ratios", scale=1, elem_id="sweep-ratios")
                 sweep_allocation = gr.Dropdown(list(SWEEP_ALLOCATIONS), value="uniform", label="Allocation", scale=1)
             with gr.Row():
                 sweep_windows = gr.Slider(1, 32, value=4, step=1, label="Evaluation windows")
@@ -194,35 +368,66 @@ def build(ctx: Ctx) -> None:
                 sweep_metric = gr.Dropdown([("KL to dense", "kl_to_dense"), ("perplexity", "perplexity"),
                                             ("top-1 agreement", "top1_agreement")], value="kl_to_dense",
                                            label="Plot")
+                sweep_baseline = gr.Checkbox(True, label=f"add a {BASELINE} row",
+                                             info="seeded random scores: the floor every criterion must beat")
+            with gr.Row(equal_height=True):
                 sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
-            sweep_frame = gr.Dataframe(label="Fidelity per criterion and ratio", interactive=False)
+                sweep_stop = gr.Button("Stop sweep", variant="stop", elem_id="sweep-stop")
+            sweep_note = gr.Markdown("", elem_id="sweep-note")
+            sweep_frame = gr.Dataframe(label="Fidelity per criterion and ratio", interactive=False,
+                                       elem_id="sweep-table")
             sweep_plot = gr.Plot(label="Fidelity vs ratio", elem_id="sweep-plot")
-        with gr.Accordion("Export", open=False):
+        with gr.Accordion("Export", open=False, elem_id="export-accordion"):
             with gr.Row():
-                export_variant = gr.Dropdown([], value=None, allow_custom_value=True, label="Variant")
-                mode = gr.Dropdown(list(EXPORT_MODES), value=EXPORT_MODES[0], label="Format")
-            with gr.Row():
+                export_variant = gr.Dropdown([], value=None, allow_custom_value=True, label="Variant",
+                                             elem_id="export-variant")
+                mode = gr.Dropdown(list(EXPORT_MODES), value=EXPORT_MODES[0], label="Format", elem_id="export-format")
+            export_why = gr.Markdown("", elem_id="export-why")
+            with gr.Row(equal_height=True):
                 zip_button = gr.Button("Download as .zip")
                 folder = gr.Textbox("", label="…or save to this folder on the server")
                 save_button = gr.Button("Save to folder")
             export_file = gr.File(label="Exported archive", interactive=False)
             export_status = gr.Markdown("")
+    ctx.add(prune_criterion=criterion, prune_ratio=ratio, prune_allocation=allocation, prune_status=status,
+            prune_name=name, export_variant=export_variant, held=held, held_header=held_header,
+            trace_plot=trace_plot, drop_pick=drop_pick, replace=replace)
+    knobs = [halvings, heldout_samples, heldout_seq_len, fidelity]
     preview = make_preview(services)
     preview_inputs = [criterion, ratio, allocation, round_to, ctx["model"]]
     for component in (criterion, allocation, round_to):
         component.input(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
-    ratio.change(preview, preview_inputs, [preview_text, preview_plot], api_name="prune_preview", show_progress="hidden")
+    ratio.change(preview, preview_inputs, [preview_text, preview_plot], api_name="prune_preview",
+                 show_progress="hidden")
+    estimate_inputs = [allocation, ctx["model"], halvings, heldout_samples, heldout_seq_len]
+    for component in (allocation, halvings, heldout_samples, heldout_seq_len):
+        component.input(make_estimate(services), estimate_inputs, estimate, api_visibility="private")
+    preset.input(make_preset(services), [preset, allocation, ctx["model"]], [*knobs, estimate],
+                 api_name="adaptive_preset")
+    panel_outputs = [held, drop_pick, replace, held_header]
     tab.select(preview, preview_inputs, [preview_text, preview_plot], api_visibility="private")
+    tab.select(make_estimate(services), estimate_inputs, estimate, api_visibility="private")
     tab.select(make_scored(services), None, sweep_criteria, api_visibility="private")
-    sweep_event = sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to, sweep_windows,
-                                              sweep_len, sweep_metric, compensate_windows], [sweep_frame, sweep_plot],
-                                     api_name="sweep",
-                       **model_events())
+    tab.select(make_variants_panel(services), None, panel_outputs, api_visibility="private")
+    sweep_event = sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to,
+                                                            sweep_windows, sweep_len, sweep_metric,
+                                                            compensate_windows, sweep_baseline],
+                                     [sweep_frame, sweep_plot, sweep_note], api_name="sweep", **model_events())
+    ctx.after(sweep_event)
+    stop_on_click(services, sweep_stop, sweep_note, [sweep_event], api_name="sweep_stop", what="sweep")
     prune_event = prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, compensate,
-                                                            compensate_windows, name,
-                                                            *ctx.data_inputs, *ctx.criterion_inputs],
-                                     [status, variants, export_variant, trace_plot], api_name="prune", **model_events())
-    stop_on_click(services, stop_button, status, [prune_event, sweep_event])
+                                                            compensate_windows, name, *ctx.data_inputs,
+                                                            *ctx.criterion_inputs, *knobs],
+                                     [status, export_variant, trace_plot, *panel_outputs], api_name="prune",
+                                     **model_events())
+    ctx.after(prune_event)
+    stop_on_click(services, stop_button, status, [prune_event], what="pruning")
+    drop_event = drop_button.click(make_drop(services), drop_pick, panel_outputs, api_name="drop_variant")
+    ctx.after(drop_event)
+    replace.input(make_replace(services), replace, held_header, api_name="replace_choice").then(
+        make_variants_panel(services), None, panel_outputs, api_visibility="private")
+    export_variant.change(make_default_format(services), export_variant, [mode, export_why],
+                          api_name="export_default")
     zip_button.click(make_export_zip(services), [export_variant, mode], [export_file, export_status],
                      api_name="export_zip", **model_events())
     save_button.click(make_export_save(services), [export_variant, mode, folder], export_status,

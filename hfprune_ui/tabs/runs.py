@@ -7,11 +7,21 @@ import pandas as pd
 from core.errors import HFPruneError
 
 from .. import texts
-from ..context import Ctx, model_events
+from ..context import PLAIN, Ctx, model_events
 from ..guard import session_id, user_errors
 from ..services import Services
 
-COLUMNS = ["run id", "kind", "created (UTC)", "model", "criterion", "calibration", "ratio", "perplexity", "mine"]
+COLUMNS = ["run id", "kind", "name", "created (UTC)", "model", "criterion", "allocation", "compensation", "ratio",
+           "calibration", "perplexity", "mine"]
+
+
+def _compensation(config: dict) -> str:
+    """'lsq (64 windows)' / 'none' / '' for runs that do not prune."""
+    value = config.get("compensation")
+    if not isinstance(value, dict):
+        return ""
+    method = value.get("method", "none")
+    return f"{method} ({value.get('samples')} windows)" if method != "none" else "none"
 
 
 def runs_table(services: Services, mine_only: bool, me: str) -> pd.DataFrame:
@@ -21,10 +31,15 @@ def runs_table(services: Services, mine_only: bool, me: str) -> pd.DataFrame:
         if mine_only and c.get("session") != me:
             continue
         metrics = r.get("metrics") or {}
-        rows.append({"run id": run.run_id, "kind": run.kind, "created (UTC)": run.created_at[:19].replace("T", " "),
-                     "model": c.get("model"), "criterion": c.get("criterion"),
-                     "calibration": f"{c.get('source')} {c.get('samples')}×{c.get('seq_len')}",
-                     "ratio": c.get("ratio", ""), "perplexity": round(metrics["perplexity"], 3) if metrics else "",
+        source = str(c.get("source") or "")
+        source = source[len("upload:"):].rsplit("#", 1)[0] if source.startswith("upload:") else source
+        perplexity = metrics.get("perplexity") if isinstance(metrics, dict) else None
+        rows.append({"run id": run.run_id, "kind": run.kind, "name": c.get("name") or "",
+                     "created (UTC)": run.created_at[:19].replace("T", " "), "model": c.get("model"),
+                     "criterion": c.get("criterion"), "allocation": c.get("allocation") or "",
+                     "compensation": _compensation(c), "ratio": c.get("ratio", ""),
+                     "calibration": f"{source}, {c.get('samples')} × {c.get('seq_len')}, seed {c.get('seed', 0)}",
+                     "perplexity": round(perplexity, 3) if perplexity is not None else "",
                      "mine": "yes" if c.get("session") == me else ""})
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -50,7 +65,7 @@ def make_details(services: Services):
 
 def make_load(services: Services):
     @user_errors
-    def load(run_id: str | None, request: gr.Request = None, progress=gr.Progress()) -> str:
+    def load(run_id: str | None, request: gr.Request = None, progress=PLAIN) -> str:
         if not run_id:
             raise HFPruneError("Pick a run to load.")
         progress(0.2, desc=f"loading {run_id}")
@@ -88,6 +103,6 @@ def build(ctx: Ctx) -> None:
     for trigger in (tab.select, mine_only.input):
         trigger(list_runs, mine_only, [table, run_id], api_visibility="private")
     run_id.change(make_details(services), run_id, details, api_name="run_details")
-    load_button.click(make_load(services), run_id, status, api_name="run_load", **model_events())
-    delete_button.click(make_delete(services), [run_id, mine_only], [status, table, run_id], api_name="run_delete",
-                        **model_events())
+    ctx.after(load_button.click(make_load(services), run_id, status, api_name="run_load", **model_events()))
+    ctx.after(delete_button.click(make_delete(services), [run_id, mine_only], [status, table, run_id],
+                                  api_name="run_delete", **model_events()))

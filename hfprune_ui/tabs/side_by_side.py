@@ -4,19 +4,26 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.outputs import GenerationSettings, generate_side_by_side, next_token_menus, per_token_kl_text
 from core.errors import HFPruneError
+from core.outputs import (
+    GenerationSettings,
+    generate_side_by_side,
+    next_token_menus,
+    per_token_kl_text,
+)
 
 from .. import figures, texts
-from ..context import Ctx, model_events
+from ..context import PLAIN, TRACK, Ctx, model_events
 from ..guard import session_id, user_errors
+from ..progress import JobProgress
 from ..services import Services
 from ..state import Session
+from ..status import count
 
 METRIC_COLUMNS = {"variant": "variant", "params": "params", "mlp_params": "MLP params", "perplexity": "perplexity",
                   "kl_to_reference": "KL to original", "top1_agreement": "top-1 agreement",
-                  "top10_overlap": "top-10 overlap", "entropy": "entropy", "entropy_shift": "entropy shift",
-                  "tokens": "eval tokens"}
+                  "top10_overlap": "top-10 overlap", "entropy": "prediction entropy (nats)",
+                  "entropy_shift": "prediction entropy shift", "tokens": "eval tokens"}
 
 
 def chosen_variants(session: Session, names: list | None) -> list[str]:
@@ -38,7 +45,7 @@ def make_refresh(services: Services):
 def make_generate(services: Services):
     @user_errors
     def generate(names: list | None, prompt: str, max_new_tokens: float, temperature: float, top_k: float,
-                 top_p: float, seed: float, request: gr.Request = None, progress=gr.Progress()):
+                 top_p: float, seed: float, request: gr.Request = None, progress=PLAIN):
         session = services.sessions.get(session_id(request))
         models = services.models_for(session, chosen_variants(session, names))
         settings = GenerationSettings(int(max_new_tokens), float(temperature), int(top_k), float(top_p), int(seed))
@@ -82,10 +89,15 @@ def make_kl(services: Services):
 def make_evaluate(services: Services):
     @user_errors
     def evaluate(names: list | None, windows: float, seq_len: float, request: gr.Request = None,
-                 progress=gr.Progress(track_tqdm=True)):
+                 progress=TRACK):
         session = services.sessions.get(session_id(request))
-        rows = services.evaluate_variants(session, chosen_variants(session, names), int(windows), int(seq_len))
-        table = pd.DataFrame(rows)[list(METRIC_COLUMNS)].rename(columns=METRIC_COLUMNS).round(4)
+        picked = chosen_variants(session, names)
+        JobProgress(progress, f"Evaluate {1 + len(picked)} models on {int(windows)} × {int(seq_len)} held-out tokens")
+        rows = services.evaluate_variants(session, picked, int(windows), int(seq_len))
+        table = pd.DataFrame(rows)[list(METRIC_COLUMNS)].round(4)
+        for column in ("params", "mlp_params"):
+            table[column] = table[column].map(count)
+        table = table.rename(columns=METRIC_COLUMNS)
         plot = figures.params_vs_perplexity([r["variant"] for r in rows], [r["params"] for r in rows],
                                             [r["perplexity"] for r in rows])
         return table, plot
@@ -115,7 +127,7 @@ def build(ctx: Ctx) -> None:
                 k = gr.Slider(1, 30, value=10, step=1, label="top-k per model")
                 menu_button = gr.Button("Show menu", variant="primary", elem_id="menu-button")
             menu_plot = gr.Plot(label="Next-token distributions", elem_id="menu-plot")
-            menu_text = gr.Markdown("")
+            menu_text = gr.Markdown("", elem_id="menu-text")
         with gr.Accordion("Per-token KL along a text", open=True):
             with gr.Row():
                 kl_variant = gr.Dropdown([], value=None, allow_custom_value=True, label="Variant")
@@ -130,6 +142,8 @@ def build(ctx: Ctx) -> None:
                 eval_button = gr.Button("Evaluate", variant="primary")
             metrics = gr.Dataframe(label="Metrics", interactive=False)
             metrics_plot = gr.Plot(label="Parameters vs perplexity")
+    ctx.add(compare_variants=variants, menu_context=context, menu_k=k, menu_plot=menu_plot, menu_text=menu_text,
+            kl_variant=kl_variant)
     tab.select(make_refresh(services), None, [variants, kl_variant], api_name="compare_refresh")
     generate_button.click(make_generate(services), [variants, prompt, max_new, temperature, top_k, top_p, seed],
                           generations, api_name="generate", **model_events())

@@ -1,0 +1,105 @@
+"""One honest progress line per job: work done / total over all of the job's stages, "model k of n",
+what the engine is doing now, and a time left computed from the time spent so far.
+
+The engine reports its loops through tqdm (scoring windows, evaluation batches, search steps);
+Gradio's ``track_tqdm`` hands those bars to the handler's ``gr.Progress``. :class:`JobProgress`
+takes over that progress object's callback and turns the nested bars into one line, e.g.
+``Measure · model 2 of 3 (ent30) · decode repeat 4/5 · 53 % · about 40 s left``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import gradio as gr
+from gradio.helpers import TrackedIterable
+
+MIN_FRACTION_FOR_ETA = 0.03  # below this, "time left" would be a guess
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '3 min 20 s', '1 h 05 min'."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def eta_text(fraction: float, elapsed: float) -> str:
+    """'about 40 s left' once enough is done to extrapolate, else 'estimating time left'."""
+    if fraction < MIN_FRACTION_FOR_ETA or elapsed < 1.0:
+        return "estimating time left"
+    return f"about {duration(elapsed * (1.0 - fraction) / fraction)} left"
+
+
+class JobProgress:
+    """Progress of a job made of ``stages`` equal parts (e.g. one per model or per criterion).
+
+    ``progress`` is the handler's ``gr.Progress`` (created with ``track_tqdm=True`` so the engine's
+    tqdm bars reach it); outside a Gradio event every call here does nothing."""
+
+    def __init__(self, progress: gr.Progress | None, title: str, stages: int = 1, unit: str = "model") -> None:
+        self.progress, self.title, self.stages, self.unit = progress, title, max(1, int(stages)), unit
+        self.stage_index, self.stage_label = 0, ""
+        self.detail: tuple[str, float] | None = None  # (what, fraction of the current stage) set by hand
+        self.started = time.monotonic()
+        self._send = None
+        if progress is not None:
+            progress._progress_callback = self._callback  # type: ignore[method-assign]  # see module docstring
+
+    # -- what the handler says --------------------------------------------------------------------
+    def stage(self, index: int, label: str = "") -> None:
+        """Start stage ``index`` (0-based) called ``label``; pushes an update."""
+        self.stage_index, self.stage_label, self.detail = min(index, self.stages - 1), label, None
+        self._push([])
+
+    def step(self, what: str, done: float, total: float) -> None:
+        """Report progress inside the current stage by hand (for work without a tqdm bar)."""
+        self.detail = (f"{what} {int(done)}/{int(total)}", done / total if total else 0.0)
+        self._push([])
+
+    def fraction(self, inner: float = 0.0) -> float:
+        return min(1.0, (self.stage_index + max(0.0, min(1.0, inner))) / self.stages)
+
+    def line(self, inner: float, what: str) -> str:
+        """The text shown above the bar."""
+        parts = [self.title]
+        if self.stages > 1:
+            parts.append(f"{self.unit} {self.stage_index + 1} of {self.stages}"
+                         + (f" ({self.stage_label})" if self.stage_label else ""))
+        elif self.stage_label:
+            parts.append(self.stage_label)
+        if what:
+            parts.append(what)
+        done = self.fraction(inner)
+        parts.append(f"{100 * done:.0f} %")
+        parts.append(eta_text(done, time.monotonic() - self.started))
+        return " · ".join(parts)
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def _callback(self):
+        """Stands in for ``gr.Progress._progress_callback``: None outside an event, else our sender."""
+        if gr.Progress._progress_callback() is None:
+            return None
+        return self._push
+
+    def _push(self, iterables: Sequence[TrackedIterable]) -> None:
+        send = gr.Progress._progress_callback() if self.progress is not None else None
+        if send is None:
+            return
+        inner, what = self._inner(iterables)
+        send([TrackedIterable(None, None, None, self.line(inner, what), None, progress=self.fraction(inner))])
+
+    def _inner(self, iterables: Sequence[TrackedIterable]) -> tuple[float, str]:
+        """Fraction of the current stage and its description, from the innermost bar with a length."""
+        for item in reversed(list(iterables)):
+            if item.length and item.index is not None:
+                label = f"{item.desc or 'step'} {int(item.index)}/{int(item.length)}"
+                return float(item.index) / float(item.length), label
+            if item.progress is not None:
+                return float(item.progress), item.desc or ""
+        if self.detail is not None:
+            return self.detail[1], self.detail[0]
+        return 0.0, ""
