@@ -450,8 +450,107 @@ def _restore(params: ParamSet, state: list[torch.Tensor]) -> None:
         p.copy_(saved)
 
 
-# C901: the training loop (complexity 32) is still one function; splitting it is left to its owner.
-def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, data: torch.Tensor,  # noqa: C901
+def budget_used(options: TrainOptions, step: int, tokens: int, elapsed: float) -> tuple[str, float]:
+    """(budget that is furthest along, share of it used) — the run ends when the share reaches 1."""
+    fractions = []
+    if options.steps:
+        fractions.append(("steps", step / options.steps))
+    if options.tokens:
+        fractions.append(("tokens", tokens / options.tokens))
+    if options.minutes:
+        fractions.append(("minutes", elapsed / (60.0 * options.minutes)))
+    return max(fractions, key=lambda f: f[1])
+
+
+class _Batches:
+    """Indices of ``batch_size`` examples out of ``count``, without replacement, a new seeded order
+    each epoch."""
+
+    def __init__(self, count: int, batch_size: int, seed: int) -> None:
+        self.count, self.batch_size = count, batch_size
+        self.rng = torch.Generator().manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long)
+        self.cursor = 0
+
+    def next(self) -> torch.Tensor:
+        if self.cursor + self.batch_size > self.order.numel():
+            self.order = torch.randperm(self.count, generator=self.rng)
+            self.cursor = 0
+        index = self.order[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return index
+
+
+class _Best:
+    """The best held-out value so far and a copy of the trainable parameters at it (in memory)."""
+
+    def __init__(self, params: ParamSet, keep: bool) -> None:
+        self.params, self.keep = params, keep
+        self.initial = _snapshot(params)  # also what a stopped or failed run goes back to
+        self.value: float | None = None
+        self.step: int | None = None
+        self.state: list[torch.Tensor] | None = None  # None with step 0 = the initial state
+
+    def start(self, value: float | None) -> None:
+        """The held-out value before training (step 0)."""
+        self.value, self.step = value, (0 if value is not None else None)
+
+    def offer(self, value: float | None, step: int, snapshot: bool = True) -> None:
+        if self.keep and value is not None and (self.value is None or value < self.value):
+            self.value, self.step = value, step
+            self.state = _snapshot(self.params) if snapshot else None
+
+    def restore_best(self, last_step: int) -> bool:
+        """Put the best state back unless it is the current one; True when something was restored."""
+        if not self.keep or self.step is None or self.step == last_step:
+            return False
+        _restore(self.params, self.state if self.state is not None else self.initial)
+        return True
+
+    def restore_initial(self) -> None:
+        _restore(self.params, self.initial)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: ParamSet, objective: Objective, options: TrainOptions,
+                    state: StepState) -> None:
+    """Clip, step, zero the gradients, then the parameter set's and the objective's after-step hooks."""
+    if options.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for n, p in params.named if params.option(n, "clip")], options.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if params.after_step is not None:
+        with torch.no_grad():
+            params.after_step()
+    if hasattr(objective, "after_step"):
+        objective.after_step(state)
+
+
+def _micro_batches(objective: Objective, student: nn.Module, teacher: nn.Module | None, batch: torch.Tensor,
+                   micro: int, state: StepState, device: torch.device, timing: dict[str, float]) -> tuple[float, int]:
+    """Forward + backward of ``batch`` in micro-batches of ``micro``: (mean loss, tokens read)."""
+    loss, tokens = 0.0, 0
+    for part in torch.split(batch, micro):
+        with _autocast(device):
+            report = objective.forward_backward(student, teacher, part, state)
+        loss += report.loss * state.scale
+        tokens += report.tokens
+        for key, value in report.timing.items():
+            timing[key] = timing.get(key, 0.0) + value
+    return loss, tokens
+
+
+def _bar(progress: bool, total: int | None):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="training", unit="step", total=total or None)
+
+
+TIMED = ("data", "teacher", "student_and_loss", "backward_stack", "optimizer", "heldout", "checkpoint")
+
+
+def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, data: torch.Tensor,
           params: ParamSet, options: TrainOptions, *, heldout: torch.Tensor | None = None,
           stop: Callable[[], bool] | None = None, on_step: Callable[[StepRecord], None] | None = None,
           progress: bool = False) -> TrainResult:
@@ -469,16 +568,12 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
         raise DataError(f"The training text gives {data.shape[0]} windows, fewer than one batch of "
                         f"{options.batch_size}; use more text, a shorter sequence length or a smaller batch.")
     device = _device(student)
-    needs_teacher = getattr(objective, "needs_teacher", lambda: True)()
-    if needs_teacher and teacher is None:
+    if getattr(objective, "needs_teacher", lambda: True)() and teacher is None:
         raise TrainConfigError("This objective needs a teacher model.")
     torch.manual_seed(options.seed)
-    order_rng = torch.Generator().manual_seed(options.seed)
+    batches = _Batches(data.shape[0], options.batch_size, options.seed)
     micro = options.batch_size // options.accumulate
-    initial = _snapshot(params)
-    best_state: list[torch.Tensor] | None = None
-    timing = {k: 0.0 for k in ("data", "teacher", "student_and_loss", "backward_stack", "optimizer", "heldout",
-                               "checkpoint")}
+    timing = dict.fromkeys(TIMED, 0.0)
     curve: list[dict] = []
     if teacher is not None:
         teacher.eval()
@@ -500,72 +595,35 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
             student.train(was)
 
     step = tokens = 0
-    order = torch.empty(0, dtype=torch.long)
-    cursor = 0
-    ended_by = ""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="training", unit="step", total=options.steps or None)
+    bar = _bar(progress, options.steps)
+    best = _Best(params, options.keep_best)
     try:
         with _only_trainable(student, teacher, params), _train_mode(student, options.grad_checkpointing):
             t0 = time.perf_counter()
-            initial_value = evaluate()
+            initial_value = last_value = evaluate()
             timing["initial_heldout"] = time.perf_counter() - t0
-            best_value, best_step = initial_value, 0 if initial_value is not None else None
-            last_value = initial_value
+            best.start(initial_value)
             record(StepRecord(0, 0, None, initial_value, 0.0, 0.0))
             optimizer = _optimizer(params, options, device)
             start = time.perf_counter()
             step_seconds = 0.0
             while True:
-                elapsed = time.perf_counter() - start
-                fractions = []
-                if options.steps:
-                    fractions.append(("steps", step / options.steps))
-                if options.tokens:
-                    fractions.append(("tokens", tokens / options.tokens))
-                if options.minutes:
-                    fractions.append(("minutes", elapsed / (60.0 * options.minutes)))
-                name, used = max(fractions, key=lambda f: f[1])
+                ended_by, used = budget_used(options, step, tokens, time.perf_counter() - start)
                 if used >= 1.0:
-                    ended_by = name
                     break
                 check_stop(stop, f"Training was stopped at step {step}; the student is back at its state from "
                            "before the run.")
                 factor = lr_factor(step, used, options)
                 for group in optimizer.param_groups:
                     group["lr"] = options.lr * group["lr_scale"] * (factor if group["schedule"] else 1.0)
-                step_start = time.perf_counter()
-                t = time.perf_counter()
-                if cursor + options.batch_size > order.numel():
-                    order = torch.randperm(data.shape[0], generator=order_rng)
-                    cursor = 0
-                index = order[cursor:cursor + options.batch_size]
-                cursor += options.batch_size
-                batch = data[index].to(device)
+                step_start = t = time.perf_counter()
+                batch = data[batches.next()].to(device)
                 timing["data"] += time.perf_counter() - t
-                loss = 0.0
                 state = StepState(step, used, 1.0 / options.accumulate)
-                for part in torch.split(batch, micro):
-                    with _autocast(device):
-                        report = objective.forward_backward(student, teacher, part, state)
-                    loss += report.loss / options.accumulate
-                    tokens += report.tokens
-                    for key, value in report.timing.items():
-                        timing[key] = timing.get(key, 0.0) + value
+                loss, read = _micro_batches(objective, student, teacher, batch, micro, state, device, timing)
+                tokens += read
                 t = time.perf_counter()
-                if options.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for n, p in params.named if params.option(n, "clip")],
-                                                   options.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if params.after_step is not None:
-                    with torch.no_grad():
-                        params.after_step()
-                if hasattr(objective, "after_step"):
-                    objective.after_step(state)
+                _optimizer_step(optimizer, params, objective, options, state)
                 timing["optimizer"] += time.perf_counter() - t
                 step += 1
                 step_seconds = max(step_seconds, time.perf_counter() - step_start)
@@ -575,12 +633,11 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                     value = last_value = evaluate()
                     timing["heldout"] += time.perf_counter() - t
                     t = time.perf_counter()
-                    if options.keep_best and value is not None and (best_value is None or value < best_value):
-                        best_value, best_step, best_state = value, step, _snapshot(params)
+                    best.offer(value, step)
                     timing["checkpoint"] += time.perf_counter() - t
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", **({"heldout": f"{value:.4f}"} if value is not None else {}))
+                    bar.set_postfix(loss=f"{loss:.4f}", heldout="" if value is None else f"{value:.4f}")
                 if not math.isfinite(loss):
                     raise TrainConfigError(f"The loss became {loss} at step {step}; lower the learning rate.")
                 record(StepRecord(step, tokens, loss, value, options.lr * factor, time.perf_counter() - start))
@@ -588,29 +645,23 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
             t = time.perf_counter()
             if heldout is not None and (not options.eval_every or step % options.eval_every):
                 last_value = evaluate()
-                if options.keep_best and last_value is not None and (best_value is None or last_value < best_value):
-                    best_value, best_step, best_state = last_value, step, None
+                best.offer(last_value, step, snapshot=False)  # the current state: nothing to copy
                 curve[-1]["heldout"] = last_value
                 if on_step is not None:  # the live curve gets the final held-out point too
                     on_step(StepRecord(**curve[-1]))
-            final_value = last_value
-            if options.keep_best and best_step is not None and best_step != step:
-                _restore(params, best_state if best_state is not None else initial)
-                final_value = best_value
+            final_value = best.value if best.restore_best(step) else last_value
             timing["final_heldout_and_restore"] = time.perf_counter() - t
             timing["max_step"] = step_seconds
     except BaseException:
-        _restore(params, initial)
+        best.restore_initial()
         raise
     finally:
         if bar is not None:
             bar.close()
-    timing["other"] = max(0.0, seconds - sum(timing[k] for k in ("data", "teacher", "student_and_loss",
-                                                                  "backward_stack", "optimizer", "heldout",
-                                                                  "checkpoint")))
+    timing["other"] = max(0.0, seconds - sum(timing[k] for k in TIMED))
     return TrainResult(steps=step, tokens=tokens, seconds=seconds, ended_by=ended_by,
                        heldout_name=getattr(objective, "heldout_name", "heldout"), initial_heldout=initial_value,
-                       final_heldout=final_value, best_heldout=best_value if options.keep_best else None,
-                       best_step=best_step if options.keep_best else None, last_heldout=last_value,
+                       final_heldout=final_value, best_heldout=best.value if options.keep_best else None,
+                       best_step=best.step if options.keep_best else None, last_heldout=last_value,
                        trainable_params=params.count, param_set=params.name, curve=curve,
                        timing={k: round(v, 4) for k, v in timing.items()})
