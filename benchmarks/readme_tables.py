@@ -29,6 +29,7 @@ SECTIONS = [
     ("Quantization × pruning: measured speed, memory, size (CPU)", "speed_cpu.md", None),
     ("Quantization × pruning: measured speed, memory, size (GPU, H100, bf16)", "speed_cuda.md", None),
     ("Dashboard responsiveness", "dashboard.md", "python benchmarks/dashboard.py"),
+    ("Recovery: one-shot vs KD (full / MLP / LoRA) at equal wall-clock budgets", "recovery.md", None),
 ]
 
 
