@@ -30,12 +30,13 @@ from pathlib import Path
 import _common  # noqa: F401
 from _common import RESULTS, ROOT, machine, markdown_table, write_result
 
+from core.criteria import parameter_knobs
 from hfprune_ui.tabs.importance import DEFAULT_CRITERIA
 from hfprune_ui.tabs.model_data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from hfprune_ui.tabs.prune import ADAPTIVE_PRESETS
 
 MODEL = "smollm2-135m"
-CRIT = (0.5, 0.5, 0.5)  # self_distill τ, α; entropy+ce w
+CRIT = [cls.ui(field)["value"] for _c, cls, field in parameter_knobs()]  # every criterion knob at its default
 DATA = ("wiki", None, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, 0)
 TOUR_STEPS = (("1 · score (precomputed)", "/tour_score"), ("2 · histograms", "/tour_histograms"),
               ("3 · disagreements", "/tour_disagreements"), ("4 · prune 30 % both ways", "/tour_prune"),

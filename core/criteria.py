@@ -420,9 +420,12 @@ def get_criterion(name: str, **params) -> Criterion:
 def resolve_params(name: str, values: dict | None = None) -> dict:
     """The full parameter set ``name`` would score with, given ``values`` that may hold parameters of
     other criteria too (a form with every criterion's knobs): keys the criterion does not take are
-    ignored, missing ones take their defaults, bad values raise a clear error."""
+    ignored, missing ones take their defaults, bad values raise a clear error. ``values`` may also be
+    keyed by criterion ({"self_distill": {"temperature": 0.3}, …}), as the dashboard sends them."""
     if name not in REGISTRY:
         raise HFPruneError(f"Unknown criterion '{name}'; choose one of: {', '.join(REGISTRY)}.")
+    if values and any(isinstance(v, dict) for v in values.values()):
+        values = values.get(name) or {}
     takes = REGISTRY[name]().params()
     return get_criterion(name, **{k: v for k, v in (values or {}).items() if k in takes and v is not None}).params()
 

@@ -2,10 +2,15 @@
 line every action refreshes, and the Stop wiring."""
 from __future__ import annotations
 
+import functools
+import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gradio as gr
+
+from core.criteria import parameter_knobs
 
 from .guard import ACTIVITY, session_id
 from .services import Services
@@ -38,8 +43,8 @@ class Ctx:
 
     @property
     def criterion_inputs(self) -> list[gr.components.Component]:
-        """The criterion knobs (self_distill τ and α, entropy+ce w), in ``criterion_params`` order."""
-        return [self[n] for n in ("temperature", "alpha", "weight")]
+        """Every criterion knob's control, in :data:`CRITERION_KNOBS` order (see :func:`with_criterion_knobs`)."""
+        return [self[knob_key(c, name)] for c, _cls, name in CRITERION_KNOBS]
 
     def after(self, event) -> None:
         """Refresh the status line (and show pending notices) once ``event`` has finished, however it ended."""
@@ -48,9 +53,62 @@ class Ctx:
                        concurrency_limit=None, show_progress="hidden")  # queued: its toasts need the event stream
 
 
-def criterion_params(temperature: float, alpha: float, weight: float) -> dict:
-    """Form values → the engine's criterion parameters (each criterion uses only its own)."""
-    return {"temperature": float(temperature), "alpha": float(alpha), "weight": float(weight)}
+# Every tunable criterion parameter, read from the engine's registry: each criterion declares its knobs
+# once on its Params class, and the controls, their ranges and the handlers' values all follow from it.
+CRITERION_KNOBS = parameter_knobs()
+
+
+def knob_key(criterion: str, field: str) -> str:
+    return f"knob:{criterion}.{field}"
+
+
+def criterion_controls() -> dict[str, gr.components.Component]:
+    """One control per criterion knob (slider, or dropdown for a choice), range and help from its Params."""
+    controls = {}
+    for criterion, cls, name in CRITERION_KNOBS:
+        spec = cls.ui(name)
+        label = f"{criterion}: {name.replace('_', ' ')}"
+        if "choices" in spec:
+            controls[knob_key(criterion, name)] = gr.Dropdown(label=label, **spec)
+        else:
+            controls[knob_key(criterion, name)] = gr.Slider(label=label, **spec)
+    return controls
+
+
+def with_criterion_knobs(fn: Callable) -> Callable:
+    """Let a handler take every criterion knob as one ``criterion_knobs`` argument, a dict
+    {criterion: {field: value}}. Gradio passes inputs positionally, so the function Gradio inspects
+    has one positional parameter per knob in that argument's place (wire them with
+    ``*ctx.criterion_inputs`` there); adding a knob to a criterion's Params changes no handler."""
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())
+    at = [p.name for p in params].index("criterion_knobs")
+    # a slot needs a default only where a parameter before it has one (Python's signature rule)
+    default = None if any(p.default is not p.empty for p in params[:at]) else inspect.Parameter.empty
+    slots = [inspect.Parameter(f"criterion_knob_{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+             for i in range(len(CRITERION_KNOBS))]
+    expanded = signature.replace(parameters=[*params[:at], *slots, *params[at + 1:]])
+
+    def pack(args: tuple, kwargs: dict) -> dict:
+        bound = expanded.bind(*args, **kwargs)
+        values: dict[str, dict] = {}
+        for i, (criterion, _cls, name) in enumerate(CRITERION_KNOBS):
+            value = bound.arguments.pop(f"criterion_knob_{i}", None)
+            if value is not None:
+                values.setdefault(criterion, {})[name] = value
+        bound.arguments["criterion_knobs"] = values
+        return bound.arguments
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            yield from fn(**pack(args, kwargs))
+    else:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(**pack(args, kwargs))
+    wrapper.__signature__ = expanded
+    return wrapper
 
 
 def make_stop(services: Services, what: str = "job"):

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from core.criteria import parameter_knobs
+
 pytestmark = pytest.mark.real
 
 
@@ -23,7 +25,7 @@ def app(launch_dashboard, tmp_path_factory):
 
 MODEL = "smollm2-135m"
 DATA = ["wiki", None, 2, 32, 0]  # source, upload, samples, seq_len, seed
-CRIT = [0.5, 0.5, 0.5]  # self_distill τ, α; entropy+ce w
+CRIT = [cls.ui(field)["value"] for _c, cls, field in parameter_knobs()]  # every criterion knob at its default
 
 
 def client(url: str):

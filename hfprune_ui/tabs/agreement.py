@@ -15,7 +15,7 @@ from core.score_stats import (
 )
 
 from .. import figures, texts
-from ..context import TRACK, Ctx, criterion_params, model_events, stop_on_click
+from ..context import TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs
 from ..guard import session_id, user_errors
 from ..progress import JobProgress
 from ..services import Services, criteria
@@ -63,8 +63,9 @@ def draw(session: Session, a: str, b: str, layer: float, ratio: float):
 
 def make_compare(services: Services):
     @user_errors
+    @with_criterion_knobs
     def compare(a: str, b: str, layer: float, ratio: float, model: str, source: str, upload: str | None,
-                samples: float, seq_len: float, seed: float, temperature: float, alpha: float, weight: float,
+                samples: float, seq_len: float, seed: float, criterion_knobs: dict,
                 request: gr.Request = None, progress=TRACK):
         """Score whichever of the two criteria is missing (cached), then draw the comparison."""
         session = services.sessions.get(session_id(request))
@@ -74,7 +75,7 @@ def make_compare(services: Services):
         for index, c in enumerate((a, b)):
             tracker.stage(index, c)
             services.score(session, (model or "").strip(), data, c, stop=job.is_set,
-                           params=criterion_params(temperature, alpha, weight))
+                           params=criterion_knobs.get(c))
         return (*draw(session, a, b, layer, ratio), layer_update(session))
     return compare
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.criteria import EntropyCEParams, SelfDistillParams
 from core.criteria import describe as describe_criteria
 from core.errors import SelectionError
 from core.score_stats import (
@@ -17,7 +16,7 @@ from core.score_stats import (
 )
 
 from .. import figures, texts
-from ..context import TRACK, Ctx, criterion_params, model_events, stop_on_click
+from ..context import TRACK, Ctx, criterion_controls, model_events, stop_on_click, with_criterion_knobs
 from ..guard import is_api, session_id, user_errors
 from ..progress import JobProgress
 from ..services import Services, criteria
@@ -103,8 +102,9 @@ def warn(message: str, request: gr.Request | None) -> None:
 
 def make_score(services: Services):
     @user_errors
+    @with_criterion_knobs
     def score(chosen: list[str], model: str, source: str, upload: str | None, samples: float, seq_len: float,
-              seed: float, temperature: float, alpha: float, weight: float, layers: list | None,
+              seed: float, criterion_knobs: dict, layers: list | None,
               shown: list | None, log: bool, heat_criterion: str | None, together: bool = False,
               request: gr.Request = None, progress=TRACK):
         """Score each chosen criterion (cached per model/data/criterion) and redraw after each one."""
@@ -121,7 +121,7 @@ def make_score(services: Services):
         for index, c in enumerate(chosen):
             tracker.stage(index, c)
             result, run_id, origin = services.score(session, model, data, c, stop=job.is_set,
-                                                    params=criterion_params(temperature, alpha, weight))
+                                                    params=criterion_knobs.get(c))
             where = {"memory": "cached", "disk": "loaded from the run store",
                      "computed": f"computed in {result.seconds:.1f} s"}.get(origin, origin)
             notes.append(f"**{c}**: {where} (run `{run_id}`)")
@@ -159,10 +159,8 @@ def build(ctx: Ctx) -> None:
             stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=100, elem_id="score-stop")
         with gr.Accordion("What each criterion measures", open=False):
             gr.Markdown(criteria_markdown())
-        with gr.Accordion("Criterion settings (self_distill τ and α, entropy+ce weight)", open=False), gr.Row():
-            temperature = gr.Slider(label="self_distill: teacher temperature τ", **SelfDistillParams.ui("temperature"))
-            alpha = gr.Slider(label="self_distill: α in (1−α)·CE + α·KL", **SelfDistillParams.ui("alpha"))
-            weight = gr.Slider(label="entropy+ce: w in w·H + (1−w)·CE", **EntropyCEParams.ui("weight"))
+        with gr.Accordion("Criterion settings (each criterion reads only its own)", open=False), gr.Row():
+            knob_controls = criterion_controls()
         status = gr.Markdown("", elem_id="score-status")
         with gr.Row(equal_height=True):
             layers = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Layers", scale=2,
@@ -179,7 +177,8 @@ def build(ctx: Ctx) -> None:
         table = gr.Dataframe(label="Per-layer summary (see the glossary for max ÷ mean and top-10 % share)",
                              interactive=False, max_height=320)
     views = [layers, shown, log, heat_criterion, together]
-    ctx.add(temperature=temperature, alpha=alpha, weight=weight, hist=hist, heat=heat, summary=table,
+    ctx.add(**knob_controls)
+    ctx.add(hist=hist, heat=heat, summary=table,
             layers=layers, shown=shown, heat_criterion=heat_criterion, log=log, together=together,
             score_status=status)
     event = score_button.click(make_score(services), [chosen, *ctx.data_inputs, *ctx.criterion_inputs, *views],

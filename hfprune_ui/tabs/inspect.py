@@ -22,7 +22,7 @@ from core.report import DEFAULT_CONTEXTS, build_report, write_report
 from core.stability import StabilityOptions, measure_stability
 
 from .. import figures, inspect_figures
-from ..context import TRACK, Ctx, criterion_params, model_events, stop_on_click
+from ..context import TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs
 from ..guard import session_id, user_errors
 from ..progress import JobProgress
 from ..services import Services, criteria
@@ -139,8 +139,9 @@ def pick_row(evt: gr.SelectData):
 
 def make_stability(services: Services):
     @user_errors
+    @with_criterion_knobs
     def stability(chosen: list[str], draws, ratio: str, model, source, upload, samples, seq_len, seed,
-                  temperature, alpha, weight, request: gr.Request = None, progress=TRACK):
+                  criterion_knobs: dict, request: gr.Request = None, progress=TRACK):
         """Score each chosen criterion on K disjoint draws and compare draws with criteria."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
@@ -155,7 +156,7 @@ def make_stability(services: Services):
         loaded = services.model(spec)
         with services.model_lock:
             result, _scores = measure_stability(
-                loaded, chosen, options, ratios=OVERLAP_RATIOS, params=criterion_params(temperature, alpha, weight),
+                loaded, chosen, options, ratios=OVERLAP_RATIOS, params=criterion_knobs,
                 progress=True, stop=job.is_set,
                 on_draw=lambda c, k: tracker.stage(chosen.index(c) * options.draws + k, steps[chosen.index(c)
                                                                                                * options.draws + k]))

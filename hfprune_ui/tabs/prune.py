@@ -12,7 +12,7 @@ from core.export import EXPORT_MODES, default_export_mode
 from core.sweep import SWEEP_ALLOCATIONS, parse_ratios
 
 from .. import figures, texts
-from ..context import PLAIN, TRACK, Ctx, criterion_params, model_events, stop_on_click
+from ..context import PLAIN, TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs
 from ..guard import session_id, user_errors
 from ..progress import JobProgress, duration
 from ..services import BASELINE, SEQUENTIAL, Services, allocations, criteria
@@ -142,10 +142,11 @@ def quality_text(quality: dict) -> str:
 
 def make_prune(services: Services):
     @user_errors
+    @with_criterion_knobs
     def prune(criterion: str, ratio: float, allocation: str, round_to: str | int, compensate: bool,
               compensate_windows: float, name: str, model: str, source: str,
-              upload: str | None, samples: float, seq_len: float, seed: float, temperature: float, alpha: float,
-              weight: float, halvings: float = 4, heldout_samples: float = 2, heldout_seq_len: float = 64,
+              upload: str | None, samples: float, seq_len: float, seed: float, criterion_knobs: dict,
+              halvings: float = 4, heldout_samples: float = 2, heldout_seq_len: float = 64,
               fidelity: str = "kl", request: gr.Request = None, progress=TRACK):
         """Score if needed (cached), prune into a new variant, store the run, measure it at a glance."""
         session = services.sessions.get(session_id(request))
@@ -156,7 +157,7 @@ def make_prune(services: Services):
         tracker = JobProgress(progress, "Prune", stages=3, unit="step")
         tracker.stage(0, f"scores for {criterion}")
         services.score(session, spec, data, criterion, stop=job.is_set,
-                       params=criterion_params(temperature, alpha, weight))
+                       params=criterion_knobs.get(criterion))
         tracker.stage(1, "adaptive search" if allocation in ("adaptive", SEQUENTIAL) else "pruning")
         variant, evicted = services.prune(session, criterion, ratio, allocation, int(round_to), name, stop=job.is_set,
                                           compensate_windows=int(compensate_windows) if compensate else 0,
