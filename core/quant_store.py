@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from . import __version__
+from .adapters import mlp_widths
 from .errors import ModelLoadError
-from .export import META_FILE, check_output_dir
+from .export import META_FILE, check_output_dir, default_export_mode, save_pruned
 from .files import atomic_folder
 from .models import EMBEDDED, ensure_embedded, load_model, resolve
 from .quantize import METHODS, SKIP_MODULES, QuantizationError, check_method, quantization_of, quantize_model
@@ -44,17 +45,25 @@ def read_recipe(folder: str | os.PathLike) -> dict | None:
 
 
 def save_quantized(model: nn.Module, tokenizer, method: str, out_dir: str | os.PathLike, *,
-                   source: str = "", extra: dict | None = None) -> Path:
+                   source: str = "", extra: dict | None = None, meta: dict | None = None,
+                   mode: str | None = None) -> Path:
     """Write the *unquantized* ``model`` (safetensors) + tokenizer + ``quantization.json`` recipe
-    to a new folder, atomically. Pass the model before ``quantize_model`` (or a copy of it)."""
+    to a new folder, atomically. Pass the model before ``quantize_model`` (or a copy of it).
+    ``meta``: an in-memory pruned model's pruning_meta.json — the weights are then written by
+    ``core.export.save_pruned`` in ``mode`` (default: hf-native for equal widths, else
+    hf-remote-code), so per-layer widths reload."""
     check_method(method)
     if quantization_of(model):
         raise QuantizationError("save_quantized needs the unquantized source model; the recipe is applied on load.")
     target = check_output_dir(out_dir)
     with atomic_folder(target) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if source and (Path(source) / META_FILE).is_file():
+        if meta is not None:
+            chosen = mode or default_export_mode(mlp_widths(model))[0]
+            save_pruned(model, tokenizer, tmp, meta, mode=chosen)  # fills the empty tmp folder atomically
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+        if meta is None and source and (Path(source) / META_FILE).is_file():
             shutil.copy2(Path(source) / META_FILE, tmp / META_FILE)
         recipe = {"format": "hfprune-quantization", "version": 1, "method": method,
                   "description": METHODS[method].description, "skip_modules": list(SKIP_MODULES),

@@ -12,6 +12,10 @@ because it is tied to the input embeddings in the supported models):
 ``torchao-int8-dynamic``  torchao ``Int8DynamicActivationInt8WeightConfig``
 ``torch-dynamic-int8``    legacy ``torch.ao.quantization.quantize_dynamic`` (deprecated, CPU only,
                           per-tensor int8; very lossy on SmolLM2 — kept as a baseline to show that)
+``fbgemm-int8-dynamic``   the same fbgemm kernels with per-channel INT8 weights (activations still one
+                          scale per call): on CPUs without AVX-512 VNNI the only INT8 path faster than
+                          fp32 (torchao's dynamic INT8 runs ``torch._int_mm``, ~15× slower than fp32
+                          there; see benchmarks/results/int8_backends_cpu.md). CPU only.
 
 Saving a quantized model (weights + recipe) and loading it back live in ``core.quant_store``; the
 byte and parameter accounting of quantized models in ``core.counts``.
@@ -57,6 +61,8 @@ METHODS: dict[str, Method] = {
         Method("torchao-int8-dynamic", "torchao", "torchao==0.18.0", "torchao int8 dynamic activations + int8 weights"),
         Method("torch-dynamic-int8", "torch", "torch", "legacy torch.ao quantize_dynamic int8 (deprecated, lossy)",
                cuda=False, legacy=True),
+        Method("fbgemm-int8-dynamic", "torch", "torch",
+               "fbgemm dynamic int8 activations (one scale per call) x per-channel int8 weights (CPU)", cuda=False),
     )
 }
 
@@ -171,10 +177,13 @@ def _torchao(model: nn.Module, method: str) -> None:
     quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
 
 
-def _torch_dynamic(model: nn.Module) -> nn.Module:
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+def _torch_dynamic(model: nn.Module, per_channel: bool = False) -> nn.Module:
+    # torchao has no eager INT8 x INT8 kernel that is fast on AVX2 CPUs; fbgemm (torch.ao's dynamic
+    # Linear) is, so the fast CPU format uses it with per-channel weights.
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
-    spec = {name: default_dynamic_qconfig for _p, _a, _l, name in _linear_targets(model)}
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    spec = {name: qconfig for _p, _a, _l, name in _linear_targets(model)}
     return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
@@ -202,6 +211,6 @@ def quantize_model(model: nn.Module, method: str, *, device: str | torch.device 
         else:
             if next(model.parameters()).dtype != torch.float32:
                 model.to(torch.float32)
-            _torch_dynamic(model)
+            _torch_dynamic(model, per_channel=method == "fbgemm-int8-dynamic")
     model.hfprune_quantization = method
     return model
