@@ -5,7 +5,7 @@ import gradio as gr
 
 from core.adapters import mlp_widths
 from core.counts import count_params
-from core.data import calibration_windows, describe_source, window_capacity
+from core.data import CalibrationOptions, calibration_windows, describe_source, window_capacity
 from core.models import DEFAULT_MODEL, EMBEDDED
 
 from .. import texts
@@ -67,9 +67,11 @@ def build(ctx: Ctx) -> None:
         upload = gr.File(label="Upload .txt or .jsonl (used when 'Uploaded file' is chosen)",
                          file_types=[".txt", ".jsonl"], type="filepath", elem_id="upload")
         with gr.Row():
-            samples = gr.Slider(1, 256, value=DEFAULT_SAMPLES, step=1, label="Calibration windows",
-                                info="how many stretches of text the criteria watch")
-            seq_len = gr.Slider(16, 1024, value=DEFAULT_SEQ_LEN, step=16, label="Tokens per window")
+            # ranges from the engine's CalibrationOptions; the dashboard's defaults are smaller (a laptop CPU)
+            samples = gr.Slider(label="Calibration windows", **{**CalibrationOptions.ui("samples"),
+                                "value": DEFAULT_SAMPLES, "info": "how many stretches of text the criteria watch"})
+            seq_len = gr.Slider(label="Tokens per window", **{**CalibrationOptions.ui("seq_len"),
+                                                             "value": DEFAULT_SEQ_LEN})
             seed = gr.Number(0, precision=0, label="Seed (which windows)",
                              info="changing it picks other windows (scores for the old ones are set aside)")
         load_button = gr.Button("Load model", variant="primary", elem_id="load-button")

@@ -6,6 +6,7 @@ import gradio as gr
 import pandas as pd
 
 from core.allocate import AllocationOptions
+from core.compensate import CompensationOptions
 from core.counts import prune_preview
 from core.errors import HFPruneError, SelectionError, Stopped
 from core.export import EXPORT_MODES, default_export_mode
@@ -338,8 +339,9 @@ def build(ctx: Ctx) -> None:
         with gr.Row():
             compensate = gr.Checkbox(False, label="Least-squares compensation (refit down_proj after pruning)",
                                      info=texts.COMPENSATION, elem_id="compensate")
-            compensate_windows = gr.Slider(4, 256, value=64, step=4, label="Compensation windows (× the data tab's "
-                                           "tokens per window; forward passes only)")
+            compensate_windows = gr.Slider(label="Compensation windows (× the data tab's tokens per window; "
+                                           "forward passes only)",
+                                           **{**CompensationOptions.ui("samples"), "value": 64})
         preview_text = gr.Markdown("", elem_id="prune-preview")
         preview_plot = gr.Plot(label="Kept width per layer", elem_id="widths-plot")
         with gr.Row(equal_height=True):
