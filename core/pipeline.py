@@ -409,9 +409,9 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
         emit({"stage": "export", "state": "start", "order": options.order})
         target = export(student, loaded, fmt, out, prune_meta, record, mode=export_mode)
         if fmt is not None:
-            from .quant_store import load_any
+            from .quant_store import load_on
 
-            final = load_any(str(target)).model  # the reload applies the recipe: the exported model is measured
+            final = load_on(str(target), device).model  # the reload applies the recipe: the export is what is measured
     elif fmt is not None:
         final = quantize_model(student, fmt.method)
     record["widths"] = mlp_widths(student)

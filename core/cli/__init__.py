@@ -12,6 +12,7 @@ dict. A new group is added to ``GROUPS``:
     core/cli/recover.py    recover (distil a pruned model from its teacher: full / mlp / lora)
     core/cli/data.py       data (how a text source is split into calibration / evaluation text)
     core/cli/ddp.py        ddp (deterministic differentiable pruning: learned gates, hardened and exported)
+    core/cli/pipeline.py   pipeline (prune → quantize → distil in any order, export, measure; --ablation)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ..errors import HFPruneError
 from ..progress import quiet_third_party
 
 GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed",
-                     "core.cli.inspector", "core.cli.recover", "core.cli.data", "core.cli.ddp"]
+                     "core.cli.inspector", "core.cli.recover", "core.cli.data", "core.cli.ddp", "core.cli.pipeline"]
 
 
 def build_parser() -> argparse.ArgumentParser:
