@@ -25,6 +25,7 @@ from ..engine import (
 from ..errors import HFPruneError, PruneConfigError
 from ..evaluate import evaluate
 from ..export import EXPORT_MODES, check_output_dir, read_meta, save_pruned
+from ..gguf_export import GGUFOptions
 from ..models import EMBEDDED
 from ..placement import PlacementOptions, load_placed, scoring_preflight
 from ..quant_store import load_any
@@ -53,7 +54,8 @@ def register(sub) -> None:
     CompensationOptions.add_arguments(prune)
     prune.add_argument("--export", default=None, choices=EXPORT_MODES,
                        help="hf-native (uniform widths; default for uniform), hf-remote-code (default otherwise), "
-                            "hf-padded")
+                            "hf-padded, gguf (one .gguf file for llama.cpp / Ollama, tokenizer inside)")
+    GGUFOptions.add_arguments(prune)
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     prune.set_defaults(handler=cmd_prune)
 
@@ -145,7 +147,8 @@ def cmd_prune(args) -> dict:
         return None
     pruned = prune_with_scores(loaded, result, args.ratio, allocation=args.allocation, round_to=args.round_to,
                                options=options, progress=not args.quiet, compensation=compensation)
-    target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export)
+    target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export,
+                         gguf=GGUFOptions.from_args(args) if export == "gguf" else None)
     before, after = count_params(loaded.model), count_params(pruned.model)
     return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
             "allocation": args.allocation, "compensation": compensation.method,
