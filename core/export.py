@@ -31,10 +31,14 @@ EXPORT_MODES = ("hf-native", "hf-remote-code", "hf-padded", "gguf")  # gguf: cor
 META_FILE = "pruning_meta.json"
 
 
-def default_export_mode(widths: list[int]) -> tuple[str, str]:
+def default_export_mode(widths: list[int], heads_pruned: bool = False) -> tuple[str, str]:
     """The format that works for a variant with these per-layer MLP widths, and why, in one line:
     ``hf-native`` when every layer has the same width, else ``hf-remote-code`` (true widths; the
-    alternative ``hf-padded`` reloads without remote code but keeps the padded bytes and FLOPs)."""
+    alternative ``hf-padded`` reloads without remote code but keeps the padded bytes and FLOPs).
+    ``heads_pruned``: per-layer attention head counts (DDP) — only hf-remote-code expresses them."""
+    if heads_pruned:
+        return "hf-remote-code", ("hf-remote-code: the layers keep different numbers of attention heads, which "
+                                  "only this format's modeling file can rebuild (reload with trust_remote_code=True).")
     if len(set(widths)) <= 1:
         return "hf-native", ("hf-native: every layer has the same width, so the standard config describes the model "
                              "and plain from_pretrained reloads it anywhere.")

@@ -326,6 +326,14 @@ def test_head_pruned_model_refuses_other_export_modes(tiny_loaded, tmp_path):
         assert not (tmp_path / mode).exists()
 
 
+def test_default_export_mode_for_head_pruned_variants():
+    from core.export import default_export_mode
+
+    assert default_export_mode([32, 32])[0] == "hf-native"
+    mode, why = default_export_mode([32, 32], heads_pruned=True)
+    assert mode == "hf-remote-code" and "attention heads" in why
+
+
 def test_cli_ddp_writes_a_folder_and_bad_input_writes_nothing(tmp_path, real_tokenizer):
     import json
 
