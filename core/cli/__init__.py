@@ -7,6 +7,7 @@ dict. A new group is added to ``GROUPS``:
     core/cli/prune.py      score, prune, eval, models
     core/cli/quantize.py   quantize
     core/cli/zeroshot.py   zeroshot
+    core/cli/vision.py     encoders on score / prune (dispatch by --model), vision-eval
     core/cli/speed.py      bench (measured latency / memory)
     core/cli/inspector.py  neuron, stability, report (neuron inspector, rank stability, HTML report)
     core/cli/recover.py    recover (distil a pruned model from its teacher: full / mlp / lora)
@@ -29,7 +30,8 @@ from ..errors import HFPruneError
 from ..progress import quiet_third_party
 
 GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed",
-                     "core.cli.inspector", "core.cli.recover", "core.cli.data", "core.cli.ddp", "core.cli.pipeline"]
+                     "core.cli.inspector", "core.cli.recover", "core.cli.data", "core.cli.ddp", "core.cli.pipeline",
+                     "core.cli.vision"]  # vision wraps prune's score/prune: keep it after core.cli.prune
 
 
 def build_parser() -> argparse.ArgumentParser:
