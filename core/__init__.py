@@ -31,7 +31,7 @@ never import ``core.cli``.
     adaptive.py        adaptive (AMP) width search
     ddp.py             deterministic differentiable pruning (learned gates)
   prune
-    prune.py           slicing (prune_mlp_neurons) and pruned_view
+    prune.py           slicing (prune_mlp_neurons, prune_attention_heads) and pruned_view
     engine.py          the top-level calls: score_model, plan_widths, prune_with_scores, ScoreResult
     vision.py          AMP for encoders: score, allocate, prune and distil
   compensate
