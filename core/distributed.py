@@ -129,3 +129,106 @@ def broadcast_object(value: object) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def local_slice(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of a global batch (examples along dim 0; every rank draws the same
+    global batch from the same seeded order): (B, …) → (B / world, …)."""
+    return torch.tensor_split(batch, world())[rank()] if active() else batch
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a per-rank number (e.g. the loss of each rank's shard of the batch)."""
+    if not active():
+        return value
+    box = torch.tensor([float(value)], dtype=torch.float64)
+    all_reduce_sum([box])
+    return float(box) / world()
+
+
+class _Holder(torch.nn.Module):
+    """The trainable parameters (shared, not copied) as one module whose output is 0 but depends on each."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        super().__init__()
+        self.params = torch.nn.ParameterList(params)
+
+    def forward(self) -> torch.Tensor:
+        return torch.stack([(p.reshape(-1)[:1].float() * 0).sum() for p in self.params]).sum()
+
+
+class GradientSync:
+    """torch's DistributedDataParallel as the gradient all-reduce of a training loop whose objective
+    runs its own backward passes (the chunked vocabulary loss calls backward once per chunk, then once
+    through the decoder stack, which DDP's one-forward-one-backward wrapper cannot follow).
+
+    The local backward passes accumulate ``.grad`` as usual — exactly what happens under DDP's
+    ``no_sync()`` during gradient accumulation — and :meth:`__call__` then runs one forward/backward
+    through a DDP wrapper of a zero-valued function of the trainable parameters: its backward adds 0 to
+    each gradient and lets DDP's reducer average the accumulated gradients over the ranks (bucketed
+    all-reduce, the same path DDP takes on the first backward after ``no_sync``). Constructing it also
+    broadcasts rank 0's trainable parameters, so every rank starts from the same values."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.holder = _Holder(params)
+        placement = {"device_ids": [local_rank()]} if backend() == "nccl" else {}
+        self.ddp = DistributedDataParallel(self.holder, **placement)  # the holder has no buffers to sync
+
+    def __call__(self) -> None:
+        """Average every trainable parameter's accumulated gradient over the ranks, in place."""
+        self.ddp().backward()
+
+
+class TrainingSync:
+    """What a training loop calls so the same code runs in one process or under torchrun; every method
+    is a no-op (or the identity) outside a process group:
+
+        sync = TrainingSync(batch_size, accumulate)       # checks batch_size % (world · accumulate) == 0
+        micro = sync.micro_batch(batch_size, accumulate)  # per-rank micro-batch
+        sync.attach(trainable_params)                     # after requires_grad is set: DDP gradient sync
+        ended_by, used = sync.agree(budget_used(...))     # rank 0's budget decision, so all ranks stop together
+        batch = sync.local(global_batch)                  # this rank's contiguous share
+        loss, tokens = sync.reduce(loss, tokens)          # average the gradients (DDP), mean loss, global tokens
+
+    With the same global batch, the gradient each step equals the single-process one: each rank's
+    objective averages over its rows, DDP averages over ranks, and the shares are equal in size."""
+
+    def __init__(self, batch_size: int, accumulate: int) -> None:
+        from .errors import HFPruneError
+
+        self.active = active()
+        if self.active and batch_size % (world() * accumulate):
+            raise HFPruneError(f"Under torchrun the batch ({batch_size} windows) is split over {world()} processes "
+                               f"and {accumulate} micro-batches; make batch_size a multiple of {world() * accumulate}.")
+        self.grads: GradientSync | None = None
+
+    def micro_batch(self, batch_size: int, accumulate: int) -> int:
+        return batch_size // accumulate // (world() if self.active else 1)
+
+    def attach(self, params: list[torch.nn.Parameter]) -> None:
+        if self.active:
+            self.grads = GradientSync(params)
+
+    def agree(self, value):
+        return broadcast_object(value) if self.active else value
+
+    def local(self, batch: torch.Tensor) -> torch.Tensor:
+        return local_slice(batch)
+
+    def reduce(self, loss: float, tokens: int) -> tuple[float, int]:
+        if self.grads is None:
+            return loss, tokens
+        self.grads()
+        return mean_over_ranks(loss), tokens * world()
+
+
+def to_rank_device(*models: torch.nn.Module) -> None:
+    """Under torchrun on GPUs, move each model to this rank's GPU (``cuda:LOCAL_RANK``); else leave it."""
+    if active() and device().type == "cuda":
+        for model in models:
+            model.to(device())

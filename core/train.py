@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import DataError, HFPruneError, Stopped
 from .options import Options, knob
 from .progress import check_stop
@@ -572,7 +573,8 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
         raise TrainConfigError("This objective needs a teacher model.")
     torch.manual_seed(options.seed)
     batches = _Batches(data.shape[0], options.batch_size, options.seed)
-    micro = options.batch_size // options.accumulate
+    parallel = distributed.TrainingSync(options.batch_size, options.accumulate)  # no-op outside torchrun
+    micro = parallel.micro_batch(options.batch_size, options.accumulate)
     timing = dict.fromkeys(TIMED, 0.0)
     curve: list[dict] = []
     if teacher is not None:
@@ -605,10 +607,11 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
             best.start(initial_value)
             record(StepRecord(0, 0, None, initial_value, 0.0, 0.0))
             optimizer = _optimizer(params, options, device)
+            parallel.attach([p for _n, p in params.named])  # DistributedDataParallel gradient averaging
             start = time.perf_counter()
             step_seconds = 0.0
             while True:
-                ended_by, used = budget_used(options, step, tokens, time.perf_counter() - start)
+                ended_by, used = parallel.agree(budget_used(options, step, tokens, time.perf_counter() - start))
                 if used >= 1.0:
                     break
                 check_stop(stop, f"Training was stopped at step {step}; the student is back at its state from "
@@ -617,10 +620,11 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                 for group in optimizer.param_groups:
                     group["lr"] = options.lr * group["lr_scale"] * (factor if group["schedule"] else 1.0)
                 step_start = t = time.perf_counter()
-                batch = data[batches.next()].to(device)
+                batch = parallel.local(data[batches.next()]).to(device)  # this rank's share of the global batch
                 timing["data"] += time.perf_counter() - t
                 state = StepState(step, used, 1.0 / options.accumulate)
-                loss, read = _micro_batches(objective, student, teacher, batch, micro, state, device, timing)
+                loss, read = parallel.reduce(*_micro_batches(objective, student, teacher, batch, micro, state,
+                                                             device, timing))
                 tokens += read
                 t = time.perf_counter()
                 _optimizer_step(optimizer, params, objective, options, state)

@@ -50,6 +50,25 @@ def test_two_gloo_processes_give_the_single_process_scores(tmp_path):
         assert_same(parallel["scores"][name], single[name])
 
 
+def test_two_gloo_processes_train_like_one_process(tmp_path):
+    """core.train under torchrun (DistributedDataParallel gradient averaging, each rank half of the same
+    global batch): the first steps' losses and parameters equal the single-process run, for MLP-only and
+    full (tied embeddings) parameter sets, with and without gradient accumulation."""
+    sys.path.insert(0, HERE)
+    from scale_train_worker import run_all
+
+    out = tmp_path / "train.pt"
+    run = torchrun(os.path.join(HERE, "scale_train_worker.py"), str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    parallel, single = torch.load(out), run_all()
+    for key, want in single.items():
+        got = parallel[key]
+        assert got["tokens"] == want["tokens"]
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=0)
+        for name, value in want["params"].items():
+            torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-6)
+
+
 def test_fisher_labels_do_not_depend_on_the_batch_size():
     model = make_tiny("qwen2", intermediate_size=32)
     windows = torch.randint(0, 49152, (5, 12), generator=torch.Generator().manual_seed(4))

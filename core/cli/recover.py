@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from .. import distributed
 from ..export import EXPORT_MODES, check_output_dir, read_meta
 from ..recover import (
     LoraOptions,
@@ -47,8 +48,11 @@ def cmd_recover(args) -> dict:
     teacher_spec = args.teacher or default_teacher(args.model)
     student = load_model(args.model)
     teacher = load_model(teacher_spec)
+    distributed.to_rank_device(student.model, teacher.model)  # torchrun on GPUs: one GPU per rank
     meta = read_meta(student.path) if student.path else None
     result = recover(student, teacher, options, train_options, distill, lora, meta=meta, progress=not args.quiet)
+    if not distributed.is_main():  # data-parallel training ends with the same weights on every rank
+        return None
     target = save_recovered(result, student.tokenizer, args.out, args.export)
     record = result.meta["recovery"]
     return {"out": str(target), "student": args.model, "teacher": teacher_spec, "params": options.params,
