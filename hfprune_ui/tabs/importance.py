@@ -167,7 +167,7 @@ def build(ctx: Ctx) -> None:
                                  info="type or pick layer numbers", elem_id="layers")
             shown = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Criteria shown",
                                 scale=2)
-            heat_criterion = gr.Dropdown([], value=None, allow_custom_value=True, label="Heatmap criterion", scale=1)
+            heat_criterion = gr.Dropdown([], value="", allow_custom_value=True, label="Heatmap criterion", scale=1)
         with gr.Row():
             log = gr.Checkbox(True, label="log scale", info="scores span orders of magnitude")
             together = gr.Checkbox(False, label="overlay criteria in one chart",

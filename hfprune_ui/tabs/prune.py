@@ -276,7 +276,7 @@ def make_default_format(services: Services):
         if variant is None:
             return gr.update(), ""
         mode, why = default_export_mode(variant.widths, heads_pruned="heads" in variant.meta)
-        return gr.update(value=mode), f"Default format for **{name}**: {why}"
+        return mode, f"Default format for **{name}**: {why}"
     return default_format
 
 

@@ -1,0 +1,88 @@
+"""The launched dashboard on a tiny random llama (issue 10's paths without the real model's cost):
+scores → plots with a bad layer list → prune (uniform, adaptive quick with its estimate) with the
+quality at a glance → export default → a sweep with its random baseline → a full session replacing
+the chosen variant → runs table columns. Fast: 2 layers of 64 neurons."""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+
+from core.criteria import parameter_knobs
+
+DATA = ["wiki", None, 2, 32, 0]
+CRIT = [cls.ui(field)["value"] for _c, cls, field in parameter_knobs()]  # every criterion knob at its default
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory, real_tokenizer):
+    """(client, services, model folder) of a dashboard whose model is a tiny llama saved to a folder."""
+    import torch
+    from gradio_client import Client
+
+    from hfprune_ui import build_demo, launch_options, queue
+    from hfprune_ui.services import Services
+
+    root = tmp_path_factory.mktemp("tiny-dashboard")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", intermediate_size=64, layers=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(root / "tiny")
+    real_tokenizer.save_pretrained(root / "tiny")
+    services = Services(runs_root=root / "runs")
+    demo = queue(build_demo(services))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, **launch_options())
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False), services, str(root / "tiny")
+    finally:
+        demo.close()
+
+
+def test_dashboard_paths_on_a_tiny_model(tiny_app):
+    from gradio_client.exceptions import AppError
+
+    c, services, model = tiny_app
+    status = c.predict(model, *DATA, api_name="/load_model")
+    assert "2 layers" in status and "1.6 M parameters" in status and "split by article" in status
+    out = c.predict(["entropy", "cross_entropy"], model, *DATA, *CRIT, [], [], True, None, api_name="/score")
+    assert "computed" in out[0]
+    with pytest.raises(AppError, match="'7' is not a layer of this model \\(layers are 0–1\\)"):
+        c.predict(["0", "7"], ["entropy"], True, "entropy", api_name="/redraw")
+
+    *_, estimate = c.predict("quick", "adaptive", model, api_name="/adaptive_preset")
+    assert "Estimated time for the adaptive search on this machine: **about" in estimate
+    status, mode_update, trace, held, *_ = c.predict("entropy", 0.3, "adaptive", "1", False, 8, "ad30", model, *DATA,
+                                                     *CRIT, 2, 2, 32, "kl", api_name="/prune")
+    assert "Pruned **ad30**" in status and "Quality at a glance (4 × 64 held-out tokens)" in status
+    assert json.loads(trace["plot"])["data"]  # the adaptive search's trace
+    widths = services.sessions._sessions[next(iter(services.sessions._sessions))].variants["ad30"].widths
+    mode, why = c.predict("ad30", api_name="/export_default")
+    assert mode == ("hf-native" if len(set(widths)) == 1 else "hf-remote-code") and f"**ad30**: {mode}:" in why
+
+    table, lines, note = c.predict(["entropy"], "0.2, 0.5", "uniform", "1", 2, 32, "kl_to_dense",
+                                   api_name="/sweep")
+    criteria = [row[0] for row in table["data"]]
+    assert criteria == ["entropy", "entropy", "random (baseline)", "random (baseline)"] and note.startswith("4 of 4")
+    with pytest.raises(AppError, match="Ratios must be numbers between 0 and 1"):
+        c.predict(["entropy"], "0.2, lots", "uniform", "1", 2, 32, "kl_to_dense", api_name="/sweep")
+
+    for name in ("u1", "u2", "u3"):
+        c.predict("entropy", 0.2, "uniform", "1", False, 8, name, model, *DATA, *CRIT, api_name="/prune")
+    assert "the next prune replaces **u2**" in c.predict("u2", api_name="/replace_choice")
+    status, *_, held, _, _, header = c.predict("cross_entropy", 0.4, "uniform", "1", False, 8, "ce40", model, *DATA,
+                                               *CRIT, api_name="/prune")
+    assert "'u2' was dropped to make room" in status
+    assert [row[0] for row in held["data"]] == ["ad30", "u1", "u3", "ce40"]
+    runs, _ = c.predict(False, api_name="/runs_list")
+    assert runs["headers"][:3] == ["run id", "kind", "name"] and {"allocation", "compensation"} <= set(runs["headers"])
+    assert {row[2] for row in runs["data"] if row[1] == "prune"} == {"ad30", "u1", "u2", "u3", "ce40"}
