@@ -264,7 +264,7 @@ class PipelineOptions(Options):
     allocation: str = knob("uniform", "how widths are spread over layers", choices=ALLOCATIONS)
     round_to: int = knob(16, "round kept widths to a multiple of this (INT8 kernels like multiples of 16)", low=1,
                          ui_high=128)
-    quant: str = knob("int8-dynamic", "final number format", choices=tuple(FORMATS))
+    quant: str = knob("int8-dynamic", f"final number format: {', '.join(FORMATS)}")
     params: str = knob("full", "what trains in the distil stage: full (every parameter) or mlp (MLP projections)",
                        choices=("full", "mlp"))
     heldout_windows: int = knob(8, "held-out calibration windows for the training KL curve", low=0, ui_high=64)
@@ -273,6 +273,8 @@ class PipelineOptions(Options):
         super().validate()
         object.__setattr__(self, "order", parse_order(self.order))
         check_ratio(self.ratio)
+        if self.quant not in FORMATS:  # not argparse choices: a bad format is one sentence like a bad order
+            raise PipelineError(f"Unknown format '{self.quant}'; choose one of: {', '.join(FORMATS)}.")
 
 
 @dataclass
@@ -403,6 +405,7 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
     check_stop(stop, "The pipeline was stopped before the export; nothing was written.")
     unfake(student)  # the trained floating-point weights: what is exported and what the backend converts
     student.eval()
+    record["widths"] = mlp_widths(student)
     final = student
     target = None
     if out is not None:
@@ -414,7 +417,6 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
             final = load_on(str(target), device).model  # the reload applies the recipe: the export is what is measured
     elif fmt is not None:
         final = quantize_model(student, fmt.method)
-    record["widths"] = mlp_widths(student)
     row: dict = {}
     try:
         if measure_result:

@@ -66,7 +66,7 @@ def _options(args):
     compensation = CompensationOptions.from_args(args)
     distill = DistillOptions.from_args(args)
     measure = MeasureOptions.from_args(args)
-    given = TrainOptions.given(args)
+    given = {k: v for k, v in TrainOptions.given(args).items() if k not in ("seed", "batch_size")}
     needs_training = args.ablation or "d" in options.order
     if not needs_training and not any(given.get(k) for k in ("steps", "tokens", "minutes")):
         given["steps"] = 1  # no distil stage: the budget is never used
