@@ -18,7 +18,7 @@ from core.score_stats import (
 from .. import figures, texts
 from ..context import TRACK, Ctx, criterion_controls, model_events, stop_on_click, with_criterion_knobs
 from ..guard import is_api, session_id, user_errors
-from ..progress import JobProgress
+from ..progress import JobProgress, duration
 from ..services import Services, criteria
 from ..state import Session
 
@@ -143,6 +143,26 @@ def make_redraw(services: Services):
     return redraw
 
 
+def make_score_estimate(services: Services):
+    def estimate(chosen: list | None, model: str, samples: float, seq_len: float) -> str:
+        """About how long scoring the ticked criteria takes on this machine (before pressing Score)."""
+        from core.criteria import REGISTRY
+        from core.timing import scoring_seconds
+
+        spec = (model or "").strip()
+        picked = [c for c in (chosen or []) if c in REGISTRY]
+        if not picked:
+            return ""
+        if not services.models.cached(spec):
+            return "The first Score loads the model (a few seconds once it is converted); then it estimates each run."
+        per_token = services.seconds_per_token(spec)
+        tokens = int(samples) * int(seq_len)
+        seconds = sum(scoring_seconds(per_token, tokens, REGISTRY[c].cost) for c in picked)
+        return (f"Estimated scoring time on this machine: **about {duration(seconds)}** for {len(picked)} "
+                f"criteria on {int(samples)} × {int(seq_len)} tokens (cached criteria are instant).")
+    return estimate
+
+
 def criteria_markdown() -> str:
     rows = "\n".join(f"| **{c['name']}** | {c['cost']} | {c['summary']} |" for c in describe_criteria())
     return "| criterion | cost | what it measures |\n|---|---|---|\n" + rows
@@ -150,7 +170,7 @@ def criteria_markdown() -> str:
 
 def build(ctx: Ctx) -> None:
     services = ctx.services
-    with gr.Tab("Importance", id="importance"):
+    with gr.Tab("Importance", id="importance") as tab:
         gr.Markdown(texts.IMPORTANCE, elem_classes="teach")
         with gr.Row(equal_height=True):
             chosen = gr.CheckboxGroup(criteria(), value=DEFAULT_CRITERIA, label="Criteria to score", scale=4,
@@ -161,6 +181,7 @@ def build(ctx: Ctx) -> None:
             gr.Markdown(criteria_markdown())
         with gr.Accordion("Criterion settings (each criterion reads only its own)", open=False), gr.Row():
             knob_controls = criterion_controls()
+        estimate = gr.Markdown("", elem_id="score-estimate")
         status = gr.Markdown("", elem_id="score-status")
         with gr.Row(equal_height=True):
             layers = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Layers", scale=2,
@@ -191,3 +212,7 @@ def build(ctx: Ctx) -> None:
     for component in (shown, log, heat_criterion, together):
         component.input(redraw, views, [hist, heat, table], api_visibility="private", show_progress="minimal")
     ctx.add(criteria_chosen=chosen)
+    estimate_inputs = [chosen, ctx["model"], ctx["samples"], ctx["seq_len"]]
+    for trigger in (chosen.input, tab.select, event.then):
+        trigger(make_score_estimate(services), estimate_inputs, estimate, api_visibility="private",
+                show_progress="hidden")

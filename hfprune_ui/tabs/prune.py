@@ -226,6 +226,28 @@ def make_sweep(services: Services):
     return sweep
 
 
+def make_sweep_estimate(services: Services):
+    def estimate(names: list | None, ratios: str, allocation: str, windows: float, seq_len: float,
+                 compensate_windows: float, baseline: bool, request: gr.Request = None) -> str:
+        """About how long the sweep takes on this machine, before it starts."""
+        from core.timing import sweep_seconds
+
+        session = services.sessions.get(session_id(request))
+        spec = session.model_spec
+        if not spec or not services.models.cached(spec):
+            return ""
+        try:
+            count = len(parse_ratios(ratios))
+        except HFPruneError:
+            return ""  # the Run button says what is wrong with the ratios
+        rows = (len(names or session.scores) + bool(baseline)) * count
+        seq = session.data.seq_len if session.data else 128
+        compensation = int(compensate_windows) * seq if allocation.endswith("+lsq") else 0
+        seconds = sweep_seconds(services.seconds_per_token(spec), rows, int(windows) * int(seq_len), compensation)
+        return f"Estimated time: **about {duration(seconds)}** for {rows} rows on this machine."
+    return estimate
+
+
 def sweep_table(rows: list[dict]) -> pd.DataFrame:
     """Rows → a criteria × ratio table (KL to dense; perplexity and top-1 in the other columns)."""
     frame = pd.DataFrame(rows)
@@ -376,6 +398,7 @@ def build(ctx: Ctx) -> None:
             with gr.Row(equal_height=True):
                 sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
                 sweep_stop = gr.Button("Stop sweep", variant="stop", elem_id="sweep-stop")
+            sweep_estimate = gr.Markdown("", elem_id="sweep-estimate")
             sweep_note = gr.Markdown("", elem_id="sweep-note")
             sweep_frame = gr.Dataframe(label="Fidelity per criterion and ratio", interactive=False,
                                        elem_id="sweep-table")
@@ -412,6 +435,13 @@ def build(ctx: Ctx) -> None:
     tab.select(make_estimate(services), estimate_inputs, estimate, api_visibility="private")
     tab.select(make_scored(services), None, sweep_criteria, api_visibility="private")
     tab.select(make_variants_panel(services), None, panel_outputs, api_visibility="private")
+    sweep_estimate_inputs = [sweep_criteria, sweep_ratios, sweep_allocation, sweep_windows, sweep_len,
+                             compensate_windows, sweep_baseline]
+    for component in sweep_estimate_inputs:
+        component.input(make_sweep_estimate(services), sweep_estimate_inputs, sweep_estimate,
+                        api_visibility="private", show_progress="hidden")
+    tab.select(make_sweep_estimate(services), sweep_estimate_inputs, sweep_estimate, api_visibility="private",
+               show_progress="hidden")
     sweep_event = sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to,
                                                             sweep_windows, sweep_len, sweep_metric,
                                                             compensate_windows, sweep_baseline],
