@@ -24,6 +24,7 @@ from .tabs import (
     runs,
     side_by_side,
     tour,
+    vision,
 )
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -50,6 +51,7 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             recover.build(ctx)
             ddp.build(ctx)  # DDP: learned gates hardened into the pruned structure (issue 12)
             side_by_side.build(ctx)
+            vision.build(ctx)  # encoders (AMP): score, prune, widths, fidelity (issue 14)
             quantize_measure.build(ctx)
             runs.build(ctx)
         wire_tour()
