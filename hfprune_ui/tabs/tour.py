@@ -185,7 +185,7 @@ def build(ctx: Ctx):
                          api_name="tour_histograms"))
         c.after(b3.click(make_step3(services), None,
                          [out3_text, out3_plot, out3_table, *c["agree_outputs"], c["agree_a"], c["agree_b"],
-                          c["agree_layer"], c["agree_ratio"]], api_name="tour_disagreements", **model_events()))
+                          c["agree_layer"], c["agree_ratio"]], api_name="tour_disagreements"))
         c.after(b4.click(make_step4(services), None,
                          [out4, c["prune_status"], c["export_variant"], c["held"], c["drop_pick"], c["replace"],
                           c["held_header"]], api_name="tour_prune", **model_events()))
