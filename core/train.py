@@ -592,7 +592,8 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
         student.eval()
         try:
             with _autocast(device):
-                return float(objective.heldout(student, teacher, heldout, options.batch_size, stop))
+                # rank 0's number on every rank, so best-checkpoint choices cannot diverge across GPUs
+                return parallel.agree(float(objective.heldout(student, teacher, heldout, options.batch_size, stop)))
         finally:
             student.train(was)
 

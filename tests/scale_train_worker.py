@@ -35,10 +35,12 @@ def tiny(seed: int) -> torch.nn.Module:
 def run(which: str, accumulate: int) -> dict:
     student, teacher = tiny(0), tiny(1)
     params = param_set(student, which)
-    options = TrainOptions(steps=3, batch_size=4, accumulate=accumulate, lr=1e-3, warmup_steps=0, eval_every=0,
-                           keep_best=False, grad_clip=1.0, seed=0)
-    result = train(student, teacher, LogitDistillation(DistillOptions(alpha=0.5, tau=2.0)), DATA, params, options)
+    options = TrainOptions(steps=3, batch_size=4, accumulate=accumulate, lr=1e-3, warmup_steps=0, eval_every=2,
+                           keep_best=True, grad_clip=1.0, seed=0)
+    result = train(student, teacher, LogitDistillation(DistillOptions(alpha=0.5, tau=2.0)), DATA, params, options,
+                   heldout=DATA[:2])
     return {"losses": [c["loss"] for c in result.curve[1:]], "tokens": result.tokens,
+            "heldout": [c["heldout"] for c in result.curve if c["heldout"] is not None],
             "params": {n: p.detach().clone() for n, p in params.named}}
 
 

@@ -65,6 +65,7 @@ def test_two_gloo_processes_train_like_one_process(tmp_path):
         got = parallel[key]
         assert got["tokens"] == want["tokens"]
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(got["heldout"]), torch.tensor(want["heldout"]), rtol=1e-5, atol=0)
         for name, value in want["params"].items():
             torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-6)
 
