@@ -120,14 +120,28 @@ def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        if _gguf_architecture(path) == "deci":  # per-layer widths (our GGUF export); transformers has no such class
+            from transformers import PreTrainedTokenizerFast
+
+            from .gguf_export import load_gguf_model
+
+            model = load_gguf_model(path)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except ImportError as exc:
         raise ModelLoadError(f"Reading GGUF files needs the 'gguf' package ({exc}).") from exc
     except Exception as exc:  # corrupt or unsupported GGUF
         raise ModelLoadError(f"Could not read GGUF file {path}: {exc}") from exc
     _strip_quantizer(model)
     return model, tokenizer
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    from .gguf_export import read_metadata
+
+    return read_metadata(path).get("general.architecture")
 
 
 def _llama_to_qwen2(model: nn.Module) -> nn.Module:

@@ -119,6 +119,11 @@ def test_per_layer_widths_write_a_deci_array_or_pad(tokenizer, tmp_path):
     deci = save_gguf(pruned, tokenizer, tmp_path / "deci.gguf", GGUFOptions(type="f32"))
     assert read_gguf_widths(deci) == ("deci", [32, 48])
     torch.testing.assert_close(logits(load_gguf_model(deci)), ref, rtol=1e-4, atol=1e-5)
+    from core.models import load_model
+
+    engine = load_model(str(deci))  # the engine's GGUF path reads the per-layer file too
+    assert [layer.mlp.down_proj.in_features for layer in engine.model.model.layers] == [32, 48]
+    torch.testing.assert_close(logits(engine.model), ref, rtol=1e-4, atol=1e-5)
     padded = save_gguf(pruned, tokenizer, tmp_path / "pad.gguf", GGUFOptions(type="f32", layout="padded"))
     assert read_gguf_widths(padded) == ("llama", 48)
     torch.testing.assert_close(logits(reload_transformers(padded)), ref, rtol=1e-4, atol=1e-5)
