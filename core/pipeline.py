@@ -363,6 +363,8 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
     fmt = check_format(options.quant, device) if "q" in options.order else None
     if quantization_of(loaded.model) or fake_format(loaded.model):
         raise PipelineError("The pipeline starts from an unquantized model; load the fp32 (or pruned fp32) model.")
+    if measure_result:
+        check_lengths(loaded, measure)
     if out is not None:
         check_output_dir(out)
     emit = on_event or (lambda _event: None)
@@ -555,6 +557,16 @@ def measure_model(model: nn.Module, loaded: LoadedModel, options: MeasureOptions
     return row
 
 
+def check_lengths(loaded: LoadedModel, options: MeasureOptions) -> None:
+    """The measurement windows must fit the model's context (checked before any work)."""
+    limit = loaded.max_length
+    longest = max(options.prefill_tokens, options.eval_seq_len, 128 + options.decode_tokens)
+    if longest > limit:
+        raise PipelineError(f"The measurement needs {longest}-token inputs (prefill {options.prefill_tokens}, "
+                            f"evaluation {options.eval_seq_len}, decode 128 + {options.decode_tokens}) but the model's "
+                            f"context is {limit} tokens; lower --prefill-tokens / --eval-seq-len / --decode-tokens.")
+
+
 def mlp_widths_of(model: nn.Module) -> list[int]:
     """MLP widths of a plain, fake-quantised or converted model."""
     from .counts import mlp_widths_any
@@ -602,6 +614,7 @@ def run_ablation(loaded: LoadedModel, options: PipelineOptions | None = None, *,
     device = next(loaded.model.parameters()).device
     if any("q" in o for o in todo + extra):
         check_format(options.quant, device)
+    check_lengths(loaded, measure)
     root = Path(out_root).expanduser()
     if not root.parent.exists():
         raise PipelineError(f"Parent folder {root.parent} of the ablation folder does not exist.")

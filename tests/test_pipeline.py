@@ -231,7 +231,7 @@ def test_ablation_stores_rows_as_runs_and_resumes(dense, tmp_path):
 
 
 def test_bad_input_is_one_sentence_before_any_work(dense, tmp_path):
-    from core.pipeline import PipelineError, PipelineOptions, run_pipeline
+    from core.pipeline import MeasureOptions, PipelineError, PipelineOptions, run_pipeline
 
     for fields, match in (({"order": "pqx"}, "Unknown order"), ({"quant": "int3"}, "Unknown format"),
                           ({"ratio": 1.0}, "ratio")):
@@ -239,7 +239,10 @@ def test_bad_input_is_one_sentence_before_any_work(dense, tmp_path):
             PipelineOptions(**fields)
     with pytest.raises(PipelineError, match="needs a CUDA GPU"):
         run_pipeline(dense, PipelineOptions(quant="nf4"), out=tmp_path / "nf4", **_groups())
-    assert not (tmp_path / "nf4").exists()
+    with pytest.raises(PipelineError, match="context is 256 tokens"):
+        run_pipeline(dense, PipelineOptions(), out=tmp_path / "long",
+                     **{**_groups(), "measure": MeasureOptions(prefill_tokens=512)})
+    assert not (tmp_path / "nf4").exists() and not (tmp_path / "long").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -263,3 +266,52 @@ def test_cli_exit_status_in_a_fresh_process(tmp_path):
     out = tmp_path / "out"
     result = run_cli("pipeline", "--order", "p,q,x", "--out", str(out))
     assert result.returncode == 2 and "error: Unknown order 'p,q,x'" in result.stderr and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- dashboard
+
+
+def _services(tmp_path, monkeypatch, tokenizer):
+    from core.models import LoadedModel
+    from hfprune_ui.services import Services
+    from hfprune_ui.tabs import pipeline as tab
+
+    monkeypatch.setattr(tab, "cache_dir", lambda: tmp_path / "cache")  # exports go here (data caches stay shared)
+    monkeypatch.setattr(tab, "MEASURE", {"eval_windows": 2, "eval_seq_len": 32, "prefill_tokens": 16,
+                                          "decode_tokens": 2, "speed_repeats": 1})
+    monkeypatch.setattr(tab, "CALIBRATION", {"samples": 4, "seq_len": 32})
+    services = Services(runs_root=tmp_path / "runs")
+    services.models._models["tiny"] = LoadedModel(make_tiny("llama"), tokenizer, "tiny", "")
+    return services
+
+
+def test_dashboard_run_streams_from_a_worker_and_never_holds_the_lock_across_a_yield(tmp_path, monkeypatch,
+                                                                                    tokenizer):
+    from hfprune_ui.tabs.pipeline import make_start
+
+    services = _services(tmp_path, monkeypatch, tokenizer)
+    start = make_start(services, ablation=False)
+    outputs = []
+    for output in start("tiny", "qpd", 0.25, "entropy", "uniform", "int8-weight", "mlp", 0, 2, 1e-3, 0):
+        assert not services.model_lock._is_owned()  # the generator's thread never holds the model lock
+        outputs.append(output)
+    status, table, _plot = outputs[-1]
+    assert status.startswith("**Done**") and "quantize → prune → distill" in status
+    assert [row[0] for row in table] == ["dense fp32", "quantize → prune → distill"]
+    exported = list((tmp_path / "cache" / "pipelines").iterdir())
+    assert len(exported) == 1 and (exported[0] / "quantization.json").is_file()
+
+
+def test_dashboard_ablation_stop_stores_nothing_half_done(tmp_path, monkeypatch, tokenizer):
+    from hfprune_ui.tabs.pipeline import make_start
+
+    services = _services(tmp_path, monkeypatch, tokenizer)
+    start = make_start(services, ablation=True)
+    outputs = []
+    for output in start("tiny", "pqd", 0.25, "entropy", "uniform", "int8-dynamic", "full", 0, 2, 1e-3, 0):
+        services.sessions.get("local").stop.set()  # Stop pressed while the first row is measured
+        outputs.append(output)
+    assert outputs[-1][0].startswith("**Stopped**")
+    assert services.runs.list("pipeline") == []
+    folder = tmp_path / "cache" / "pipelines" / "ablation-tiny"
+    assert not folder.exists() or not any(folder.iterdir())
