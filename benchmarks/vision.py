@@ -101,10 +101,10 @@ def main() -> int:
     dense = enc.model
     tokens = (args.image_size // 14) ** 2 + 1
     digits, labels = labelled_images("digits", args.eval_size)
-    digit_pixels = enc.preprocess(digits)
+    digit_pixels = enc.preprocess.normalize(digits)
     train, test = stratified_split(labels)
-    fidelity_pixels = enc.preprocess(heldout_images(args.fidelity_crops, args.image_size, seed=11))
-    speed_batch = enc.preprocess(heldout_images(args.speed_batch, args.image_size, seed=12))
+    fidelity_pixels = enc.preprocess.normalize(heldout_images(args.fidelity_crops, args.image_size, seed=11))
+    speed_batch = enc.preprocess.normalize(heldout_images(args.speed_batch, args.image_size, seed=12))
 
     def measure(model) -> dict:
         t = time.time()
@@ -143,7 +143,7 @@ def main() -> int:
             save()
     distill_ratios = args.distill_ratios if args.distill_ratios is not None else [max(args.ratios)]
     pool = augmented_pool(enc, args.distill_pool, seed=0, size=args.distill_size)
-    heldout = enc.preprocess(heldout_images(16, args.distill_size, seed=13))
+    heldout = enc.preprocess.normalize(heldout_images(16, args.distill_size, seed=13))
     for ratio in distill_ratios:
         name = f"adaptive-{ratio:g}"
         student = copy.deepcopy(pruned_models[name])

@@ -56,6 +56,12 @@ class ImagePreprocess:
         if x.shape[-2:] != (self.size, self.size):
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
                                                 align_corners=False, antialias=True)
+        return self.normalize(x)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) floats in [0, 1] (or uint8) → normalised fp32 of the same size (no resize:
+        for crops already made at the size wanted; ViTs interpolate their position embeddings)."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         mean = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std

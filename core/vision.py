@@ -166,7 +166,7 @@ def calibration_data(loaded: LoadedEncoder, options: EncoderOptions | None = Non
     options = options or EncoderOptions()
     if loaded.kind == "text":
         return _text_windows(loaded, options, options.samples, heldout=False)
-    return loaded.preprocess(calibration_images(options.samples, options.image_size, options.seed))
+    return loaded.preprocess.normalize(calibration_images(options.samples, options.image_size, options.seed))
 
 
 def heldout_data(loaded: LoadedEncoder, options: EncoderOptions | None = None) -> torch.Tensor:
@@ -176,7 +176,7 @@ def heldout_data(loaded: LoadedEncoder, options: EncoderOptions | None = None) -
     options = options or EncoderOptions()
     if loaded.kind == "text":
         return _text_windows(loaded, options, options.heldout_samples, heldout=True)
-    return loaded.preprocess(heldout_images(options.heldout_samples, options.image_size, options.seed))
+    return loaded.preprocess.normalize(heldout_images(options.heldout_samples, options.image_size, options.seed))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +396,8 @@ def augmented_pool(loaded: LoadedEncoder, count: int, seed: int = 0, size: int |
 
     if loaded.kind == "text":
         return _text_windows(loaded, EncoderOptions(samples=count, seed=seed + 7), count, heldout=False)
-    return loaded.preprocess(random_crops(sample_images(), count, size or loaded.preprocess.size, seed + 7, scale))
+    crops = random_crops(sample_images(), count, size or loaded.preprocess.size, seed + 7, scale)
+    return loaded.preprocess.normalize(crops)
 
 
 def distill_encoder(student: nn.Module, teacher: nn.Module, data: torch.Tensor, options, *,

@@ -173,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         raise PruneConfigError("vision-eval measures image encoders; text encoders are measured in "
                                "benchmarks/vision.py.")
     images, labels = labelled_images(args.dataset, args.eval_size)
-    pixels = loaded.preprocess(images)  # (N, 3, S, S)
+    pixels = loaded.preprocess.normalize(images)  # (N, 3, S, S) at --eval-size
     train, test = stratified_split(labels)
     patch = int(getattr(loaded.model.config, "patch_size", 14))
     scores = labelled_scores(loaded.model, pixels, labels, train, test, args.batch_size)
