@@ -113,6 +113,15 @@ def describe_order(order: str) -> str:
     return " → ".join(STAGES[s] for s in parse_order(order))
 
 
+def row_label(order: str) -> str:
+    """How a table names a row: 'pqd: prune → quantize → distill', 'p: prune only (fp32, one-shot)' …"""
+    if not order:
+        return "dense fp32"
+    special = {"p": "prune only (fp32, one-shot)", "q": "quantize only (post-training)",
+               "pq": "prune → quantize (post-training)"}
+    return f"{order}: {special.get(order) or describe_order(order)}"
+
+
 # ----------------------------------------------------------------------------------------------
 # formats: fake quantisation (QAT) and the real conversion
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +434,8 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
             emit({"stage": "measure", "state": "start", "order": options.order})
             row = measure_model(final, loaded, measure, shared, disk_folder=target, stop=stop,
                                 dense_widths=mlp_widths(loaded.model))
-            row.update(order=options.order, label=describe_order(options.order), format=record["format"])
+            row.update(order=options.order, label=row_label(options.order), format=record["format"],
+                       stages=[{k: v for k, v in s.items() if k not in ("curve", "widths")} for s in record["stages"]])
             if target is not None:
                 from .files import write_json
 
@@ -693,7 +703,7 @@ def ablation_table(rows: list[dict]) -> str:
 
     for r in rows:
         lines.append("| " + " | ".join([
-            r.get("label") or describe_order(r["order"]) if r.get("order") else "dense fp32",
+            row_label(r.get("order") or ""),
             r.get("format", ""), _fmt(r.get("params", 0) / 1e6, ".1f"),
             _fmt(r["disk_bytes"] / 1e6 if r.get("disk_bytes") else None, ".0f"),
             _fmt(r.get("weight_bytes", 0) / 1e6, ".0f"), _fmt(r.get("prefill_ms"), ".0f"), up(r, "prefill"),
@@ -743,4 +753,4 @@ def ablation_plot(rows: list[dict], path: str | Path) -> Path:
 
 __all__ = ["ALL_ORDERS", "FORMATS", "AblationResult", "Format", "MeasureOptions", "PipelineError", "PipelineOptions",
            "PipelineResult", "Shared", "ablation_plot", "ablation_table", "check_format", "convert", "describe_order",
-           "fake_quantize", "parse_order", "run_ablation", "run_pipeline", "unfake", "Stopped"]
+           "fake_quantize", "parse_order", "row_label", "run_ablation", "run_pipeline", "unfake", "Stopped"]

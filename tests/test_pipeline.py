@@ -218,7 +218,8 @@ def test_ablation_stores_rows_as_runs_and_resumes(dense, tmp_path):
     first = run_ablation(dense, on_row=seen.append, **kw)
     assert [r["order"] for r in first.rows] == ["", "p", "dpq"] and len(seen) == 3
     assert len(store.list("pipeline")) == 3 and not any(r["resumed"] for r in first.rows)
-    assert "distill → prune → quantize" in first.table and "dense fp32" in first.table
+    assert "dpq: distill → prune → quantize" in first.table and "dense fp32" in first.table
+    assert "p: prune only (fp32, one-shot)" in first.table
     assert (tmp_path / "abl" / f"dpq-{first.settings_key[:8]}" / "quantization.json").is_file()
     again = run_ablation(dense, **kw)
     assert all(r["resumed"] for r in again.rows) and len(store.list("pipeline")) == 3
@@ -297,7 +298,7 @@ def test_dashboard_run_streams_from_a_worker_and_never_holds_the_lock_across_a_y
         outputs.append(output)
     status, table, _plot = outputs[-1]
     assert status.startswith("**Done**") and "quantize → prune → distill" in status
-    assert [row[0] for row in table] == ["dense fp32", "quantize → prune → distill"]
+    assert [row[0] for row in table] == ["dense fp32", "qpd: quantize → prune → distill"]
     exported = list((tmp_path / "cache" / "pipelines").iterdir())
     assert len(exported) == 1 and (exported[0] / "quantization.json").is_file()
 

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 
 from core.errors import Stopped
 from core.paths import cache_dir
-from core.pipeline import ALL_ORDERS, FORMATS, PipelineOptions, describe_order
+from core.pipeline import ALL_ORDERS, FORMATS, PipelineOptions, describe_order, row_label
 
 from .. import figures
 from ..context import Ctx, model_events, stop_on_click
@@ -52,7 +52,7 @@ def table_rows(rows: list[dict]) -> list[list]:
 
     out = []
     for r in rows:
-        out.append([r.get("label") or "dense fp32", r.get("format"),
+        out.append([row_label(r.get("order") or ""), r.get("format"),
                     num((r.get("disk_bytes") or 0) / 1e6, 0) if r.get("disk_bytes") else None,
                     num(r.get("prefill_ms"), 0), num(r.get("prefill_speedup") or base(r), 2),
                     num(r.get("decode_tokens_per_s"), 1), num(r.get("decode_speedup") or base(r), 2),
