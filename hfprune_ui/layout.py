@@ -18,6 +18,7 @@ from .tabs import (
     ddp,
     importance,
     model_data,
+    pipeline,
     prune,
     quantize_measure,
     recover,
@@ -49,6 +50,7 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             agreement.build(ctx)
             prune.build(ctx)
             recover.build(ctx)
+            pipeline.build(ctx)  # prune → quantize → distil and its six-order ablation
             ddp.build(ctx)  # DDP: learned gates hardened into the pruned structure (issue 12)
             side_by_side.build(ctx)
             vision.build(ctx)  # encoders (AMP): score, prune, widths, fidelity (issue 14)
