@@ -274,3 +274,20 @@ def test_cli_score_prune_eval_on_an_encoder_folder(tmp_path):
     bad = run_cli("score", "--model", "smollm2-135m", "--temp-inv", "10", "--out", str(tmp_path / "x.safetensors"))
     assert bad.returncode == 2 and "applies to encoders only" in bad.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_dashboard_vision_handlers_on_a_tiny_folder(tmp_path):
+    from hfprune_ui.tabs import vision as tab
+
+    enc = loaded("vit")
+    folder = tmp_path / "tiny-vit"
+    enc.model.save_pretrained(str(folder))
+    ImagePreprocess(SIZE).save_pretrained(folder)
+    status, heat, state = tab.run_score(str(folder), "amp_entropy", 8, SIZE, 4, 0)
+    assert "amp_entropy" in status and state["result"].config["examples"] == 8
+    assert len(heat.data[0].z) == 2  # one heatmap row per layer
+    status, widths, trace, rows = tab.run_prune(state, 0.4, "adaptive", "independent", 8)
+    assert status.startswith("Pruned 39.8%")  # 77 of 128 neurons kept
+    assert [list(bar.y) for bar in widths.data][1] and sum(widths.data[1].y) == round(0.6 * 128)
+    assert len(trace.data) == 2 and rows[1][2] < rows[1][1]  # MLP parameters went down
+    assert 0 < rows[3][2] <= 1.0001  # embedding cosine to the dense encoder
