@@ -291,3 +291,20 @@ def test_dashboard_vision_handlers_on_a_tiny_folder(tmp_path):
     assert [list(bar.y) for bar in widths.data][1] and sum(widths.data[1].y) == round(0.6 * 128)
     assert len(trace.data) == 2 and rows[1][2] < rows[1][1]  # MLP parameters went down
     assert 0 < rows[3][2] <= 1.0001  # embedding cosine to the dense encoder
+
+
+def test_encoder_specs_and_errors(tmp_path):
+    from core.encoders import is_encoder_spec
+    from core.errors import ModelLoadError, UnsupportedArchitectureError
+
+    assert is_encoder_spec("dinov2-small") and is_encoder_spec("minilm-l6") and not is_encoder_spec("smollm2-135m")
+    folder = tmp_path / "tiny-bert"
+    tiny_encoder("bert").save_pretrained(str(folder))
+    assert is_encoder_spec(str(folder))
+    with pytest.raises(ModelLoadError, match="Could not read a model config"):
+        load_encoder(str(tmp_path / "missing"))
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UnsupportedArchitectureError, match="'llama' model"):
+        load_encoder(str(llama))

@@ -1,4 +1,4 @@
-"""Encoders on the existing ``score`` and ``prune`` commands, plus ``vision-eval``.
+"""Encoders on the existing ``score``, ``prune`` and ``models`` commands, plus ``vision-eval``.
 
     python -m core score --model dinov2-small --criterion amp_entropy --out scores.safetensors
     python -m core prune --model dinov2-small --criterion amp_entropy --ratio 0.4 --allocation adaptive --out out/
@@ -44,6 +44,11 @@ def register(sub) -> None:
                            help="amp_entropy: leave each example's similarity to itself out of its softmax")
         parser.set_defaults(handler=_dispatcher(original, mine, llm_defaults), **dict.fromkeys(_SHARED))
 
+    models = sub.choices.get("models")
+    if models is not None:  # list the embedded encoders next to the LLM aliases
+        listed = models.get_default("handler")
+        models.set_defaults(handler=lambda args: {**listed(args), **_encoder_aliases()})
+
     ev = sub.add_parser("vision-eval",
                         help="encoders: feature cosine, kNN / probe accuracy, size, images/s vs a reference")
     ev.add_argument("--model", required=True, help="encoder to measure (alias, folder or hub id)")
@@ -53,6 +58,12 @@ def register(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(handler=cmd_eval)
+
+
+def _encoder_aliases() -> dict:
+    from ..encoders import ENCODERS
+
+    return {alias: f"{entry.description} (encoder)" for alias, entry in ENCODERS.items()}
 
 
 def _dispatcher(original, mine, llm_defaults: dict):
