@@ -137,14 +137,17 @@ def main() -> None:
         {"machine": machine(), "command": command, "minutes_this_call": minutes, "settings_key": result.settings_key,
          "rows": result.rows, "verdicts": notes}, indent=2, default=str))
     ablation_plot(result.rows, RESULTS / f"{name}.png")
+    kinds = {r.get("storage") for r in result.rows if r.get("storage")}
+    storage = ("INT8 layers stored as int8 weights + scales, embeddings and norms fp32" if "int8" in kinds else
+               "fp32 source weights + recipe; the INT8 weights are made on load")
     header = (f"Machine: {machine()}. Model: {args.model}; {args.ratio:.0%} of MLP neurons removed "
               f"({args.criterion}, uniform widths rounded to {args.round_to}, refit {args.compensate}); format "
               f"{args.quant}; distil budget {args.steps or args.minutes} {'steps' if args.steps else 'min'} per order "
               f"(batch 4 × {args.seq_len} tokens, lr {args.lr}, {args.params} parameters, KL τ = 1, calibration-split "
               f"text); perplexity / KL on {args.eval_windows} × 128 held-out wiki tokens; prefill 1 × 512 and "
               f"{args.decode_tokens}-token decode, median of ≥ {args.speed_repeats} repeats (interval = quartiles); "
-              f"zero-shot on the first {args.zeroshot_limit} items per task. Disk = the exported folder (fp32 source "
-              f"weights + recipe; the INT8 weights are made on load). Command: `{command}` ({minutes} min this call; "
+              f"zero-shot on the first {args.zeroshot_limit} items per task. Disk = the exported folder ({storage}). "
+              f"Command: `{command}` ({minutes} min this call; "
               f"rows reused from stored runs: {sum(1 for r in result.rows if r.get('resumed'))}).")
     text = "\n".join([header, "", result.table, "", "Distil stage of each order (held-out KL on calibration-split "
                       "windows, before → after; the student ends at its best held-out checkpoint):", "",

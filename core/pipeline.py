@@ -41,10 +41,11 @@ weights on the CPU's fbgemm kernels — the fast one on CPUs without AVX-512 VNN
 benchmarks/results/int8_backends_cpu.md), ``int8-weight`` (torchao per-channel INT8 weights, fp32
 compute) and ``nf4`` (bitsandbytes 4-bit NormalFloat weights; CUDA only).
 
-Export: the converted model's floating-point source weights (the trained QAT weights) + tokenizer +
-``pruning_meta.json`` (with this pipeline's record) + ``quantization.json`` via
-:func:`core.quant_store.save_quantized`; ``load_any`` re-applies the recipe, giving the same INT8 model.
-Nothing is pickled.
+Export (:func:`core.quant_store.save_quantized`): tokenizer + ``pruning_meta.json`` (with this pipeline's
+record) + ``quantization.json`` + the weights — for the INT8 formats the quantized layers as INT8
+weights and scales (``quantized.safetensors``, made from the trained QAT weights) and every other tensor
+as saved; for NF4 the trained floating-point weights, quantised again on load. ``load_any`` gives back
+the same model that was measured. Nothing is pickled.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ from .evaluate import Reference, evaluate
 from .models import LoadedModel
 from .options import Options, knob
 from .progress import check_stop
-from .quantize import _linear_targets, check_method, quantization_of, quantize_model
+from .quantize import INT8_METHODS, _linear_targets, check_method, quantization_of, quantize_model
 from .train import DistillOptions, LogitDistillation, StepRecord, TrainOptions, train
 
 STAGES = {"p": "prune", "q": "quantize", "d": "distill"}
@@ -512,7 +513,8 @@ def export(model: nn.Module, loaded: LoadedModel, fmt: Format | None, out: str |
     mode = mode or default_export_mode(mlp_widths(model))[0]
     if fmt is None:
         return save_pruned(model, loaded.tokenizer, out, meta, mode=mode)
-    return save_quantized(model, loaded.tokenizer, fmt.method, out, meta=meta, mode=mode,
+    storage = "int8" if fmt.method in INT8_METHODS else "source"  # INT8 formats: integer weights on disk
+    return save_quantized(model, loaded.tokenizer, fmt.method, out, meta=meta, mode=mode, storage=storage,
                           extra={"pipeline_order": record["order"], "format": fmt.name})
 
 
@@ -545,7 +547,8 @@ def measure_model(model: nn.Module, loaded: LoadedModel, options: MeasureOptions
            "prefill_ms": speed.prefill_ms, "prefill_ms_all": speed.prefill_ms_all,
            "decode_tokens_per_s": speed.decode_tokens_per_s, "decode_ms_all": speed.decode_ms_all,
            "speed_device": speed.device, "eval_tokens": ev.tokens,
-           "disk_bytes": folder_bytes(disk_folder) if disk_folder is not None else None}
+           "disk_bytes": folder_bytes(disk_folder) if disk_folder is not None else None,
+           "storage": _storage(disk_folder)}
     widths = mlp_widths_of(model)
     if dense_widths:
         dense_flops = forward_flops_per_token(model, options.prefill_tokens, widths=list(dense_widths))
@@ -565,6 +568,16 @@ def measure_model(model: nn.Module, loaded: LoadedModel, options: MeasureOptions
             row[f"{task}_acc"] = entry.get("acc")
             row[f"{task}_n"] = entry.get("n")
     return row
+
+
+def _storage(folder: Path | None) -> str | None:
+    """What the exported folder holds: 'int8' / 'source' (a quantized folder's recipe), 'fp32', or None."""
+    if folder is None:
+        return None
+    from .quant_store import read_recipe
+
+    recipe = read_recipe(folder)
+    return recipe.get("storage", "source") if recipe else "fp32"
 
 
 def check_lengths(loaded: LoadedModel, options: MeasureOptions) -> None:

@@ -214,3 +214,91 @@ def quantize_model(model: nn.Module, method: str, *, device: str | torch.device 
             _torch_dynamic(model, per_channel=method == "fbgemm-int8-dynamic")
     model.hfprune_quantization = method
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# INT8 weights as plain tensors (what an INT8 folder stores on disk) and back
+# ----------------------------------------------------------------------------------------------
+INT8_METHODS = ("torchao-int8", "torchao-int8-dynamic", "fbgemm-int8-dynamic", "torch-dynamic-int8")
+
+
+def int8_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The integer weights of a model quantized with one of :data:`INT8_METHODS`, by linear name:
+    ``<name>.qweight`` int8 (N, K), ``<name>.scale`` (per output row (N,) / (N, 1), or (1,) for a
+    per-tensor scale, in the backend's own dtype so a reload is exact) and ``<name>.bias`` when the
+    layer has one. Zero points are 0 for these symmetric formats (checked)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    method = quantization_of(model)
+    if method not in INT8_METHODS:
+        raise QuantizationError(f"Only {', '.join(INT8_METHODS)} models have INT8 weights to store (this one: "
+                                f"{method or 'not quantized'}).")
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DynamicLinear):
+            weight, bias = module._weight_bias()
+            if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                scale, zero = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+            else:
+                scale = torch.tensor([weight.q_scale()], dtype=torch.float64)
+                zero = torch.tensor([weight.q_zero_point()])
+        elif isinstance(module, nn.Linear) and type(module.weight).__name__ == "Int8Tensor":
+            weight, bias = module.weight, module.bias
+            scale, zero = weight.scale, weight.zero_point
+        else:
+            continue
+        if zero is not None and bool((zero != 0).any()):
+            raise QuantizationError(f"{name} has non-zero weight zero points; its INT8 weights cannot be stored.")
+        out[f"{name}.qweight"] = (weight.qdata if hasattr(weight, "qdata") else weight.int_repr()).contiguous()
+        out[f"{name}.scale"] = scale.detach().contiguous()
+        if bias is not None:
+            out[f"{name}.bias"] = bias.detach().float().contiguous()
+    return out
+
+
+@torch.no_grad()
+def load_int8_tensors(model: nn.Module, method: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Put the stored INT8 weights (:func:`int8_tensors`) into a plain model of the same shapes, as the
+    backend's own quantized layers (in place, on the CPU): the result computes exactly what
+    ``quantize_model(model, method)`` of the original weights computed."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    if method not in INT8_METHODS:
+        raise QuantizationError(f"INT8 weights load only for {', '.join(INT8_METHODS)}, not {method}.")
+    entry = check_method(method, "cpu")
+    _import_backend(entry)
+    targets = _linear_targets(model)
+    missing = [name for _p, _a, _l, name in targets if f"{name}.qweight" not in tensors]
+    if missing:
+        raise QuantizationError(f"The stored INT8 weights lack {missing[0]} (and {len(missing) - 1} more layers).")
+    for parent, attr, linear, name in targets:
+        qweight, scale = tensors[f"{name}.qweight"], tensors[f"{name}.scale"]
+        if tuple(qweight.shape) != (linear.out_features, linear.in_features):
+            raise QuantizationError(f"The stored INT8 weight of {name} is {tuple(qweight.shape)}, the model's layer "
+                                    f"{(linear.out_features, linear.in_features)}.")
+        bias = tensors.get(f"{name}.bias")
+        if method.startswith("torchao-"):
+            from torchao.quantization.granularity import PerRow
+            from torchao.quantization.quantize_.workflows.int8.int8_tensor import (
+                Int8Tensor,
+                QuantizeTensorToInt8Kwargs,
+            )
+
+            act = QuantizeTensorToInt8Kwargs(granularity=PerRow()) if method == "torchao-int8-dynamic" else None
+            weight = Int8Tensor(qweight, scale, [1, linear.in_features], torch.float32,
+                                zero_point=torch.zeros_like(scale, dtype=torch.int8), act_quant_kwargs=act)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias, requires_grad=False)
+            continue
+        if scale.numel() == 1:
+            q = torch._make_per_tensor_quantized_tensor(qweight, float(scale), 0)
+        else:
+            zeros = torch.zeros_like(scale, dtype=torch.long)
+            q = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zeros, 0)
+        layer = DynamicLinear(linear.in_features, linear.out_features, bias_=bias is not None, dtype=torch.qint8)
+        layer.set_weight_bias(q, bias)
+        setattr(parent, attr, layer)
+    model.eval()
+    model.hfprune_quantization = method
+    return model

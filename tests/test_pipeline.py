@@ -178,6 +178,7 @@ def test_export_reloads_quantized_with_the_recipe_and_the_record(dense, tmp_path
                           **_groups())
     recipe = read_recipe(out)
     assert recipe["method"] == "fbgemm-int8-dynamic" and recipe["pipeline_order"] == "pqd"
+    assert recipe["storage"] == "int8" and (out / "quantized.safetensors").is_file()
     meta = json.loads((out / "pruning_meta.json").read_text())
     assert meta["pipeline"]["order"] == "pqd" and meta["intermediate_sizes"] == [48, 48]
     reloaded = load_any(str(out))
@@ -188,6 +189,7 @@ def test_export_reloads_quantized_with_the_recipe_and_the_record(dense, tmp_path
     assert row["order"] == "pqd" and row["kl_to_dense"] > 0 and row["disk_bytes"] > 0
     assert row["prefill_speedup"] > 0 and row["decode_speedup"] > 0 and row["ideal_speedup"] > 1.0
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in out.iterdir())  # nothing pickled
+    assert row["storage"] == "int8"
 
 
 def test_non_uniform_widths_export_with_remote_code_and_reload(dense, tmp_path):
@@ -203,6 +205,25 @@ def test_non_uniform_widths_export_with_remote_code_and_reload(dense, tmp_path):
     reloaded = load_any(str(out))
     assert mlp_widths(reloaded.model) == meta["intermediate_sizes"]
     assert torch.allclose(_logits(reloaded.model), _logits(result.model), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fbgemm-int8-dynamic", "torchao-int8", "torchao-int8-dynamic",
+                                    "torch-dynamic-int8"])
+def test_int8_storage_is_exact_and_keeps_no_float_copy_of_the_quantized_layers(tokenizer, tmp_path, method):
+    from safetensors.torch import load_file
+
+    from core.counts import folder_bytes
+    from core.quant_store import load_any, save_quantized
+    from core.quantize import quantize_model
+
+    model = make_tiny("llama", intermediate_size=256)
+    small = save_quantized(model, tokenizer, method, tmp_path / "int8", storage="int8")
+    big = save_quantized(model, tokenizer, method, tmp_path / "source")
+    floats = load_file(str(small / "model.safetensors"))
+    assert not any(k.endswith("mlp.down_proj.weight") or k.endswith("q_proj.weight") for k in floats)
+    assert "model.embed_tokens.weight" in floats and folder_bytes(small) < folder_bytes(big)
+    expected = _logits(quantize_model(copy.deepcopy(model), method))
+    assert torch.equal(_logits(load_any(str(small)).model), expected)
 
 
 # ---------------------------------------------------------------------------------------------- ablation
