@@ -337,3 +337,19 @@ def test_dashboard_ablation_stop_stores_nothing_half_done(tmp_path, monkeypatch,
     assert services.runs.list("pipeline") == []
     folder = tmp_path / "cache" / "pipelines" / "ablation-tiny"
     assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_cli_quantize_storage_int8(tokenizer, tmp_path, capsys):
+    from core.cli import main
+    from core.quant_store import load_any, read_recipe
+
+    folder = tmp_path / "tiny"
+    make_tiny("llama").save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    assert main(["quantize", "--model", str(folder), "--method", "fbgemm-int8-dynamic", "--storage", "int8",
+                 "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    assert read_recipe(tmp_path / "q")["storage"] == "int8" and load_any(str(tmp_path / "q")).recipe
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(folder), "--method", "bnb-8bit", "--storage", "int8",
+                 "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "needs an INT8 method" in capsys.readouterr().err and not (tmp_path / "bad").exists()
