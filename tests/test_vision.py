@@ -246,33 +246,41 @@ def test_feature_distillation_through_the_training_engine():
     assert abs(FeatureDistillation.loss(s, t)[0].item() - train.final_heldout) < 1e-4
 
 
-def test_cli_score_prune_eval_on_an_encoder_folder(tmp_path):
-    from conftest import run_cli
+def test_cli_score_prune_eval_on_an_encoder_folder(tmp_path, capsys):
+    """The real command line in-process (``core.cli.main``; tests/test_cli.py covers the subprocess path)."""
+    from core.cli import main
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main([*args, "--quiet"])
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
     enc = loaded("dinov2")
     folder = tmp_path / "tiny-dinov2"
     enc.model.save_pretrained(str(folder))
     ImagePreprocess(SIZE).save_pretrained(folder)
     scores = tmp_path / "scores.safetensors"
-    done = run_cli("score", "--model", str(folder), "--samples", "8", "--batch-size", "4", "--image-size", str(SIZE),
-                   "--out", str(scores))
-    assert done.returncode == 0, done.stderr
-    config = json.loads(done.stdout)
+    code, out, err = cli("score", "--model", str(folder), "--samples", "8", "--batch-size", "4", "--image-size",
+                         str(SIZE), "--out", str(scores))
+    assert code == 0, err
+    config = json.loads(out)
     assert config["criterion"] == "amp_entropy" and config["criterion_params"]["temp_inv"] == 20.0
-    out = tmp_path / "pruned"
-    done = run_cli("prune", "--model", str(folder), "--scores", str(scores), "--ratio", "0.4", "--allocation",
-                   "adaptive", "--heldout-samples", "8", "--halvings", "3", "--image-size", str(SIZE), "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    pruned = tmp_path / "pruned"
+    code, out, err = cli("prune", "--model", str(folder), "--scores", str(scores), "--ratio", "0.4", "--allocation",
+                         "adaptive", "--heldout-samples", "8", "--halvings", "3", "--image-size", str(SIZE),
+                         "--out", str(pruned))
+    assert code == 0, err
+    report = json.loads(out)
     assert report["export"] == "hf-remote-code" and sum(report["intermediate_sizes"]) == round(0.6 * 128)
     assert report["after"]["mlp_params"] < report["before"]["mlp_params"]
-    done = run_cli("vision-eval", "--model", str(out), "--reference", str(folder), "--dataset", "lfw", "--eval-size", "28")
-    assert done.returncode == 0, done.stderr
-    measured = json.loads(done.stdout)
+    code, out, err = cli("vision-eval", "--model", str(pruned), "--reference", str(folder), "--dataset", "lfw",
+                         "--eval-size", str(SIZE))
+    assert code == 0, err
+    measured = json.loads(out)
     assert 0 <= measured["knn"] <= 1 and 0 < measured["embedding_cosine"] <= 1.0001
     # encoder-only flags on an LLM are one sentence, and nothing is written
-    bad = run_cli("score", "--model", "smollm2-135m", "--temp-inv", "10", "--out", str(tmp_path / "x.safetensors"))
-    assert bad.returncode == 2 and "applies to encoders only" in bad.stderr
+    code, _out, err = cli("score", "--model", "smollm2-135m", "--temp-inv", "10", "--out", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "applies to encoders only" in err
     assert not (tmp_path / "x.safetensors").exists()
 
 
