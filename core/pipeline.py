@@ -538,6 +538,8 @@ def measure_model(model: nn.Module, loaded: LoadedModel, options: MeasureOptions
     if shared.dense_row is None and model is not loaded.model:
         shared.dense_row = measure_model(loaded.model, loaded, options, shared, stop=stop)
         shared.dense_row.update(order="", label="dense fp32", format="fp32")
+    if disk_folder is None and model is loaded.model and loaded.path and Path(loaded.path).is_dir():
+        disk_folder = Path(loaded.path)  # the dense model's own folder
     ev = evaluate(model, shared.reference.windows, shared.reference, batch_size=4, progress=False, stop=stop)
     speed = measure_speed(model, loaded.tokenizer, prefill_tokens=options.prefill_tokens,
                           decode_tokens=options.decode_tokens, repeats=options.speed_repeats,
