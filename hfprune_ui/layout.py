@@ -8,7 +8,7 @@ import gradio as gr
 
 from core.data import MAX_UPLOAD_BYTES
 
-from . import texts
+from . import plot_tools, texts
 from .context import Ctx
 from .guard import session_id
 from .services import Services
@@ -17,6 +17,7 @@ from .tabs import (
     agreement,
     ddp,
     importance,
+    inspect,
     model_data,
     pipeline,
     prune,
@@ -48,6 +49,7 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             model_data.build(ctx)
             importance.build(ctx)
             agreement.build(ctx)
+            wire_inspect = inspect.build(ctx)  # neuron inspector; picks wired once all tabs exist
             prune.build(ctx)
             recover.build(ctx)
             pipeline.build(ctx)  # prune → quantize → distil and its six-order ablation
@@ -57,6 +59,7 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             quantize_measure.build(ctx)
             runs.build(ctx)
         wire_tour()
+        wire_inspect()
         demo.load(make_refresh(services), None, status_line, api_visibility="private", concurrency_limit=None,
                   show_progress="hidden")
     demo.services = services  # type: ignore[attr-defined]  # handy for tests and benchmarks
@@ -80,7 +83,8 @@ def _header() -> str:
 def launch_options() -> dict:
     """theme / css / limits for ``demo.launch`` (Gradio 6 takes theme and css there, not in Blocks)."""
     return {"theme": gr.themes.Soft(primary_hue="blue"), "css": (ASSETS / "dashboard.css").read_text(),
-            "max_file_size": MAX_UPLOAD_BYTES, "allowed_paths": [str(ASSETS)], "show_error": True}
+            "max_file_size": MAX_UPLOAD_BYTES, "allowed_paths": [str(ASSETS)], "show_error": True,
+            "head": plot_tools.head()}
 
 
 def queue(demo: gr.Blocks) -> gr.Blocks:

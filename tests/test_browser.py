@@ -255,13 +255,15 @@ def test_inspector_from_the_scatter_the_stability_view_and_a_report(page, shots,
     open_tab(page, "Entropy vs cross-entropy")
     page.locator("#compare-button").click()
     rendered_plot(page, "rank-plot")
+    page.wait_for_function("() => { const gd = document.querySelector('#rank-plot .js-plotly-plot');"
+                           " return gd && gd.data && gd.data.length && (gd.data[0].x || []).length > 8; }")
     page.locator("#rank-plot").scroll_into_view_if_needed()
     page.wait_for_timeout(500)
     x, y = plot_point_position(page, "rank-plot", 7)
     page.mouse.move(x, y)
     page.mouse.click(x, y)
-    expect(page.locator("#inspect-status")).to_contain_text("neuron 7 of 1536")
-    expect(page.locator("#inspect-ranks")).to_contain_text("cross_entropy")
+    expect(page.locator("#inspect-status")).to_contain_text("neuron 7 of 1536", timeout=TIMEOUT_MS)
+    expect(page.locator("#inspect-ranks")).to_contain_text("cross_entropy", timeout=TIMEOUT_MS)
     assert page.locator("#inspect-contexts .tok").count() > 10  # shaded tokens around each context
     rendered_plot(page, "inspect-menu-plot")
     legend = page.locator("#inspect-menu-plot .legendtext").all_text_contents()
@@ -275,12 +277,12 @@ def test_inspector_from_the_scatter_the_stability_view_and_a_report(page, shots,
     assert download.value.suggested_filename.startswith("after-") and download.value.suggested_filename.endswith(".svg")
     assert download.value.path().read_text().startswith("<svg")
     with page.expect_download() as download:
-        page.locator('#inspect-menu-plot .modebar-btn[data-title="Download plot as a png"]').click()
+        page.locator('#inspect-menu-plot .modebar-btn[data-title="Download plot as a png" i]').click()
     assert download.value.suggested_filename.endswith(".png")
 
     set_number(page, "number input for Disjoint draws K", 2)
     page.locator("#stability-button").click()
-    expect(page.locator("#stability-status")).to_contain_text("two draws agree at mean ρ")
+    expect(page.locator("#stability-status")).to_contain_text("two draws agree at mean ρ", timeout=TIMEOUT_MS)
     rendered_plot(page, "stability-plot")
     rendered_plot(page, "stability-overlap-plot")
     legend = page.locator("#stability-plot .legendtext").all_text_contents()
@@ -297,7 +299,7 @@ def test_inspector_from_the_scatter_the_stability_view_and_a_report(page, shots,
         link.click()
     report = tmp_path / "report.html"
     download.value.save_as(report)
-    offline = page.context.new_page()
+    offline = page.context.browser.new_page()
     requests: list[str] = []
     offline.on("request", lambda request: requests.append(request.url))
     offline.goto(report.as_uri())

@@ -223,11 +223,13 @@ def make_report(services: Services):
     return report
 
 
-def build(ctx: Ctx) -> None:
+def build(ctx: Ctx):
+    """The tab's layout; returns ``wire()``, to be called after the ``gr.Tabs`` block: it adds the hidden
+    pick box outside the tabs (a tab's children exist in the page only while it is shown, and a plot
+    click happens on another tab) and wires the picks from the Importance and Agreement tabs."""
     services = ctx.services
     with gr.Tab("Neuron inspector", id="inspect") as tab:
         gr.Markdown(TEACH, elem_classes="teach")
-        pick_box = gr.Textbox(elem_id="neuron-pick", show_label=False, container=False)
         with gr.Row(equal_height=True):
             layer = gr.Number(0, label="Layer", precision=0, minimum=0, elem_id="inspect-layer")
             index = gr.Number(0, label="Neuron index", precision=0, minimum=0, elem_id="inspect-index")
@@ -274,16 +276,6 @@ def build(ctx: Ctx) -> None:
     choice.input(show_menu, [choice, report_state], menu, api_visibility="private")
     outputs = [status, ranks, contexts, choice, menu, report_state]
     inputs = [layer, index, top_k, *ctx.data_inputs]
-    if "tabs" in ctx.components:
-        pick_inputs = [pick_box, ctx["agree_layer"] if "agree_layer" in ctx.components else layer,
-                       ctx["heat_criterion"] if "heat_criterion" in ctx.components else pick_box]
-        pick_box.input(make_pick(services), pick_inputs, [ctx["tabs"], layer, index],
-                       api_visibility="private").then(make_inspect(services), inputs, outputs,
-                                                      api_visibility="private", **model_events())
-        if "agree_outputs" in ctx.components:
-            ctx["agree_outputs"][4].select(pick_row, None, [ctx["tabs"], layer, index],
-                                           api_visibility="private").then(make_inspect(services), inputs, outputs,
-                                                                          api_visibility="private", **model_events())
     stability_event = measure.click(make_stability(services), [chosen, draws, ratio, *ctx.data_inputs,
                                                                *ctx.criterion_inputs],
                                     [stability_status, rho_plot, overlap_plot, summary, stability_state],
@@ -302,3 +294,18 @@ def build(ctx: Ctx) -> None:
                  **model_events())
     for event in (inspect_event, stability_event):
         ctx.after(event)
+
+    def wire() -> None:
+        if "tabs" not in ctx.components:
+            return
+        pick_box = gr.Textbox(elem_id="neuron-pick", show_label=False, container=False, visible="hidden")
+        pick_inputs = [pick_box, ctx["agree_layer"] if "agree_layer" in ctx.components else layer,
+                       ctx["heat_criterion"] if "heat_criterion" in ctx.components else pick_box]
+        pick_box.change(make_pick(services), pick_inputs, [ctx["tabs"], layer, index],
+                       api_visibility="private").then(make_inspect(services), inputs, outputs,
+                                                      api_visibility="private", **model_events())
+        if "agree_outputs" in ctx.components:
+            ctx["agree_outputs"][4].select(pick_row, None, [ctx["tabs"], layer, index],
+                                           api_visibility="private").then(make_inspect(services), inputs, outputs,
+                                                                          api_visibility="private", **model_events())
+    return wire
