@@ -6,7 +6,11 @@ from collections.abc import Sequence
 
 import plotly.graph_objects as go
 
-from .figures import _finish, color
+from .figures import LAYOUT, _finish, color
+
+# legend under the plot: three or more entries would wrap into the title of a half-width chart
+BELOW = {"legend": {"orientation": "h", "yanchor": "top", "y": -0.2, "x": 0},
+         "margin": {**LAYOUT["margin"], "b": 120}}
 
 
 def contexts_html(contexts: Sequence[dict]) -> str:
@@ -57,8 +61,8 @@ def stability_rho(layer_rows: Sequence[dict], within: Sequence[str], across: Seq
         fig.add_trace(go.Scatter(x=layers, y=[r[f"ρ {label}"] for r in layer_rows], mode="lines+markers",
                                  name=f"{label}: same draw", line={"dash": "dash"},
                                  marker_color=color(len(within) + j)))
-    return _finish(fig, height=400, title="Rank agreement per layer: between calibration draws vs between criteria",
-                   xaxis_title="layer", yaxis_title="Spearman ρ", yaxis_range=[-0.05, 1.05])
+    return _finish(fig, height=440, title="Rank agreement per layer: draws vs criteria", xaxis_title="layer",
+                   yaxis_title="Spearman ρ", yaxis_range=[-0.05, 1.05], **BELOW)
 
 
 def stability_overlap(layer_rows: Sequence[dict], within: Sequence[str], across: Sequence[str],
@@ -74,6 +78,5 @@ def stability_overlap(layer_rows: Sequence[dict], within: Sequence[str], across:
         fig.add_trace(go.Bar(x=layers, y=[r[f"overlap {label} @{ratio}"] for r in layer_rows],
                              name=f"{label}: same draw", marker_color=color(len(within) + j),
                              marker_pattern_shape="/"))
-    return _finish(fig, barmode="group", height=400,
-                   title=f"Removal overlap per layer at ratio {ratio}: draws vs criteria", xaxis_title="layer",
-                   yaxis_title="share of removals in common", yaxis_range=[0, 1])
+    return _finish(fig, barmode="group", height=440, title=f"Removal overlap per layer at ratio {ratio}",
+                   xaxis_title="layer", yaxis_title="share of removals in common", yaxis_range=[0, 1], **BELOW)
