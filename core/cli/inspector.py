@@ -14,6 +14,7 @@ from ..engine import ScoreResult, score_model
 from ..errors import HFPruneError, SelectionError
 from ..models import load_model
 from ..neuron import InspectOptions, check_neuron, inspect_neuron
+from ..placement import PlacementOptions, load_placed
 from ..runs import RunStore
 from ..stability import (
     StabilityOptions,
@@ -94,7 +95,7 @@ def cmd_neuron(args) -> dict:
 
     for name in names:
         resolve_params(name)  # an unknown criterion: one sentence before the model loads
-    loaded = load_model(args.model)
+    loaded = load_placed(args.model, PlacementOptions.from_args(args))  # --device / --dtype as for score
     check_neuron(loaded.model, args.layer, args.index)
     computed = {name: score_model(loaded, name, source=args.source, samples=args.samples, seq_len=args.seq_len,
                                   seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
@@ -119,7 +120,7 @@ def cmd_stability(args) -> dict:
     ratios = _ratios(args.ratios)
     if args.fidelity and (args.eval_windows < 1 or args.eval_seq_len < 8):
         raise HFPruneError("--fidelity needs at least 1 evaluation window of at least 8 tokens.")
-    loaded = load_model(args.model)
+    loaded = load_placed(args.model, PlacementOptions.from_args(args))  # --device / --dtype as for score
     result, scores = measure_stability(loaded, criteria, options, ratios=ratios, progress=not args.quiet)
     out = {**result.to_dict(), "summary": result.summary()}
     if args.fidelity:
