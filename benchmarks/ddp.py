@@ -74,7 +74,7 @@ def render(setup: dict, rows: list[dict], probes: list[dict]) -> str:
                                   for p in probes])]
     lines += ["", "### Per-layer MLP widths", ""]
     for r in sorted(rows, key=lambda r: (r["ratio"], r["order"])):
-        if r["method"] in ("one-shot global+lsq", "DDP cold", "DDP warm"):
+        if r["method"].startswith(("one-shot global", "DDP")):
             lines.append(f"- {r['ratio']:.0%} {r['method']}: {r['widths']}")
     return "\n".join(lines) + "\n"
 
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"],
                         help="training windows per step (DDP and recovery)")
     parser.add_argument("--methods", default="oneshot,recovery,cold,warm",
-                        help="rows to run: oneshot (uniform/global +lsq), recovery, cold, warm")
+                        help="rows to run: oneshot (uniform/global +lsq), recovery, cold, warm, cold-l10 / warm-l10 "
+                             "(DDP with ten times the λ learning rates)")
     parser.add_argument("--recovery-lr", type=float, default=1e-3)
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     gram_seconds = time.perf_counter() - t
     print(f"[bench] scores {score_seconds:.0f} s, lsq statistics {gram_seconds:.0f} s", flush=True)
 
-    def ddp_run(ratio: float, lr: float, minutes: float, warm: bool):
-        options = DDPOptions(ratio=ratio, warm_start=warm, seq_len=args.seq_len)
+    def ddp_run(ratio: float, lr: float, minutes: float, warm: bool, lambda_scale: float = 1.0):
+        options = DDPOptions(ratio=ratio, warm_start=warm, seq_len=args.seq_len, lambda_lr=2e-2 * lambda_scale,
+                             lambda2_lr=0.4 * lambda_scale)
         train = TrainOptions(**{**TRAIN_DEFAULTS, "lr": lr, "minutes": minutes, "batch_size": args.batch_size})
         return ddp(dense, options, train, scores=scores if warm else None)
 
@@ -184,12 +186,14 @@ def main(argv: list[str] | None = None) -> None:
                          "heldout_after": tr.final_heldout, "best_step": tr.best_step, "timing": tr.timing,
                          **measure(result.model, eval_ids, reference)})
             save()
-        for order, warm in ((3, False), (4, True)):
-            name = "DDP warm" if warm else "DDP cold"
-            if ("warm" if warm else "cold") not in methods:
+        variants = [(3, False, 1.0), (4, True, 1.0), (5, False, 10.0), (6, True, 10.0)]
+        for order, warm, lambda_scale in variants:
+            key = ("warm" if warm else "cold") + ("-l10" if lambda_scale != 1.0 else "")
+            name = ("DDP warm" if warm else "DDP cold") + (f" λ lr ×{lambda_scale:g}" if lambda_scale != 1.0 else "")
+            if key not in methods:
                 continue
             print(f"[bench] {ratio:g} {name}", flush=True)
-            result = ddp_run(ratio, lr, args.minutes, warm)
+            result = ddp_run(ratio, lr, args.minutes, warm, lambda_scale)
             record = result.meta["ddp"]
             rows.append({"ratio": ratio, "method": name, "order": order, "minutes": args.minutes,
                          "prep_seconds": score_seconds if warm else 0.0, "widths": result.plan.widths(),
