@@ -54,6 +54,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -549,7 +550,7 @@ def measure_model(model: nn.Module, loaded: LoadedModel, options: MeasureOptions
            "prefill_ms": speed.prefill_ms, "prefill_ms_all": speed.prefill_ms_all,
            "decode_tokens_per_s": speed.decode_tokens_per_s, "decode_ms_all": speed.decode_ms_all,
            "speed_device": speed.device, "eval_tokens": ev.tokens,
-           "load_average": round(__import__("os").getloadavg()[0], 2),  # other work on the machine while timing
+           "load_average": round(os.getloadavg()[0], 2),  # other work on the machine while timing
            "disk_bytes": folder_bytes(disk_folder) if disk_folder is not None else None,
            "storage": _storage(disk_folder)}
     widths = mlp_widths_of(model)
