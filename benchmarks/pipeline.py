@@ -152,7 +152,11 @@ def main() -> None:
     text = "\n".join([header, "", result.table, "", "Distil stage of each order (held-out KL on calibration-split "
                       "windows, before → after; the student ends at its best held-out checkpoint):", "",
                       markdown_table(["order", "distil stage", "steps", "tokens", "seconds", "held-out KL"],
-                                     distil_rows(result.rows)), "", *[f"- {n}" for n in notes]]) + "\n"
+                                     distil_rows(result.rows)), "",
+                      "1-minute load average of this 2-core machine while each row was timed (other work shares "
+                      "it; speed-ups read across rows timed at different loads are less certain): " + ", ".join(
+                          f"{r.get('order') or 'dense'} {r.get('load_average', float('nan')):.1f}"
+                          for r in result.rows) + ".", "", *[f"- {n}" for n in notes]]) + "\n"
     (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
