@@ -219,10 +219,10 @@ def make_sweep(services: Services):
         except (Stopped, HFPruneError) as exc:
             if not rows:
                 raise
-            how = "stopped" if isinstance(exc, Stopped) else f"failed ({exc})"
-            gr.Info(f"The sweep {how}; the {len(rows)} rows already measured are kept.")
+            how = "Stopped" if isinstance(exc, Stopped) else f"Failed ({exc})"
+            gr.Info(f"The sweep: {how.lower()} after {len(rows)} rows; the rows already measured are kept.")
             yield (sweep_table(rows), figures.sweep_lines(rows, metric),
-                   f"**Partial:** the sweep {how} after {len(rows)} of {total} rows; the rows above are kept.")
+                   f"**{how}** after {len(rows)} of {total} rows: a partial sweep, the rows above are kept.")
     return sweep
 
 
@@ -388,8 +388,8 @@ def build(ctx: Ctx) -> None:
                 sweep_ratios = gr.Textbox("0.2, 0.3, 0.4", label="Ratios", scale=1, elem_id="sweep-ratios")
                 sweep_allocation = gr.Dropdown(list(SWEEP_ALLOCATIONS), value="uniform", label="Allocation", scale=1)
             with gr.Row():
-                sweep_windows = gr.Slider(1, 32, value=4, step=1, label="Evaluation windows")
-                sweep_len = gr.Slider(16, 512, value=64, step=16, label="Tokens per window")
+                sweep_windows = gr.Slider(1, 32, value=4, step=1, label="Evaluation windows", elem_id="sweep-windows")
+                sweep_len = gr.Slider(16, 512, value=64, step=16, label="Tokens per window", elem_id="sweep-len")
                 sweep_metric = gr.Dropdown([("KL to dense", "kl_to_dense"), ("perplexity", "perplexity"),
                                             ("top-1 agreement", "top1_agreement")], value="kl_to_dense",
                                            label="Plot")
