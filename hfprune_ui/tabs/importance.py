@@ -123,8 +123,10 @@ def make_score(services: Services):
             result, run_id, origin = services.score(session, model, data, c, stop=job.is_set,
                                                     params=criterion_knobs.get(c))
             where = {"memory": "cached", "disk": "loaded from the run store",
-                     "computed": f"computed in {result.seconds:.1f} s"}.get(origin, origin)
-            notes.append(f"**{c}**: {where} (run `{run_id}`)")
+                     "computed": f"computed in {result.seconds:.1f} s",
+                     "precomputed": "precomputed (shipped for the Tour; its Recompute button scores here)"
+                     }.get(origin, origin)
+            notes.append(f"**{c}**: {where}" + (f" (run `{run_id}`)" if run_id else ""))
             shown_now = list(dict.fromkeys([*(shown or []), *chosen]))
             hist, heat, table, _ = draw(session, layers, shown_now, log, heat_criterion, together)
             yield ("  \n".join(notes), hist, heat, table, *control_updates(session, layers, shown_now, heat_criterion))
