@@ -180,8 +180,8 @@ def test_sessions_do_not_see_each_other(app):
                                   api_name="/score"),
             "bob": bob.submit(["wanda"], MODEL, "wiki", None, 2, 32, 1, *CRIT, [], [], True, None, api_name="/score")}
     assert "**entropy**" in jobs["alice"].result()[0] and "**wanda**" in jobs["bob"].result()[0]
-    seen = {name: {t["name"].split(" · ")[0] for t in plot(c.predict(["0"], [], True, None, api_name="/redraw")[0])["data"]}
-            for name, c in (("alice", alice), ("bob", bob))}
+    seen = {name: {a["text"] for a in plot(c.predict(["0"], [], True, None, api_name="/redraw")[0])["layout"]["annotations"]}
+            for name, c in (("alice", alice), ("bob", bob))}  # one histogram panel per criterion the session scored
     assert seen == {"alice": {"entropy"}, "bob": {"wanda"}}
     alice.predict("entropy", 0.2, "uniform", "1", False, 64, "alice-only", MODEL, "wiki", None, 3, 32, 0, *CRIT,
                   api_name="/prune")
