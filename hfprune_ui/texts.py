@@ -134,6 +134,7 @@ TOUR_STEPS = (
      "each cut model's predictions moved from the original's (KL) and how its perplexity changed.")),
     ("Read the next-token menus",
      ("Here is what the three models expect after 'The capital of France is': the original's full menu next to the "
-     "two cut models'. A cut can keep the favourite word while the rest of the menu flattens or drifts — the "
-     "difference the entropy criterion is designed to protect.")),
+      "two cut models'. Look at how much probability each cut model still gives the original's favourite and how "
+      "spread out the rest of its menu has become (its entropy, in the legend): keeping that shape is what the "
+      "entropy criterion aims for, and this is where you see how well each cut managed.")),
 )

@@ -145,6 +145,7 @@ def test_an_error_is_a_toast_and_the_inputs_stay_usable(page, shots):
     ratios.fill("0.2, lots")
     page.locator("#sweep-button").click()
     toast(page, "warning", "Ratios must be numbers")
+    page.wait_for_timeout(800)  # the toast's fade-in
     page.screenshot(path=str(shots / "error-toast.png"))
     assert page.locator("#sweep-table .error, #sweep-plot .error").count() == 0  # no red box over the outputs
     ratios.fill("0.2")  # fix the input and press the same button again: no reload needed
@@ -210,7 +211,8 @@ def test_upload_is_split_and_the_status_line_follows(page, shots, tmp_path):
     expect(status_line(page)).to_contain_text("Data class-notes.jsonl, 2 × 32 tokens, seed 0")
     expect(status_line(page)).to_contain_text("Scored none yet")
     expect(status_line(page)).to_contain_text("set aside")
-    page.screenshot(path=str(shots / "upload-split.png"))
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(shots / "upload-split.png"), full_page=True)
     close_toasts(page)
     page.get_by_label("Wikipedia (built-in)").check()
 
@@ -239,7 +241,9 @@ def test_click_through_importance_prune_compare(page):
     expect(page.locator("#prune-status")).to_contain_text("Pruned")
 
     open_tab(page, "Compare")
+    expect(page.locator("#compare-variants")).to_contain_text("entropy-20%")  # the tab lists every variant
     page.locator("#menu-button").click()
+    expect(page.locator("#menu-text")).to_contain_text("entropy-20%")
     rendered_plot(page, "menu-plot")
     legend = page.locator("#menu-plot .legendtext").evaluate_all("nodes => nodes.map(n => n.textContent)")
     assert any(t.startswith("original") for t in legend) and any(t.startswith("entropy-20%") for t in legend)

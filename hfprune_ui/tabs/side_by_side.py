@@ -109,7 +109,7 @@ def build(ctx: Ctx) -> None:
     with gr.Tab("Compare", id="compare") as tab:
         gr.Markdown(texts.COMPARE, elem_classes="teach")
         variants = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
-                               label="Variants to compare with the original (empty = all)")
+                               label="Variants to compare with the original (empty = all)", elem_id="compare-variants")
         with gr.Accordion("Generations (same seed, same settings)", open=True):
             with gr.Row():
                 prompt = gr.Textbox(texts.DEFAULT_PROMPT, label="Prompt", scale=3)
