@@ -10,6 +10,7 @@ from the Hugging Face Hub, so it only works online.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -82,6 +83,15 @@ def task_manager(tasks: list[str]):
     return TaskManager(include_path=str(include), include_defaults=bool(hub)), include
 
 
+@functools.cache
+def _lm_eval_task_names() -> frozenset[str]:
+    """Every task lm-eval knows; indexing its task folder takes ~15 s, so once per process."""
+    _require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager(include_defaults=True).all_tasks)
+
+
 def check_tasks(tasks: list[str] | tuple[str, ...]) -> list[str]:
     """Validate task names before any model work; returns the cleaned list."""
     names = [t.strip() for t in tasks if t and t.strip()]
@@ -91,10 +101,7 @@ def check_tasks(tasks: list[str] | tuple[str, ...]) -> list[str]:
         raise ZeroShotError(f"Task names repeat in {names}; name each task once.")
     hub = [t for t in names if t not in SHIPPED_TASKS]
     if hub:
-        _require_lm_eval()
-        from lm_eval.tasks import TaskManager
-
-        known = set(TaskManager(include_defaults=True).all_tasks)
+        known = _lm_eval_task_names()
         unknown = [t for t in hub if t not in known]
         if unknown:
             names = ", ".join(repr(u) for u in unknown)

@@ -20,11 +20,41 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """``python -m core <args> --quiet`` in a fresh offline process from the repository root."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "core", *args, "--quiet"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+def run_cli(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``python -m core <args> --quiet``: exit status, stdout and stderr of the command.
+
+    By default ``core.cli.main`` runs in this process with stdout / stderr captured and the
+    environment restored afterwards: the same argument parsing, handlers and error handling as the
+    console command, without the ~5 s of importing torch per call (the suite makes ~40 CLI calls).
+    ``fresh=True`` runs a real ``python -m core`` in a fresh offline process (the entry point
+    itself, start-up warnings): tests/test_quiet.py and tests/test_pipeline.py use it.
+    """
+    argv = [*args, "--quiet"]
+    if fresh:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, "-m", "core", *argv], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=300)
+    import contextlib
+    import io
+
+    from core.cli import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse errors and --help
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["python", "-m", "core", *argv], code, out.getvalue(), err.getvalue())
 
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")

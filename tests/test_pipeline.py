@@ -286,7 +286,7 @@ def test_cli_bad_input_exits_non_zero_with_one_sentence_and_writes_nothing(tmp_p
 
 def test_cli_exit_status_in_a_fresh_process(tmp_path):
     out = tmp_path / "out"
-    result = run_cli("pipeline", "--order", "p,q,x", "--out", str(out))
+    result = run_cli("pipeline", "--order", "p,q,x", "--out", str(out), fresh=True)
     assert result.returncode == 2 and "error: Unknown order 'p,q,x'" in result.stderr and not out.exists()
 
 
