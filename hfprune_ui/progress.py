@@ -5,11 +5,17 @@ The engine reports its loops through tqdm (scoring windows, evaluation batches, 
 Gradio's ``track_tqdm`` hands those bars to the handler's ``gr.Progress``. :class:`JobProgress`
 takes over that progress object's callback and turns the nested bars into one line, e.g.
 ``Measure · model 2 of 3 (ent30) · decode repeat 4/5 · 53 % · about 40 s left``.
+
+:func:`stream_worker` is the one home of "run the engine in a worker thread and redraw live curves
+while yielding to Gradio" (Recover, DDP, Pipeline tabs).
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import gradio as gr
 from gradio.helpers import TrackedIterable
@@ -103,3 +109,60 @@ class JobProgress:
         if self.detail is not None:
             return self.detail[1], self.detail[0]
         return 0.0, ""
+
+
+def stream_worker(work: Callable[[Callable[[Any], None]], Any], draw: Callable[[list, bool], Any],
+                  stop: threading.Event, redraw_s: float = 1.0,
+                  name: str = "hfprune-worker") -> Generator[Any, None, Any]:
+    """Run ``work(emit)`` in a daemon thread and stream what it emits; use as ``result = yield from ...``.
+
+    ``work`` calls ``emit(record)`` for each step record (any object) and returns the outcome; it takes
+    ``Services.model_lock`` itself if it needs it — this generator never holds a lock across a ``yield``.
+    Yields ``draw(new_records, finished)``: the records emitted since the previous yield (in order), at
+    most every ``redraw_s`` seconds while the worker runs and once more with ``finished=True`` when it
+    has ended. Then returns ``work``'s return value, or raises its exception (``Stopped`` included).
+    Closed early (the page went away, the event was cancelled) while the worker runs, it sets ``stop``
+    so the engine ends too."""
+    records: queue.Queue = queue.Queue()
+    outcome: dict = {}
+    done, nothing = object(), object()  # the sentinel the worker puts last; "no record this time"
+
+    def run() -> None:
+        try:
+            outcome["value"] = work(records.put)
+        except Exception as exc:  # noqa: BLE001 - handed to the generator, which re-raises it
+            outcome["error"] = exc
+        finally:
+            records.put(done)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    pending: list = []
+    drawn = 0.0
+    try:
+        finished = False
+        while not finished:
+            try:
+                item = records.get(timeout=redraw_s)
+            except queue.Empty:
+                item = nothing
+            while item is not nothing:  # drain whatever has arrived, up to the sentinel
+                if item is done:
+                    finished = True
+                    break
+                pending.append(item)
+                try:
+                    item = records.get_nowait()
+                except queue.Empty:
+                    item = nothing
+            if finished or time.monotonic() - drawn >= redraw_s:
+                drawn = time.monotonic()
+                batch, pending = pending, []
+                yield draw(batch, finished)
+    finally:
+        if worker.is_alive():  # the page went away or the event was cancelled: end the work too
+            stop.set()
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")

@@ -7,9 +7,7 @@ ever held across a ``yield``. Stop sets the job's flag; nothing is stored and th
 """
 from __future__ import annotations
 
-import queue
-import threading
-import time
+from collections.abc import Callable
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -20,6 +18,7 @@ from core.errors import Stopped
 from .. import figures
 from ..context import Ctx, model_events
 from ..guard import session_id, user_errors
+from ..progress import stream_worker
 from ..services import Services
 
 TEACHING = (
@@ -143,65 +142,32 @@ def make_start(services: Services):
         services.require_model(session)  # a clear error before any thread starts
         DDPOptions(ratio=float(ratio), units=units, head_ratio=float(head_ratio), kd_weight=float(kd_weight))
         job = session.new_job()
-        points_queue: queue.Queue = queue.Queue()
-        outcome: dict = {}
         minutes, steps = float(minutes or 0), int(steps or 0)
-
-        def work() -> None:
-            try:
-                outcome["result"] = services.ddp(
-                    session, ratio=float(ratio), units=units, head_ratio=float(head_ratio), minutes=minutes,
-                    steps=steps, lr=float(lr), warm_start=bool(warm_start), name=name, batch_size=int(batch_size),
-                    seq_len=int(seq_len), eval_every=int(eval_every), kd_weight=float(kd_weight), stop=job.is_set,
-                    on_step=points_queue.put)
-            except Exception as exc:  # noqa: BLE001 - handed to the generator, which reports or re-raises it
-                outcome["error"] = exc
-            finally:
-                points_queue.put(None)
-
-        worker = threading.Thread(target=work, name="hfprune-ddp", daemon=True)
-        worker.start()
         points: list[dict] = []
         snapshots: list[dict] = []
-        drawn = 0.0
         same = gr.update()
+
+        def work(emit: Callable[[dict], None]) -> tuple:
+            return services.ddp(
+                session, ratio=float(ratio), units=units, head_ratio=float(head_ratio), minutes=minutes,
+                steps=steps, lr=float(lr), warm_start=bool(warm_start), name=name, batch_size=int(batch_size),
+                seq_len=int(seq_len), eval_every=int(eval_every), kd_weight=float(kd_weight), stop=job.is_set,
+                on_step=emit)
+
+        def draw(new: list[dict], finished: bool) -> tuple:
+            points.extend(new)
+            snapshots.extend(item["histogram"] for item in new if "histogram" in item)
+            state = "Stopping" if job.is_set() else "Training"
+            return (status_text(points, 0.0 if steps else minutes, steps, state), sparsity_figure(points),
+                    lambda_figure(points), histogram_figure(snapshots[-1] if snapshots else None), same, same, same)
+
         try:
-            finished = False
-            while not finished:
-                try:
-                    item = points_queue.get(timeout=REDRAW_S)
-                except queue.Empty:
-                    item = False
-                while item is not False:
-                    if item is None:
-                        finished = True
-                        break
-                    points.append(item)
-                    if "histogram" in item:
-                        snapshots.append(item["histogram"])
-                    try:
-                        item = points_queue.get_nowait()
-                    except queue.Empty:
-                        item = False
-                state = "Stopping" if job.is_set() else "Training"
-                if finished or time.monotonic() - drawn >= REDRAW_S:
-                    drawn = time.monotonic()
-                    yield (status_text(points, 0.0 if steps else minutes, steps, state), sparsity_figure(points),
-                           lambda_figure(points), histogram_figure(snapshots[-1] if snapshots else None), same, same,
-                           same)
-        finally:
-            if worker.is_alive():  # the page went away or the event was cancelled: end the training too
-                job.set()
-        worker.join()
-        error = outcome.get("error")
-        if isinstance(error, Stopped):
+            variant, evicted, extra = yield from stream_worker(work, draw, job, REDRAW_S, name="hfprune-ddp")
+        except Stopped:
             yield (f"**Stopped** after step {points[-1]['step'] if points else 0}: nothing was stored and the model "
                    "is unchanged.", sparsity_figure(points), lambda_figure(points),
                    histogram_figure(snapshots[-1] if snapshots else None), same, same, same)
             return
-        if error is not None:
-            raise error
-        variant, evicted, extra = outcome["result"]
         snapshots = extra["snapshots"]
         meta = variant.meta
         record = meta.get("ddp", {})

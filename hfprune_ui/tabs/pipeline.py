@@ -9,10 +9,9 @@ already finished are stored as runs and reused when the same ablation is started
 """
 from __future__ import annotations
 
-import queue
 import re
-import threading
 import time
+from collections.abc import Callable
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -24,6 +23,7 @@ from core.pipeline import ALL_ORDERS, FORMATS, PipelineOptions, describe_order, 
 from .. import figures
 from ..context import Ctx, model_events, stop_on_click
 from ..guard import session_id, user_errors
+from ..progress import stream_worker
 from ..services import Services
 
 TEACHING = (
@@ -101,75 +101,44 @@ def make_start(services: Services, ablation: bool):
         measure = MeasureOptions(**{**MEASURE, "zeroshot_limit": int(zeroshot_limit)})
         calibration = CalibrationOptions(**CALIBRATION)
         job = session.new_job()
-        events: queue.Queue = queue.Queue()
-        outcome: dict = {}
         shared = Shared()  # a single run measures the dense model too: its row is shown first
         root = cache_dir() / "pipelines"
         root.mkdir(parents=True, exist_ok=True)
-
-        def work() -> None:
-            try:
-                loaded = services.model(model_spec)
-                with services.model_lock:
-                    if ablation:
-                        outcome["result"] = run_ablation(
-                            loaded, options, out_root=root / f"ablation-{_safe(model_spec)}", store=services.runs,
-                            calibration=calibration, train_options=train_options, measure=measure, stop=job.is_set,
-                            on_event=lambda e: events.put(("event", e)), on_row=lambda r: events.put(("row", r)))
-                    else:
-                        out = root / f"{_safe(model_spec)}-{options.order}-{time.strftime('%Y%m%d-%H%M%S')}"
-                        result = run_pipeline(loaded, options, calibration=calibration, train_options=train_options,
-                                              measure=measure, out=out, shared=shared, stop=job.is_set,
-                                              on_event=lambda e: events.put(("event", e)))
-                        outcome["result"] = result
-                        events.put(("row", shared.dense_row))
-                        events.put(("row", result.row))
-            except Exception as exc:  # noqa: BLE001 - handed to the generator, which reports or re-raises it
-                outcome["error"] = exc
-            finally:
-                events.put(None)
-
-        worker = threading.Thread(target=work, name="hfprune-pipeline", daemon=True)
-        worker.start()
         rows: list[dict] = []
         state = "Starting"
-        drawn = 0.0
+
+        def work(emit: Callable[[tuple[str, dict]], None]):
+            loaded = services.model(model_spec)
+            with services.model_lock:
+                if ablation:
+                    return run_ablation(
+                        loaded, options, out_root=root / f"ablation-{_safe(model_spec)}", store=services.runs,
+                        calibration=calibration, train_options=train_options, measure=measure, stop=job.is_set,
+                        on_event=lambda e: emit(("event", e)), on_row=lambda r: emit(("row", r)))
+                out = root / f"{_safe(model_spec)}-{options.order}-{time.strftime('%Y%m%d-%H%M%S')}"
+                result = run_pipeline(loaded, options, calibration=calibration, train_options=train_options,
+                                      measure=measure, out=out, shared=shared, stop=job.is_set,
+                                      on_event=lambda e: emit(("event", e)))
+                emit(("row", shared.dense_row))
+                emit(("row", result.row))
+                return result
+
+        def draw(new: list[tuple[str, dict]], finished: bool) -> tuple:
+            nonlocal state
+            for kind, payload in new:
+                if kind == "row":
+                    rows.append(payload)
+                elif payload.get("state") in ("start", "resumed"):
+                    state = f"{payload.get('order') or 'dense'}: {payload.get('stage')} {payload.get('state')}"
+            prefix = "Stopping" if job.is_set() else ("Running" if not finished else "Finished")
+            return f"**{prefix}** — {state} · {len(rows)} row(s) done", table_rows(rows), rows_figure(rows)
+
         try:
-            finished = False
-            while not finished:
-                try:
-                    item = events.get(timeout=REDRAW_S)
-                except queue.Empty:
-                    item = False
-                while item is not False:
-                    if item is None:
-                        finished = True
-                        break
-                    kind, payload = item
-                    if kind == "row":
-                        rows.append(payload)
-                    elif payload.get("state") in ("start", "resumed"):
-                        state = f"{payload.get('order') or 'dense'}: {payload.get('stage')} {payload.get('state')}"
-                    try:
-                        item = events.get_nowait()
-                    except queue.Empty:
-                        item = False
-                if finished or time.monotonic() - drawn >= REDRAW_S:
-                    drawn = time.monotonic()
-                    prefix = "Stopping" if job.is_set() else ("Running" if not finished else "Finished")
-                    yield f"**{prefix}** — {state} · {len(rows)} row(s) done", table_rows(rows), rows_figure(rows)
-        finally:
-            if worker.is_alive():  # the page went away or the event was cancelled: end the work too
-                job.set()
-        worker.join()
-        error = outcome.get("error")
-        if isinstance(error, Stopped):
+            result = yield from stream_worker(work, draw, job, REDRAW_S, name="hfprune-pipeline")
+        except Stopped:
             yield (f"**Stopped**: {len(rows)} finished row(s) are shown{' and stored as runs' if ablation else ''}; "
                    "nothing half-done was written.", table_rows(rows), rows_figure(rows))
             return
-        if error is not None:
-            raise error
-        result = outcome["result"]
         if not ablation:
             row = result.row
             nan = float("nan")

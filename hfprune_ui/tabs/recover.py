@@ -8,9 +8,7 @@ nothing).
 """
 from __future__ import annotations
 
-import queue
-import threading
-import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import gradio as gr
@@ -21,6 +19,7 @@ from core.errors import HFPruneError, Stopped
 from .. import figures
 from ..context import Ctx, model_events
 from ..guard import session_id, user_errors
+from ..progress import stream_worker
 from ..services import Services
 
 TEACHING = (
@@ -78,60 +77,29 @@ def make_start(services: Services):
             raise HFPruneError("Pick a pruned variant to recover (prune one on the Prune tab first).")
         services.variant(session, source)  # a clear error before any thread starts
         job = session.new_job()
-        records: queue.Queue = queue.Queue()
-        outcome: dict = {}
         minutes, steps = float(minutes or 0), int(steps or 0)
-
-        def work() -> None:
-            try:
-                outcome["variant"] = services.recover(
-                    session, source, params=params, minutes=0.0 if steps else minutes, steps=steps, lr=float(lr),
-                    name=name, lora_rank=int(lora_rank), tau=float(tau), alpha=float(alpha),
-                    batch_size=int(batch_size), seq_len=int(seq_len), eval_every=int(eval_every), stop=job.is_set,
-                    on_step=lambda record: records.put(asdict(record)))
-            except Exception as exc:  # noqa: BLE001 - handed to the generator, which reports or re-raises it
-                outcome["error"] = exc
-            finally:
-                records.put(None)
-
-        worker = threading.Thread(target=work, name="hfprune-recover", daemon=True)
-        worker.start()
         points: list[dict] = []
-        drawn = 0.0
         no_change = gr.update()
+
+        def work(emit: Callable[[dict], None]) -> tuple:
+            return services.recover(
+                session, source, params=params, minutes=0.0 if steps else minutes, steps=steps, lr=float(lr),
+                name=name, lora_rank=int(lora_rank), tau=float(tau), alpha=float(alpha),
+                batch_size=int(batch_size), seq_len=int(seq_len), eval_every=int(eval_every), stop=job.is_set,
+                on_step=lambda record: emit(asdict(record)))
+
+        def draw(new: list[dict], finished: bool) -> tuple:
+            points.extend(new)
+            state = "Stopping" if job.is_set() else "Training"
+            return status_text(points, 0.0 if steps else minutes, steps, state), curves(points), no_change
+
         try:
-            finished = False
-            while not finished:
-                try:
-                    item = records.get(timeout=REDRAW_S)
-                except queue.Empty:
-                    item = False
-                while item is not False:
-                    if item is None:
-                        finished = True
-                        break
-                    points.append(item)
-                    try:
-                        item = records.get_nowait()
-                    except queue.Empty:
-                        item = False
-                state = "Stopping" if job.is_set() else "Training"
-                if finished or time.monotonic() - drawn >= REDRAW_S:
-                    drawn = time.monotonic()
-                    yield status_text(points, 0.0 if steps else minutes, steps, state), curves(points), no_change
-        finally:
-            if worker.is_alive():  # the page went away or the event was cancelled: end the training too
-                job.set()
-        worker.join()
-        error = outcome.get("error")
-        if isinstance(error, Stopped):
+            variant, evicted = yield from stream_worker(work, draw, job, REDRAW_S, name="hfprune-recover")
+        except Stopped:
             message = (f"**Stopped** after step {points[-1]['step'] if points else 0}: the variant '{source}' is "
                        "unchanged and nothing was stored.")
             yield message, curves(points), no_change
             return
-        if error is not None:
-            raise error
-        variant, evicted = outcome["variant"]
         recovery = variant.meta.get("recovery", {})
         note = f" The oldest variant '{evicted}' was dropped from memory (its run stays on disk)." if evicted else ""
         before = recovery.get("heldout_kl_before") or float("nan")
