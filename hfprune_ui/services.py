@@ -603,6 +603,11 @@ class Services:
 
     def load_recover_run(self, session: Session, run) -> str:
         """A stored recover run → a session variant (rebuilt from the prune run it started from)."""
+        return self._load_rebuilt_run(session, run, "recovered")
+
+    def _load_rebuilt_run(self, session: Session, run, label: str) -> str:
+        """A stored run → a session variant via ``rebuild_variant_model``; returns the status sentence,
+        which calls the variant ``label`` (e.g. 'recovered', 'DDP')."""
         model_spec = run.config.get("model")
         with self.model_lock:
             model = self.rebuild_variant_model(run)
@@ -612,7 +617,7 @@ class Services:
                           run.run_id, run.results.get("metrics"))
         evicted = session.add_variant(variant)
         extra = f" (dropped the oldest variant '{evicted}' from this session)" if evicted else ""
-        return f"Loaded recovered variant '{name}' of {model_spec} from run {run.run_id}{extra}."
+        return f"Loaded {label} variant '{name}' of {model_spec} from run {run.run_id}{extra}."
 
     # -- DDP (issue 12: learned gates hardened into the pruned structure) --------------------------
     def ddp(self, session: Session, *, ratio: float = 0.2, units: str = "mlp", head_ratio: float = 0.0,
@@ -658,16 +663,7 @@ class Services:
 
     def load_ddp_run(self, session: Session, run) -> str:
         """A stored ddp run → a session variant (the original folded and sliced again from the stored plan)."""
-        model_spec = run.config.get("model")
-        with self.model_lock:
-            model = self.rebuild_variant_model(run)
-        session.switch_model(model_spec)
-        name = run.config.get("name") or run.run_id
-        variant = Variant(name, model_spec, model, list(run.results.get("widths", [])), run.results.get("meta", {}),
-                          run.run_id, run.results.get("metrics"))
-        evicted = session.add_variant(variant)
-        extra = f" (dropped the oldest variant '{evicted}' from this session)" if evicted else ""
-        return f"Loaded DDP variant '{name}' of {model_spec} from run {run.run_id}{extra}."
+        return self._load_rebuilt_run(session, run, "DDP")
 
 
 def _trained_tensors(model: torch.nn.Module, params: str) -> dict[str, torch.Tensor]:
