@@ -118,6 +118,22 @@ def tiny_loaded(real_tokenizer):
     return build
 
 
+@pytest.fixture()
+def tiny_services(tmp_path, real_tokenizer):
+    """(services, session 'local', model folder): a tiny llama (MLP width 64) saved with the real tokenizer
+    to tmp_path/'tiny', a Services with its run store at tmp_path/'runs', and the model's entropy scores
+    computed on 2 wiki windows of 16 tokens."""
+    from hfprune_ui.services import Services
+
+    folder = tmp_path / "tiny"
+    make_tiny("llama", intermediate_size=64).save_pretrained(folder)
+    real_tokenizer.save_pretrained(folder)
+    services = Services(runs_root=tmp_path / "runs")
+    session = services.sessions.get("local")
+    services.score(session, str(folder), services.data_spec("wiki", None, 2, 16, 0), "entropy")
+    return services, session, folder
+
+
 @pytest.fixture(scope="session")
 def launch_dashboard(real):
     """Generator factory: launch the dashboard in this process on a free local port with the run

@@ -368,18 +368,9 @@ def test_cli_ddp_writes_a_folder_and_bad_input_writes_nothing(tmp_path, real_tok
 
 
 @pytest.fixture()
-def dashboard(tmp_path, real_tokenizer):
+def dashboard(tiny_services, tmp_path):
     """(services, session, run store root) with a tiny model loaded and its entropy scores computed."""
-    from conftest import make_tiny
-
-    from hfprune_ui.services import Services
-
-    folder = tmp_path / "tiny"
-    make_tiny("llama", intermediate_size=64).save_pretrained(folder)
-    real_tokenizer.save_pretrained(folder)
-    services = Services(runs_root=tmp_path / "runs")
-    session = services.sessions.get("local")
-    services.score(session, str(folder), services.data_spec("wiki", None, 2, 16, 0), "entropy")
+    services, session, _folder = tiny_services
     return services, session, tmp_path / "runs"
 
 

@@ -10,8 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import make_tiny
-
 from hfprune_ui.services import Services
 
 
@@ -34,13 +32,8 @@ def _model_job_finishes(services, session, timeout: float = 60.0) -> bool:
 
 
 @pytest.fixture
-def scored(tmp_path, real_tokenizer):
-    folder = tmp_path / "tiny"
-    make_tiny("llama", intermediate_size=64).save_pretrained(folder)
-    real_tokenizer.save_pretrained(folder)
-    services = Services(runs_root=tmp_path / "runs")
-    session = services.sessions.get("s")
-    services.score(session, str(folder), services.data_spec("wiki", None, 2, 16, 0), "entropy")
+def scored(tiny_services):
+    services, session, _folder = tiny_services
     return services, session
 
 

@@ -280,16 +280,9 @@ def test_cli_recover_writes_a_folder_and_bad_input_writes_nothing(tmp_path, real
 
 
 @pytest.fixture()
-def dashboard(tmp_path, real_tokenizer):
+def dashboard(tiny_services, tmp_path):
     """(services, session, run store root) with a tiny model's 50 % pruned variant 'half'."""
-    from hfprune_ui.services import Services
-
-    folder = tmp_path / "tiny"
-    make_tiny("llama", intermediate_size=64).save_pretrained(folder)
-    real_tokenizer.save_pretrained(folder)
-    services = Services(runs_root=tmp_path / "runs")
-    session = services.sessions.get("local")
-    services.score(session, str(folder), services.data_spec("wiki", None, 2, 16, 0), "entropy")
+    services, session, _folder = tiny_services
     services.prune(session, "entropy", 0.5, "global", 1, "half")
     return services, session, tmp_path / "runs"
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_tiny
-
-from hfprune_ui.services import SEQUENTIAL, Services, allocations, engine_allocation
+from hfprune_ui.services import SEQUENTIAL, allocations, engine_allocation
 
 
 def test_allocation_choices_map_onto_the_engine():
@@ -18,13 +16,8 @@ def test_allocation_choices_map_onto_the_engine():
 
 
 @pytest.mark.parametrize("choice,mode", [("adaptive", "independent"), (SEQUENTIAL, "sequential")])
-def test_dashboard_adaptive_prune_runs_the_chosen_search(tmp_path, real_tokenizer, choice, mode):
-    folder = tmp_path / "tiny"
-    make_tiny("llama", intermediate_size=64).save_pretrained(folder)
-    real_tokenizer.save_pretrained(folder)
-    services = Services(runs_root=tmp_path / "runs")
-    session = services.sessions.get("s")
-    services.score(session, str(folder), services.data_spec("wiki", None, 2, 16, 0), "entropy")
+def test_dashboard_adaptive_prune_runs_the_chosen_search(tiny_services, choice, mode):
+    services, session, folder = tiny_services
     assert services.plan(services.model(str(folder)), 0.5, choice, 1, None) is None  # the search runs on Prune
     variant, _ = services.prune(session, "entropy", 0.5, choice, 1, f"ad-{mode}")
     assert variant.meta["allocation"] == "adaptive" and variant.meta["adaptive"]["mode"] == mode
