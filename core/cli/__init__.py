@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
                              help="run Python code shipped inside a model folder or hub repo (auto_map); "
                                   "our own hf-remote-code exports are trusted without it")
     return parser
+
+
+def add_model_out_arguments(parser: argparse.ArgumentParser, export_help: str) -> None:
+    """The flags every "train, then export a model folder" command ends with: --export, --out, --quiet."""
+    from ..export import EXPORT_MODES
+
+    parser.add_argument("--export", choices=EXPORT_MODES, help=export_help)
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_scores_out(path: str) -> Path:
+    """``--out`` of a ``score`` command: a new ``.safetensors`` file in an existing folder, else one sentence."""
+    out = Path(path)
+    if out.exists():
+        raise HFPruneError(f"Output file {out} already exists; choose a new path.")
+    if out.suffix != ".safetensors":
+        raise HFPruneError(f"--out must end in .safetensors, got '{out.name}'.")
+    if not out.parent.exists():
+        raise HFPruneError(f"Parent folder {out.parent} does not exist.")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,9 @@ differentiable pruning (core.ddp) and export the hardened model.
 from __future__ import annotations
 
 from ..ddp import TRAIN_DEFAULTS, DDPOptions, ddp, save_ddp
-from ..export import EXPORT_MODES, check_output_dir
+from ..export import check_output_dir
 from ..train import TrainOptions
+from . import add_model_out_arguments
 
 
 def register(sub) -> None:
@@ -18,11 +19,8 @@ def register(sub) -> None:
     parser.add_argument("--model", required=True, help="model alias, hub id or folder")
     DDPOptions.add_arguments(parser)
     TrainOptions.add_arguments(parser, defaults=TRAIN_DEFAULTS)
-    parser.add_argument("--export", choices=EXPORT_MODES,
-                        help="export mode (default: hf-native for uniform MLP widths without head pruning, "
-                             "hf-remote-code otherwise; head-pruned models export only as hf-remote-code)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_out_arguments(parser, "export mode (default: hf-native for uniform MLP widths without head pruning, "
+                                    "hf-remote-code otherwise; head-pruned models export only as hf-remote-code)")
     parser.set_defaults(handler=cmd_ddp)
 
 

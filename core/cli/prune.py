@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .. import distributed
 from ..allocate import AllocationOptions, check_ratio
@@ -22,7 +21,7 @@ from ..engine import (
     prune_with_scores,
     score_model,
 )
-from ..errors import HFPruneError, PruneConfigError
+from ..errors import PruneConfigError
 from ..evaluate import evaluate
 from ..export import EXPORT_MODES, check_output_dir, read_meta, save_pruned
 from ..gguf_export import GGUFOptions
@@ -30,6 +29,7 @@ from ..models import EMBEDDED
 from ..placement import PlacementOptions, load_placed, scoring_preflight
 from ..quant_store import load_any
 from ..quantize import quantization_of
+from . import check_scores_out
 
 
 def register(sub) -> None:
@@ -87,13 +87,7 @@ def _criterion_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(args) -> dict:
-    out = Path(args.out)
-    if out.exists():
-        raise HFPruneError(f"Output file {out} already exists; choose a new path.")
-    if out.suffix != ".safetensors":
-        raise HFPruneError(f"--out must end in .safetensors, got '{out.name}'.")
-    if not out.parent.exists():
-        raise HFPruneError(f"Parent folder {out.parent} does not exist.")
+    out = check_scores_out(args.out)
     params = parameters_from_args(args, args.criterion)
     calib = CalibrationOptions.from_args(args)
     placement = PlacementOptions.from_args(args)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from .. import distributed
-from ..export import EXPORT_MODES, check_output_dir, read_meta
+from ..export import check_output_dir, read_meta
 from ..recover import (
     LoraOptions,
     RecoverOptions,
@@ -15,6 +15,7 @@ from ..recover import (
     save_recovered,
 )
 from ..train import DistillOptions, TrainOptions
+from . import add_model_out_arguments
 
 
 def register(sub) -> None:
@@ -26,11 +27,8 @@ def register(sub) -> None:
     TrainOptions.add_arguments(parser)
     DistillOptions.add_arguments(parser)
     LoraOptions.add_arguments(parser)
-    parser.add_argument("--export", choices=EXPORT_MODES,
-                        help="export mode (default: the student's own; else hf-native for uniform widths, "
-                             "hf-remote-code otherwise)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_out_arguments(parser, "export mode (default: the student's own; else hf-native for uniform widths, "
+                                    "hf-remote-code otherwise)")
     parser.set_defaults(handler=cmd_recover)
 
 

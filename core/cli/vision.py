@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import HFPruneError, PruneConfigError
+from ..errors import PruneConfigError
+from . import check_scores_out
 
 # flags shared with the LLM commands whose defaults differ for encoders: None = "not typed"
 _SHARED = ("samples", "seq_len", "batch_size", "heldout_samples", "adaptive_mode", "criterion", "min_keep")
@@ -109,13 +110,7 @@ def cmd_score(args) -> dict:
     from ..encoders import load_encoder
     from ..vision import score_encoder
 
-    out = Path(args.out)
-    if out.exists():
-        raise HFPruneError(f"Output file {out} already exists; choose a new path.")
-    if out.suffix != ".safetensors":
-        raise HFPruneError(f"--out must end in .safetensors, got '{out.name}'.")
-    if not out.parent.exists():
-        raise HFPruneError(f"Parent folder {out.parent} does not exist.")
+    out = check_scores_out(args.out)
     name, params = _criterion(args)
     loaded = load_encoder(args.model)
     result = score_encoder(loaded, name, _encoder_options(args, loaded), criterion_params=params,
