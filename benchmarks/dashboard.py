@@ -236,7 +236,9 @@ def main() -> None:
     base = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     stored = RESULTS / "dashboard.json"
     previous = json.loads(stored.read_text()) if stored.exists() else []
-    results = [r for r in previous if r.get("kind", "responsiveness") not in only]
+    presets = ["quick", "thorough"] if args.thorough else ["quick"]
+    results = [r for r in previous if r.get("kind", "responsiveness") not in only
+               or (r.get("kind") == "adaptive" and r.get("preset") not in presets)]  # a preset not re-run stays
     with tempfile.TemporaryDirectory(prefix="hfprune-bench-") as tmp:
         def env(tag: str) -> dict[str, str]:  # the user's converted model, a fresh run store
             return {**base, "HFPRUNE_RUNS": str(Path(tmp) / tag)}
@@ -249,9 +251,9 @@ def main() -> None:
         if "tour" in only:
             results.append(tour(env("tour")))
         if "adaptive" in only:
-            results += adaptive(env("adaptive"), ["quick", "thorough"] if args.thorough else ["quick"])
+            results += adaptive(env("adaptive"), presets)
     order = {"responsiveness": 0, "tour": 1, "adaptive": 2}
-    results.sort(key=lambda r: order.get(r.get("kind", "responsiveness"), 3))
+    results.sort(key=lambda r: (order.get(r.get("kind", "responsiveness"), 3), r.get("preset") != "quick"))
     text = tables(results)
     print(text)
     write_result("dashboard.md", text)

@@ -28,8 +28,15 @@ SECTIONS = [
     ("Quantization × pruning: quality", "quantize_cpu.md", None),
     ("Quantization × pruning: measured speed, memory, size (CPU)", "speed_cpu.md", None),
     ("Quantization × pruning: measured speed, memory, size (GPU, H100, bf16)", "speed_cuda.md", None),
-    ("Dashboard responsiveness", "dashboard.md", "python benchmarks/dashboard.py"),
+    ("Dashboard: responsiveness, Tour and adaptive default", "dashboard.md",
+     "python benchmarks/dashboard.py --thorough"),
     ("Recovery: one-shot vs KD (full / MLP / LoRA) at equal wall-clock budgets", "recovery.md", None),
+    ("DDP vs one-shot at equal wall-clock budgets", "ddp.md", None),
+    ("Prune → quantize → distil: the six orders", "pipeline.md", None),
+    ("INT8 backends on this CPU", "int8_backends_cpu.md", "python benchmarks/int8_backends.py"),
+    ("Vision: AMP on DINOv2-small", "vision.md", None),
+    ("Scale on the CPU: 2-process scoring, checkpointing, GGUF export", "scale_cpu.md", "python benchmarks/scale.py"),
+    ("Rank stability over calibration draws", "stability.md", None),
 ]
 
 
