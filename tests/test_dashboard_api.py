@@ -142,20 +142,23 @@ def test_score_prune_compare_end_to_end(app):
 
     status = c.predict("ent30", "torchao-int8", api_name="/quantize")[0]
     assert "ent30+torchao-int8" in status
-    table, speedups, pareto = c.predict(["ent30", "ent30+torchao-int8"], 32, 4, 3, api_name="/bench")
+    # the quantized variant only (the original is always timed as the baseline): timings repeat until
+    # their spread is known, so every extra model costs the suite ~30 s on a busy 2-core machine
+    table, speedups, pareto = c.predict(["ent30+torchao-int8"], 32, 4, 3, api_name="/bench")
     rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
-    assert set(rows) == {"original", "ent30", "ent30+torchao-int8"}
-    assert rows["ent30+torchao-int8"]["weights"] == "torchao-int8" and rows["ent30"]["weights"] == "fp32"
-    assert rows["ent30+torchao-int8"]["weight MB"] < 0.6 * rows["ent30"]["weight MB"] < rows["original"]["weight MB"]
+    assert set(rows) == {"original", "ent30+torchao-int8"}
+    q8 = rows["ent30+torchao-int8"]
+    assert q8["weights"] == "torchao-int8" and rows["original"]["weights"] == "fp32"
+    assert q8["weight MB"] < 0.5 * rows["original"]["weight MB"]  # 30 % fewer MLP neurons, then 1 byte a weight
     assert all(r["prefill ms (1×N, median)"] > 0 and r["decode tok/s (median)"] > 0 for r in rows.values())
     assert all(3 <= r["repeats"] <= 15 for r in rows.values())
-    assert rows["ent30"]["FLOP ideal"].endswith("×") and float(rows["ent30"]["FLOP ideal"][:-1]) > 1.0
+    assert q8["FLOP ideal"].endswith("×") and float(q8["FLOP ideal"][:-1]) > 1.0
     assert rows["original"]["prefill speed-up"] == rows["original"]["decode speed-up"] == "baseline"
     for phase in ("prefill", "decode"):  # median× (quartile interval), side by side
-        assert re.fullmatch(r"\d+\.\d\d× \(\d+\.\d\d–\d+\.\d\d\)", rows["ent30"][f"{phase} speed-up"])
+        assert re.fullmatch(r"\d+\.\d\d× \(\d+\.\d\d–\d+\.\d\d\)", q8[f"{phase} speed-up"])
     bars = plot(speedups)["data"]
     assert [b["name"] for b in bars[:2]] == ["prefill speed-up", "decode speed-up"] and bars[2]["name"] == "FLOP ideal"
-    assert {t["name"] for t in plot(pareto)["data"]} >= {"original", "ent30", "ent30+torchao-int8"}
+    assert {t["name"] for t in plot(pareto)["data"]} >= {"original", "ent30+torchao-int8"}
     zero, note = c.predict(["ent30"], ["wiki_nextsent"], 10, api_name="/zeroshot")
     accs = {r[0]: dict(zip(zero["headers"], r)) for r in zero["data"]}
     assert set(accs) == {"original", "ent30"} and all(a["wiki_nextsent n"] == 10 for a in accs.values())
