@@ -5,7 +5,8 @@ Within a criterion, every pair of draws gives a per-layer Spearman ρ and the ov
 each draw would remove at a ratio; across two criteria, the same draw scored by both gives the
 same two numbers. If entropy and cross-entropy agree about as well as two draws of entropy do,
 their difference is calibration noise. :func:`fidelity_over_draws` adds KL error bars: prune with
-each draw's scores and measure KL to the dense model on the evaluation windows.
+each draw's scores and measure KL to the dense model on the evaluation windows
+(:func:`sweep_over_draws` streams the same rows; the dashboard's sweep calls it when K ≥ 2).
 
     draws = draw_windows(loaded, StabilityOptions(draws=4))
     scores = score_draws(loaded, ["entropy", "cross_entropy"], draws)
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .allocate import check_ratio, uniform_widths
+from .compensate import CompensationOptions
 from .criteria import ScoreOptions, get_criterion, resolve_params
 from .data import disjoint_calibration_windows
 from .engine import ScoreResult
@@ -181,31 +183,84 @@ def agreement(draw_scores: dict[str, list[list[torch.Tensor]]], ratios: list[flo
                            dict(config or {}))
 
 
-def fidelity_over_draws(loaded: LoadedModel, draw_scores: dict[str, list[list[torch.Tensor]]], ratios: list[float],
-                        windows: torch.Tensor, *, allocation: str = "uniform", progress: bool = False,
-                        stop: Callable[[], bool] | None = None) -> list[dict]:
-    """KL error bars for the sweep: prune with each draw's scores (:func:`core.sweep.fidelity_sweep`)
-    and evaluate on ``windows`` (K, T). One row per (criterion, ratio): KL / perplexity / top-1 per
-    draw and the mean, sample std, min and max of KL over the draws."""
-    from .sweep import fidelity_sweep
+SWEEP_DRAWS_MAX = 8  # the dashboard sweep's "calibration draws K" goes 1 (no error bars) … 8
 
-    cells_by: dict[tuple[str, float], list[dict]] = {}
-    draws = len(next(iter(draw_scores.values()), []))
-    for k in range(draws):  # one sweep per draw: the dense reference is computed once for all its rows
-        results = {name: ScoreResult(sets[k], {"criterion": name}, 0.0) for name, sets in draw_scores.items()}
-        for row in fidelity_sweep(loaded, results, ratios, windows, allocation=allocation, progress=progress,
-                                  stop=stop):
-            cells_by.setdefault((row["criterion"], row["ratio"]), []).append(row)
-    rows = []
-    for name in draw_scores:
-        for ratio in sorted({r for c, r in cells_by if c == name}):
-            cells = cells_by[(name, ratio)]
-            kl = [c["kl_to_dense"] for c in cells]
-            rows.append({"criterion": name, "ratio": ratio, "allocation": allocation, "draws": len(cells),
-                         "kl_mean": sum(kl) / len(kl), "kl_std": _std(kl), "kl_min": min(kl), "kl_max": max(kl),
-                         "kl_draws": kl, "perplexity_draws": [c["perplexity"] for c in cells],
-                         "top1_draws": [c["top1_agreement"] for c in cells]})
-    return rows
+
+def check_sweep_draws(draws: int, allocation: str = "uniform") -> int:
+    """K for the sweep's KL error bars: a whole number from 1 (one draw: no error bars, the plain
+    sweep) to ``SWEEP_DRAWS_MAX``; with K ≥ 2 ``allocation`` must be one of the sweep's allocations."""
+    from .sweep import SWEEP_ALLOCATIONS
+
+    try:
+        number = float(draws)
+        value = int(number)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SelectionError(f"Calibration draws K must be a whole number from 1 to {SWEEP_DRAWS_MAX}, "
+                             f"got '{draws}'.") from exc
+    if value != number or not 1 <= value <= SWEEP_DRAWS_MAX:
+        raise SelectionError(f"Calibration draws K must be a whole number from 1 (no error bars) to "
+                             f"{SWEEP_DRAWS_MAX}, got {draws}.")
+    if value > 1 and allocation not in SWEEP_ALLOCATIONS:
+        raise SelectionError(f"Error bars over calibration draws work with the {', '.join(SWEEP_ALLOCATIONS)} "
+                             f"allocations, not '{allocation}'; set K to 1 for it.")
+    return value
+
+
+def draw_summary(name: str, ratio: float, allocation: str, cells: list[dict]) -> dict:
+    """One (criterion, ratio) cell over K draws from K sweep rows (:meth:`core.sweep.FidelitySweep.row`):
+    ``kl_to_dense`` / ``perplexity`` / ``top1_agreement`` / ``params`` are the means over the draws
+    (KL in nats/token), ``*_std`` the sample std (n − 1), ``kl_min`` / ``kl_max`` the range and
+    ``kl_draws`` / ``perplexity_draws`` / ``top1_draws`` the K values in draw order."""
+    kl = [c["kl_to_dense"] for c in cells]
+    ppl = [c["perplexity"] for c in cells]
+    top1 = [c["top1_agreement"] for c in cells]
+    mean = sum(kl) / len(kl)
+    return {"criterion": name, "ratio": ratio, "allocation": allocation, "draws": len(cells),
+            "kl_to_dense": mean, "perplexity": sum(ppl) / len(ppl), "top1_agreement": sum(top1) / len(top1),
+            "params": round(sum(c["params"] for c in cells) / len(cells)),
+            "kl_mean": mean, "kl_std": _std(kl), "kl_min": min(kl), "kl_max": max(kl), "kl_draws": kl,
+            "perplexity_std": _std(ppl), "perplexity_draws": ppl, "top1_std": _std(top1), "top1_draws": top1}
+
+
+def sweep_over_draws(loaded: LoadedModel, draw_results: dict[str, list[ScoreResult]], ratios: list[float],
+                     windows: torch.Tensor, *, allocation: str = "uniform", round_to: int = 1,
+                     compensation: CompensationOptions | None = None, progress: bool = False,
+                     stop: Callable[[], bool] | None = None) -> Iterator[dict]:
+    """The sweep with KL error bars: criterion → K score results (one per calibration draw, the same K
+    for all). For each (criterion, ratio), criterion-major and in the order given, prune with each
+    draw's scores, measure on ``windows`` (W, T evaluation token ids) against the dense model and
+    yield one :func:`draw_summary` row. One :class:`core.sweep.FidelitySweep` serves every draw, so
+    the dense reference (and a ``+lsq`` refit's statistics, made on the first criterion's first
+    draw's calibration settings) is computed once: only the scores vary over the draws."""
+    from .sweep import FidelitySweep
+
+    check_sweep_draws(2, allocation)  # the allocation check
+    if not draw_results:
+        raise SelectionError("Score at least one criterion before running the sweep.")
+    counts = {len(v) for v in draw_results.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise SelectionError("Every criterion needs the same number of calibration draws (at least one).")
+    sweep = FidelitySweep(loaded, windows, compensation=compensation, round_to=round_to, progress=progress, stop=stop)
+    for name, results in draw_results.items():
+        for ratio in ratios:
+            cells = [sweep.row(name, result, allocation, ratio) for result in results]
+            yield draw_summary(name, cells[0]["ratio"], allocation, cells)
+
+
+def fidelity_over_draws(loaded: LoadedModel, draw_scores: dict[str, list[list[torch.Tensor]]], ratios: list[float],
+                        windows: torch.Tensor, *, allocation: str = "uniform", round_to: int = 1,
+                        compensation: CompensationOptions | None = None, calibration: dict | None = None,
+                        progress: bool = False, stop: Callable[[], bool] | None = None) -> list[dict]:
+    """KL error bars for the sweep: prune with each draw's scores (:func:`sweep_over_draws`) and
+    evaluate on ``windows`` (W, T). One row per (criterion, sorted ratio): KL / perplexity / top-1 per
+    draw, the mean, sample std, min and max of KL over the draws (see :func:`draw_summary`).
+    ``calibration``: the scores' calibration settings (source, samples, seq_len, seed), which a
+    ``+lsq`` refit computes its statistics on (default: the CalibrationOptions defaults)."""
+    results = {name: [ScoreResult(scores, {**(calibration or {}), "criterion": name, "draw": k}, 0.0)
+                      for k, scores in enumerate(sets)] for name, sets in draw_scores.items()}
+    ratios = sorted({check_ratio(r) for r in ratios})
+    return list(sweep_over_draws(loaded, results, ratios, windows, allocation=allocation, round_to=round_to,
+                                 compensation=compensation, progress=progress, stop=stop))
 
 
 def _std(values: list[float]) -> float:
