@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -222,25 +223,86 @@ class Services:
 
     def sweep(self, session: Session, names: list[str], ratios: list[float], allocation: str, round_to: int,
               windows: int, seq_len: int, stop: Callable[[], bool] | None = None,
-              compensate_windows: int = 64, baseline: bool = False) -> Iterator[dict]:
+              compensate_windows: int = 64, baseline: bool = False, draws: int = 1,
+              on_draw: Callable[[str, int, int], None] | None = None) -> Iterator[dict]:
         """Criteria × ratio fidelity rows (engine: core.sweep) for this session's scored criteria;
         ``+lsq`` allocations refit on ``compensate_windows`` calibration windows; ``baseline`` adds
-        rows for seeded random scores (criterion ``BASELINE``), the floor every criterion must beat."""
+        rows for seeded random scores (criterion ``BASELINE``), the floor every criterion must beat.
+        ``draws`` K ≥ 2: each criterion is scored on K disjoint calibration draws (:meth:`draw_scores`)
+        and each row is the summary over them (core.stability.sweep_over_draws: KL mean, std, min,
+        max, per-draw values); ``on_draw(criterion, k, K)`` is called before each scoring pass."""
+        from core.stability import check_sweep_draws, sweep_over_draws
         from core.sweep import fidelity_sweep
 
+        draws = check_sweep_draws(draws, allocation)
         loaded = self.model(self.require_model(session))
         missing = [n for n in names if n not in session.scores]
         if missing:
             raise HFPruneError(f"Score {', '.join(missing)} first (Importance tab).")
         source = session.data.source if session.data else "wiki"
         ids = evaluation_windows(loaded.tokenizer, source, int(windows), int(seq_len), max_length=loaded.max_length)
+        compensation = self.compensation(session, names, compensate_windows)
+        if draws > 1:
+            scored_draws = self.draw_scores(session, names, draws, baseline=baseline, stop=stop, on_draw=on_draw)
+            rows = sweep_over_draws(loaded, scored_draws, ratios, ids, allocation=allocation, round_to=int(round_to),
+                                    compensation=compensation, progress=True, stop=stop)
+            yield from locked_steps(self.model_lock, rows)
+            return
         scored = {n: session.scores[n] for n in names}
         if baseline:
             scored[BASELINE] = self.random_scores(session)
         rows = fidelity_sweep(loaded, scored, ratios, ids,
                               allocation=allocation, round_to=int(round_to), progress=True,
-                              stop=stop, compensation=self.compensation(session, names, compensate_windows))
+                              stop=stop, compensation=compensation)
         yield from locked_steps(self.model_lock, rows)
+
+    def draw_scores(self, session: Session, names: list[str], draws: int, *, baseline: bool = False,
+                    stop: Callable[[], bool] | None = None,
+                    on_draw: Callable[[str, int, int], None] | None = None) -> dict[str, list[engine.ScoreResult]]:
+        """criterion → K score results on K disjoint calibration draws of the session's data
+        (core.stability.draw_windows; draw 0 is the session's own scores, whose windows it is), each
+        criterion with the parameters its session scores were made with. Draws k ≥ 1 are scored one
+        pass at a time under ``model_lock`` and kept in the score cache (key: the scores' key + draw k;
+        a draw's windows do not depend on K). ``baseline``: random scores seeded seed + k. Their
+        configs name ``source`` by its path, so a ``+lsq`` refit reads the right text."""
+        from core.progress import check_stop
+        from core.stability import StabilityOptions, draw_windows, score_draws
+
+        spec = self.require_model(session)
+        loaded = self.model(spec)
+        data = session.data or DataSpec("wiki", "wiki", 16, 128, 0)
+        windows: list[torch.Tensor] | None = None
+        out: dict[str, list[engine.ScoreResult]] = {}
+        for name in names:
+            first = session.scores[name]
+            params = resolve_params(name, first.config.get("criterion_params"))
+            config = {**first.config, "source": data.source, "source_label": data.label, "samples": data.samples,
+                      "seq_len": data.seq_len, "seed": data.seed}
+            batch_size = int(first.config.get("batch_size") or 1)
+            results = [engine.ScoreResult(first.scores, {**config, "draw": 0}, first.seconds)]
+            for k in range(1, draws):
+                key = (*ScoreCache.key(spec, data, name, params), "draw", k)
+                hit = self.scores.get(key)
+                if hit is None:
+                    check_stop(stop, "The sweep was stopped.")
+                    if windows is None:  # tokenised once, only when some draw is not cached
+                        windows = draw_windows(loaded, StabilityOptions(draws=draws, samples=data.samples,
+                                                                        seq_len=data.seq_len, seed=data.seed,
+                                                                        source=data.source))
+                    if on_draw is not None:
+                        on_draw(name, k, draws)
+                    with self.model_lock:
+                        start = time.perf_counter()
+                        scores = score_draws(loaded, [name], [windows[k]], params={name: params},
+                                             batch_size=batch_size, seed=data.seed, progress=True, stop=stop)[name][0]
+                        seconds = time.perf_counter() - start
+                    hit = (engine.ScoreResult(scores, {**config, "draw": k}, seconds), "")
+                    self.scores.put(key, *hit)
+                results.append(hit[0])
+            out[name] = results
+        if baseline:
+            out[BASELINE] = [self.random_scores(session, draw=k) for k in range(draws)]
+        return out
 
     # -- quantize / zero-shot / speed --------------------------------------------------------
     def quantize(self, session: Session, source: str, method: str) -> tuple[Variant, str | None]:
@@ -399,13 +461,14 @@ class Services:
             origins[criterion] = "precomputed"
         return origins
 
-    def random_scores(self, session: Session) -> engine.ScoreResult:
-        """Seeded random scores for the session's model (the sweep's baseline row; weights only, instant)."""
+    def random_scores(self, session: Session, draw: int = 0) -> engine.ScoreResult:
+        """Seeded random scores for the session's model (the sweep's baseline row; weights only, instant);
+        ``draw`` k shifts the seed by k (the baseline's k-th calibration draw)."""
         loaded = self.model(self.require_model(session))
         data = session.data or DataSpec("wiki", "wiki", 1, 16, 0)
         with self.model_lock:
-            return engine.score_model(loaded, "random", source=data.source, samples=1, seq_len=16, seed=data.seed,
-                                      progress=False)
+            return engine.score_model(loaded, "random", source=data.source, samples=1, seq_len=16,
+                                      seed=data.seed + int(draw), progress=False)
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
