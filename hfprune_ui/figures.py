@@ -180,22 +180,43 @@ def adaptive_trace(trace: Sequence[dict], layers: Sequence[int] | None = None) -
     return fig
 
 
+# a sweep metric → (its sample std over calibration draws, its per-draw values) in core.stability.draw_summary rows
+DRAW_SPREAD = {"kl_to_dense": ("kl_std", "kl_draws"), "perplexity": ("perplexity_std", "perplexity_draws"),
+               "top1_agreement": ("top1_std", "top1_draws")}
+
+
 def sweep_lines(rows: Sequence[dict], metric: str = "kl_to_dense") -> go.Figure:
     """One line per criterion (and allocation): ``metric`` against the pruning ratio; the random
-    baseline is drawn grey and dashed."""
+    baseline is drawn grey and dashed. Rows over K calibration draws (they carry ``draws`` and the
+    metric's std) get symmetric error bars of ± 1 sample std around the mean; the hover adds the
+    per-draw min–max."""
     fig = go.Figure()
     names = list(dict.fromkeys(r["criterion"] for r in rows))
-    for i, name in enumerate(n for n in names if n != BASELINE):
-        mine = sorted((r["ratio"], r[metric]) for r in rows if r["criterion"] == name)
-        fig.add_trace(go.Scatter(x=[x for x, _ in mine], y=[y for _, y in mine], mode="lines+markers", name=name,
-                                 marker_color=color(i)))
-    if BASELINE in names:
-        mine = sorted((r["ratio"], r[metric]) for r in rows if r["criterion"] == BASELINE)
-        fig.add_trace(go.Scatter(x=[x for x, _ in mine], y=[y for _, y in mine], mode="lines+markers", name=BASELINE,
-                                 line=CHANCE_STYLE, marker_color=CHANCE_STYLE["color"]))
+    std_key, draws_key = DRAW_SPREAD.get(metric, ("", ""))
+    spread = bool(rows) and all(std_key in r for r in rows)
     label = {"kl_to_dense": "KL to dense (nats/token)", "perplexity": "perplexity",
              "top1_agreement": "top-1 agreement"}.get(metric, metric)
-    _finish(fig, title=f"{label} vs ratio", xaxis_title="ratio of MLP neurons removed", yaxis_title=label)
+
+    def line(name: str, **style) -> go.Scatter:
+        mine = sorted((r for r in rows if r["criterion"] == name), key=lambda r: r["ratio"])
+        extra: dict = {}
+        if spread:
+            extra = {"error_y": {"type": "data", "array": [r[std_key] for r in mine], "visible": True},
+                     "customdata": [[r[std_key], min(r[draws_key]), max(r[draws_key]), r["draws"]] for r in mine],
+                     "hovertemplate": (f"{name}<br>ratio %{{x:.2f}}<br>{label}: %{{y:.4g}} ± %{{customdata[0]:.2g}} "
+                                       "(mean ± std)<br>draws min–max: %{customdata[1]:.4g}–%{customdata[2]:.4g} "
+                                       "over %{customdata[3]} draws<extra></extra>")}
+        return go.Scatter(x=[r["ratio"] for r in mine], y=[r[metric] for r in mine], mode="lines+markers",
+                          name=name, **style, **extra)
+
+    for i, name in enumerate(n for n in names if n != BASELINE):
+        fig.add_trace(line(name, marker_color=color(i)))
+    if BASELINE in names:
+        fig.add_trace(line(BASELINE, line=CHANCE_STYLE, marker_color=CHANCE_STYLE["color"]))
+    title = f"{label} vs ratio"
+    if spread:
+        title += f" (mean; error bars ± 1 std over {max(r['draws'] for r in rows)} calibration draws)"
+    _finish(fig, title=title, xaxis_title="ratio of MLP neurons removed", yaxis_title=label)
     if metric in ("kl_to_dense", "perplexity"):
         fig.update_yaxes(type="log")  # the random baseline is often 10× worse: a log axis keeps both readable
     return fig

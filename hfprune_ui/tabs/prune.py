@@ -10,6 +10,7 @@ from core.compensate import CompensationOptions
 from core.counts import prune_preview
 from core.errors import HFPruneError, SelectionError, Stopped
 from core.export import EXPORT_MODES, default_export_mode
+from core.stability import SWEEP_DRAWS_MAX, check_sweep_draws
 from core.sweep import SWEEP_ALLOCATIONS, parse_ratios
 
 from .. import figures, texts
@@ -192,11 +193,13 @@ def make_sweep(services: Services):
     @user_errors
     def sweep(names: list | None, ratios: str, allocation: str, round_to: str | int, windows: float,
               seq_len: float, metric: str, compensate_windows: float = 64, baseline: bool = True,
-              request: gr.Request = None, progress=TRACK):
+              draws: float = 1, request: gr.Request = None, progress=TRACK):
         """Prune each scored criterion at each ratio (in memory) and measure fidelity; stream the rows.
+        ``draws`` K ≥ 2: every row is the mean ± std over K disjoint calibration draws of the scores.
         A Stop or a failure keeps the rows already measured, with a note saying so."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
+        draws = check_sweep_draws(draws, allocation)
         unscored = [n for n in (names or []) if n not in session.scores]
         if unscored:
             raise HFPruneError(f"Not scored yet: {', '.join(unscored)}. Score them on the Importance tab, or untick "
@@ -206,16 +209,26 @@ def make_sweep(services: Services):
             raise HFPruneError("Score at least one criterion first (Importance tab).")
         ratio_list = parse_ratios(ratios)
         total = (len(chosen) + bool(baseline)) * len(ratio_list)
-        tracker = JobProgress(progress, "Sweep", stages=total, unit="row")
+        passes = len(chosen) * (draws - 1)  # scoring passes for the extra draws (fewer when cached)
+        tracker = JobProgress(progress, "Sweep", stages=passes + total, unit="step")
+        scored_passes: list[str] = []
+
+        def on_draw(name: str, k: int, count: int) -> None:
+            tracker.stage(len(scored_passes), f"scoring {name}, calibration draw {k + 1} of {count}")
+            scored_passes.append(name)
+
+        over = (f"; each row is the mean ± std over {draws} disjoint calibration draws of the scores "
+                f"({session.data.short() if session.data else 'the calibration data'} each)" if draws > 1 else "")
         rows: list[dict] = []
         try:
             for row in services.sweep(session, chosen, ratio_list, allocation, int(round_to), int(windows),
                                       int(seq_len), stop=job.is_set, compensate_windows=int(compensate_windows),
-                                      baseline=bool(baseline)):
+                                      baseline=bool(baseline), draws=draws, on_draw=on_draw):
                 rows.append(row)
-                tracker.stage(len(rows), f"{row['criterion']} @ {row['ratio']:.2f}")
+                tracker.stage(len(scored_passes) + len(rows), f"{row['criterion']} @ {row['ratio']:.2f}")
                 yield (sweep_table(rows), figures.sweep_lines(rows, metric),
-                       f"{len(rows)} of {total} rows measured on {int(windows)} × {int(seq_len)} held-out tokens.")
+                       f"{len(rows)} of {total} rows measured on {int(windows)} × {int(seq_len)} held-out tokens"
+                       f"{over}.")
         except (Stopped, HFPruneError) as exc:
             if not rows:
                 raise
@@ -228,9 +241,11 @@ def make_sweep(services: Services):
 
 def make_sweep_estimate(services: Services):
     def estimate(names: list | None, ratios: str, allocation: str, windows: float, seq_len: float,
-                 compensate_windows: float, baseline: bool, request: gr.Request = None) -> str:
-        """About how long the sweep takes on this machine, before it starts."""
-        from core.timing import sweep_seconds
+                 compensate_windows: float, baseline: bool, draws: float = 1, request: gr.Request = None) -> str:
+        """About how long the sweep takes on this machine, before it starts (with K calibration draws:
+        K evaluations per row plus K − 1 scoring passes per criterion, cached ones counted too)."""
+        from core.criteria import get_criterion
+        from core.timing import scoring_seconds, sweep_seconds
 
         session = services.sessions.get(session_id(request))
         spec = session.model_spec
@@ -238,23 +253,46 @@ def make_sweep_estimate(services: Services):
             return ""
         try:
             count = len(parse_ratios(ratios))
+            k = check_sweep_draws(draws, allocation)
         except HFPruneError:
-            return ""  # the Run button says what is wrong with the ratios
-        rows = (len(names or session.scores) + bool(baseline)) * count
+            return ""  # the Run button says what is wrong with the ratios or K
+        chosen = list(names or session.scores)
+        rows = (len(chosen) + bool(baseline)) * count
         seq = session.data.seq_len if session.data else 128
         compensation = int(compensate_windows) * seq if allocation.endswith("+lsq") else 0
-        seconds = sweep_seconds(services.seconds_per_token(spec), rows, int(windows) * int(seq_len), compensation)
-        return f"Estimated time: **about {duration(seconds)}** for {rows} rows on this machine."
+        per_token = services.seconds_per_token(spec)
+        seconds = sweep_seconds(per_token, rows * k, int(windows) * int(seq_len), compensation)
+        if k > 1 and session.data:
+            tokens = session.data.samples * session.data.seq_len
+            seconds += (k - 1) * sum(scoring_seconds(per_token, tokens, get_criterion(n).cost) for n in chosen
+                                     if n in session.scores)
+        over = f", each over {k} calibration draws" if k > 1 else ""
+        return f"Estimated time: **about {duration(seconds)}** for {rows} rows{over} on this machine."
     return estimate
 
 
 def sweep_table(rows: list[dict]) -> pd.DataFrame:
-    """Rows → a criteria × ratio table (KL to dense; perplexity and top-1 in the other columns)."""
+    """Rows → a criteria × ratio table (KL to dense; perplexity and top-1 in the other columns). Rows
+    over K calibration draws (core.stability.draw_summary) show KL as mean ± std and per draw, and
+    the means of perplexity and top-1."""
+    if rows and "kl_std" in rows[0]:
+        return draws_table(rows)
     frame = pd.DataFrame(rows)
     frame["ratio"] = frame["ratio"].map(lambda r: f"{r:.2f}")
     if "params" in frame:
         frame["params"] = frame["params"].map(count)
     return frame.round({"perplexity": 2, "kl_to_dense": 4, "top1_agreement": 4})
+
+
+def draws_table(rows: list[dict]) -> pd.DataFrame:
+    """Rows over K calibration draws → criterion, ratio, allocation, draws, KL mean ± std, KL per draw
+    (draw order; their spread is the min–max), mean perplexity, mean top-1, params."""
+    out = [{"criterion": r["criterion"], "ratio": f"{r['ratio']:.2f}", "allocation": r["allocation"],
+            "draws": r["draws"], "KL to dense (mean ± std)": f"{r['kl_mean']:.4f} ± {r['kl_std']:.4f}",
+            "KL per draw": ", ".join(f"{v:.4f}" for v in r["kl_draws"]),
+            "perplexity (mean)": round(r["perplexity"], 2), "top-1 (mean)": round(r["top1_agreement"], 4),
+            "params": count(r["params"])} for r in rows]
+    return pd.DataFrame(out)
 
 
 def make_scored(services: Services):
@@ -395,6 +433,11 @@ def build(ctx: Ctx) -> None:
                                            label="Plot")
                 sweep_baseline = gr.Checkbox(True, label=f"add a {BASELINE} row",
                                              info="seeded random scores: the floor every criterion must beat")
+                sweep_draws = gr.Slider(1, SWEEP_DRAWS_MAX, value=1, step=1,
+                                        label="Error bars over K calibration draws (1 = off)",
+                                        info="K ≥ 2 re-scores each criterion on K disjoint calibration draws "
+                                             "(K − 1 extra scoring passes each) and shows KL as mean ± std",
+                                        elem_id="sweep-draws")
             with gr.Row(equal_height=True):
                 sweep_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-button")
                 sweep_stop = gr.Button("Stop sweep", variant="stop", elem_id="sweep-stop")
@@ -436,7 +479,7 @@ def build(ctx: Ctx) -> None:
     tab.select(make_scored(services), None, sweep_criteria, api_visibility="private")
     tab.select(make_variants_panel(services), None, panel_outputs, api_visibility="private")
     sweep_estimate_inputs = [sweep_criteria, sweep_ratios, sweep_allocation, sweep_windows, sweep_len,
-                             compensate_windows, sweep_baseline]
+                             compensate_windows, sweep_baseline, sweep_draws]
     for component in sweep_estimate_inputs:
         component.input(make_sweep_estimate(services), sweep_estimate_inputs, sweep_estimate,
                         api_visibility="private", show_progress="hidden")
@@ -444,7 +487,7 @@ def build(ctx: Ctx) -> None:
                show_progress="hidden")
     sweep_event = sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to,
                                                             sweep_windows, sweep_len, sweep_metric,
-                                                            compensate_windows, sweep_baseline],
+                                                            compensate_windows, sweep_baseline, sweep_draws],
                                      [sweep_frame, sweep_plot, sweep_note], api_name="sweep", **model_events())
     ctx.after(sweep_event)
     stop_on_click(services, sweep_stop, sweep_note, [sweep_event], api_name="sweep_stop", what="sweep")
