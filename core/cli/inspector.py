@@ -56,7 +56,8 @@ def register(sub) -> None:
     StabilityOptions.add_arguments(stab, skip=("samples", "seq_len", "seed", "source", "batch_size"))
     stab.add_argument("--ratios", default="0.2,0.3,0.4", help="ratios for the removal overlap (and the KL bars)")
     stab.add_argument("--fidelity", action="store_true",
-                      help="also prune with each draw's scores and give KL to dense over the draws (error bars)")
+                      help="also prune with each draw's scores (uniform allocation) and give KL to dense over the "
+                           "draws (error bars; the dashboard sweep's 'Error bars over K calibration draws')")
     stab.add_argument("--eval-windows", type=int, default=8, help="--fidelity: evaluation windows")
     stab.add_argument("--eval-seq-len", type=int, default=128, help="--fidelity: tokens per evaluation window")
     stab.add_argument("--json", action="store_true", help="print one JSON object")
