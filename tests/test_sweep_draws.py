@@ -175,3 +175,16 @@ def test_dashboard_handler_table_and_error_bars(scored):
         assert trace.error_y.visible and trace.error_y.type == "data"
         assert all(s > 0 for s in trace.error_y.array)
     assert "± 1 std over 3 calibration draws" in figure.layout.title.text
+
+
+def test_refit_sweep_on_uploaded_text_reads_the_file(tiny_services, tmp_path):
+    """Scores of an uploaded file carry the file's label as their source; the ``+lsq`` sweep must still
+    compute its refit statistics on the file itself (not on the label)."""
+    services, session, folder = tiny_services
+    text = tmp_path / "notes.txt"
+    text.write_text(" ".join(f"Sentence {i} tells about rivers, towns and the weather of the valley." for i in range(400)))
+    data = services.data_spec("upload", str(text), 2, 16, 0)
+    assert data.label.startswith("upload:notes.txt#")
+    services.score(session, str(folder), data, "entropy")
+    rows = list(services.sweep(session, ["entropy"], [0.25], "uniform+lsq", 1, 2, 16, compensate_windows=4))
+    assert len(rows) == 1 and rows[0]["allocation"] == "uniform+lsq" and math.isfinite(rows[0]["kl_to_dense"])
