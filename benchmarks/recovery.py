@@ -148,29 +148,46 @@ def render(setup: dict, rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """KL to dense on the evaluation articles vs training minutes, one panel per (ratio, refit) that has
+    trained rows: a marker per measured budget (one colour per recipe, the same in every panel), the
+    training run's held-out KL curve (calibration slice, dotted) when it was recorded, the one-shot
+    model (dashed grey), the uncompensated one-shot (grey dash-dot) and the −30 % target (red)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["ratio"], r["compensation"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    oneshot = {(r["ratio"], r["compensation"]): r["kl"] for r in rows if r["recipe"] == "one-shot"}
+    groups = sorted({(r["ratio"], r["compensation"]) for r in rows if r["recipe"] != "one-shot"})
+    if not groups:
+        return
+    recipes = sorted({r["recipe"] for r in rows} - {"one-shot"})
+    colour = {name: f"C{i}" for i, name in enumerate(recipes)}
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 3.8), squeeze=False)
     for ax, (ratio, comp) in zip(axes[0], groups):
-        cell = [r for r in rows if (r["ratio"], r["compensation"]) == (ratio, comp)]
-        base = next((r["kl"] for r in cell if r["recipe"] == "one-shot"), None)
-        for recipe in sorted({r["recipe"] for r in cell} - {"one-shot"}):
-            points = sorted((r["minutes"], r["kl"]) for r in cell if r["recipe"] == recipe)
-            if base is not None:
-                points = [(0.0, base)] + points
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=recipe)
+        base = oneshot.get((ratio, comp))
+        for recipe in recipes:
+            cell = sorted((r for r in rows if (r["ratio"], r["compensation"], r["recipe"]) == (ratio, comp, recipe)),
+                          key=lambda r: r["minutes"])
+            if not cell:
+                continue
+            points = ([(0.0, base)] if base is not None else []) + [(r["minutes"], r["kl"]) for r in cell]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour[recipe], label=recipe)
+            longest = cell[-1]
+            if longest.get("curve"):
+                ax.plot([p["elapsed"] / 60 for p in longest["curve"]], [p["heldout"] for p in longest["curve"]],
+                        ls=":", color=colour[recipe], lw=1, label=f"{recipe}: held-out KL while training")
         if base is not None:
-            ax.axhline(base, color="grey", lw=0.8, ls="--")
-            ax.axhline(0.7 * base, color="red", lw=0.8, ls=":", label="target (−30 %)")
-        ax.set_title(f"{ratio:.0%} MLP neurons, {'+lsq' if comp == 'lsq' else 'no refit'}")
-        ax.set_xlabel("training minutes (CPU)")
-        ax.set_ylabel("KL to dense (eval articles)")
+            ax.axhline(base, color="grey", lw=0.8, ls="--", label="one-shot")
+            ax.axhline(0.7 * base, color="red", lw=0.8, ls=":", label="target (−30 % vs one-shot)")
+        plain = oneshot.get((ratio, "none"))
+        if comp != "none" and plain is not None:
+            ax.axhline(plain, color="grey", lw=0.8, ls="-.", label="one-shot, no refit")
+        ax.set_title(f"{ratio:.0%} of MLP neurons removed, {'+ least-squares refit' if comp == 'lsq' else 'no refit'}")
+        ax.set_xlabel("training minutes (this CPU)")
+        ax.set_ylabel("KL to dense (nats/token)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+        ax.legend(fontsize=6.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -192,11 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the results file and exit")
     args = parser.parse_args(argv)
 
     stem = f"recovery{args.tag}"
     json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        plot(json.loads(json_path.read_text())["rows"], RESULTS / f"{stem}.png")
+        return
     recipes = dict(parse_recipe(r) for r in args.recipe)
     ratios = [float(r) for r in args.ratios.split(",") if r]
     compensations = [c for c in args.compensation.split(",") if c]
