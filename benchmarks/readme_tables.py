@@ -40,13 +40,17 @@ SECTIONS = [
 ]
 
 
+PLOTS = {"recovery.md": ("recovery.png", "KL to dense vs training minutes"),
+         "pipeline.md": ("pipeline.png", "The six orders: speed-up vs KL to dense")}
+
+
 def section(title: str, filename: str, command: str | None) -> str:
     path = RESULTS / filename
     if not path.exists():
         return f"### {title}\n\nNot measured yet (`benchmarks/results/{filename}` is missing).\n"
     body = path.read_text().strip()
-    body = re.sub(r"^## .*\n+", "", body)  # the file's own heading; ours replaces it
-    body = re.sub(r"^### ", "#### ", body, flags=re.M)
+    body = re.sub(r"^##? .*\n+", "", body)  # the file's own heading; ours replaces it
+    body = re.sub(r"^#{2,3} ", "#### ", body, flags=re.M)  # its sub-headings sit under ours
     if "#### All metrics" in body:  # the README keeps the KL summary; the full table stays in the file
         head, _, tail = body.partition("#### All metrics")
         verdict = tail[tail.find("Best per ratio"):] if "Best per ratio" in tail else ""
@@ -55,6 +59,9 @@ def section(title: str, filename: str, command: str | None) -> str:
     lines = [f"### {title}", ""]
     if command:
         lines += [f"`{command}`", ""]
+    if filename in PLOTS and (RESULTS / PLOTS[filename][0]).exists():
+        image, alt = PLOTS[filename]
+        body += f"\n\n![{alt}](benchmarks/results/{image})"
     return "\n".join(lines) + "\n" + body + "\n"
 
 
