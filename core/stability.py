@@ -189,8 +189,6 @@ SWEEP_DRAWS_MAX = 8  # the dashboard sweep's "calibration draws K" goes 1 (no er
 def check_sweep_draws(draws: int, allocation: str = "uniform") -> int:
     """K for the sweep's KL error bars: a whole number from 1 (one draw: no error bars, the plain
     sweep) to ``SWEEP_DRAWS_MAX``; with K ≥ 2 ``allocation`` must be one of the sweep's allocations."""
-    from .sweep import SWEEP_ALLOCATIONS
-
     try:
         number = float(draws)
         value = int(number)
@@ -200,10 +198,18 @@ def check_sweep_draws(draws: int, allocation: str = "uniform") -> int:
     if value != number or not 1 <= value <= SWEEP_DRAWS_MAX:
         raise SelectionError(f"Calibration draws K must be a whole number from 1 (no error bars) to "
                              f"{SWEEP_DRAWS_MAX}, got {draws}.")
-    if value > 1 and allocation not in SWEEP_ALLOCATIONS:
+    if value > 1:
+        _check_draws_allocation(allocation)
+    return value
+
+
+def _check_draws_allocation(allocation: str) -> None:
+    """Error bars over draws need one of the sweep's allocations; else one sentence."""
+    from .sweep import SWEEP_ALLOCATIONS
+
+    if allocation not in SWEEP_ALLOCATIONS:
         raise SelectionError(f"Error bars over calibration draws work with the {', '.join(SWEEP_ALLOCATIONS)} "
                              f"allocations, not '{allocation}'; set K to 1 for it.")
-    return value
 
 
 def draw_summary(name: str, ratio: float, allocation: str, cells: list[dict]) -> dict:
@@ -234,7 +240,7 @@ def sweep_over_draws(loaded: LoadedModel, draw_results: dict[str, list[ScoreResu
     draw's calibration settings) is computed once: only the scores vary over the draws."""
     from .sweep import FidelitySweep
 
-    check_sweep_draws(2, allocation)  # the allocation check
+    _check_draws_allocation(allocation)
     if not draw_results:
         raise SelectionError("Score at least one criterion before running the sweep.")
     counts = {len(v) for v in draw_results.values()}
