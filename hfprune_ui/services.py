@@ -202,7 +202,7 @@ class Services:
         """Perplexity + fidelity to the original of the original and each named variant; the metrics
         are written into each variant's prune run."""
         loaded = self.model(self.require_model(session))
-        source = session.data.source if session.data else "wiki"
+        source = session.source
         ids = evaluation_windows(loaded.tokenizer, source, int(windows), int(seq_len), max_length=loaded.max_length)
         rows = []
         with self.model_lock:
@@ -239,7 +239,7 @@ class Services:
         missing = [n for n in names if n not in session.scores]
         if missing:
             raise HFPruneError(f"Score {', '.join(missing)} first (Importance tab).")
-        source = session.data.source if session.data else "wiki"
+        source = session.source
         ids = evaluation_windows(loaded.tokenizer, source, int(windows), int(seq_len), max_length=loaded.max_length)
         compensation = self.compensation(session, names, compensate_windows)
         if draws > 1:
@@ -270,7 +270,7 @@ class Services:
 
         spec = self.require_model(session)
         loaded = self.model(spec)
-        data = session.data or DataSpec("wiki", "wiki", 16, 128, 0)
+        data = session.calibration
         windows: list[torch.Tensor] | None = None
         out: dict[str, list[engine.ScoreResult]] = {}
         for name in names:
@@ -393,7 +393,7 @@ class Services:
 
         loaded = self.model(self.require_model(session))
         variant = self.variant(session, name)
-        source = session.data.source if session.data else "wiki"
+        source = session.source
         windows = min(self.QUICK_WINDOWS, window_capacity(loaded.tokenizer, source, "evaluation", self.QUICK_SEQ_LEN))
         if windows < 1:
             return {}
@@ -465,10 +465,9 @@ class Services:
         """Seeded random scores for the session's model (the sweep's baseline row; weights only, instant);
         ``draw`` k shifts the seed by k (the baseline's k-th calibration draw)."""
         loaded = self.model(self.require_model(session))
-        data = session.data or DataSpec("wiki", "wiki", 1, 16, 0)
-        with self.model_lock:
-            return engine.score_model(loaded, "random", source=data.source, samples=1, seq_len=16,
-                                      seed=data.seed + int(draw), progress=False)
+        with self.model_lock:  # random scores read no text: one tiny window satisfies the signature
+            return engine.score_model(loaded, "random", source=session.source, samples=1, seq_len=16,
+                                      seed=session.calibration.seed + int(draw), progress=False)
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -606,7 +605,7 @@ class Services:
         if name in ("original", source):
             raise PruneConfigError(f"Name the recovered variant differently from '{name}'.")
         options = RecoverOptions(params=params, seq_len=int(seq_len),
-                                 source=session.data.source if session.data else "wiki")
+                                 source=session.source)
         train_options = TrainOptions(minutes=float(minutes), steps=int(steps), lr=float(lr),
                                      batch_size=int(batch_size), eval_every=int(eval_every),
                                      warmup_steps=min(10, max(1, int(steps) // 10)) if steps else 5)
@@ -702,7 +701,7 @@ class Services:
         name = (name or "").strip() or f"ddp-{units}-{round(float(ratio) * 100)}"
         if name == "original":
             raise PruneConfigError("Name the DDP variant something other than 'original'.")
-        data = session.data or DataSpec("wiki", "wiki", 16, 128, 0)
+        data = session.calibration
         options = DDPOptions(ratio=float(ratio), units=units, head_ratio=float(head_ratio), warm_start=bool(warm_start),
                              kd_weight=float(kd_weight), seq_len=int(seq_len), source=data.source)
         train_options = TrainOptions(**{**TRAIN_DEFAULTS, "minutes": 0.0 if steps else float(minutes),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from core.data import CalibrationOptions
 from core.engine import ScoreResult
 from core.models import LoadedModel, load_model
 
@@ -85,6 +86,20 @@ class Session:
     replace: str | None = None  # the variant to drop when the session is full (None: the oldest)
     notices: list[str] = field(default_factory=list)  # things the user must be told once (toasts)
     set_aside: str = ""  # the last time scores were set aside by a change of model or data, in words
+
+    @property
+    def calibration(self) -> DataSpec:
+        """The session's calibration settings, or the engine's defaults (wiki, 16 × 128, seed 0) before
+        any were chosen."""
+        if self.data is not None:
+            return self.data
+        default = CalibrationOptions()
+        return DataSpec(default.source, default.source, default.samples, default.seq_len, default.seed)
+
+    @property
+    def source(self) -> str:
+        """The text the engine reads for this session (a corpus name or an uploaded file's path)."""
+        return self.calibration.source
 
     def new_job(self) -> threading.Event:
         """A fresh stop flag for a job that starts now: Stop sets the current job's flag only, so a

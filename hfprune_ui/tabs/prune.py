@@ -258,7 +258,7 @@ def make_sweep_estimate(services: Services):
             return ""  # the Run button says what is wrong with the ratios or K
         chosen = list(names or session.scores)
         rows = (len(chosen) + bool(baseline)) * count
-        seq = session.data.seq_len if session.data else 128
+        seq = session.calibration.seq_len
         compensation = int(compensate_windows) * seq if allocation.endswith("+lsq") else 0
         per_token = services.seconds_per_token(spec)
         seconds = sweep_seconds(per_token, rows * k, int(windows) * int(seq_len), compensation)
