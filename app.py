@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from core.progress import quiet_third_party
+from hfprune_ui import build_demo, launch_options, queue
+from hfprune_ui.services import Services
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -40,10 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from core.progress import quiet_third_party
-    from hfprune_ui import build_demo, launch_options, queue
-    from hfprune_ui.services import Services
-
     quiet_third_party()
     if args.export_root:
         print(f"Exports saved to a folder stay inside {args.export_root}")

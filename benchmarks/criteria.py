@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from _common import write_json, write_text
 
 from core.criteria import REGISTRY  # noqa: E402
 from core.data import evaluation_windows  # noqa: E402
@@ -116,9 +113,8 @@ def main(argv=None) -> int:
     done = {(r["criterion"], r["allocation"], r["ratio"]) for r in rows}
 
     def save():
-        json_path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
-        md_path.write_text(render(setup, rows, ratios))
-
+        write_json(json_path, {"setup": setup, "rows": rows}, indent=1)
+        write_text(md_path, render(setup, rows, ratios))
     for spec in allocations:
         try:
             split_allocation(spec)

@@ -23,13 +23,12 @@ Heavy: run under ``flock /tmp/heavy.lock``. Writes benchmarks/results/ddp{tag}.{
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 
-from _common import RESULTS, machine, markdown_table
+from _common import RESULTS, machine, markdown_table, write_json, write_text
 
 from core.allocate import top_k_indices
 from core.compensate import compensate_pruned
@@ -119,9 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     probes: list[dict] = []
 
     def save():
-        json_path.write_text(json.dumps({"setup": setup, "rows": rows, "probes": probes}, indent=1))
-        md_path.write_text(render(setup, rows, probes))
-
+        write_json(json_path, {"setup": setup, "rows": rows, "probes": probes}, indent=1)
+        write_text(md_path, render(setup, rows, probes))
     dense = load_model(args.model)
     eval_ids = evaluation_windows(dense.tokenizer, "wiki", args.eval_windows, args.eval_seq_len,
                                   max_length=dense.max_length)

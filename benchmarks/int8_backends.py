@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from _common import RESULTS, machine, markdown_table
+from _common import RESULTS, machine, markdown_table, write_json, write_text
 
 METHODS = ("fp32", "torchao-int8", "torchao-int8-dynamic", "torch-dynamic-int8", "fbgemm-int8-dynamic")
 SHAPES = {"q/o_proj 576→576": (576, 576), "k/v_proj 576→192": (576, 192), "gate/up_proj 576→1536": (576, 1536),
@@ -159,7 +159,7 @@ def main() -> None:
               "command": command, "minutes": round((time.time() - started) / 60, 1), "kernels": kernel_rows,
               "widths": width_rows, "model": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "int8_backends_cpu.json").write_text(json.dumps(result, indent=2))
+    write_json(RESULTS / "int8_backends_cpu.json", result, indent=2)
     lines = [f"Machine: {result['machine']}, ATen CPU capability {result['cpu_capability']}. Command: `{command}` "
              f"({result['minutes']} min).", "", "**Kernels** (median ms of one linear layer, fp32 input):", ""]
     lines.append(markdown_table(["layer", "rows", "method", "ms", "speed-up vs fp32"],
@@ -179,7 +179,7 @@ def main() -> None:
             [[r["method"], f"{r['perplexity']:.2f}", f"{r['kl_to_dense']:.4f}", f"{r['top1_agreement']:.3f}",
               f"{r['prefill_ms']:.0f}", f"{r['prefill_speedup']:.2f}×", f"{r['decode_tokens_per_s']:.1f}",
               f"{r['decode_speedup']:.2f}×", f"{r['weight_bytes'] / 1e6:.0f}"] for r in rows]))
-    (RESULTS / "int8_backends_cpu.md").write_text("\n".join(lines) + "\n")
+    write_text(RESULTS / "int8_backends_cpu.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -19,7 +19,7 @@ import argparse
 import json
 import time
 
-from _common import RESULTS, machine, markdown_table
+from _common import RESULTS, machine, markdown_table, write_json, write_text
 
 from core.allocate import AllocationOptions
 from core.compensate import CompensationOptions
@@ -133,9 +133,9 @@ def main() -> None:
     notes = verdicts(result.rows, args.ratio)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"pipeline{args.tag}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"machine": machine(), "command": command, "minutes_this_call": minutes, "settings_key": result.settings_key,
-         "rows": result.rows, "verdicts": notes}, indent=2, default=str))
+    write_json(RESULTS / f"{name}.json",
+               {"machine": machine(), "command": command, "minutes_this_call": minutes,
+                "settings_key": result.settings_key, "rows": result.rows, "verdicts": notes}, indent=2, default=str)
     ablation_plot(result.rows, RESULTS / f"{name}.png")
     kinds = {r.get("storage") for r in result.rows if r.get("storage")}
     storage = ("INT8 layers stored as int8 weights + scales, embeddings and norms fp32" if "int8" in kinds else
@@ -157,7 +157,7 @@ def main() -> None:
                       "it; speed-ups read across rows timed at different loads are less certain): " + ", ".join(
                           f"{r.get('order') or 'dense'} {r.get('load_average', float('nan')):.1f}"
                           for r in result.rows) + ".", "", *[f"- {n}" for n in notes]]) + "\n"
-    (RESULTS / f"{name}.md").write_text(text)
+    write_text(RESULTS / f"{name}.md", text)
     print(text)
 
 

@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
 
-import torch  # noqa: E402
+from _common import ROOT, write_json, write_text
 
-from core.paths import cache_dir  # noqa: E402
+from core.paths import cache_dir
 
 FORMATS = ("fp32", "torchao-int8", "bnb-8bit", "bnb-nf4")
 LEGACY = "torch-dynamic-int8"
@@ -115,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "quantize_partial.json").write_text(json.dumps(rows, indent=2))
+        write_json(Path(args.out) / "quantize_partial.json", rows, indent=2)
         if model is not pruned_cache[ratio]:
             del model
 
@@ -126,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.time() - started, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quantize_{device}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / f"quantize_{device}.md").write_text(markdown(meta, rows))
+    write_json(out / f"quantize_{device}.json", {"meta": meta, "rows": rows}, indent=2)
+    write_text(out / f"quantize_{device}.md", markdown(meta, rows))
     (out / "quantize_partial.json").unlink(missing_ok=True)
     print(markdown(meta, rows))
     return 0

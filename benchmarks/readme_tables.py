@@ -8,10 +8,9 @@ as "not measured yet" rather than left out silently.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from _common import RESULTS, ROOT, write_text
+
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 SECTIONS = [
@@ -73,7 +72,7 @@ def main() -> None:
     tables = "\n".join(section(*s) for s in SECTIONS)
     before, _, rest = text.partition(START)
     _, _, after = rest.partition(END)
-    readme.write_text(f"{before}{START}\n{tables}{END}{after}")
+    write_text(readme, f"{before}{START}\n{tables}{END}{after}")
     print(f"README.md: {len(SECTIONS)} benchmark sections written")
 
 

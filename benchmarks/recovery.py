@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, machine, markdown_table
+from _common import RESULTS, machine, markdown_table, write_json, write_text
 
 from core.data import evaluation_windows
 from core.engine import CompensationOptions, prune_with_scores, score_model
@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     done = {(r["ratio"], r["compensation"], r["minutes"], r["recipe"]) for r in rows}
 
     def save():
-        json_path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
-        md_path.write_text(render(setup, rows))
+        write_json(json_path, {"setup": setup, "rows": rows}, indent=1)
+        write_text(md_path, render(setup, rows))
         if args.plot:
             plot(rows, RESULTS / f"{stem}.png")
 

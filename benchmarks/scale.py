@@ -33,6 +33,8 @@ import torch
 
 from _common import ROOT, machine, markdown_table, write_result
 
+from core import metrics
+
 MODEL = "smollm2-135m"
 
 
@@ -138,7 +140,6 @@ def gguf_rows(ratio: float, windows_n: int, seq_len: int) -> list[dict]:
     windows = evaluation_windows(loaded.tokenizer, "wiki", windows_n, seq_len, max_length=loaded.max_length)
     with torch.no_grad():
         ref = pruned(input_ids=windows, use_cache=False).logits.float()
-    ref_logp = torch.log_softmax(ref, -1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("f32", "f16", "q8_0"):
@@ -149,7 +150,7 @@ def gguf_rows(ratio: float, windows_n: int, seq_len: int) -> list[dict]:
             back = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name, dtype=torch.float32).eval()
             with torch.no_grad():
                 got = back(input_ids=windows, use_cache=False).logits.float()
-            kl = (ref_logp.exp() * (ref_logp - torch.log_softmax(got, -1))).sum(-1).mean()
+            kl = metrics.per_token_kl(ref, got).mean()
             rows.append({"type": kind, "file_MiB": round(path.stat().st_size / 2**20, 1), "write_s": round(write_s, 1),
                          "max_rel_logit_diff": f"{float((got - ref).abs().max() / ref.abs().max()):.1e}",
                          "mean_kl_nats": f"{float(kl):.2e}",
@@ -222,8 +223,7 @@ def paper_style_scores(model, ids: torch.Tensor) -> list[torch.Tensor]:
         hooks.append(h.down.register_forward_pre_hook(fwd))
     try:
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        logp = torch.log_softmax(logits, -1)
-        loss = -(logp.exp() * logp).sum(-1).mean()
+        loss = metrics.entropy(metrics.log_probs(logits)).mean()
         loss.backward()
         for layer, a in saved.items():
             scores[layer] += (a.detach().float() * a.grad.float()).abs().sum(dim=(0, 1))

@@ -15,11 +15,11 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 import _common  # noqa: F401
 from _common import machine, markdown_table, write_result
 
+from core import metrics
 from core.adapters import mlp_handles
 from core.criteria import REGISTRY, ScoreOptions, get_criterion
 from core.data import calibration_windows
@@ -67,8 +67,7 @@ def reference_style(model, windows, batch_size, train_all=False):
         for batch in batches(windows, batch_size):
             captured.clear()
             logits = model(input_ids=batch, use_cache=False).logits.float()
-            logp = F.log_softmax(logits, -1)
-            (-(logp.exp() * logp).sum(-1).mean(-1).sum()).backward()
+            metrics.entropy(metrics.log_probs(logits)).mean(-1).sum().backward()  # (B, T) → per-window mean
             for layer, a in enumerate(captured):
                 scores[layer] += (a.detach() * a.grad).abs().sum((0, 1))
             model.zero_grad(set_to_none=True)

@@ -22,10 +22,10 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
+import torch
 
-from quantize import FORMATS, LEGACY, ROOT, device_line, load_scores, pruned_variant, variant  # noqa: E402
+from _common import write_json, write_text
+from quantize import FORMATS, LEGACY, ROOT, device_line, load_scores, pruned_variant, variant
 
 warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # bitsandbytes, once per decode step
 
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.time() - started, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"speed_{kind}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / f"speed_{kind}.md").write_text(markdown(meta, rows))
+    write_json(out / f"speed_{kind}.json", {"meta": meta, "rows": rows}, indent=2)
+    write_text(out / f"speed_{kind}.md", markdown(meta, rows))
     print(markdown(meta, rows))
     return 0
 

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 
-from _common import RESULTS, machine, markdown_table, write_result
+from _common import RESULTS, machine, markdown_table, write_json, write_result
 
 
 def parse() -> argparse.Namespace:
@@ -95,8 +95,7 @@ def main() -> int:
 
     def save():
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
-
+        write_json(path, record, indent=2)
     enc = load_encoder("dinov2-small")
     dense = enc.model
     tokens = (args.image_size // 14) ** 2 + 1

@@ -2,7 +2,11 @@
 
 Module map, in pipeline order load → calibrate → score → allocate → prune → compensate → export →
 quantize → measure, then training, runs and the command line. Imports go one way: engine modules
-never import ``core.cli``.
+never import ``core.cli``. Imports sit at the top of each file; the only ones inside functions are the
+optional or heavy backends (gguf, onnx/onnxruntime, peft, bitsandbytes, torchao and torch.ao, lm-eval,
+scikit-learn/-image, scipy, plotly, matplotlib, accelerate, gensim) and transformers' model classes
+(importing one loads transformers' whole modeling stack: seconds, plus torchao's load warnings), and
+the two that close an import cycle (models/export ↔ gguf_export), marked where they are.
 
   shared
     errors.py          user-facing errors (HFPruneError subclasses, one sentence each); Stopped for stop checks

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .adapters import blocks, mlp_handles
 from .allocate import check_ratio
+from .data import _check_lengths, calibration_starts, token_stream, window_body, with_bos
 from .errors import DataError, PruneConfigError
 from .progress import check_stop
 from .scoring import batches, hooks, lm_logits
@@ -82,8 +83,6 @@ def heldout_windows(tokenizer, source: str = "wiki", samples: int = 4, seq_len: 
     """``samples`` windows from the *calibration* split that do not overlap the scoring windows that
     :func:`core.data.calibration_windows` draws with (``score_samples``, ``score_seq_len``, ``seed``).
     Chosen with a different generator, so the slice is held out from scoring and from evaluation."""
-    from .data import _check_lengths, calibration_starts, token_stream, window_body, with_bos
-
     _check_lengths(samples, seq_len, max_length, "held-out samples")
     stream = token_stream(tokenizer, source, "calibration")
     used = torch.zeros(len(stream), dtype=torch.bool)

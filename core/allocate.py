@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters import mlp_handles
+from .counts import count_params, mlp_params_for_widths
 from .errors import PruneConfigError
 from .options import Options, knob
 
@@ -165,9 +167,6 @@ def removed_shares(model, widths: list[int]) -> dict[str, float]:
     """What keeping ``widths`` neurons per layer removes, in the two units users compare:
     ``mlp_neuron_ratio`` (share of MLP neurons) and ``params_removed_share`` (share of *all* model
     parameters, embeddings included, tied weights counted once). The seed papers' "20 %" is the second."""
-    from .adapters import mlp_handles
-    from .counts import count_params, mlp_params_for_widths
-
     handles = mlp_handles(model)
     full = [h.width for h in handles]
     if len(widths) != len(full):
@@ -184,9 +183,6 @@ def neuron_ratio_for_param_ratio(model, param_ratio: float) -> float:
     every neuron of a gated MLP carries the same 3·H weights (+ 2 biases), so the neuron ratio is
     param_ratio · params / (MLP parameters that scale with the width). E.g. 20 % of LLaMA-2-7B's
     parameters ≈ 31 % of its MLP neurons."""
-    from .adapters import mlp_handles
-    from .counts import count_params, mlp_params_for_widths
-
     try:
         share = float(param_ratio)
     except (TypeError, ValueError) as exc:

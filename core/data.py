@@ -12,6 +12,7 @@ from __future__ import annotations
 import bz2
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -49,8 +50,6 @@ _CLEAN_VERSION = 1
 
 
 def _gensim_test_data() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("gensim")
     if spec is None or spec.origin is None:
         raise DataError("The built-in corpora need the 'gensim' package (pip install gensim==4.4.0).")

@@ -57,9 +57,17 @@ from torch import nn
 
 from . import __version__
 from .adapters import attention_handles, mlp_handles, mlp_widths
+from .allocate import normalize_scores
+from .counts import count_params
+from .criteria import entropy
+from .data import training_windows
+from .engine import plan_widths, score_model
 from .errors import PruneConfigError
+from .export import save_pruned
 from .options import Options, knob
-from .scoring import base_forward, chunk_rows, lm_logits
+from .prune import prune_attention_heads, prune_mlp_neurons
+from .recover import check_trainable
+from .scoring import base_forward, chunk_rows, frozen, lm_logits
 from .train import DistillOptions, LogitDistillation, LossReport, ParamSet, StepRecord, StepState, TrainOptions, train
 
 if TYPE_CHECKING:
@@ -454,8 +462,6 @@ class DDPPlan:
         """A new pruned model: every tensor it does not change is shared with ``model`` (never
         modified); sliced projections are new, and the kept gate values are folded into them
         (MLP: rows of up_proj and its bias; heads: the head's columns of o_proj)."""
-        from .prune import prune_attention_heads, prune_mlp_neurons
-
         memo: dict[int, object] = {id(p): p for p in model.parameters()}
         memo.update({id(b): b for b in model.buffers()})
         clone = copy.deepcopy(model, memo)  # new modules, shared tensors
@@ -552,8 +558,6 @@ class DDPObjective(LogitDistillation):
 def warm_values(scores: list[torch.Tensor], low: float) -> list[torch.Tensor]:
     """Per-layer scores → initial gates: divide each layer by its mean, rank all units together and
     map the rank quantile q ∈ [0, 1] to ``low + (1 − low)·q`` (least important → low, best → 1)."""
-    from .allocate import normalize_scores
-
     normed = normalize_scores(scores, "mean")
     flat = torch.cat(normed)
     ranks = torch.empty(flat.numel())
@@ -566,9 +570,6 @@ def head_entropy_scores(model: nn.Module, gates: Gates, windows: torch.Tensor) -
     """Entropy-Taylor importance of every head unit: per window |Σ_tokens a·∂H/∂a| of the unit's
     attention output (the gradient of the summed next-token entropy at the head gate, gates at 1),
     summed over windows. Returns per layer (units_l,) fp32 (CPU)."""
-    from .criteria import entropy
-    from .scoring import frozen
-
     unit = gates.types["heads"]
     saved = [z.detach().clone() for z in unit.z]
     totals = [torch.zeros(z.numel()) for z in unit.z]
@@ -625,10 +626,6 @@ def ddp(loaded: LoadedModel, options: DDPOptions | None = None, train_options: T
     dict per step: core.train's StepRecord fields plus this step's DDP point (``m``, and per type
     ŝ / target / λ's) and, every few steps, ``histogram``. On Stop (:class:`core.errors.Stopped`)
     nothing is returned and the model is as before."""
-    from .data import training_windows
-    from .engine import plan_widths, score_model
-    from .recover import check_trainable
-
     options = options or DDPOptions()
     train_options = train_options or TrainOptions(minutes=3, **TRAIN_DEFAULTS)
     model = loaded.model
@@ -686,8 +683,6 @@ def ddp(loaded: LoadedModel, options: DDPOptions | None = None, train_options: T
 
 def _meta(loaded, options: DDPOptions, train_options: TrainOptions, plan: DDPPlan, result, objective: DDPObjective,
           pruned: nn.Module, warm_seconds: float, windows: torch.Tensor, heldout: torch.Tensor) -> dict:
-    from .counts import count_params
-
     full = mlp_widths(loaded.model)
     widths = plan.widths()
     before, after = count_params(loaded.model)["params"], count_params(pruned)["params"]
@@ -729,8 +724,6 @@ def _meta(loaded, options: DDPOptions, train_options: TrainOptions, plan: DDPPla
 
 def save_ddp(result: DDPResult, tokenizer, out_dir: str | Path, mode: str | None = None) -> Path:
     """Export like any pruned model; head-pruned or non-uniform models go through hf-remote-code."""
-    from .export import save_pruned
-
     widths = result.plan.widths()
     if mode is None:
         mode = "hf-native" if len(set(widths)) == 1 and result.plan.head_kept is None else "hf-remote-code"

@@ -21,6 +21,9 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .errors import HFPruneError
 
 
 def launched() -> bool:
@@ -173,8 +176,6 @@ class GradientSync:
     broadcasts rank 0's trainable parameters, so every rank starts from the same values."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        from torch.nn.parallel import DistributedDataParallel
-
         self.holder = _Holder(params)
         placement = {"device_ids": [local_rank()]} if backend() == "nccl" else {}
         self.ddp = DistributedDataParallel(self.holder, **placement)  # the holder has no buffers to sync
@@ -199,8 +200,6 @@ class TrainingSync:
     objective averages over its rows, DDP averages over ranks, and the shares are equal in size."""
 
     def __init__(self, batch_size: int, accumulate: int) -> None:
-        from .errors import HFPruneError
-
         self.active = active()
         if self.active and batch_size % (world() * accumulate):
             raise HFPruneError(f"Under torchrun the batch ({batch_size} windows) is split over {world()} processes "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 from .adapters import ENCODER_MODEL_TYPES
 from .errors import ModelLoadError, UnsupportedArchitectureError
 from .files import atomic_folder
+from .models import EMBEDDED, _first_line, _trust_remote_code
 from .paths import models_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -307,8 +309,6 @@ def onnx_backbone_tokens(path: Path, pixels: torch.Tensor,
 
 
 def _say(message: str) -> None:
-    import sys
-
     print(message, file=sys.stderr, flush=True)
 
 
@@ -363,8 +363,6 @@ def is_encoder_spec(spec: str) -> bool:
     spec = (spec or "").strip()
     if spec in ENCODERS:
         return True
-    from .models import EMBEDDED
-
     if not spec or spec in EMBEDDED:
         return False
     return _config_model_type(spec) in (*ENCODER_MODEL_TYPES, "clip")
@@ -374,8 +372,6 @@ def load_encoder(spec: str, trust_remote_code: bool | None = None) -> LoadedEnco
     """Load an encoder: ``dinov2-small`` / ``minilm-l6``, a local folder (also our pruned exports)
     or a hub id of the ViT, DINOv2, CLIP (its vision tower) or BERT families."""
     from transformers import AutoModel, AutoTokenizer, CLIPVisionModel
-
-    from .models import _first_line, _trust_remote_code
 
     spec = (spec or "").strip()
     if not spec:

@@ -17,16 +17,18 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .adapters import mlp_widths
+from .adaptive import adaptive_search, heldout_windows
 from .allocate import (
     AllocationOptions,
     check_ratio,
     global_widths,
+    removed_shares,
     top_k_indices,
     uniform_widths,
 )
-from .compensate import CompensationOptions
+from .compensate import CompensationOptions, activation_grams, compensate_pruned
 from .criteria import ScoreOptions, get_criterion
 from .data import CalibrationOptions, calibration_windows
 from .errors import DataError, HFPruneError, PruneConfigError
@@ -90,8 +92,6 @@ def score_model(loaded: LoadedModel, criterion: str, *, source: str = "wiki", sa
     ``data_parallel``: shard the windows over a torch.distributed group and all-reduce the scores
     (default: whenever a group of more than one process is running, e.g. under torchrun); every rank
     returns the same scores."""
-    from . import distributed
-
     if data_parallel is None:
         data_parallel = distributed.active()
     scorer = get_criterion(criterion, **(criterion_params or {}))
@@ -159,8 +159,6 @@ def compensation_grams(loaded: LoadedModel, options: CompensationOptions, *, sou
                        stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
     """Per-layer Gram matrices of the dense model's down_proj inputs on ``options.samples`` calibration
     windows of ``source`` (never its evaluation split)."""
-    from .compensate import activation_grams
-
     windows = calibration_windows(loaded.tokenizer, source, options.samples, options.seq_len, seed,
                                   max_length=loaded.max_length)
     grams, _tokens = activation_grams(loaded.model, windows, batch_size=batch_size, progress=progress, stop=stop)
@@ -171,8 +169,6 @@ def apply_compensation(loaded: LoadedModel, pruned: nn.Module, kept: list[torch.
                        progress: bool = True, stop: Callable[[], bool] | None = None) -> nn.Module:
     """Redo the least-squares refit a prune recorded in its ``meta`` (deterministic: same source,
     seed, windows and damping), e.g. when a stored run is rebuilt from its kept indices. In place."""
-    from .compensate import compensate_pruned
-
     recorded = dict(meta.get("compensation") or {})
     if recorded.get("method", "none") == "none":
         return pruned
@@ -186,8 +182,6 @@ def apply_compensation(loaded: LoadedModel, pruned: nn.Module, kept: list[torch.
 def adaptive_heldout(loaded: LoadedModel, result: "ScoreResult | None", options: AllocationOptions) -> torch.Tensor:
     """Held-out windows for the adaptive search: the calibration split of the scoring source, disjoint
     from the windows the scores were computed on (never the evaluation split)."""
-    from .adaptive import heldout_windows
-
     if result is None:  # no scoring windows to stay clear of
         calib, score_samples = CalibrationOptions(), 0
     else:
@@ -212,8 +206,6 @@ def preview_widths(loaded: LoadedModel, ratio: float, allocation: str = "uniform
     full = mlp_widths(loaded.model)
     adaptive = None
     if allocation == "adaptive":
-        from .adaptive import adaptive_search
-
         if score_list is None:
             raise PruneConfigError("The adaptive allocation needs neuron scores (they order each layer's neurons).")
         if [s.numel() for s in score_list] != full:
@@ -263,8 +255,6 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
         "compensation": compensation.to_dict() if compensation.method != "none" else {"method": "none"},
         "tool_version": __version__,
     }
-    from .allocate import removed_shares
-
     meta["params_removed_share"] = removed_shares(loaded.model, widths)["params_removed_share"]  # of ALL parameters
     if allocation != "uniform":
         meta["allocation_options"] = options.to_dict()

@@ -16,16 +16,21 @@ nothing half-written.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from .adapters import mlp_handles, mlp_widths
+from .adapters import is_encoder, mlp_handles, mlp_widths
 from .errors import PruneConfigError
 from .files import atomic_file, atomic_folder
+from .gguf_export import GGUFOptions, save_gguf
+from .remote_code import MODELING_FILE, auto_map, has_pruned_heads, mlp_paths, modeling_source
 
 EXPORT_MODES = ("hf-native", "hf-remote-code", "hf-padded", "gguf")  # gguf: core.gguf_export
 META_FILE = "pruning_meta.json"
@@ -65,8 +70,6 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: d
     ``gguf``: its :class:`core.gguf_export.GGUFOptions` (type f32/f16/q8_0, per-layer layout)."""
     if mode not in EXPORT_MODES:
         raise PruneConfigError(f"Unknown export mode '{mode}'; available: {', '.join(EXPORT_MODES)}.")
-    from .remote_code import has_pruned_heads
-
     if mode != "hf-remote-code" and has_pruned_heads(model):
         raise PruneConfigError(f"This model has per-layer attention head counts (head pruning), which only the "
                                f"hf-remote-code export can express; use it instead of {mode}.")
@@ -95,8 +98,6 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: d
 
 
 def _save_gguf_folder(model: nn.Module, tokenizer, out_dir, meta: dict, widths: list[int], options) -> Path:
-    from .gguf_export import GGUFOptions, save_gguf
-
     options = options or GGUFOptions()
     target = check_output_dir(out_dir)
     with atomic_folder(target) as tmp:
@@ -110,8 +111,6 @@ def _save_gguf_folder(model: nn.Module, tokenizer, out_dir, meta: dict, widths: 
 def zip_folder(folder: str | os.PathLike, archive: str | os.PathLike) -> Path:
     """Pack ``folder`` as ``archive`` (a .zip whose single top folder has the folder's name), stored
     rather than deflated (safetensors barely compress), written atomically. Returns the archive path."""
-    import zipfile
-
     source, target = Path(folder), Path(archive)
     with atomic_file(target) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for file in sorted(source.rglob("*")):
@@ -149,10 +148,6 @@ def _config_saved_at(config, width: int) -> Iterator[None]:
 
 def padded_copy(model: nn.Module, width: int) -> nn.Module:
     """A copy of ``model`` whose every MLP is zero-padded to ``width`` hidden neurons (same outputs)."""
-    import copy
-
-    import torch
-
     clone = copy.deepcopy(model)
     for h in mlp_handles(clone):
         extra = width - h.width
@@ -177,9 +172,6 @@ def padded_copy(model: nn.Module, width: int) -> nn.Module:
 def _add_remote_code(model: nn.Module, folder: Path, widths: list[int]) -> None:
     """Write the modeling file and point config.json at it (``intermediate_sizes`` + ``auto_map``;
     encoders also ``hfprune_mlp_paths``)."""
-    from .adapters import is_encoder
-    from .remote_code import MODELING_FILE, auto_map, mlp_paths, modeling_source
-
     (folder / MODELING_FILE).write_text(modeling_source(model))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())

@@ -30,6 +30,7 @@ Conventions follow llama.cpp's converter (convert_hf_to_gguf.py) and transformer
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ from torch import nn
 
 from .adapters import mlp_handles
 from .errors import ModelLoadError, PruneConfigError
+from .models import EMBEDDED
 from .options import Options, knob
+from .prune import prune_mlp_neurons
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 GGUF_LAYOUTS = ("auto", "padded", "deci")
@@ -113,8 +116,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def source_pre_tokenizer(spec: str | None) -> str | None:
     """``tokenizer.ggml.pre`` of the GGUF a model came from: an embedded alias's packaged file or a
     .gguf path; None for anything else (or an unreadable file)."""
-    from .models import EMBEDDED
-
     if not spec:
         return None
     try:
@@ -156,8 +157,6 @@ def _rope(config) -> dict:
 def llama3_rope_factors(config) -> torch.Tensor:
     """Per-frequency divisors of Llama-3.1's rope scaling, (head_dim/2,) fp32 — llama.cpp reads them from
     the ``rope_freqs.weight`` tensor (its rope divides each frequency by the factor)."""
-    import math
-
     rope = _rope(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -320,7 +319,7 @@ def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, options: GGU
     arch = base_arch
     if len(set(widths)) > 1:
         if options.layout == "padded":
-            from .export import padded_copy
+            from .export import padded_copy  # here, not at the top: core.export imports this module
 
             model, widths = padded_copy(model, max(widths)), [max(widths)] * len(widths)
         elif base_arch != "llama":
@@ -367,8 +366,6 @@ def load_gguf_model(path: str | os.PathLike) -> nn.Module:
     check per-layer files, which transformers' GGUF loader cannot read (it has no ``deci`` class)."""
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .prune import prune_mlp_neurons
 
     reader = gguf.GGUFReader(str(path))
     fields = reader.fields

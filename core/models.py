@@ -21,6 +21,7 @@ from .adapters import check_supported
 from .errors import ModelLoadError, UnsupportedArchitectureError
 from .files import atomic_file, atomic_folder
 from .paths import models_dir
+from .remote_code import is_own_export
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -123,7 +124,7 @@ def _load_gguf(path: Path):
         if _gguf_architecture(path) == "deci":  # per-layer widths (our GGUF export); transformers has no such class
             from transformers import PreTrainedTokenizerFast
 
-            from .gguf_export import load_gguf_model
+            from .gguf_export import load_gguf_model  # here, not at the top: core.gguf_export imports this module
 
             model = load_gguf_model(path)
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -139,7 +140,7 @@ def _load_gguf(path: Path):
 
 
 def _gguf_architecture(path: Path) -> str | None:
-    from .gguf_export import read_metadata
+    from .gguf_export import read_metadata  # here, not at the top: core.gguf_export imports this module
 
     return read_metadata(path).get("general.architecture")
 
@@ -283,8 +284,6 @@ def _dispatch(model: nn.Module, device_map: str | dict) -> nn.Module:
 
 def _trust_remote_code(location: str, explicit: bool | None) -> bool:
     """Whether to run the model's own code: the caller's choice, else only our export's code."""
-    from .remote_code import is_own_export
-
     if explicit is None:
         explicit = os.environ.get("HFPRUNE_TRUST_REMOTE_CODE", "") == "1" or None
     if not _has_remote_code(location):

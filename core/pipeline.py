@@ -55,6 +55,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,16 +68,24 @@ from . import __version__
 from .adapters import mlp_widths
 from .allocate import AllocationOptions, check_ratio
 from .compensate import CompensationOptions
+from .counts import folder_bytes, forward_flops_per_token, mlp_widths_any
 from .criteria import REGISTRY
 from .data import CalibrationOptions, evaluation_windows, training_windows
 from .engine import ALLOCATIONS, ScoreResult, prune_with_scores, score_model
 from .errors import HFPruneError, Stopped
 from .evaluate import Reference, evaluate
+from .export import check_output_dir, default_export_mode, save_pruned
+from .files import atomic_file, write_json
 from .models import LoadedModel
 from .options import Options, knob
 from .progress import check_stop
+from .quant_store import load_on, read_recipe, save_quantized
 from .quantize import INT8_METHODS, _linear_targets, check_method, quantization_of, quantize_model
+from .recover import param_set
+from .runs import RunStore
+from .speed import SpeedUp, measure_speed, speedup, spread
 from .train import DistillOptions, LogitDistillation, StepRecord, TrainOptions, train
+from .zeroshot import DEFAULT_TASKS, run_zeroshot
 
 STAGES = {"p": "prune", "q": "quantize", "d": "distill"}
 ALL_ORDERS: tuple[str, ...] = tuple("".join(p) for p in itertools.permutations("pqd"))  # pqd pdq qpd qdp dpq dqp
@@ -360,8 +369,6 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
     fields (``run_pipeline(loaded, order="qpd", ratio=0.3)``). Every option is validated, the format
     checked against the device and ``out`` checked before any model work; Stop (:class:`Stopped`)
     leaves nothing written."""
-    from .export import check_output_dir
-
     options = (options or PipelineOptions()).replace(**fields) if fields else (options or PipelineOptions())
     calibration = calibration or CalibrationOptions()
     allocation = allocation or AllocationOptions()
@@ -425,8 +432,6 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
         emit({"stage": "export", "state": "start", "order": options.order})
         target = export(student, loaded, fmt, out, prune_meta, record, mode=export_mode)
         if fmt is not None:
-            from .quant_store import load_on
-
             final = load_on(str(target), device).model  # the reload applies the recipe: the export is what is measured
     elif fmt is not None:
         final = quantize_model(student, fmt.method)
@@ -439,13 +444,9 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
             row.update(order=options.order, label=row_label(options.order), format=record["format"],
                        stages=[{k: v for k, v in s.items() if k not in ("curve", "widths")} for s in record["stages"]])
             if target is not None:
-                from .files import write_json
-
                 write_json(target / RESULT_FILE, {"record": record, "row": row}, default=str)
     except BaseException:
         if target is not None:  # a measurement that did not finish leaves no half-described export
-            import shutil
-
             shutil.rmtree(target, ignore_errors=True)
         raise
     emit({"stage": "measure", "state": "done", "order": options.order, "row": row})
@@ -483,8 +484,6 @@ def _prune(loaded: LoadedModel, student: nn.Module, options: PipelineOptions, ca
 def _distill(loaded: LoadedModel, student: nn.Module, options: PipelineOptions, calibration: CalibrationOptions,
              train_options: TrainOptions, distill: DistillOptions, stop, on_step, progress: bool) -> dict:
     """Train the student (in place) against the dense model; returns the stage's record."""
-    from .recover import param_set
-
     windows, heldout = training_windows(loaded.tokenizer, calibration.source, calibration.seq_len,
                                         heldout=options.heldout_windows, heldout_seq_len=calibration.seq_len,
                                         seed=train_options.seed, max_length=loaded.max_length,
@@ -506,9 +505,6 @@ def export(model: nn.Module, loaded: LoadedModel, fmt: Format | None, out: str |
            record: dict, mode: str | None = None) -> Path:
     """Write the (unfaked, floating-point) model: weights + tokenizer + pruning_meta.json with the pipeline
     record, plus the format's recipe (``core.quant_store.save_quantized``) when there is one."""
-    from .export import default_export_mode, save_pruned
-    from .quant_store import save_quantized
-
     meta = dict(prune_meta or {"model": loaded.spec, "original_intermediate_sizes": mlp_widths(loaded.model)})
     meta["pipeline"] = {k: v for k, v in record.items()}
     mode = mode or default_export_mode(mlp_widths(model))[0]
@@ -529,9 +525,6 @@ def measure_model(model: nn.Module, loaded: LoadedModel, options: MeasureOptions
     """Perplexity and KL to the dense model on evaluation windows, measured prefill / decode speed and
     peak memory (speed-ups against the dense model's row in ``shared``, measured first when missing),
     size on disk, and both shipped zero-shot tasks."""
-    from .counts import folder_bytes, forward_flops_per_token
-    from .speed import SpeedUp, measure_speed, speedup, spread
-
     if shared.reference is None:
         windows = evaluation_windows(loaded.tokenizer, "wiki", options.eval_windows, options.eval_seq_len,
                                      max_length=loaded.max_length)
@@ -564,8 +557,6 @@ def measure_model(model: nn.Module, loaded: LoadedModel, options: MeasureOptions
             row[f"{phase}_speedup"] = up.median
             row[f"{phase}_speedup_interval"] = [up.low, up.high]
     if options.zeroshot_limit > 0:
-        from .zeroshot import DEFAULT_TASKS, run_zeroshot
-
         check_stop(stop, "The pipeline was stopped before the zero-shot tasks.")
         zs = run_zeroshot(model, loaded.tokenizer, list(DEFAULT_TASKS), limit=options.zeroshot_limit, progress=False)
         for task, entry in zs["tasks"].items():
@@ -578,8 +569,6 @@ def _storage(folder: Path | None) -> str | None:
     """What the exported folder holds: 'int8' / 'source' (a quantized folder's recipe), 'fp32', or None."""
     if folder is None:
         return None
-    from .quant_store import read_recipe
-
     recipe = read_recipe(folder)
     return recipe.get("storage", "source") if recipe else "fp32"
 
@@ -596,8 +585,6 @@ def check_lengths(loaded: LoadedModel, options: MeasureOptions) -> None:
 
 def mlp_widths_of(model: nn.Module) -> list[int]:
     """MLP widths of a plain, fake-quantised or converted model."""
-    from .counts import mlp_widths_any
-
     return mlp_widths_any(model)
 
 
@@ -626,8 +613,6 @@ def run_ablation(loaded: LoadedModel, options: PipelineOptions | None = None, *,
     Each finished row is stored as a run (kind ``pipeline``) in ``store`` (a :class:`core.runs.RunStore`)
     and its model exported to ``out_root/<order>``; a rerun with the same settings reuses the stored
     rows and only runs the missing ones (resumable). ``on_row`` receives each row as it is ready."""
-    from .runs import RunStore
-
     options = options or PipelineOptions()
     calibration = calibration or CalibrationOptions()
     allocation = allocation or AllocationOptions()
@@ -738,8 +723,6 @@ def ablation_plot(rows: list[dict], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .files import atomic_file
 
     labels = [r.get("order") or "dense" for r in rows]
     x = list(range(len(rows)))

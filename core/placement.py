@@ -17,14 +17,18 @@ time. The fixed workspace of the chunked vocabulary loss and a self-distillation
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
+import psutil
 import torch
 from torch import nn
 
 from . import distributed
 from .errors import HFPruneError
+from .models import load_model
 from .options import Options, knob
+from .scoring import LOGIT_CHUNK_BYTES
 
 GiB = 2**30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,8 +152,6 @@ def estimate_scoring_memory(model: nn.Module, *, batch_size: int, seq_len: int, 
     batch of ``batch_size`` × ``seq_len`` tokens. ``model`` may be None when ``config``, ``weights``
     (bytes) and ``dtype`` are given (an estimate before loading). ``teacher``: a self-distillation
     criterion keeps the teacher's fp32 logits of the whole batch."""
-    from .scoring import LOGIT_CHUNK_BYTES
-
     config = config if config is not None else model.config
     dtype = dtype or next(model.parameters()).dtype
     weights = weight_bytes(model) if weights is None else int(weights)
@@ -175,8 +177,6 @@ def free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 
@@ -204,8 +204,6 @@ def load_placed(spec: str, options: PlacementOptions | None = None, *, say=None)
     """``core.models.load_model`` placed as ``options`` says: the working dtype, then moved to the
     device, or dispatched over the GPUs by accelerate (``device_map="auto"``). Before a model is
     moved to a GPU its weights are checked against the GPU's free memory. Returns a LoadedModel."""
-    from .models import load_model
-
     options = options or PlacementOptions()
     device = options.resolve_device()
     dtype = options.resolve_dtype(device)
@@ -227,8 +225,6 @@ def scoring_preflight(model: nn.Module, options: PlacementOptions, *, batch_size
     """Before a scoring pass: estimate its memory, say it (main rank only, to stderr by default) and,
     when ``options.memory_check``, raise :class:`MemoryBudgetError` if the activations cannot fit in
     what the model's device(s) have free. Returns the estimate."""
-    import sys
-
     estimate = estimate_scoring_memory(model, batch_size=batch_size, seq_len=seq_len,
                                        grad_checkpointing=options.grad_checkpointing,
                                        teacher=criterion == "self_distill")

@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-from .adapters import mlp_handles, set_config_widths
+from .adapters import attention_handles, mlp_handles, set_config_widths
 from .errors import PruneConfigError
 
 
@@ -89,8 +89,6 @@ def prune_attention_heads(model: nn.Module, kept_heads: list[torch.Tensor], kept
     q/o lose the removed heads' rows/columns, k/v the removed KV heads' rows. The config records the
     per-layer counts as ``layer_num_attention_heads`` / ``layer_num_key_value_heads`` (exported
     through hf-remote-code). Returns the pruned model (a copy unless inplace)."""
-    from .adapters import attention_handles
-
     target = model if inplace else copy.deepcopy(model)
     handles = attention_handles(target)
     if len(kept_heads) != len(handles) or len(kept_kv) != len(handles):

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import psutil
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
@@ -105,9 +108,6 @@ def save_quantized(model: nn.Module, tokenizer, method: str, out_dir: str | os.P
 def _drop_tensors(folder: Path, layers: set[str]) -> None:
     """Remove ``<layer>.weight`` / ``<layer>.bias`` of ``layers`` from the saved safetensors files (and
     the shard index), so only their INT8 form is on disk."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     dropped: set[str] = set()
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
@@ -128,10 +128,6 @@ def _load_int8(spec: str, recipe: dict, device: str | torch.device | None):
     """A folder stored with ``storage="int8"``: the model skeleton from its config and float tensors,
     then the quantized layers rebuilt from ``quantized.safetensors`` (on the CPU; torchao layers may
     then move to ``device``)."""
-    import logging
-
-    from safetensors.torch import load_file
-
     folder = Path(spec).expanduser()
     if not (folder / QUANTIZED_FILE).is_file():
         raise ModelLoadError(f"{folder} says its INT8 weights are in {QUANTIZED_FILE}, which is missing.")

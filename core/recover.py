@@ -29,7 +29,9 @@ from . import __version__
 from .adapters import mlp_handles, mlp_widths
 from .data import training_windows
 from .errors import ModelLoadError
+from .export import read_meta, save_pruned
 from .options import Options, knob
+from .quantize import quantization_of
 from .train import (
     DistillOptions,
     LogitDistillation,
@@ -101,8 +103,6 @@ class RecoverResult:
 
 def check_trainable(model: nn.Module) -> None:
     """A quantized student cannot be trained here: its weights are integers behind a backend's kernels."""
-    from .quantize import quantization_of
-
     method = quantization_of(model) or (getattr(model, "hf_quantizer", None) and "a transformers quantizer")
     if method:
         raise TrainConfigError(f"This student is quantized ({method}); its integer weights cannot be trained. "
@@ -124,8 +124,6 @@ def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
 
 def default_teacher(student_spec: str) -> str:
     """The model a pruned folder was cut from (``model`` in its pruning_meta.json)."""
-    from .export import read_meta
-
     folder = Path(student_spec).expanduser()
     meta = read_meta(folder) if folder.is_dir() else None
     teacher = (meta or {}).get("model")
@@ -287,7 +285,5 @@ def default_export(model: nn.Module, meta: dict | None = None) -> str:
 def save_recovered(result: RecoverResult, tokenizer, out_dir: str, mode: str | None = None) -> Path:
     """Export the recovered model like any pruned model (atomic folder, pruning_meta.json with the
     recovery recipe, curve and tokens seen)."""
-    from .export import save_pruned
-
     meta = {k: v for k, v in result.meta.items() if k not in ("export", "intermediate_sizes")}
     return save_pruned(result.model, tokenizer, out_dir, meta, mode=mode or default_export(result.model, result.meta))

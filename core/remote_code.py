@@ -14,9 +14,12 @@ and ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` resizes exactl
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import nn
+
+from .adapters import ENCODER_MODEL_TYPES, blocks_path, mlp_handles
 
 MODELING_FILE = "modeling_hfprune.py"
 
@@ -121,16 +124,12 @@ class HFPrune{model_class}({model_class}):
 
 
 def _encoder(model_or_config) -> bool:
-    from .adapters import ENCODER_MODEL_TYPES
-
     config = getattr(model_or_config, "config", model_or_config)
     return getattr(config, "model_type", None) in ENCODER_MODEL_TYPES
 
 
 def mlp_paths(model: nn.Module) -> list[dict[str, str]]:
     """Per block, role → dotted path (from the model root) of each MLP projection (encoders)."""
-    from .adapters import blocks_path, mlp_handles
-
     root = blocks_path(model)
     return [{role: f"{root}.{h.index}.{path}" for role, path in h.paths.items()} for h in mlp_handles(model)]
 
@@ -171,8 +170,6 @@ def _source_for(model_type: str, heads: bool = False) -> str | None:
     """The modeling file this tool writes for a config's ``model_type`` (None if not a causal LM we know)."""
     from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-    from .adapters import ENCODER_MODEL_TYPES
-
     encoder = model_type in ENCODER_MODEL_TYPES
     try:
         config_cls = CONFIG_MAPPING[model_type]
@@ -190,8 +187,6 @@ def is_own_export(folder: str | Path) -> bool:
     """True when ``folder``'s remote code is exactly what the hf-remote-code export writes: config.json's
     ``auto_map`` points only at ``modeling_hfprune``, the folder has no other Python file, and that file
     matches our template byte for byte. Only then is ``trust_remote_code`` switched on by itself."""
-    import json
-
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())

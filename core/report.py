@@ -24,8 +24,13 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .data import evaluation_windows
+from .engine import apply_compensation
 from .errors import HFPruneError
+from .evaluate import evaluate
 from .files import write_text
+from .outputs import next_token_menus
+from .prune import pruned_view
 from .runs import Run, RunStore
 from .score_stats import histogram, layer_summaries, shared_range
 
@@ -202,10 +207,6 @@ def build_report(run_id: str, *, store: RunStore | None = None, loaded=None, mod
         raise HFPruneError(f"Run {run_id} is of kind '{run.kind}'; reports are made for score and prune runs.")
     menus, metrics = [], None
     if run.kind == "prune" and loaded is not None:
-        from .engine import apply_compensation
-        from .outputs import next_token_menus
-        from .prune import pruned_view
-
         if loaded.spec != run.config.get("model"):
             raise HFPruneError(f"Run {run_id} pruned {run.config.get('model')}, not {loaded.spec}.")
         if model is None:
@@ -216,9 +217,6 @@ def build_report(run_id: str, *, store: RunStore | None = None, loaded=None, mod
         menus = [next_token_menus({"original": loaded.model, name: model}, loaded.tokenizer, c, menu_k)
                  for c in contexts if c.strip()]
         if not run.results.get("metrics") and eval_windows > 0:
-            from .data import evaluation_windows
-            from .evaluate import evaluate
-
             ids = evaluation_windows(loaded.tokenizer, "wiki", eval_windows, eval_seq_len, max_length=loaded.max_length)
             metrics = [{"model": "original", **evaluate(loaded.model, ids, progress=progress).to_dict()},
                        {"model": name, **evaluate(model, ids, loaded.model, progress=progress).to_dict()}]

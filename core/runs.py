@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .errors import HFPruneError
 from .files import (
@@ -110,8 +111,6 @@ class Run:
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Named tensors stored with the run (recover runs)."""
-        from safetensors.torch import load_file
-
         path = self.folder / WEIGHTS_FILE
         if not path.exists():
             raise HFPruneError(f"Run {self.run_id} has no stored weights.")

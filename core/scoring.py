@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters import mlp_handles
+from .errors import HFPruneError
 from .progress import check_stop
 
 # Rows of (rows, vocab) fp32 logits materialised at once: ~32 MiB (cache-friendly; measured faster than 256 MiB).
@@ -109,8 +111,6 @@ def checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
-        from .errors import HFPruneError
-
         raise HFPruneError(f"{type(model).__name__} does not support gradient checkpointing.")
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -214,8 +214,6 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
     after the reduction). ``grad_checkpointing``: recompute layer activations in the backward.
     Returns one fp32 (d_ff_l,) tensor per layer, on the CPU.
     """
-    from . import distributed
-
     handles = mlp_handles(model)
     scores: list[torch.Tensor | None] = [None] * len(handles)  # fp32 (d_ff_l,) on the layer's device
     n_windows, seq_len = windows.shape
@@ -284,8 +282,6 @@ def activation_sq_norms(model: nn.Module, windows: torch.Tensor, *, batch_size: 
     rank returns the statistics of all windows. ``forward``: see :func:`forward_with_down_hooks`; the
     token count is then the number of activation rows seen (e.g. images × patches).
     """
-    from . import distributed
-
     handles = mlp_handles(model)
     sq = [torch.zeros(h.width, dtype=torch.float32) for h in handles]
     total = [torch.zeros(h.width, dtype=torch.float32) for h in handles]

@@ -30,6 +30,7 @@ from .errors import DataError, SelectionError
 from .models import LoadedModel
 from .options import Options, knob
 from .score_stats import removal_overlap, spearman_per_layer
+from .sweep import SWEEP_ALLOCATIONS, FidelitySweep
 
 
 @dataclass
@@ -205,8 +206,6 @@ def check_sweep_draws(draws: int, allocation: str = "uniform") -> int:
 
 def _check_draws_allocation(allocation: str) -> None:
     """Error bars over draws need one of the sweep's allocations; else one sentence."""
-    from .sweep import SWEEP_ALLOCATIONS
-
     if allocation not in SWEEP_ALLOCATIONS:
         raise SelectionError(f"Error bars over calibration draws work with the {', '.join(SWEEP_ALLOCATIONS)} "
                              f"allocations, not '{allocation}'; set K to 1 for it.")
@@ -238,8 +237,6 @@ def sweep_over_draws(loaded: LoadedModel, draw_results: dict[str, list[ScoreResu
     yield one :func:`draw_summary` row. One :class:`core.sweep.FidelitySweep` serves every draw, so
     the dense reference (and a ``+lsq`` refit's statistics, made on the first criterion's first
     draw's calibration settings) is computed once: only the scores vary over the draws."""
-    from .sweep import FidelitySweep
-
     _check_draws_allocation(allocation)
     if not draw_results:
         raise SelectionError("Score at least one criterion before running the sweep.")

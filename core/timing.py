@@ -17,6 +17,8 @@ import time
 import torch
 from torch import nn
 
+from .adaptive import expected_probes
+
 # forward + backward of a Taylor criterion costs about 3 forwards; a forward-only criterion 1
 PASS_COST = {"weights only": 0.0, "forward": 1.0, "forward+backward": 3.0, "forward+backward+teacher": 4.0}
 PARTIAL_FORWARD = 0.6  # an adaptive probe restarts at its layer: on average about this share of a full forward
@@ -50,8 +52,6 @@ def adaptive_seconds(per_token: float, layers: int, halvings: int, heldout_token
                      sequential: bool = False) -> float:
     """The adaptive width search: a dense pass plus its masked probes (:func:`core.adaptive.expected_probes`)
     on the held-out slice."""
-    from .adaptive import expected_probes
-
     probes = expected_probes(layers, halvings, "sequential" if sequential else "independent")
     return per_token * heldout_tokens * (1.0 + probes * PARTIAL_FORWARD)
 

@@ -35,8 +35,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, metrics
 from .errors import DataError, HFPruneError, Stopped
 from .options import Options, knob
 from .progress import check_stop
@@ -231,13 +232,6 @@ def next_token_targets(batch: torch.Tensor) -> torch.Tensor:
     return targets
 
 
-@torch.no_grad()
-def kl_rows(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_teacher ‖ p) per row at τ = 1: (R, V), (R, V) fp32 → (R,)."""
-    log_t = F.log_softmax(teacher_logits, dim=-1)
-    return (log_t.exp() * (log_t - F.log_softmax(logits, dim=-1))).sum(-1)
-
-
 class LogitDistillation:
     """Logit KD / next-token CE / their mix for causal LMs, on all B·T positions.
 
@@ -289,7 +283,7 @@ class LogitDistillation:
             (chunk_loss * state.scale).backward()
             total += float(chunk_loss.detach())
             if t_logits is not None and alpha < 1:
-                kl_sum += float(kl_rows(t_logits / tau, logits.detach() / tau).sum()) * tau * tau
+                kl_sum += float(metrics.per_token_kl(t_logits / tau, logits.detach() / tau).sum()) * tau * tau
         t2 = time.perf_counter()
         if hidden.requires_grad:
             hidden.backward(detached.grad)
@@ -317,7 +311,7 @@ class LogitDistillation:
             for start in range(0, hidden.shape[0], step):
                 logits = lm_logits(student, hidden[start:start + step]).float()
                 t_logits = lm_logits(teacher, t_hidden[start:start + step]).float()
-                kl_sum += float(kl_rows(t_logits, logits).double().sum())
+                kl_sum += float(metrics.per_token_kl(t_logits, logits).double().sum())
             count += hidden.shape[0]
         return kl_sum / max(1, count)
 
@@ -543,8 +537,6 @@ def _micro_batches(objective: Objective, student: nn.Module, teacher: nn.Module 
 def _bar(progress: bool, total: int | None):
     if not progress:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(desc="training", unit="step", total=total or None)
 
 

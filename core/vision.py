@@ -32,15 +32,20 @@ from torch import nn
 
 from . import __version__, criteria, metrics
 from .adapters import mlp_handles, mlp_widths
-from .adaptive import MaskedModel, adaptive_search
+from .adaptive import MaskedModel, adaptive_search, heldout_windows
 from .allocate import check_ratio, global_widths, top_k_indices, uniform_widths
 from .criteria import Criterion, ScoreOptions
+from .data import calibration_windows
 from .encoders import DEFAULT_TEMP_INV, LoadedEncoder, embed, encoder_forward, prefinal_tokens
 from .engine import PruneResult, ScoreResult
 from .errors import HFPruneError, PruneConfigError, SelectionError
+from .export import save_pruned
+from .images import calibration_images, heldout_images, random_crops, sample_images
 from .options import Options, knob
+from .progress import check_stop
 from .prune import prune_mlp_neurons
 from .scoring import batches, loss_taylor_scores
+from .train import LossReport, ParamSet, train
 
 ALLOCATIONS = ("adaptive", "uniform", "global")
 
@@ -144,9 +149,6 @@ _HELDOUT_SEED = 1_000_003
 
 def _text_windows(loaded: LoadedEncoder, options: EncoderOptions, samples: int, heldout: bool) -> torch.Tensor:
     """(N, seq_len) ids: [CLS] + a window of the calibration split + [SEP]."""
-    from .adaptive import heldout_windows
-    from .data import calibration_windows
-
     tok = loaded.tokenizer
     body = options.seq_len - 2
     if heldout:
@@ -161,8 +163,6 @@ def _text_windows(loaded: LoadedEncoder, options: EncoderOptions, samples: int, 
 
 def calibration_data(loaded: LoadedEncoder, options: EncoderOptions | None = None) -> torch.Tensor:
     """Scoring examples: normalised crops (N, 3, S, S) or token windows (N, T)."""
-    from .images import calibration_images
-
     options = options or EncoderOptions()
     if loaded.kind == "text":
         return _text_windows(loaded, options, options.samples, heldout=False)
@@ -171,8 +171,6 @@ def calibration_data(loaded: LoadedEncoder, options: EncoderOptions | None = Non
 
 def heldout_data(loaded: LoadedEncoder, options: EncoderOptions | None = None) -> torch.Tensor:
     """Examples for the adaptive search, disjoint from the scoring ones (other crops / windows)."""
-    from .images import heldout_images
-
     options = options or EncoderOptions()
     if loaded.kind == "text":
         return _text_windows(loaded, options, options.heldout_samples, heldout=True)
@@ -327,8 +325,6 @@ def default_export(widths: list[int], model: nn.Module) -> str:
 
 def save_encoder(result: PruneResult, loaded: LoadedEncoder, out_dir: str, mode: str | None = None):
     """Export a pruned encoder (core.export.save_pruned: weights, preprocess / tokenizer, meta)."""
-    from .export import save_pruned
-
     return save_pruned(result.model, loaded.processor, out_dir, result.meta,
                        mode=mode or default_export(result.widths, result.model))
 
@@ -362,8 +358,6 @@ class FeatureDistillation:
         return cls + patch, {"cls_mse": float(cls.detach()), "patch_mse": float(patch.detach())}
 
     def forward_backward(self, student, teacher, batch, state):
-        from .train import LossReport
-
         t0 = time.perf_counter()
         with torch.no_grad():
             target = prefinal_tokens(teacher, batch)  # (B, N, H)
@@ -377,8 +371,6 @@ class FeatureDistillation:
 
     @torch.no_grad()
     def heldout(self, student, teacher, windows, batch_size, stop):
-        from .progress import check_stop
-
         if self._cache is None or self._cache[0] is not windows or self._cache[1] is not teacher:
             self._cache = (windows, teacher, [prefinal_tokens(teacher, b) for b in batches(windows, batch_size)])
         total = 0.0
@@ -392,8 +384,6 @@ def augmented_pool(loaded: LoadedEncoder, count: int, seed: int = 0, size: int |
                    scale: tuple[float, float] = (0.2, 1.0)) -> torch.Tensor:
     """Distillation examples: ``count`` random resized crops + flips (normalised), seeded apart from
     the scoring crops; text encoders: calibration windows."""
-    from .images import random_crops, sample_images
-
     if loaded.kind == "text":
         return _text_windows(loaded, EncoderOptions(samples=count, seed=seed + 7), count, heldout=False)
     crops = random_crops(sample_images(), count, size or loaded.preprocess.size, seed + 7, scale)
@@ -405,8 +395,6 @@ def distill_encoder(student: nn.Module, teacher: nn.Module, data: torch.Tensor, 
                     on_step=None, progress: bool = False):
     """Train every student parameter on :class:`FeatureDistillation` against ``teacher`` with
     ``core.train.train`` (``options``: a ``TrainOptions``; AMP uses beta2 0.95, warm-up + cosine)."""
-    from .train import ParamSet, train
-
     if [h.up.in_features for h in mlp_handles(student)] != [h.up.in_features for h in mlp_handles(teacher)]:
         raise HFPruneError("The teacher is not the dense version of this student (hidden sizes differ).")
     params = ParamSet("full", [(n, p) for n, p in student.named_parameters() if "mask_token" not in n])

@@ -18,17 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import blocks
 from .counts import count_params
 from .encoders import embed, encoder_forward
+from .progress import check_stop
 from .scoring import batches
+from .speed import repeat_until_known, spread
 
 
 @torch.no_grad()
 def embeddings(model: nn.Module, data: torch.Tensor, batch_size: int = 64,
                stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """L2-normalised embeddings (N, H) of examples (N, ...) in fp32."""
-    from .progress import check_stop
-
     out = []
     for batch in batches(data, batch_size):
         check_stop(stop, "The evaluation was stopped.")
@@ -104,8 +105,6 @@ def throughput(model: nn.Module, batch: torch.Tensor, *, min_repeats: int = 5, m
                stop: Callable[[], bool] | None = None) -> dict:
     """Examples per second of a forward on ``batch`` (one warm-up, then timed repeats until the spread
     is known): median and the inter-quartile range of seconds per batch."""
-    from .speed import repeat_until_known, spread
-
     model.eval()
     encoder_forward(model, batch)  # warm-up
 
@@ -122,8 +121,6 @@ def throughput(model: nn.Module, batch: torch.Tensor, *, min_repeats: int = 5, m
 def encoder_flops(model: nn.Module, tokens: int) -> int:
     """Multiply-adds ×2 of the linear layers for one example of ``tokens`` tokens, plus attention's
     two (tokens × tokens × hidden) products per block: analytic, from the current shapes."""
-    from .adapters import blocks
-
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     hidden = int(model.config.hidden_size)
     attention = 2 * tokens * tokens * hidden * len(blocks(model))

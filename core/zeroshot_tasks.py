@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from .data import wiki_articles
+from .files import write_text
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tasks"
 CLOZE_TASK = "wiki_cloze"
@@ -155,7 +156,7 @@ def write_assets(folder: Path = ASSETS) -> dict[str, int]:
     folder.mkdir(parents=True, exist_ok=True)
     counts = {}
     for name, items in build_all().items():
-        (folder / f"{name}.jsonl").write_text(_jsonl(items), encoding="utf-8")
+        write_text(folder / f"{name}.jsonl", _jsonl(items))
         counts[name] = len(items)
     return counts
 

@@ -5,8 +5,11 @@ single ``model`` concurrency slot), so hooks of one job never see another job's 
 """
 from __future__ import annotations
 
+import copy
 import os
+import re
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,15 +19,27 @@ from typing import TypeVar
 import torch
 
 from core import engine
+from core.adapters import mlp_widths
 from core.counts import mlp_widths_any
 from core.criteria import REGISTRY, resolve_params
-from core.data import evaluation_windows, store_text_file
+from core.data import evaluation_windows, store_text_file, window_capacity
+from core.ddp import TRAIN_DEFAULTS, DDPOptions, DDPPlan, ddp
 from core.errors import DataError, HFPruneError, PruneConfigError
 from core.evaluate import Reference, evaluate, evaluate_reference
+from core.export import save_pruned, zip_folder
 from core.models import LoadedModel
 from core.paths import cache_dir
+from core.progress import check_stop
 from core.prune import pruned_view
+from core.quantize import check_method, quantize_model
+from core.recover import LoraOptions, RecoverOptions, apply_lora_state, param_set, recover
 from core.runs import RunStore
+from core.speed import add_measured_speedups, ideal_speedup, measure_speed
+from core.stability import StabilityOptions, check_sweep_draws, draw_windows, score_draws, sweep_over_draws
+from core.sweep import fidelity_sweep
+from core.timing import adaptive_seconds, seconds_per_token
+from core.train import DistillOptions, TrainOptions
+from core.zeroshot import check_tasks, run_zeroshot
 
 from .state import DataSpec, ModelCache, ScoreCache, Session, SessionStore, Variant
 
@@ -231,9 +246,6 @@ class Services:
         ``draws`` K ≥ 2: each criterion is scored on K disjoint calibration draws (:meth:`draw_scores`)
         and each row is the summary over them (core.stability.sweep_over_draws: KL mean, std, min,
         max, per-draw values); ``on_draw(criterion, k, K)`` is called before each scoring pass."""
-        from core.stability import check_sweep_draws, sweep_over_draws
-        from core.sweep import fidelity_sweep
-
         draws = check_sweep_draws(draws, allocation)
         loaded = self.model(self.require_model(session))
         missing = [n for n in names if n not in session.scores]
@@ -265,9 +277,6 @@ class Services:
         pass at a time under ``model_lock`` and kept in the score cache (key: the scores' key + draw k;
         a draw's windows do not depend on K). ``baseline``: random scores seeded seed + k. Their
         configs name ``source`` by its path, so a ``+lsq`` refit reads the right text."""
-        from core.progress import check_stop
-        from core.stability import StabilityOptions, draw_windows, score_draws
-
         spec = self.require_model(session)
         loaded = self.model(spec)
         data = session.calibration
@@ -307,10 +316,6 @@ class Services:
     # -- quantize / zero-shot / speed --------------------------------------------------------
     def quantize(self, session: Session, source: str, method: str) -> tuple[Variant, str | None]:
         """A quantized copy of 'original' or a session variant, stored as variant '<source>+<method>'."""
-        import copy
-
-        from core.quantize import check_method, quantize_model
-
         check_method(method)  # unknown method / missing backend: a clear error before any copying
         base_spec = self.require_model(session)
         if source == "original":
@@ -333,9 +338,6 @@ class Services:
         """lm-eval zero-shot accuracies (acc, acc_norm, each with its binomial standard error; the
         task's chance level) of the original and each named variant. ``on_model(k, n, name)`` is
         called before model k (0-based) of n; ``stop`` is checked between models."""
-        from core.progress import check_stop
-        from core.zeroshot import check_tasks, run_zeroshot
-
         tasks = check_tasks(tasks)
         rows = []
         tokenizer = self.model(self.require_model(session)).tokenizer
@@ -364,8 +366,6 @@ class Services:
         """Measured prefill latency, decode speed, memory and size of the original and each variant;
         each timing is repeated ``repeats`` times, and up to ``max_repeats`` until its spread is known,
         and the rows carry prefill and decode speed-ups with their quartile intervals."""
-        from core.speed import add_measured_speedups, ideal_speedup, measure_speed
-
         loaded = self.model(self.require_model(session))
         dense = mlp_widths_any(loaded.model)
         rows = []
@@ -389,8 +389,6 @@ class Services:
     def quick_quality(self, session: Session, name: str, stop: Callable[[], bool] | None = None) -> dict:
         """Perplexity of the original and of variant ``name`` and the variant's KL to the original on a
         few held-out windows: {} when the held-out text has no room for one window."""
-        from core.data import window_capacity
-
         loaded = self.model(self.require_model(session))
         variant = self.variant(session, name)
         source = session.source
@@ -412,8 +410,6 @@ class Services:
 
     def seconds_per_token(self, spec: str) -> float:
         """The model's measured forward time per token on this machine (once per model; for estimates)."""
-        from core.timing import seconds_per_token
-
         if spec not in self._per_token:
             loaded = self.model(spec)
             with self.model_lock:
@@ -423,9 +419,6 @@ class Services:
     def adaptive_seconds(self, spec: str, halvings: int, heldout_samples: int, heldout_seq_len: int,
                          sequential: bool = False) -> float:
         """About how long the adaptive search would take on this machine (core.timing)."""
-        from core.adapters import mlp_widths
-        from core.timing import adaptive_seconds
-
         layers = len(mlp_widths(self.model(spec).model))
         return adaptive_seconds(self.seconds_per_token(spec), layers, halvings, heldout_samples * heldout_seq_len,
                                 sequential)
@@ -437,8 +430,6 @@ class Services:
         computed with exactly these settings; marked ``precomputed`` in their config) unless ``recompute``
         or a file is missing or does not fit the model, else computed here (cached / stored like any
         scoring). Returns {criterion: 'precomputed' | 'memory' | 'disk' | 'computed'}."""
-        from core.adapters import mlp_widths
-
         widths = mlp_widths(self.model(model_spec).model)
         origins = {}
         for criterion in criteria:
@@ -546,8 +537,6 @@ class Services:
     # -- export ----------------------------------------------------------------------------
     def export(self, session: Session, name: str, mode: str, folder: str | os.PathLike) -> Path:
         """Save a variant with the engine's exporter (safetensors + pruning_meta.json)."""
-        from core.export import save_pruned
-
         variant = self.variant(session, name)
         if variant.meta.get("quantization"):
             raise HFPruneError(f"'{name}' is quantized: export its unquantized source and apply "
@@ -570,11 +559,6 @@ class Services:
     def export_zip(self, session: Session, name: str, mode: str) -> Path:
         """Export into a fresh temporary folder and pack it as ``<name>.zip`` (stored, not deflated:
         safetensors barely compress) for download."""
-        import re
-        import tempfile
-
-        from core.export import zip_folder
-
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "variant"
         if session.export_dir:  # one archive per session on disk: the previous download is done with
             shutil.rmtree(session.export_dir, ignore_errors=True)
@@ -595,11 +579,6 @@ class Services:
         budget, store it as a ``recover`` run (its trained tensors, or its LoRA adapters) and add it as
         a new variant. Takes ``model_lock`` for the whole run: call it from a worker thread, never
         from a generator that yields while it runs. Stop leaves ``source`` untouched, stores nothing."""
-        import copy
-
-        from core.recover import LoraOptions, RecoverOptions, recover
-        from core.train import DistillOptions, TrainOptions
-
         variant = self.variant(session, source)
         name = (name or "").strip() or f"{source}+kd-{params}"
         if name in ("original", source):
@@ -628,8 +607,6 @@ class Services:
     def rebuild_variant_model(self, run) -> torch.nn.Module:
         """The model of a stored prune or recover run, rebuilt from its source run (a recover run's
         source is rebuilt first, then its stored tensors or LoRA adapters are applied)."""
-        import copy
-
         loaded = self.model(run.config.get("model"))
         if run.kind == "prune":
             kept = run.kept()
@@ -637,8 +614,6 @@ class Services:
             engine.apply_compensation(loaded, model, kept, run.results.get("meta", {}))
             return model
         if run.kind == "ddp":  # kept units + gate values: fold and slice the original again
-            from core.ddp import DDPPlan
-
             return DDPPlan.from_tensors(run.weights()).apply(loaded.model)
         if run.kind != "recover":
             raise HFPruneError(f"Run {run.run_id} is of kind '{run.kind}', which holds no model.")
@@ -651,8 +626,6 @@ class Services:
             model = copy.deepcopy(model)
         weights = run.weights()
         if params == "lora":
-            from core.recover import LoraOptions, apply_lora_state
-
             return apply_lora_state(model, LoraOptions.from_dict(run.config.get("lora")), weights)
         with torch.no_grad():
             named = dict(model.named_parameters())
@@ -694,9 +667,6 @@ class Services:
         (the gates hook into the shared model): call it from a worker thread, never from a generator
         that yields while it runs. Stop stores nothing and leaves the model as it was. Returns (variant,
         evicted variant name, {"history", "snapshots", "entropy_widths"})."""
-        from core.ddp import TRAIN_DEFAULTS, DDPOptions, ddp
-        from core.train import TrainOptions
-
         model_spec = self.require_model(session)
         name = (name or "").strip() or f"ddp-{units}-{round(float(ratio) * 100)}"
         if name == "original":
@@ -730,6 +700,4 @@ class Services:
 
 def _trained_tensors(model: torch.nn.Module, params: str) -> dict[str, torch.Tensor]:
     """The tensors a full / mlp recovery changed, by parameter name (tied weights stored once)."""
-    from core.recover import param_set
-
     return {n: p.detach().cpu().clone() for n, p in param_set(model, params).named}

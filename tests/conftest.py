@@ -10,6 +10,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
+import io
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +37,6 @@ def run_cli(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
         return subprocess.run([sys.executable, "-m", "core", *argv], capture_output=True, text=True,
                               cwd=ROOT, env=env, timeout=300)
-    import contextlib
-    import io
-
     from core.cli import main
 
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
@@ -138,8 +138,6 @@ def tiny_services(tmp_path, real_tokenizer):
 def launch_dashboard(real):
     """Generator factory: launch the dashboard in this process on a free local port with the run
     store ``runs_root``; yields (url, services) and closes the server afterwards."""
-    import socket
-
     def launch(runs_root):
         from hfprune_ui import build_demo, launch_options, queue
         from hfprune_ui.services import Services

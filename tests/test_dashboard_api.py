@@ -9,6 +9,7 @@ import json
 import math
 import re
 import time
+import zipfile
 
 import pytest
 
@@ -229,8 +230,6 @@ def test_stop_ends_scoring_and_stores_nothing(app):
 
 
 def test_runs_reload_after_restart_export_and_delete(app, tmp_path):
-    import zipfile
-
     import torch
     from transformers import AutoModelForCausalLM
 

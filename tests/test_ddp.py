@@ -1,6 +1,8 @@
 """DDP (core.ddp) and the training-loop hooks it uses (core.train), on tiny models."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -335,8 +337,6 @@ def test_default_export_mode_for_head_pruned_variants():
 
 
 def test_cli_ddp_writes_a_folder_and_bad_input_writes_nothing(tmp_path, real_tokenizer):
-    import json
-
     from conftest import make_tiny, run_cli
 
     from core.export import read_meta

@@ -1,5 +1,6 @@
 """Model resolution (alias, folder, .gguf, hub id) and calibration/evaluation data."""
 import json
+import zipfile
 
 import pytest
 import torch
@@ -198,8 +199,6 @@ def test_store_text_file_validates_and_names_by_content(tmp_path):
 
 
 def test_zip_folder_keeps_one_top_folder(tmp_path):
-    import zipfile
-
     from core.export import zip_folder
 
     folder = tmp_path / "my-variant"

@@ -3,6 +3,7 @@ offline loading through lm-eval from any directory, zero-shot end to end, and ba
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -78,8 +79,6 @@ def test_shipped_tasks_load_offline_through_lm_eval_from_any_directory(tmp_path,
         assert choice.doc_to_choice(doc) == _items(CHOICE_TASK)[0]["choices"]
         assert choice.doc_to_target(doc) == _items(CHOICE_TASK)[0]["label"]
     finally:
-        import shutil
-
         shutil.rmtree(include, ignore_errors=True)
     yaml_dir = write_task_dir(folder=tmp_path / "yamls")
     assert str(ASSETS) in (yaml_dir / f"{CLOZE_TASK}.yaml").read_text()

@@ -28,6 +28,7 @@ import torch
 
 from .. import distributed
 from ..errors import HFPruneError
+from ..export import EXPORT_MODES
 from ..progress import quiet_third_party
 
 GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed",
@@ -50,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_out_arguments(parser: argparse.ArgumentParser, export_help: str) -> None:
     """The flags every "train, then export a model folder" command ends with: --export, --out, --quiet."""
-    from ..export import EXPORT_MODES
-
     parser.add_argument("--export", choices=EXPORT_MODES, help=export_help)
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

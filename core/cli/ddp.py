@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..ddp import TRAIN_DEFAULTS, DDPOptions, ddp, save_ddp
 from ..export import check_output_dir
+from ..models import load_model
 from ..train import TrainOptions
 from . import add_model_out_arguments
 
@@ -25,8 +26,6 @@ def register(sub) -> None:
 
 
 def cmd_ddp(args) -> dict:
-    from ..models import load_model
-
     options = DDPOptions.from_args(args)  # every option is checked before the model loads
     train_options = TrainOptions.from_args(args)
     check_output_dir(args.out)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..criteria import resolve_params
+from ..data import calibration_windows, evaluation_windows
 from ..engine import ScoreResult, score_model
 from ..errors import HFPruneError, SelectionError
 from ..models import load_model
 from ..neuron import InspectOptions, check_neuron, inspect_neuron
 from ..placement import PlacementOptions, load_placed
+from ..report import DEFAULT_CONTEXTS, build_report, check_report_path, write_report
 from ..runs import RunStore
 from ..stability import (
     StabilityOptions,
@@ -22,6 +25,7 @@ from ..stability import (
     fidelity_over_draws,
     measure_stability,
 )
+from ..sweep import parse_ratios
 from .prune import _common
 
 
@@ -30,8 +34,6 @@ def _names(text: str | None) -> list[str]:
 
 
 def _ratios(text: str) -> list[float]:
-    from ..sweep import parse_ratios
-
     return parse_ratios(text)
 
 
@@ -91,9 +93,6 @@ def cmd_neuron(args) -> dict:
     for path in args.scores:
         result = ScoreResult.load(path)
         scores[result.config.get("criterion") or Path(path).stem] = result
-    from ..criteria import resolve_params
-    from ..data import calibration_windows
-
     for name in names:
         resolve_params(name)  # an unknown criterion: one sentence before the model loads
     loaded = load_placed(args.model, PlacementOptions.from_args(args))  # --device / --dtype as for score
@@ -109,8 +108,6 @@ def cmd_neuron(args) -> dict:
 
 
 def cmd_stability(args) -> dict:
-    from ..criteria import resolve_params
-
     options = StabilityOptions.from_args(args, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                                          source=args.source, batch_size=args.batch_size)
     criteria = _names(args.criteria)
@@ -125,8 +122,6 @@ def cmd_stability(args) -> dict:
     result, scores = measure_stability(loaded, criteria, options, ratios=ratios, progress=not args.quiet)
     out = {**result.to_dict(), "summary": result.summary()}
     if args.fidelity:
-        from ..data import evaluation_windows
-
         ids = evaluation_windows(loaded.tokenizer, args.source, args.eval_windows, args.eval_seq_len,
                                  max_length=loaded.max_length)
         rows = fidelity_over_draws(loaded, scores, ratios, ids, progress=not args.quiet)
@@ -137,8 +132,6 @@ def cmd_stability(args) -> dict:
 
 
 def cmd_report(args) -> dict:
-    from ..report import DEFAULT_CONTEXTS, build_report, check_report_path, write_report
-
     out = check_report_path(args.out)  # a bad path: one sentence before any work
     store = RunStore(args.runs_root)
     run = store.load(args.run)

@@ -13,12 +13,16 @@ the rows that are missing.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+import torch
 
 from ..allocate import AllocationOptions
 from ..compensate import CompensationOptions
 from ..data import CalibrationOptions
 from ..export import EXPORT_MODES, check_output_dir
+from ..files import write_json, write_text
 from ..pipeline import (
     ALL_ORDERS,
     MeasureOptions,
@@ -31,6 +35,7 @@ from ..pipeline import (
     run_ablation,
     run_pipeline,
 )
+from ..quant_store import load_on
 from ..train import DistillOptions, TrainOptions
 
 
@@ -75,10 +80,6 @@ def _options(args):
 
 
 def cmd_pipeline(args) -> dict:
-    import torch
-
-    from ..quant_store import load_on
-
     options, calibration, allocation, compensation, train_options, distill, measure = _options(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -99,8 +100,6 @@ def cmd_pipeline(args) -> dict:
                   train_options=train_options, distill=distill, measure=measure)
     if args.ablation:
         result = run_ablation(loaded, options, out_root=out, on_event=say, progress=not args.quiet, **groups)
-        from ..files import write_json, write_text
-
         write_json(out / "ablation.json", {"settings_key": result.settings_key, "rows": result.rows}, default=str)
         write_text(out / "ablation.md", result.table + "\n")
         plot = ablation_plot(result.rows, out / "ablation.png")
@@ -118,8 +117,6 @@ def cmd_pipeline(args) -> dict:
 
 
 def _say(event: dict) -> None:
-    import sys
-
     if event.get("state") in ("start", "resumed"):
         what = event.get("stage")
         order = event.get("order")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .. import distributed
-from ..allocate import AllocationOptions, check_ratio
+from ..allocate import AllocationOptions, check_ratio, neuron_ratio_for_param_ratio
 from ..compensate import CompensationOptions
 from ..counts import count_params, mlp_params_for_widths
 from ..criteria import REGISTRY, add_parameter_arguments, parameters_from_args
@@ -122,8 +122,6 @@ def cmd_prune(args) -> dict:
     placement = PlacementOptions.from_args(args)
     loaded = load_placed(args.model, placement)
     if args.param_ratio is not None:  # the share of all parameters → the share of MLP neurons for this model
-        from ..allocate import neuron_ratio_for_param_ratio
-
         args.ratio = neuron_ratio_for_param_ratio(loaded.model, args.param_ratio)
     if args.allocation == "uniform":  # fail on a layer-emptying ratio before spending time on scoring
         plan_widths(loaded.model, args.ratio, args.allocation, args.round_to)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .. import distributed
 from ..export import check_output_dir, read_meta
+from ..models import load_model
 from ..recover import (
     LoraOptions,
     RecoverOptions,
@@ -33,8 +34,6 @@ def register(sub) -> None:
 
 
 def cmd_recover(args) -> dict:
-    from ..models import load_model
-
     # every option is validated before any model is loaded, and the output path before any training
     options = RecoverOptions.from_args(args)
     train_options = TrainOptions.from_args(args)

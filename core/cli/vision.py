@@ -15,7 +15,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
+from ..allocate import check_ratio
+from ..encoders import ENCODERS, is_encoder_spec, load_encoder
+from ..engine import ScoreResult
 from ..errors import PruneConfigError
+from ..export import check_output_dir, read_meta
+from ..images import labelled_images, stratified_split
+from ..vision import (
+    ENCODER_CRITERIA,
+    EncoderOptions,
+    default_export,
+    plan_encoder_widths,
+    prune_encoder,
+    save_encoder,
+    score_encoder,
+)
+from ..vision_metrics import feature_fidelity, labelled_scores, size_report, throughput
 from . import check_scores_out
 
 # flags shared with the LLM commands whose defaults differ for encoders: None = "not typed"
@@ -24,8 +41,6 @@ _SHARED = ("samples", "seq_len", "batch_size", "heldout_samples", "adaptive_mode
 
 def register(sub) -> None:
     """Wrap ``score`` / ``prune`` (encoder dispatch) and add ``vision-eval``."""
-    from ..vision import ENCODER_CRITERIA
-
     for name, mine in (("score", cmd_score), ("prune", cmd_prune)):
         parser = sub.choices.get(name)
         if parser is None:  # the LLM group is not registered: nothing to extend
@@ -62,15 +77,11 @@ def register(sub) -> None:
 
 
 def _encoder_aliases() -> dict:
-    from ..encoders import ENCODERS
-
     return {alias: f"{entry.description} (encoder)" for alias, entry in ENCODERS.items()}
 
 
 def _dispatcher(original, mine, llm_defaults: dict):
     def handler(args):
-        from ..encoders import is_encoder_spec
-
         if is_encoder_spec(args.model):
             return mine(args)
         for dest, value in llm_defaults.items():
@@ -85,8 +96,6 @@ def _dispatcher(original, mine, llm_defaults: dict):
 
 
 def _encoder_options(args, loaded):
-    from ..vision import EncoderOptions
-
     values = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed,
               "image_size": args.image_size, "heldout_samples": getattr(args, "heldout_samples", None),
               "mode": getattr(args, "adaptive_mode", None), "halvings": getattr(args, "halvings", None),
@@ -107,9 +116,6 @@ def _criterion(args) -> tuple[str, dict]:
 
 
 def cmd_score(args) -> dict:
-    from ..encoders import load_encoder
-    from ..vision import score_encoder
-
     out = check_scores_out(args.out)
     name, params = _criterion(args)
     loaded = load_encoder(args.model)
@@ -120,12 +126,6 @@ def cmd_score(args) -> dict:
 
 
 def cmd_prune(args) -> dict:
-    from ..allocate import check_ratio
-    from ..engine import ScoreResult
-    from ..export import check_output_dir
-    from ..vision import default_export, plan_encoder_widths, prune_encoder, save_encoder, score_encoder
-    from ..vision_metrics import size_report
-
     if args.ratio is None:
         raise PruneConfigError("Give --ratio (fraction of MLP neurons removed); --param-ratio is for LLMs.")
     check_ratio(args.ratio)
@@ -135,8 +135,6 @@ def cmd_prune(args) -> dict:
     if args.export == "gguf":
         raise PruneConfigError("--export gguf is for LLMs; encoders export as hf-native, hf-remote-code or hf-padded.")
     name, params = _criterion(args)
-    from ..encoders import load_encoder
-
     loaded = load_encoder(args.model)
     options = _encoder_options(args, loaded)
     result = ScoreResult.load(args.scores) if args.scores else score_encoder(
@@ -165,13 +163,6 @@ def _tokens(loaded, options) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    import torch
-
-    from ..encoders import load_encoder
-    from ..export import read_meta
-    from ..images import labelled_images, stratified_split
-    from ..vision_metrics import feature_fidelity, labelled_scores, size_report, throughput
-
     loaded = load_encoder(args.model)
     meta = read_meta(args.model) if Path(args.model).is_dir() else None
     reference_spec = args.reference or (meta or {}).get("model")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from core.criteria import REGISTRY
 from core.criteria import describe as describe_criteria
 from core.errors import SelectionError
 from core.score_stats import (
@@ -14,6 +15,7 @@ from core.score_stats import (
     robust_limits,
     sorted_score_matrix,
 )
+from core.timing import scoring_seconds
 
 from .. import figures, texts
 from ..context import TRACK, Ctx, criterion_controls, model_events, stop_on_click, with_criterion_knobs
@@ -148,9 +150,6 @@ def make_redraw(services: Services):
 def make_score_estimate(services: Services):
     def estimate(chosen: list | None, model: str, samples: float, seq_len: float) -> str:
         """About how long scoring the ticked criteria takes on this machine (before pressing Score)."""
-        from core.criteria import REGISTRY
-        from core.timing import scoring_seconds
-
         spec = (model or "").strip()
         picked = [c for c in (chosen or []) if c in REGISTRY]
         if not picked:

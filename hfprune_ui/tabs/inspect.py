@@ -19,7 +19,7 @@ from core.data import calibration_windows
 from core.errors import SelectionError
 from core.neuron import InspectOptions, inspect_neuron, neuron_at_rank
 from core.report import DEFAULT_CONTEXTS, build_report, write_report
-from core.stability import StabilityOptions, measure_stability
+from core.stability import Agreement, StabilityOptions, StabilityResult, measure_stability
 
 from .. import figures, inspect_figures
 from ..context import TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs
@@ -174,8 +174,6 @@ def draw_stability(result: dict | None, ratio: str):
     if not result:
         blank = figures.empty("Press Measure to score the criteria on disjoint calibration draws.")
         return "", blank, blank, pd.DataFrame()
-    from core.stability import Agreement, StabilityResult
-
     parsed = StabilityResult(result["criteria"], result["draws"], result["ratios"], result["layers"],
                              {k: Agreement(**v) for k, v in result["within"].items()},
                              {k: Agreement(**v) for k, v in result["across"].items()}, result.get("config", {}))

@@ -16,9 +16,21 @@ from collections.abc import Callable
 import gradio as gr
 import plotly.graph_objects as go
 
+from core.data import CalibrationOptions
 from core.errors import Stopped
 from core.paths import cache_dir
-from core.pipeline import ALL_ORDERS, FORMATS, PipelineOptions, describe_order, row_label
+from core.pipeline import (
+    ALL_ORDERS,
+    FORMATS,
+    MeasureOptions,
+    PipelineOptions,
+    Shared,
+    describe_order,
+    row_label,
+    run_ablation,
+    run_pipeline,
+)
+from core.train import TrainOptions
 
 from .. import figures
 from ..context import Ctx, model_events, stop_on_click
@@ -88,10 +100,6 @@ def make_start(services: Services, ablation: bool):
     def start(model_spec: str, order: str, ratio: float, criterion: str, allocation: str, quant: str, params: str,
               minutes: float, steps: float, lr: float, zeroshot_limit: float, request: gr.Request = None):
         """Run the pipeline (or the ablation) in a worker thread; yields (status, table, plot)."""
-        from core.data import CalibrationOptions
-        from core.pipeline import MeasureOptions, Shared, run_ablation, run_pipeline
-        from core.train import TrainOptions
-
         session = services.sessions.get(session_id(request))
         steps, minutes = int(steps or 0), float(minutes or 0)
         options = PipelineOptions(order=order, ratio=float(ratio), criterion=criterion, allocation=allocation,

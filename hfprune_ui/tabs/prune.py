@@ -8,10 +8,12 @@ import pandas as pd
 from core.allocate import AllocationOptions
 from core.compensate import CompensationOptions
 from core.counts import prune_preview
+from core.criteria import get_criterion
 from core.errors import HFPruneError, SelectionError, Stopped
 from core.export import EXPORT_MODES, default_export_mode
 from core.stability import SWEEP_DRAWS_MAX, check_sweep_draws
 from core.sweep import SWEEP_ALLOCATIONS, parse_ratios
+from core.timing import scoring_seconds, sweep_seconds
 
 from .. import figures, texts
 from ..context import PLAIN, TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs
@@ -244,9 +246,6 @@ def make_sweep_estimate(services: Services):
                  compensate_windows: float, baseline: bool, draws: float = 1, request: gr.Request = None) -> str:
         """About how long the sweep takes on this machine, before it starts (with K calibration draws:
         K evaluations per row plus K − 1 scoring passes per criterion, cached ones counted too)."""
-        from core.criteria import get_criterion
-        from core.timing import scoring_seconds, sweep_seconds
-
         session = services.sessions.get(session_id(request))
         spec = session.model_spec
         if not spec or not services.models.cached(spec):

@@ -6,6 +6,7 @@ import pandas as pd
 
 from core.quantize import METHODS
 from core.speed import SpeedUp
+from core.timing import speed_seconds, zeroshot_seconds
 from core.zeroshot import resolvable_difference, separates
 from core.zeroshot_tasks import SHIPPED_TASKS
 
@@ -155,8 +156,6 @@ def make_estimates(services: Services):
     def estimates(names: list | None, limit: float, prefill: float, decode: float, repeats: float,
                   request: gr.Request = None):
         """Time estimates for the zero-shot run and the measurement, on this machine."""
-        from core.timing import speed_seconds, zeroshot_seconds
-
         session = services.sessions.get(session_id(request))
         if not session.model_spec or not services.models.cached(session.model_spec):
             return "", ""

@@ -10,6 +10,7 @@ import pandas as pd
 
 from core.errors import SelectionError
 from core.models import DEFAULT_MODEL
+from core.outputs import next_token_menus
 
 from .. import figures, texts
 from ..context import TRACK, Ctx, model_events
@@ -128,8 +129,6 @@ def make_step5(services: Services):
     @user_errors
     def step5(request: gr.Request = None):
         """The original's and both cut models' next-token menus after the default context."""
-        from core.outputs import next_token_menus
-
         session = services.sessions.get(session_id(request))
         _require_scores(session)
         names = [n for n in tour_variants().values() if n in session.variants]

@@ -14,7 +14,16 @@ import gradio as gr
 import torch
 
 from core.encoders import ENCODERS, LoadedEncoder, load_encoder
-from core.vision import ALLOCATIONS, ENCODER_CRITERIA, EncoderOptions, plan_encoder_widths, prune_encoder, score_encoder
+from core.vision import (
+    ALLOCATIONS,
+    ENCODER_CRITERIA,
+    EncoderOptions,
+    heldout_data,
+    plan_encoder_widths,
+    prune_encoder,
+    score_encoder,
+)
+from core.vision_metrics import feature_fidelity, size_report
 
 from .. import figures
 from ..context import Ctx
@@ -68,8 +77,6 @@ def run_score(spec: str, criterion: str, samples: int, image_size: int, batch_si
 @user_errors
 def run_prune(state: dict | None, ratio: float, allocation: str, mode: str, heldout: int):
     """Prune at ``ratio`` → (status, widths figure, adaptive trace figure, metrics table)."""
-    from core.vision_metrics import feature_fidelity, size_report
-
     if not state:
         raise gr.Error("Score the encoder first (the scores order each layer's neurons).")
     options = state["options"].replace(mode=mode, heldout_samples=int(heldout))
@@ -77,8 +84,6 @@ def run_prune(state: dict | None, ratio: float, allocation: str, mode: str, held
         loaded = _encoder(state["spec"])
         plan = plan_encoder_widths(loaded, state["result"], float(ratio), allocation, options, progress=False)
         pruned = prune_encoder(loaded, state["result"], float(ratio), allocation, options, plan=plan)
-        from core.vision import heldout_data
-
         data = heldout_data(loaded, options.replace(seed=options.seed + 1))
         fidelity = feature_fidelity(loaded.model, pruned.model, data)
         patch = int(getattr(loaded.model.config, "patch_size", 14))
