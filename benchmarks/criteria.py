@@ -18,20 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from _common import write_json, write_text
+from _common import RESULTS, write_json, write_text
 
-from core.criteria import REGISTRY  # noqa: E402
-from core.data import evaluation_windows  # noqa: E402
-from core.engine import AllocationOptions, CompensationOptions, score_model  # noqa: E402
-from core.errors import PruneConfigError  # noqa: E402
-from core.models import load_model  # noqa: E402
-from core.sweep import FidelitySweep, split_allocation  # noqa: E402
+from core.criteria import REGISTRY
+from core.data import CalibrationOptions, evaluation_windows
+from core.engine import AllocationOptions, CompensationOptions, score_model
+from core.errors import HFPruneError, PruneConfigError
+from core.models import load_model
+from core.sweep import FidelitySweep, split_allocation
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CRITERIA = "entropy,cross_entropy,self_distill,fisher,entropy+ce,wanda,fluctuation,magnitude,random"
 ALLOCATION_LABELS = {
     "uniform": "uniform",
@@ -57,8 +55,6 @@ def parse_criterion(spec: str) -> tuple[str, str, dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=16, help="calibration windows N")
-    parser.add_argument("--seq-len", type=int, default=128, help="calibration window length L")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-seq-len", type=int, default=128)
     parser.add_argument("--ratios", default="0.2,0.3,0.4")
@@ -70,16 +66,19 @@ def main(argv=None) -> int:
                              "the least-squares down_proj compensation (e.g. uniform+lsq)")
     parser.add_argument("--adaptive-criteria", default="entropy,cross_entropy,fisher,entropy+ce,self_distill",
                         help="criteria that also get the (slow) adaptive allocation")
-    parser.add_argument("--heldout-samples", type=int, default=4)
-    parser.add_argument("--heldout-seq-len", type=int, default=64)
-    parser.add_argument("--compensate-samples", type=int, default=128, help="+lsq: calibration windows")
-    parser.add_argument("--compensate-seq-len", type=int, default=128, help="+lsq: tokens per window")
-    parser.add_argument("--compensate-damping", type=float, default=0.1, help="+lsq: ridge damping")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="keep finished rows of an earlier run")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    # the engine's option groups declare these flags (ranges, defaults, help), as for python -m core
+    CalibrationOptions.add_arguments(parser.add_argument_group("calibration (scoring)"), skip=("source",))
+    AllocationOptions.add_arguments(parser.add_argument_group("global / adaptive allocation"))
+    CompensationOptions.add_arguments(parser.add_argument_group("+lsq compensation"), skip=("method",))
     args = parser.parse_args(argv)
+    try:
+        calibration = CalibrationOptions.from_args(args)
+        options = AllocationOptions.from_args(args)
+        compensation = CompensationOptions.from_args(args, method="lsq")
+    except HFPruneError as exc:
+        parser.error(str(exc))
 
     torch.manual_seed(args.seed)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -120,9 +119,6 @@ def main(argv=None) -> int:
             split_allocation(spec)
         except PruneConfigError as exc:
             raise SystemExit(str(exc)) from exc
-    compensation = CompensationOptions("lsq", args.compensate_samples, args.compensate_seq_len,
-                                       args.compensate_damping).check()
-    options = AllocationOptions(heldout_samples=args.heldout_samples, heldout_seq_len=args.heldout_seq_len)
     sweep = FidelitySweep(loaded, eval_windows, options=options, compensation=compensation,
                           batch_size=args.batch_size)
     print(f"[bench] dense reference on {eval_windows.shape[0]}x{eval_windows.shape[1]} eval tokens", flush=True)
@@ -137,8 +133,9 @@ def main(argv=None) -> int:
         if not todo:
             continue
         print(f"[bench] scoring {label}", flush=True)
-        result = score_model(loaded, name, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-                             batch_size=args.batch_size, progress=False, criterion_params=params)
+        result = score_model(loaded, name, samples=calibration.samples, seq_len=calibration.seq_len,
+                             seed=calibration.seed, batch_size=calibration.batch_size, progress=False,
+                             criterion_params=params)
         for allocation_spec, ratio in todo:
             plain = allocation_spec.partition("+")[0]
             earlier = None

@@ -21,7 +21,8 @@ the two that close an import cycle (models/export ↔ gguf_export), marked where
   load
     models.py          load model + tokenizer (embedded alias, hub id, folder, GGUF)
     adapters.py        per-architecture MLP handles (gated gate/up/down or plain fc1/fc2)
-    encoders.py        encoders to prune (DINOv2, MiniLM, ViT, CLIP-vision); images.py: their images
+    encoders.py        encoders to prune (DINOv2, MiniLM, ViT, CLIP-vision)
+    images.py          the encoders' offline images (scikit-image samples, LFW, digits) and crops
   calibrate
     data.py            text sources, calibration / evaluation splits, token windows
   score
@@ -33,7 +34,7 @@ the two that close an import cycle (models/export ↔ gguf_export), marked where
   allocate
     allocate.py        uniform / global widths, ratio checks, AllocationOptions
     adaptive.py        adaptive (AMP) width search
-    ddp.py             deterministic differentiable pruning (learned gates)
+    ddp.py             deterministic differentiable pruning: learned gates on core.train, exact top-k
   prune
     prune.py           slicing (prune_mlp_neurons, prune_attention_heads) and pruned_view
     engine.py          the top-level calls: score_model, plan_widths, prune_with_scores, ScoreResult
@@ -53,14 +54,20 @@ the two that close an import cycle (models/export ↔ gguf_export), marked where
     evaluate.py        perplexity + fidelity to a reference (Reference: the dense pass computed once)
     sweep.py           criteria × allocation × ratio fidelity sweep (dashboard and benchmarks/criteria.py)
     speed.py           measured latency / memory
-    zeroshot.py        lm-eval runs; zeroshot_tasks.py builds the shipped offline tasks
+    zeroshot.py        lm-eval runs on the shipped offline tasks
+    zeroshot_tasks.py  builds those tasks (wiki cloze / next sentence) from the evaluation articles
+    vision_metrics.py  encoder quality: feature fidelity, kNN / linear probe, retrieval, size, throughput
   training
     train.py           the training engine (student, teacher, objective, parameter set, budget)
     recover.py         recovery recipes on top of train.py (full / mlp / lora, merge)
+    pipeline.py        prune → quantize → distil in any order, its export and the six-order ablation
   runs
-    runs.py            the run store; report.py: a stored run as one HTML file
+    runs.py            the run store
+    report.py          a stored run as one self-contained HTML file
   cli
+    __main__.py        entry point of python -m core
     cli/__init__.py    main(), build_parser(), GROUPS; one module per subcommand group: prune (score,
-                       prune, eval, models), quantize, zeroshot, speed (bench), inspector, recover, data, ddp
+                       prune, eval, models), quantize, zeroshot, speed (bench), inspector (neuron,
+                       stability, report), recover, data, ddp, pipeline, vision (vision-eval)
 """
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import mlp_handles
-from .counts import count_params, mlp_params_for_widths
+from .counts import count_params, mlp_layout
 from .errors import PruneConfigError
 from .options import Options, knob
 
@@ -171,16 +171,15 @@ def removed_shares(model, widths: list[int]) -> dict[str, float]:
     full = [h.width for h in handles]
     if len(widths) != len(full):
         raise PruneConfigError(f"Got widths for {len(widths)} layers; the model has {len(full)}.")
-    bias = handles[0].gate.bias is not None
-    hidden = int(model.config.hidden_size)
-    removed = mlp_params_for_widths(hidden, full, bias) - mlp_params_for_widths(hidden, list(widths), bias)
+    layout = mlp_layout(model)
+    removed = layout.params(full) - layout.params(list(widths))
     return {"mlp_neuron_ratio": 1.0 - sum(widths) / sum(full),
             "params_removed_share": removed / count_params(model)["params"]}
 
 
 def neuron_ratio_for_param_ratio(model, param_ratio: float) -> float:
     """The share of MLP neurons to remove (uniformly) so that ``param_ratio`` of *all* parameters go:
-    every neuron of a gated MLP carries the same 3·H weights (+ 2 biases), so the neuron ratio is
+    every neuron carries the same 3·H weights in a gated MLP (2·H in fc1/fc2), so the neuron ratio is
     param_ratio · params / (MLP parameters that scale with the width). E.g. 20 % of LLaMA-2-7B's
     parameters ≈ 31 % of its MLP neurons."""
     try:
@@ -192,9 +191,8 @@ def neuron_ratio_for_param_ratio(model, param_ratio: float) -> float:
                                f"got {param_ratio}.")
     handles = mlp_handles(model)
     full = [h.width for h in handles]
-    bias = handles[0].gate.bias is not None
-    hidden = int(model.config.hidden_size)
-    scalable = mlp_params_for_widths(hidden, full, bias) - mlp_params_for_widths(hidden, [0] * len(full), bias)
+    layout = mlp_layout(model)
+    scalable = layout.params(full) - layout.params([0] * len(full))
     total = count_params(model)["params"]
     ratio = share * total / scalable
     if ratio >= 1.0:

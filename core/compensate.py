@@ -52,11 +52,6 @@ class CompensationOptions(Options):
         check_damping(self.damping)
         super().validate()
 
-    def check(self) -> CompensationOptions:
-        """Kept for callers of the older API: the options validate themselves on construction."""
-        self.validate()
-        return self
-
 
 @torch.no_grad()
 def activation_grams(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True,

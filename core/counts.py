@@ -4,34 +4,69 @@ front of size vs quality. Measured latency / memory live in ``core.speed``."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-from .adapters import mlp_handles, mlp_widths
+from .adapters import blocks, is_encoder, mlp_handles, mlp_widths
 from .errors import HFPruneError, UnsupportedArchitectureError
 
 
-def mlp_params_for_widths(hidden: int, widths: list[int], bias: bool = False) -> int:
-    """Parameters of gated MLPs with the given d_ff per layer: 3·H·d_ff (+ biases)."""
-    return sum(3 * hidden * w + ((2 * w + hidden) if bias else 0) for w in widths)
+@dataclass(frozen=True)
+class MLPLayout:
+    """What one MLP neuron costs: ``gated`` MLPs (gate/up/down) carry 3·H weights per neuron, plain
+    fc1/fc2 MLPs 2·H; with ``bias`` each neuron also has 2 (gated) or 1 (plain) bias entries and the
+    down projection H more per layer."""
+
+    hidden: int
+    gated: bool = True
+    bias: bool = False
+
+    @property
+    def matrices(self) -> int:
+        return 3 if self.gated else 2
+
+    def params(self, widths: list[int]) -> int:
+        """Parameters of the MLPs with ``widths`` d_ff per layer."""
+        per_neuron = self.matrices * self.hidden + ((self.matrices - 1) if self.bias else 0)
+        return sum(per_neuron * w + (self.hidden if self.bias else 0) for w in widths)
+
+
+def mlp_layout(model: nn.Module) -> MLPLayout:
+    """The model's MLP layout, read from its first MLP (all blocks share it)."""
+    first = mlp_handles(model)[0]
+    return MLPLayout(int(model.config.hidden_size), gated=first.gate is not None, bias=first.up.bias is not None)
 
 
 def forward_flops_per_token(model: nn.Module, seq_len: int, widths: list[int] | None = None) -> int:
-    """Approximate forward FLOPs per token (2 per multiply-accumulate) for linear layers and attention
-    scores at context ``seq_len``; ``widths`` overrides the MLP widths (for previews)."""
+    """Approximate forward FLOPs per token (2 per multiply-accumulate) of a causal LM: q/k/v/o and MLP
+    projections, both attention products at the average causal context ``seq_len``/2, and the LM head
+    (none for encoders; :func:`encoder_flops` counts a whole bidirectional example). ``widths`` overrides
+    the MLP widths (for previews)."""
     config = model.config
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", heads) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     widths = widths if widths is not None else [h.width for h in mlp_handles(model)]
+    matrices = 2 if is_encoder(model) else 3  # supported decoders are gated, encoders fc1/fc2 (works when quantized)
     attn_proj = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
     attn_scores = 2 * heads * head_dim * seq_len
-    per_layer = [2 * (attn_proj + 3 * hidden * w) + attn_scores for w in widths]
-    return int(sum(per_layer) + 2 * hidden * config.vocab_size)
+    per_layer = [2 * (attn_proj + matrices * hidden * w) + attn_scores for w in widths]
+    head = 0 if is_encoder(model) else 2 * hidden * config.vocab_size  # encoders have no LM head
+    return int(sum(per_layer) + head)
+
+
+def encoder_flops(model: nn.Module, tokens: int) -> int:
+    """FLOPs (2 per multiply-add) of one encoder example of ``tokens`` tokens: every linear layer at its
+    current shape, plus bidirectional attention's two (tokens × tokens × hidden) products per block."""
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    hidden = int(model.config.hidden_size)
+    attention = 2 * tokens * tokens * hidden * len(blocks(model))
+    return 2 * (linear * tokens + attention)
 
 
 def pareto_front(sizes: "list[float]", quality: "list[float]", lower_is_better: bool = True) -> list[int]:
@@ -50,10 +85,9 @@ def prune_preview(model: nn.Module, widths: list[int], seq_len: int = 128) -> di
     before_widths = mlp_widths(model)
     if len(widths) != len(before_widths):
         raise HFPruneError(f"Got widths for {len(widths)} layers; the model has {len(before_widths)}.")
-    hidden = model.config.hidden_size
-    bias = mlp_handles(model)[0].gate.bias is not None
+    layout = mlp_layout(model)
     params = count_params(model)["params"]
-    removed = mlp_params_for_widths(hidden, before_widths, bias) - mlp_params_for_widths(hidden, widths, bias)
+    removed = layout.params(before_widths) - layout.params(widths)
     flops_before = forward_flops_per_token(model, seq_len, before_widths)
     flops_after = forward_flops_per_token(model, seq_len, widths)
     return {"widths_before": before_widths, "widths_after": list(widths),

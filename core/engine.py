@@ -232,7 +232,7 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
     if [s.numel() for s in result.scores] != widths_before:
         raise PruneConfigError("These scores were computed for a model with different MLP widths.")
     options = options or AllocationOptions()
-    compensation = (compensation or CompensationOptions()).check()
+    compensation = compensation or CompensationOptions()
     if (plan is None or plan.allocation != allocation or plan.ratio != check_ratio(ratio)
             or plan.full_widths != widths_before):
         plan = preview_widths(loaded, ratio, allocation, scores=result, round_to=round_to, options=options,

@@ -83,7 +83,7 @@ class FidelitySweep:
                  progress: bool = False, stop: Callable[[], bool] | None = None) -> None:
         self.loaded, self.windows, self.round_to, self.batch_size = loaded, windows, int(round_to), int(batch_size)
         self.options = options or AllocationOptions()
-        self.compensation = replace(compensation or CompensationOptions(), method="lsq").check()
+        self.compensation = replace(compensation or CompensationOptions(), method="lsq")
         self.progress, self.stop = progress, stop
         self.reference: Reference | None = None  # computed on the first row
         self.grams: list[torch.Tensor] | None = None

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import blocks
-from .counts import count_params
+from .counts import count_params, encoder_flops
 from .encoders import embed, encoder_forward
 from .progress import check_stop
 from .scoring import batches
@@ -116,15 +115,6 @@ def throughput(model: nn.Module, batch: torch.Tensor, *, min_repeats: int = 5, m
     s = spread(repeat_until_known(once, min_repeats=min_repeats, max_repeats=max_repeats, stop=stop))
     return {"examples_per_second": batch.shape[0] / s.median, "seconds_median": s.median, "seconds_q1": s.q1,
             "seconds_q3": s.q3, "repeats": s.n, "batch": int(batch.shape[0]), "threads": torch.get_num_threads()}
-
-
-def encoder_flops(model: nn.Module, tokens: int) -> int:
-    """Multiply-adds ×2 of the linear layers for one example of ``tokens`` tokens, plus attention's
-    two (tokens × tokens × hidden) products per block: analytic, from the current shapes."""
-    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    hidden = int(model.config.hidden_size)
-    attention = 2 * tokens * tokens * hidden * len(blocks(model))
-    return 2 * (linear * tokens + attention)
 
 
 def size_report(model: nn.Module, tokens: int) -> dict:

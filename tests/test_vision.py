@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from core.adapters import mlp_handles, mlp_widths
+from core.allocate import removed_shares
+from core.counts import count_params, mlp_layout, prune_preview
 from core.criteria import ScoreOptions
 from core.encoders import ImagePreprocess, LoadedEncoder, embed, load_encoder, prefinal_tokens
 from core.errors import HFPruneError
+from core.prune import prune_mlp_neurons
 from core.vision import (
     AmpEntropyCriterion,
     EmbeddingEntropyEvaluator,
@@ -89,6 +92,24 @@ def test_handles_find_fc1_fc2(family):
     handles = mlp_handles(model)
     assert len(handles) == 2 and all(h.gate is None and h.width == 64 for h in handles)
     assert all(h.down.in_features == 64 and h.up.out_features == 64 for h in handles)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_counts_of_an_fc1_fc2_mlp_match_the_sliced_model(family):
+    """The analytic counts know a plain MLP has 2·H weights (+1 bias) per neuron, not a gated 3·H (+2)."""
+    model = tiny_encoder(family)
+    layout = mlp_layout(model)
+    assert (layout.gated, layout.bias, layout.matrices) == (False, True, 2)
+    assert layout.params(mlp_widths(model)) == count_params(model)["mlp_params"]
+    widths = [40, 24]
+    preview = prune_preview(model, widths)
+    shares = removed_shares(model, widths)
+    kept = [torch.arange(w) for w in widths]
+    pruned = prune_mlp_neurons(model, kept)
+    after = count_params(pruned)["params"]
+    assert preview["params_after"] == after
+    assert shares["params_removed_share"] == pytest.approx(1 - after / count_params(model)["params"])
+    assert preview["flops_after"] < preview["flops_before"]
 
 
 def test_similarity_entropy_matches_definition_and_self_term():

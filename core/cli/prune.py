@@ -11,7 +11,7 @@ import argparse
 from .. import distributed
 from ..allocate import AllocationOptions, check_ratio, neuron_ratio_for_param_ratio
 from ..compensate import CompensationOptions
-from ..counts import count_params, mlp_params_for_widths
+from ..counts import count_params, mlp_layout
 from ..criteria import REGISTRY, add_parameter_arguments, parameters_from_args
 from ..data import CalibrationOptions, calibration_windows, evaluation_windows
 from ..engine import (
@@ -174,8 +174,7 @@ def _padded_effective_params(spec: str, model, params: int, mlp_params: int) -> 
     widths = meta.get("intermediate_sizes")
     if meta.get("export") != "hf-padded" or not widths:
         return {}
-    effective = mlp_params_for_widths(model.config.hidden_size, [int(w) for w in widths],
-                                      bias=bool(getattr(model.config, "mlp_bias", False)))
+    effective = mlp_layout(model).params([int(w) for w in widths])
     return {"effective_mlp_params": effective, "effective_params": params - mlp_params + effective}
 
 
