@@ -143,8 +143,12 @@ class WidthPlan:
     ratio: float
     widths: list[int]
     full_widths: list[int]
-    achieved_ratio: float
     adaptive: "AdaptiveResult | None" = None
+
+    @property
+    def achieved_ratio(self) -> float:
+        """Share of MLP neurons removed by these widths."""
+        return 1.0 - sum(self.widths) / sum(self.full_widths)
 
     def to_dict(self) -> dict:
         out = {"allocation": self.allocation, "ratio": self.ratio, "widths": self.widths,
@@ -217,7 +221,7 @@ def preview_widths(loaded: LoadedModel, ratio: float, allocation: str = "uniform
         widths = adaptive.widths
     else:
         widths = plan_widths(loaded.model, ratio, allocation, round_to, score_list, options)
-    return WidthPlan(allocation, ratio, widths, full, 1.0 - sum(widths) / sum(full), adaptive)
+    return WidthPlan(allocation, ratio, widths, full, adaptive)
 
 
 def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *, allocation: str = "uniform",

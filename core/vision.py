@@ -37,7 +37,7 @@ from .allocate import check_ratio, global_widths, top_k_indices, uniform_widths
 from .criteria import Criterion, ScoreOptions
 from .data import calibration_windows
 from .encoders import DEFAULT_TEMP_INV, LoadedEncoder, embed, encoder_forward, prefinal_tokens
-from .engine import PruneResult, ScoreResult
+from .engine import PruneResult, ScoreResult, WidthPlan
 from .errors import HFPruneError, PruneConfigError, SelectionError
 from .export import save_pruned
 from .images import calibration_images, heldout_images, random_crops, sample_images
@@ -241,32 +241,10 @@ class EmbeddingEntropyEvaluator(MaskedModel):
         return float(similarity_entropy(torch.cat(features), self.temp_inv, self.self_similarity))
 
 
-@dataclass
-class EncoderPlan:
-    """Per-layer widths an allocation gives, with the adaptive search when it ran."""
-
-    allocation: str
-    ratio: float
-    widths: list[int]
-    full_widths: list[int]
-    adaptive: object | None = None  # core.adaptive.AdaptiveResult
-
-    @property
-    def achieved_ratio(self) -> float:
-        return 1.0 - sum(self.widths) / sum(self.full_widths)
-
-    def to_dict(self) -> dict:
-        out = {"allocation": self.allocation, "ratio": self.ratio, "widths": self.widths,
-               "full_widths": self.full_widths, "achieved_ratio": self.achieved_ratio}
-        if self.adaptive is not None:
-            out["adaptive"] = self.adaptive.to_dict()
-        return out
-
-
 def plan_encoder_widths(loaded: LoadedEncoder, result: ScoreResult, ratio: float, allocation: str = "adaptive",
                         options: EncoderOptions | None = None, *, temp_inv: float | None = None,
                         self_similarity: bool = True, progress: bool = True,
-                        stop: Callable[[], bool] | None = None) -> EncoderPlan:
+                        stop: Callable[[], bool] | None = None) -> WidthPlan:
     """Widths for ``ratio`` (fraction of MLP neurons removed). ``adaptive`` runs AMP's search with
     the similarity entropy on held-out examples (``temp_inv`` defaults to the family's)."""
     ratio = check_ratio(ratio)
@@ -277,9 +255,9 @@ def plan_encoder_widths(loaded: LoadedEncoder, result: ScoreResult, ratio: float
     if [s.numel() for s in result.scores] != full:
         raise VisionConfigError("These scores were computed for a model with different MLP widths.")
     if allocation == "uniform":
-        return EncoderPlan(allocation, ratio, uniform_widths(full, ratio, options.round_to), full)
+        return WidthPlan(allocation, ratio, uniform_widths(full, ratio, options.round_to), full)
     if allocation == "global":
-        return EncoderPlan(allocation, ratio, global_widths(result.scores, ratio, min_keep=options.min_keep,
+        return WidthPlan(allocation, ratio, global_widths(result.scores, ratio, min_keep=options.min_keep,
                                                             round_to=options.round_to), full)
     temp = temp_inv or result.config.get("criterion_params", {}).get("temp_inv") or loaded.temp_inv
     evaluator = EmbeddingEntropyEvaluator(loaded.model, heldout_data(loaded, options), result.scores, temp,
@@ -287,11 +265,11 @@ def plan_encoder_widths(loaded: LoadedEncoder, result: ScoreResult, ratio: float
     search = adaptive_search(loaded.model, result.scores, ratio, None, mode=options.mode, halvings=options.halvings,
                              min_keep=options.min_keep, round_to=options.round_to, progress=progress, stop=stop,
                              evaluator=evaluator)
-    return EncoderPlan(allocation, ratio, search.widths, full, search)
+    return WidthPlan(allocation, ratio, search.widths, full, search)
 
 
 def prune_encoder(loaded: LoadedEncoder, result: ScoreResult, ratio: float, allocation: str = "adaptive",
-                  options: EncoderOptions | None = None, *, plan: EncoderPlan | None = None,
+                  options: EncoderOptions | None = None, *, plan: WidthPlan | None = None,
                   progress: bool = True, stop: Callable[[], bool] | None = None) -> PruneResult:
     """Keep each layer's top-scoring neurons at the planned widths: a new, smaller encoder."""
     options = options or EncoderOptions()
