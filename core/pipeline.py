@@ -356,6 +356,15 @@ def _settings(loaded: LoadedModel, options: PipelineOptions, calibration: Calibr
             "order": options.order}
 
 
+def _with_defaults(calibration: CalibrationOptions | None, allocation: AllocationOptions | None,
+                   compensation: CompensationOptions | None, train_options: TrainOptions | None,
+                   distill: DistillOptions | None, measure: MeasureOptions | None) -> tuple:
+    """The option groups a pipeline run reads, each group's defaults where None (training: 1 minute)."""
+    return (calibration or CalibrationOptions(), allocation or AllocationOptions(),
+            compensation or CompensationOptions(), train_options or TrainOptions(minutes=1.0),
+            distill or DistillOptions(), measure or MeasureOptions())
+
+
 def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
                  calibration: CalibrationOptions | None = None, allocation: AllocationOptions | None = None,
                  compensation: CompensationOptions | None = None, train_options: TrainOptions | None = None,
@@ -370,12 +379,8 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
     checked against the device and ``out`` checked before any model work; Stop (:class:`Stopped`)
     leaves nothing written."""
     options = (options or PipelineOptions()).replace(**fields) if fields else (options or PipelineOptions())
-    calibration = calibration or CalibrationOptions()
-    allocation = allocation or AllocationOptions()
-    compensation = compensation or CompensationOptions()
-    train_options = train_options or TrainOptions(minutes=1.0)
-    distill = distill or DistillOptions()
-    measure = measure or MeasureOptions()
+    calibration, allocation, compensation, train_options, distill, measure = _with_defaults(
+        calibration, allocation, compensation, train_options, distill, measure)
     shared = shared or Shared()
     device = next(loaded.model.parameters()).device
     fmt = check_format(options.quant, device) if "q" in options.order else None
@@ -614,12 +619,8 @@ def run_ablation(loaded: LoadedModel, options: PipelineOptions | None = None, *,
     and its model exported to ``out_root/<order>``; a rerun with the same settings reuses the stored
     rows and only runs the missing ones (resumable). ``on_row`` receives each row as it is ready."""
     options = options or PipelineOptions()
-    calibration = calibration or CalibrationOptions()
-    allocation = allocation or AllocationOptions()
-    compensation = compensation or CompensationOptions()
-    train_options = train_options or TrainOptions(minutes=1.0)
-    distill = distill or DistillOptions()
-    measure = measure or MeasureOptions()
+    calibration, allocation, compensation, train_options, distill, measure = _with_defaults(
+        calibration, allocation, compensation, train_options, distill, measure)
     store = store or RunStore()
     todo = [parse_order(o) for o in orders]
     extra = [parse_order(b) for b in baselines if parse_order(b) not in todo]
