@@ -55,3 +55,11 @@ def test_imports_inside_functions_are_only_optional_backends_or_marked_cycles():
                 continue
             bad.append(f"{path.relative_to(ROOT)}:{lineno} {module}")
     assert not bad, "move these imports to the top of their files: " + ", ".join(bad)
+
+
+def test_the_readme_names_every_dashboard_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    modules = [p for p in (ROOT / "hfprune_ui").rglob("*.py") if p.name != "__init__.py"]
+    missing = [str(p.relative_to(ROOT)) for p in modules if f"`{p.stem}" not in layout]
+    assert not missing, f"README's Layout does not name: {missing}"
