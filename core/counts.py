@@ -52,11 +52,12 @@ def forward_flops_per_token(model: nn.Module, seq_len: int, widths: list[int] | 
     kv_heads = getattr(config, "num_key_value_heads", heads) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     widths = widths if widths is not None else [h.width for h in mlp_handles(model)]
-    matrices = 2 if is_encoder(model) else 3  # supported decoders are gated, encoders fc1/fc2 (works when quantized)
+    encoder = is_encoder(model)
+    matrices = 2 if encoder else 3  # supported decoders are gated, encoders fc1/fc2 (works when quantized)
     attn_proj = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
     attn_scores = 2 * heads * head_dim * seq_len
     per_layer = [2 * (attn_proj + matrices * hidden * w) + attn_scores for w in widths]
-    head = 0 if is_encoder(model) else 2 * hidden * config.vocab_size  # encoders have no LM head
+    head = 0 if encoder else 2 * hidden * config.vocab_size  # encoders have no LM head
     return int(sum(per_layer) + head)
 
 

@@ -220,7 +220,7 @@ def make_sweep(services: Services):
             scored_passes.append(name)
 
         over = (f"; each row is the mean ± std over {draws} disjoint calibration draws of the scores "
-                f"({session.data.short() if session.data else 'the calibration data'} each)" if draws > 1 else "")
+                f"({session.calibration.short()} each)" if draws > 1 else "")
         rows: list[dict] = []
         try:
             for row in services.sweep(session, chosen, ratio_list, allocation, int(round_to), int(windows),
@@ -261,8 +261,8 @@ def make_sweep_estimate(services: Services):
         compensation = int(compensate_windows) * seq if allocation.endswith("+lsq") else 0
         per_token = services.seconds_per_token(spec)
         seconds = sweep_seconds(per_token, rows * k, int(windows) * int(seq_len), compensation)
-        if k > 1 and session.data:
-            tokens = session.data.samples * session.data.seq_len
+        if k > 1:  # no data chosen yet means no scores, so nothing is added
+            tokens = session.calibration.samples * session.calibration.seq_len
             seconds += (k - 1) * sum(scoring_seconds(per_token, tokens, get_criterion(n).cost) for n in chosen
                                      if n in session.scores)
         over = f", each over {k} calibration draws" if k > 1 else ""
