@@ -23,12 +23,12 @@ import torch
 
 from _common import RESULTS, write_json, write_text
 
-from core.criteria import REGISTRY
-from core.data import CalibrationOptions, evaluation_windows
-from core.engine import AllocationOptions, CompensationOptions, score_model
+from core.data.text import CalibrationOptions, evaluation_windows
 from core.errors import HFPruneError, PruneConfigError
-from core.models import load_model
-from core.sweep import FidelitySweep, split_allocation
+from core.importance.criteria import REGISTRY
+from core.methods.oneshot import AllocationOptions, CompensationOptions, score_model
+from core.models.loading import load_model
+from core.studies.sweep import FidelitySweep, split_allocation
 
 DEFAULT_CRITERIA = "entropy,cross_entropy,self_distill,fisher,entropy+ce,wanda,fluctuation,magnitude,random"
 ALLOCATION_LABELS = {

@@ -30,7 +30,7 @@ from pathlib import Path
 import _common  # noqa: F401
 from _common import RESULTS, ROOT, machine, markdown_table, write_result
 
-from core.criteria import parameter_knobs
+from core.importance.criteria import parameter_knobs
 from hfprune_ui.tabs.importance import DEFAULT_CRITERIA
 from hfprune_ui.tabs.model_data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from hfprune_ui.tabs.prune import ADAPTIVE_PRESETS

@@ -30,16 +30,16 @@ import torch
 
 from _common import RESULTS, machine, markdown_table, write_json, write_text
 
-from core.allocate import top_k_indices
-from core.compensate import compensate_pruned
-from core.data import evaluation_windows
-from core.ddp import TRAIN_DEFAULTS, DDPOptions, ddp
-from core.engine import CompensationOptions, compensation_grams, plan_widths, score_model
-from core.evaluate import Reference, evaluate
-from core.models import LoadedModel, load_model
-from core.prune import prune_mlp_neurons
-from core.recover import RecoverOptions, recover
-from core.train import TrainOptions
+from core.data.text import evaluation_windows
+from core.importance.stats import top_k_indices
+from core.measure.evaluate import Reference, evaluate
+from core.methods.gates import TRAIN_DEFAULTS, DDPOptions, ddp
+from core.methods.oneshot import CompensationOptions, compensation_grams, plan_widths, score_model
+from core.methods.recover import RecoverOptions, recover
+from core.models.loading import LoadedModel, load_model
+from core.models.slicing import prune_mlp_neurons
+from core.prune.compensate import compensate_pruned
+from core.train.loop import TrainOptions
 
 
 def measure(model, windows, reference: Reference) -> dict:

@@ -12,10 +12,10 @@ import time
 import _common  # noqa: F401  (sys.path + env)
 from _common import machine, markdown_table, write_result
 
-from core.data import evaluation_windows
-from core.engine import prune_with_scores, score_model
-from core.evaluate import evaluate
-from core.models import load_model
+from core.data.text import evaluation_windows
+from core.measure.evaluate import evaluate
+from core.methods.oneshot import prune_with_scores, score_model
+from core.models.loading import load_model
 
 
 def main() -> None:

@@ -107,11 +107,11 @@ def widths(repeats: int) -> list[dict]:
 
 
 def model_rows(args) -> list[dict]:
-    from core.data import evaluation_windows
-    from core.evaluate import Reference, evaluate
-    from core.models import load_model
-    from core.quantize import quantize_model
-    from core.speed import measure_speed
+    from core.data.text import evaluation_windows
+    from core.measure.evaluate import Reference, evaluate
+    from core.measure.speed import measure_speed
+    from core.models.loading import load_model
+    from core.quantize.backends import quantize_model
 
     loaded = load_model(args.model)
     windows = evaluation_windows(loaded.tokenizer, "wiki", args.windows, args.seq_len)

@@ -21,14 +21,15 @@ import time
 
 from _common import RESULTS, machine, markdown_table, write_json, write_text
 
-from core.allocate import AllocationOptions
-from core.compensate import CompensationOptions
-from core.data import CalibrationOptions
-from core.models import load_model
+from core.data.text import CalibrationOptions
+from core.methods.pipeline import ALL_ORDERS, MeasureOptions, PipelineOptions, ablation_plot, run_ablation
+from core.models.loading import load_model
 from core.paths import cache_dir
-from core.pipeline import ALL_ORDERS, FORMATS, MeasureOptions, PipelineOptions, ablation_plot, run_ablation
+from core.prune.allocate import AllocationOptions
+from core.prune.compensate import CompensationOptions
+from core.quantize.fake import FORMATS
 from core.runs import RunStore
-from core.train import DistillOptions, TrainOptions
+from core.train.loop import DistillOptions, TrainOptions
 
 
 def verdicts(rows: list[dict], ratio: float) -> list[str]:

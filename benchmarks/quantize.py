@@ -31,7 +31,7 @@ LEGACY = "torch-dynamic-int8"
 
 def load_scores(loaded, samples: int = 16, seq_len: int = 128):
     """Entropy scores of the embedded model, computed once and cached under the cache folder."""
-    from core.engine import ScoreResult, score_model
+    from core.methods.oneshot import ScoreResult, score_model
 
     path = cache_dir() / "bench" / f"scores_entropy_{loaded.spec}_{samples}x{seq_len}.safetensors"
     if path.exists():
@@ -44,7 +44,7 @@ def load_scores(loaded, samples: int = 16, seq_len: int = 128):
 
 def pruned_variant(loaded, scores, ratio: float, round_to: int = 1):
     """(model, meta) for a ratio; ratio 0 is the dense model itself (not copied)."""
-    from core.engine import prune_with_scores
+    from core.methods.oneshot import prune_with_scores
 
     if ratio == 0:
         return loaded.model, None
@@ -53,7 +53,7 @@ def pruned_variant(loaded, scores, ratio: float, round_to: int = 1):
 
 
 def variant(model, fmt: str):
-    from core.quantize import quantize_model
+    from core.quantize.backends import quantize_model
 
     return model if fmt == "fp32" else quantize_model(copy.deepcopy(model), fmt)
 
@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
-    from core.counts import count_params, weight_bytes
-    from core.data import evaluation_windows
-    from core.evaluate import evaluate
-    from core.models import load_model
-    from core.zeroshot import run_zeroshot
+    from core.data.text import evaluation_windows
+    from core.measure.evaluate import evaluate
+    from core.measure.zeroshot import run_zeroshot
+    from core.models.counts import count_params, weight_bytes
+    from core.models.loading import load_model
 
     started = time.time()
     loaded = load_model(args.model)

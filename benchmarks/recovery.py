@@ -28,14 +28,14 @@ import torch
 
 from _common import RESULTS, machine, markdown_table, write_json, write_text
 
-from core.data import evaluation_windows
-from core.engine import CompensationOptions, prune_with_scores, score_model
-from core.evaluate import evaluate
-from core.export import read_meta, save_pruned
-from core.models import load_model
+from core.data.text import evaluation_windows
+from core.export.hf import read_meta, save_pruned
+from core.measure.evaluate import evaluate
+from core.methods.oneshot import CompensationOptions, prune_with_scores, score_model
+from core.methods.recover import LoraOptions, RecoverOptions, recover
+from core.models.loading import load_model
 from core.paths import cache_dir
-from core.recover import LoraOptions, RecoverOptions, recover
-from core.train import DistillOptions, TrainOptions
+from core.train.loop import DistillOptions, TrainOptions
 
 TRAIN_KEYS = {"lr": float, "warmup_steps": int, "min_lr_ratio": float, "batch_size": int, "weight_decay": float,
               "eval_every": int}
@@ -81,7 +81,7 @@ def bare_step_seconds_per_token(student, teacher, windows: torch.Tensor, params_
     full-vocabulary KL, backward, AdamW; seconds per token over ``steps`` steps after one warm-up."""
     import torch.nn.functional as F
 
-    from core.recover import attach_lora, param_set
+    from core.methods.recover import attach_lora, param_set
 
     model = student
     wrapped = None

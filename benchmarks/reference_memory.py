@@ -21,13 +21,14 @@ import torch
 import _common  # noqa: F401  (sys.path + environment)
 from _common import machine
 
-from core.adapters import mlp_widths
-from core.allocate import top_k_indices, uniform_widths
-from core.data import evaluation_windows
-from core.evaluate import Reference, evaluate
-from core.models import load_model
-from core.prune import pruned_view
-from core.speed import release_memory
+from core.data.text import evaluation_windows
+from core.importance.stats import top_k_indices
+from core.measure.evaluate import Reference, evaluate
+from core.measure.speed import release_memory
+from core.models.adapters import mlp_widths
+from core.models.loading import load_model
+from core.models.slicing import pruned_view
+from core.prune.allocate import uniform_widths
 
 
 class PeakRSS:

@@ -59,7 +59,7 @@ def _cli(args: list[str], procs: int) -> tuple[dict, float]:
 
 
 def data_parallel_rows(samples: int, seq_len: int, batch: int) -> list[dict]:
-    from core.engine import ScoreResult
+    from core.methods.oneshot import ScoreResult
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,8 +82,8 @@ def data_parallel_rows(samples: int, seq_len: int, batch: int) -> list[dict]:
 
 def _kept_bytes(model, windows, checkpointing: bool) -> tuple[int, float]:
     """(bytes autograd keeps from the stack's forward, scoring seconds) for one entropy pass."""
-    from core import scoring
-    from core.criteria import ScoreOptions, get_criterion
+    from core.importance import taylor as scoring
+    from core.importance.criteria import ScoreOptions, get_criterion
 
     seen: dict[int, int] = {}
 
@@ -109,9 +109,9 @@ def _kept_bytes(model, windows, checkpointing: bool) -> tuple[int, float]:
 
 
 def checkpointing_rows(batch: int, seq_len: int) -> list[dict]:
-    from core.data import calibration_windows
-    from core.models import load_model
-    from core.placement import estimate_scoring_memory
+    from core.data.text import calibration_windows
+    from core.models.loading import load_model
+    from core.models.placement import estimate_scoring_memory
 
     loaded = load_model(MODEL)
     windows = calibration_windows(loaded.tokenizer, "wiki", batch, seq_len, 0, max_length=loaded.max_length)
@@ -129,10 +129,10 @@ def checkpointing_rows(batch: int, seq_len: int) -> list[dict]:
 def gguf_rows(ratio: float, windows_n: int, seq_len: int) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
-    from core.data import evaluation_windows
-    from core.engine import prune_with_scores, score_model
-    from core.gguf_export import GGUFOptions, save_gguf
-    from core.models import load_model
+    from core.data.text import evaluation_windows
+    from core.export.gguf import GGUFOptions, save_gguf
+    from core.methods.oneshot import prune_with_scores, score_model
+    from core.models.loading import load_model
 
     loaded = load_model(MODEL)
     scores = score_model(loaded, "entropy", samples=8, seq_len=128, progress=False)
@@ -208,7 +208,7 @@ def _peak(device: torch.device) -> float:
 def paper_style_scores(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """The seed code's way: MLP weights trainable (so backward reaches the MLPs), one autograd backward of
     the full-vocabulary entropy, |a·g| captured by hooks; the MLP weight gradients are computed and dropped."""
-    from core.adapters import mlp_handles
+    from core.models.adapters import mlp_handles
 
     handles = mlp_handles(model)
     saved, scores = {}, [torch.zeros(h.width, device=ids.device) for h in handles]
@@ -237,8 +237,8 @@ def paper_style_scores(model, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def gpu_scoring_rows(device: torch.device, tiny: bool, seq_len: int) -> list[dict]:
-    from core.criteria import ScoreOptions, get_criterion
-    from core.placement import estimate_scoring_memory, weight_bytes
+    from core.importance.criteria import ScoreOptions, get_criterion
+    from core.models.placement import estimate_scoring_memory, weight_bytes
 
     config = llama7b_config(tiny)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -271,8 +271,8 @@ def gpu_scoring_rows(device: torch.device, tiny: bool, seq_len: int) -> list[dic
 
 
 def gpu_prefill_rows(device: torch.device, tiny: bool, seq_len: int) -> list[dict]:
-    from core.counts import forward_flops_per_token
-    from core.prune import prune_mlp_neurons
+    from core.models.counts import forward_flops_per_token
+    from core.models.slicing import prune_mlp_neurons
 
     config = llama7b_config(tiny)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

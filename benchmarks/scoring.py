@@ -20,11 +20,11 @@ import _common  # noqa: F401
 from _common import machine, markdown_table, write_result
 
 from core import metrics
-from core.adapters import mlp_handles
-from core.criteria import REGISTRY, ScoreOptions, get_criterion
-from core.data import calibration_windows
-from core.models import load_model
-from core.scoring import batches, frozen
+from core.data.text import calibration_windows
+from core.importance.criteria import REGISTRY, ScoreOptions, get_criterion
+from core.models.adapters import mlp_handles
+from core.models.forward import batches, frozen
+from core.models.loading import load_model
 
 
 def timed(fn) -> float:

@@ -33,9 +33,9 @@ warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # bit
 def disk_bytes(model, tokenizer, fmt: str, meta: dict | None, source: str) -> int:
     """Save the variant the way the CLI does (pruned: safetensors; quantized: source weights +
     recipe) into a temp folder and measure its bytes."""
-    from core.counts import folder_bytes
-    from core.export import save_pruned
-    from core.quant_store import save_quantized
+    from core.export.hf import save_pruned
+    from core.models.counts import folder_bytes
+    from core.quantize.store import save_quantized
 
     tmp = Path(tempfile.mkdtemp(prefix="hfprune-speed-"))
     try:
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
-    from core.counts import mlp_widths_any
-    from core.models import load_model
-    from core.quantize import check_method
-    from core.speed import ideal_speedup, measure_speed, pick_device, release_memory
+    from core.measure.speed import ideal_speedup, measure_speed, pick_device, release_memory
+    from core.models.counts import mlp_widths_any
+    from core.models.loading import load_model
+    from core.quantize.backends import check_method
 
     started = time.time()
     device = pick_device(args.device)

@@ -18,10 +18,10 @@ import time
 
 from _common import machine, markdown_table, write_result
 
-import core.sweep  # noqa: F401  (imported up front: a later lazy import cannot fail mid-run)
-from core.data import evaluation_windows
-from core.models import load_model
-from core.stability import (
+import core.studies.sweep  # noqa: F401  (imported up front: a later lazy import cannot fail mid-run)
+from core.data.text import evaluation_windows
+from core.models.loading import load_model
+from core.studies.stability import (
     StabilityOptions,
     agreement,
     compare_over_draws,

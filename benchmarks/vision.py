@@ -50,8 +50,8 @@ def interleaved_speed(models: dict, batch, repeats: int) -> dict:
     each model's speed-up over 'dense' from the per-round ratios."""
     import torch
 
-    from core.encoders import encoder_forward
-    from core.speed import spread
+    from core.measure.speed import spread
+    from core.models.encoders import encoder_forward
 
     times = {name: [] for name in models}
     with torch.no_grad():
@@ -75,10 +75,9 @@ def main() -> int:
     args = parse()
     import torch
 
-    from core.encoders import load_encoder
-    from core.images import heldout_images, labelled_images, stratified_split
-    from core.train import TrainOptions
-    from core.vision import (
+    from core.data.images import heldout_images, labelled_images, stratified_split
+    from core.measure.encoders import feature_fidelity, labelled_scores, size_report
+    from core.methods.encoders import (
         EncoderOptions,
         augmented_pool,
         distill_encoder,
@@ -86,7 +85,8 @@ def main() -> int:
         prune_encoder,
         score_encoder,
     )
-    from core.vision_metrics import feature_fidelity, labelled_scores, size_report
+    from core.models.encoders import load_encoder
+    from core.train.loop import TrainOptions
 
     started = time.time()
     record = {"command": "python benchmarks/vision.py " + " ".join(sys.argv[1:]), "machine": machine(),

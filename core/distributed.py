@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import HFPruneError
+from core.errors import HFPruneError
 
 
 def launched() -> bool:

@@ -25,6 +25,10 @@ class SelectionError(HFPruneError):
     """A layer, neuron, criterion or draw count that does not fit the model or its scores."""
 
 
+class VisionConfigError(PruneConfigError):
+    """An option of the encoder path that cannot work."""
+
+
 class Stopped(HFPruneError):
     """A long job ended because its stop check said so (the user pressed Stop); nothing was stored.
 

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import HFPruneError
+from core.errors import HFPruneError
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 

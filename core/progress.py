@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from .errors import Stopped
+from core.errors import Stopped
 
 StopCheck = Callable[[], bool]
 

@@ -27,15 +27,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .errors import HFPruneError
-from .files import (
+from core.errors import HFPruneError
+from core.files import (
     atomic_folder,
     read_layer_tensors,
     write_json,
     write_layer_tensors,
     write_safetensors,
 )
-from .paths import runs_dir
+from core.paths import runs_dir
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from core.criteria import parameter_knobs
+from core.importance.criteria import parameter_knobs
 
 from .guard import ACTIVITY, session_id
 from .services import Services

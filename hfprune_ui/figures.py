@@ -8,7 +8,7 @@ from itertools import pairwise
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from core.counts import pareto_front
+from core.models.counts import pareto_front
 
 from .services import BASELINE
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.data import MAX_UPLOAD_BYTES
+from core.data.text import MAX_UPLOAD_BYTES
 
 from . import plot_tools, texts
 from .context import Ctx

@@ -18,28 +18,28 @@ from typing import TypeVar
 
 import torch
 
-from core import engine
-from core.adapters import mlp_widths
-from core.counts import mlp_widths_any
-from core.criteria import REGISTRY, resolve_params
-from core.data import evaluation_windows, store_text_file, window_capacity
-from core.ddp import TRAIN_DEFAULTS, DDPOptions, DDPPlan, ddp
+from core.data.text import evaluation_windows, store_text_file, window_capacity
 from core.errors import DataError, HFPruneError, PruneConfigError
-from core.evaluate import Reference, evaluate, evaluate_reference
-from core.export import save_pruned, zip_folder
-from core.models import LoadedModel
+from core.export.hf import save_pruned, zip_folder
+from core.importance.criteria import REGISTRY, resolve_params
+from core.measure.evaluate import Reference, evaluate, evaluate_reference
+from core.measure.speed import add_measured_speedups, ideal_speedup, measure_speed
+from core.measure.timing import adaptive_seconds, seconds_per_token
+from core.measure.zeroshot import check_tasks, run_zeroshot
+from core.methods import oneshot as engine
+from core.methods.gates import TRAIN_DEFAULTS, DDPOptions, DDPPlan, ddp
+from core.methods.recover import LoraOptions, RecoverOptions, apply_lora_state, param_set, recover
+from core.models.adapters import mlp_widths
+from core.models.counts import mlp_widths_any
+from core.models.loading import LoadedModel
+from core.models.slicing import pruned_view
 from core.paths import cache_dir
 from core.progress import check_stop
-from core.prune import pruned_view
-from core.quantize import check_method, quantize_model
-from core.recover import LoraOptions, RecoverOptions, apply_lora_state, param_set, recover
+from core.quantize.backends import check_method, quantize_model
 from core.runs import RunStore
-from core.speed import add_measured_speedups, ideal_speedup, measure_speed
-from core.stability import StabilityOptions, check_sweep_draws, draw_windows, score_draws, sweep_over_draws
-from core.sweep import fidelity_sweep
-from core.timing import adaptive_seconds, seconds_per_token
-from core.train import DistillOptions, TrainOptions
-from core.zeroshot import check_tasks, run_zeroshot
+from core.studies.stability import StabilityOptions, check_sweep_draws, draw_windows, score_draws, sweep_over_draws
+from core.studies.sweep import fidelity_sweep
+from core.train.loop import DistillOptions, TrainOptions
 
 from .state import DataSpec, ModelCache, ScoreCache, Session, SessionStore, Variant
 

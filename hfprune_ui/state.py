@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from core.data import CalibrationOptions
-from core.engine import ScoreResult
-from core.models import LoadedModel, load_model
+from core.data.text import CalibrationOptions
+from core.methods.oneshot import ScoreResult
+from core.models.loading import LoadedModel, load_model
 
 MAX_SESSIONS = 64
 MAX_VARIANTS_PER_SESSION = 4

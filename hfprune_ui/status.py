@@ -5,7 +5,7 @@ import math
 
 import gradio as gr
 
-from core.counts import count_params
+from core.models.counts import count_params
 
 from .guard import session_id
 from .state import MAX_VARIANTS_PER_SESSION, Session

@@ -97,7 +97,7 @@ def make_tiny(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def real():
     """The embedded default model (SmolLM2-135M), converted once into the cache and loaded once."""
-    from core.models import load_model
+    from core.models.loading import load_model
 
     return load_model("smollm2-135m")
 
@@ -110,7 +110,7 @@ def real_tokenizer(real):
 @pytest.fixture(scope="session")
 def tiny_loaded(real_tokenizer):
     """Factory: a LoadedModel around a tiny random model of ``arch`` with the real tokenizer."""
-    from core.models import LoadedModel
+    from core.models.loading import LoadedModel
 
     def build(arch: str = "llama", **kwargs) -> LoadedModel:
         return LoadedModel(model=make_tiny(arch, **kwargs), tokenizer=real_tokenizer, spec=f"tiny-{arch}", path="")

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from core import distributed
-from core.criteria import ScoreOptions, get_criterion
+from core.importance.criteria import ScoreOptions, get_criterion
 
 CASES = {  # name → (criterion, params)
     "entropy": ("entropy", {}),

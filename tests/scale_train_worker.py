@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from core import distributed
-from core.recover import param_set
-from core.train import DistillOptions, LogitDistillation, TrainOptions, train
+from core.methods.recover import param_set
+from core.train.loop import DistillOptions, LogitDistillation, TrainOptions, train
 
 VOCAB = 512
 DATA = torch.randint(0, VOCAB, (16, 16), generator=torch.Generator().manual_seed(3))

@@ -11,14 +11,14 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny, run_cli
 
-from core.adapters import mlp_handles
-from core.compensate import activation_grams, compensate_pruned, compensated_down
-from core.data import calibration_windows, evaluation_windows
-from core.engine import CompensationOptions, apply_compensation, prune_with_scores, score_model
+from core.data.text import calibration_windows, evaluation_windows
 from core.errors import PruneConfigError
-from core.evaluate import evaluate
-from core.export import save_pruned
-from core.prune import prune_mlp_neurons
+from core.export.hf import save_pruned
+from core.measure.evaluate import evaluate
+from core.methods.oneshot import CompensationOptions, apply_compensation, prune_with_scores, score_model
+from core.models.adapters import mlp_handles
+from core.models.slicing import prune_mlp_neurons
+from core.prune.compensate import activation_grams, compensate_pruned, compensated_down
 
 
 def down_inputs(model, windows) -> list[torch.Tensor]:

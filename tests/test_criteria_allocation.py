@@ -6,10 +6,10 @@ import torch
 
 from conftest import make_tiny, run_cli
 
-from core.adapters import mlp_widths
-from core.adaptive import adaptive_search
-from core.criteria import REGISTRY, ScoreOptions, describe, get_criterion
 from core.errors import HFPruneError, PruneConfigError
+from core.importance.criteria import REGISTRY, ScoreOptions, describe, get_criterion
+from core.models.adapters import mlp_widths
+from core.prune.adaptive import adaptive_search
 
 WINDOWS = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(3))
 

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 
-from core.criteria import parameter_knobs
+from core.importance.criteria import parameter_knobs
 
 pytestmark = pytest.mark.real
 

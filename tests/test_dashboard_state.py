@@ -11,8 +11,8 @@ import gradio as gr
 import pytest
 import torch
 
-from core.engine import ScoreResult
 from core.errors import PruneConfigError, Stopped
+from core.methods.oneshot import ScoreResult
 from hfprune_ui import guard
 from hfprune_ui.progress import JobProgress, duration, eta_text
 from hfprune_ui.state import MAX_VARIANTS_PER_SESSION, DataSpec, Session, Variant

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
 
-from core.criteria import parameter_knobs
+from core.importance.criteria import parameter_knobs
 
 DATA = ["wiki", None, 2, 32, 0]
 CRIT = [cls.ui(field)["value"] for _c, cls, field in parameter_knobs()]  # every criterion knob at its default

@@ -27,7 +27,7 @@ class _ToyObjective:
         return False
 
     def forward_backward(self, student, teacher, batch, state):
-        from core.train import LossReport
+        from core.train.loop import LossReport
 
         self.progress.append(state.progress)
         loss = (student.w - 3).pow(2).sum() + student.lam
@@ -39,7 +39,7 @@ class _ToyObjective:
 
 
 def test_train_loop_ascent_constant_lr_and_clip_exclusion(monkeypatch):
-    from core.train import ParamSet, TrainOptions, train
+    from core.train.loop import ParamSet, TrainOptions, train
 
     toy = _Toy()
     clipped: list[list[int]] = []
@@ -71,7 +71,7 @@ def test_train_loop_ascent_constant_lr_and_clip_exclusion(monkeypatch):
 
 
 def test_ste_relu_forward_is_relu_backward_is_identity():
-    from core.ddp import ste_relu
+    from core.methods.gates import ste_relu
 
     z = torch.tensor([-0.5, -0.05, 0.0, 0.3, 1.7], requires_grad=True)
     out = ste_relu(z)
@@ -81,8 +81,8 @@ def test_ste_relu_forward_is_relu_backward_is_identity():
 
 
 def test_clamp_after_each_step_lets_a_closed_gate_reopen(tiny_loaded):
-    from core.ddp import DDPOptions, Gates
-    from core.train import TrainOptions
+    from core.methods.gates import DDPOptions, Gates
+    from core.train.loop import TrainOptions
 
     gates = Gates(tiny_loaded("llama").model, DDPOptions(ratio=0.5, units="both"))
     params = gates.param_set(TrainOptions(steps=1, lr=0.1))
@@ -98,7 +98,7 @@ def test_clamp_after_each_step_lets_a_closed_gate_reopen(tiny_loaded):
 
 @pytest.mark.parametrize("progress, m", [(0.0, 0.5), (0.25, 0.3), (0.5, 0.5 - 0.4 * 0.5 ** 0.5), (1.0, 0.1)])
 def test_surrogate_schedule_matches_the_formula(progress, m):
-    from core.ddp import surrogate, surrogate_threshold
+    from core.methods.gates import surrogate, surrogate_threshold
 
     assert surrogate_threshold(progress) == pytest.approx(m)
     z = torch.tensor([-0.1, 0.0, m / 2, m, 1.5 * m, 2 * m, 1.0, 3.0])
@@ -110,7 +110,7 @@ def test_surrogate_schedule_matches_the_formula(progress, m):
 
 
 def test_expected_sparsity_is_global_over_layers(tiny_loaded):
-    from core.ddp import DDPOptions, Gates
+    from core.methods.gates import DDPOptions, Gates
 
     gates = Gates(tiny_loaded("llama").model, DDPOptions(ratio=0.25))
     unit = gates.types["mlp"]
@@ -122,7 +122,7 @@ def test_expected_sparsity_is_global_over_layers(tiny_loaded):
 
 
 def test_warm_values_map_normalised_rank_into_the_gate():
-    from core.ddp import warm_values
+    from core.methods.gates import warm_values
 
     scores = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 30.0, 20.0])]  # layer 1 ten times louder
     values = warm_values(scores, 0.5)
@@ -146,7 +146,7 @@ def _random_gates(gates, seed=1):
 @pytest.mark.parametrize("arch, granularity", [("llama", "kv"), ("qwen2", "query"), ("qwen3", "kv"),
                                                ("mistral", "query"), ("gemma3_text", "query"), ("llama", "query")])
 def test_hardened_gates_hit_the_exact_target_and_the_sliced_model_equals_them(tiny_loaded, arch, granularity):
-    from core.ddp import DDPOptions, Gates
+    from core.methods.gates import DDPOptions, Gates
 
     model = tiny_loaded(arch, layers=3).model
     gates = Gates(model, DDPOptions(ratio=0.3, units="both", head_ratio=0.3, head_granularity=granularity))
@@ -174,7 +174,7 @@ def test_hardened_gates_hit_the_exact_target_and_the_sliced_model_equals_them(ti
 
 
 def test_plan_round_trips_through_tensors(tiny_loaded):
-    from core.ddp import DDPOptions, DDPPlan, Gates
+    from core.methods.gates import DDPOptions, DDPPlan, Gates
 
     model = tiny_loaded("qwen3").model
     gates = Gates(model, DDPOptions(ratio=0.4, units="both"))
@@ -192,14 +192,14 @@ def test_plan_round_trips_through_tensors(tiny_loaded):
 
 
 def _ddp_options(**kw):
-    from core.ddp import DDPOptions
+    from core.methods.gates import DDPOptions
 
     base = {"ratio": 0.25, "seq_len": 32, "heldout_windows": 2, "heldout_seq_len": 32}
     return DDPOptions(**{**base, **kw})
 
 
 def _train(**kw):
-    from core.train import TrainOptions
+    from core.train.loop import TrainOptions
 
     base = {"steps": 2, "lr": 5e-2, "warmup_steps": 0, "batch_size": 2, "eval_every": 1}
     return TrainOptions(**{**base, **kw})
@@ -207,9 +207,9 @@ def _train(**kw):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
 def test_head_pruned_ddp_model_exports_and_reloads(tiny_loaded, tmp_path, arch):
-    from core.ddp import ddp, save_ddp
-    from core.export import read_meta
-    from core.models import load_model
+    from core.export.hf import read_meta
+    from core.methods.gates import ddp, save_ddp
+    from core.models.loading import load_model
 
     loaded = tiny_loaded(arch)
     result = ddp(loaded, _ddp_options(units="both", head_ratio=0.5, heldout_windows=0), _train(steps=1))
@@ -230,9 +230,9 @@ def test_head_pruned_ddp_model_exports_and_reloads(tiny_loaded, tmp_path, arch):
 
 def test_final_heldout_kl_is_the_exported_models_kl(tiny_loaded):
     """The loop's held-out number is measured on the hardened gates: it must equal the exported model's KL."""
-    from core.data import training_windows
-    from core.ddp import ddp
-    from core.train import LogitDistillation
+    from core.data.text import training_windows
+    from core.methods.gates import ddp
+    from core.train.loop import LogitDistillation
 
     loaded = tiny_loaded("qwen2")
     options = _ddp_options(units="both")
@@ -244,7 +244,7 @@ def test_final_heldout_kl_is_the_exported_models_kl(tiny_loaded):
 
 
 def test_training_pushes_toward_the_target(tiny_loaded):
-    from core.ddp import ddp
+    from core.methods.gates import ddp
 
     points = []
     result = ddp(tiny_loaded("llama"), _ddp_options(ratio=0.5),
@@ -261,8 +261,8 @@ def test_training_pushes_toward_the_target(tiny_loaded):
 
 
 def test_warm_start_uses_the_entropy_scores(tiny_loaded):
-    from core.ddp import ddp
-    from core.engine import score_model
+    from core.methods.gates import ddp
+    from core.methods.oneshot import score_model
 
     loaded = tiny_loaded("llama")
     scores = score_model(loaded, "entropy", samples=2, seq_len=32, progress=False).scores
@@ -271,7 +271,7 @@ def test_warm_start_uses_the_entropy_scores(tiny_loaded):
     # one tiny step leaves the warm-started order: the kept neurons are the global entropy top half
     assert result.meta["ddp"]["entropy_global_widths"] == result.entropy_widths
     assert abs(sum(result.entropy_widths) - sum(result.plan.widths())) <= 1
-    from core.allocate import normalize_scores
+    from core.prune.allocate import normalize_scores
 
     normed = torch.cat(normalize_scores(scores, "mean"))
     cut = normed.sort(descending=True).values[63]
@@ -280,8 +280,8 @@ def test_warm_start_uses_the_entropy_scores(tiny_loaded):
 
 
 def test_stop_leaves_the_model_unchanged(tiny_loaded):
-    from core.ddp import ddp
     from core.errors import Stopped
+    from core.methods.gates import ddp
 
     loaded = tiny_loaded("llama")
     state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
@@ -295,8 +295,8 @@ def test_stop_leaves_the_model_unchanged(tiny_loaded):
 
 
 def test_bad_inputs_are_one_sentence_errors(tiny_loaded):
-    from core.ddp import DDPOptions, ddp
     from core.errors import HFPruneError, PruneConfigError
+    from core.methods.gates import DDPOptions, ddp
 
     with pytest.raises(PruneConfigError, match="units"):
         DDPOptions(units="experts")
@@ -310,8 +310,8 @@ def test_bad_inputs_are_one_sentence_errors(tiny_loaded):
 
 
 def test_head_pruned_model_refuses_other_export_modes(tiny_loaded, tmp_path):
-    from core.ddp import DDPOptions, Gates, save_ddp
     from core.errors import PruneConfigError
+    from core.methods.gates import DDPOptions, Gates, save_ddp
 
     loaded = tiny_loaded("llama")
     gates = Gates(loaded.model, DDPOptions(units="heads", ratio=0.5))
@@ -329,7 +329,7 @@ def test_head_pruned_model_refuses_other_export_modes(tiny_loaded, tmp_path):
 
 
 def test_default_export_mode_for_head_pruned_variants():
-    from core.export import default_export_mode
+    from core.export.hf import default_export_mode
 
     assert default_export_mode([32, 32])[0] == "hf-native"
     mode, why = default_export_mode([32, 32], heads_pruned=True)
@@ -339,7 +339,7 @@ def test_default_export_mode_for_head_pruned_variants():
 def test_cli_ddp_writes_a_folder_and_bad_input_writes_nothing(tmp_path, real_tokenizer):
     from conftest import make_tiny, run_cli
 
-    from core.export import read_meta
+    from core.export.hf import read_meta
 
     dense = tmp_path / "dense"
     make_tiny("llama").save_pretrained(str(dense))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import PruneConfigError
-from core.export import EXPORT_MODES, default_export_mode, save_pruned
+from core.export.hf import EXPORT_MODES, default_export_mode, save_pruned
 
 
 def test_uniform_widths_default_to_native():
@@ -22,8 +22,8 @@ def test_different_widths_default_to_remote_code_and_say_why():
 
 def test_the_default_is_a_format_that_saves(tmp_path, tiny_loaded):
     """A non-uniform variant: hf-native refuses it, the default saves it."""
-    from core.adapters import mlp_widths
-    from core.prune import prune_mlp_neurons
+    from core.models.adapters import mlp_widths
+    from core.models.slicing import prune_mlp_neurons
 
     loaded = tiny_loaded("llama")
     import torch

@@ -7,11 +7,11 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ARCHS
 
-from core.adapters import mlp_widths
-from core.engine import AllocationOptions, ScoreResult, prune_with_scores
 from core.errors import PruneConfigError
-from core.export import save_pruned
-from core.models import load_model
+from core.export.hf import save_pruned
+from core.methods.oneshot import AllocationOptions, ScoreResult, prune_with_scores
+from core.models.adapters import mlp_widths
+from core.models.loading import load_model
 
 IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.engine import ScoreResult
 from core.files import (
     atomic_file,
     atomic_folder,
@@ -17,6 +16,7 @@ from core.files import (
     write_layer_tensors,
     write_text,
 )
+from core.methods.oneshot import ScoreResult
 from core.runs import RunStore
 
 

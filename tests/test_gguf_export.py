@@ -11,8 +11,9 @@ import torch
 from conftest import make_tiny, run_cli
 
 from core.errors import PruneConfigError
-from core.gguf_export import GGUFOptions, load_gguf_model, permute_qk, read_gguf_widths, save_gguf, unpermute_qk
-from core.prune import prune_mlp_neurons
+from core.export.gguf import GGUFOptions, permute_qk, save_gguf
+from core.models.gguf_read import load_gguf_model, read_gguf_widths, unpermute_qk
+from core.models.slicing import prune_mlp_neurons
 
 # max |Δlogit| / max |logit| allowed per tensor type (F16: 11-bit mantissa; Q8_0: 8-bit blocks of 32)
 TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "q8_0": 1e-1}
@@ -92,7 +93,7 @@ def test_uniform_gguf_reloads_through_transformers(uniform, tokenizer, tmp_path,
 def test_tokenizer_and_metadata_survive(uniform, tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    from core.gguf_export import read_metadata
+    from core.models.gguf_read import read_metadata
 
     path = save_gguf(uniform, tokenizer, tmp_path / "m.gguf", GGUFOptions(type="f32", pre="smollm"))
     meta = read_metadata(path)
@@ -106,7 +107,7 @@ def test_tokenizer_and_metadata_survive(uniform, tokenizer, tmp_path):
 
 
 def test_source_gguf_pre_tokenizer_is_copied():
-    from core.gguf_export import source_pre_tokenizer
+    from core.export.gguf import source_pre_tokenizer
 
     assert source_pre_tokenizer("smollm2-135m") == "smollm"  # read from the embedded package's GGUF header
     assert source_pre_tokenizer("some/hub-id") is None
@@ -119,7 +120,7 @@ def test_per_layer_widths_write_a_deci_array_or_pad(tokenizer, tmp_path):
     deci = save_gguf(pruned, tokenizer, tmp_path / "deci.gguf", GGUFOptions(type="f32"))
     assert read_gguf_widths(deci) == ("deci", [32, 48])
     torch.testing.assert_close(logits(load_gguf_model(deci)), ref, rtol=1e-4, atol=1e-5)
-    from core.models import load_model
+    from core.models.loading import load_model
 
     engine = load_model(str(deci))  # the engine's GGUF path reads the per-layer file too
     assert [layer.mlp.down_proj.in_features for layer in engine.model.model.layers] == [32, 48]
@@ -143,7 +144,7 @@ def test_qwen2_keeps_hf_order_and_refuses_per_layer_widths(tokenizer, tmp_path):
 
 
 def test_cli_prune_export_gguf(tmp_path, real_tokenizer):
-    from core.gguf_export import read_metadata
+    from core.models.gguf_read import read_metadata
 
     folder = tmp_path / "tiny"
     make_tiny("llama", intermediate_size=64).save_pretrained(folder)

@@ -11,11 +11,11 @@ import torch
 from conftest import make_tiny
 from conftest import run_cli as cli
 
-from core.adapters import mlp_handles
 from core.errors import HFPruneError, SelectionError
-from core.neuron import InspectOptions, ablate_neuron, inspect_neuron, neuron_at_rank
-from core.prune import prune_mlp_neurons
-from core.stability import StabilityOptions, agreement, compare_over_draws, score_draws
+from core.models.adapters import mlp_handles
+from core.models.slicing import prune_mlp_neurons
+from core.studies.neuron import InspectOptions, ablate_neuron, inspect_neuron, neuron_at_rank
+from core.studies.stability import StabilityOptions, agreement, compare_over_draws, score_draws
 
 
 def windows(n: int = 3, t: int = 24, seed: int = 0) -> torch.Tensor:
@@ -146,7 +146,7 @@ def test_compare_over_draws_spread():
 
 
 def test_disjoint_draws(real_tokenizer):
-    from core.data import calibration_windows, disjoint_calibration_windows
+    from core.data.text import calibration_windows, disjoint_calibration_windows
     from core.errors import DataError
 
     draws = disjoint_calibration_windows(real_tokenizer, "wiki", draws=3, samples=4, seq_len=32, seed=2)
@@ -166,7 +166,7 @@ def folder(tmp_path_factory, real_tokenizer):
 
 
 def test_neuron_and_stability_cli(folder, tmp_path):
-    from core.engine import ScoreResult
+    from core.methods.oneshot import ScoreResult
 
     scores = ScoreResult([torch.arange(32.0), torch.arange(32.0).flip(0)], {"criterion": "made_up"}, 0.0)
     path = scores.save(tmp_path / "s.safetensors")
@@ -192,7 +192,7 @@ def test_cli_bad_input_is_one_sentence(folder, tmp_path):
 
 
 def test_kl_error_bars_over_draws(tiny_loaded):
-    from core.stability import fidelity_over_draws
+    from core.studies.stability import fidelity_over_draws
 
     loaded = tiny_loaded("llama")
     scores = score_draws(loaded, ["wanda", "magnitude"], [windows(2, 16, seed=1), windows(2, 16, seed=2)])

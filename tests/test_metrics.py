@@ -7,9 +7,9 @@ import torch
 from conftest import make_tiny
 
 from core import metrics
-from core.allocate import top_k_indices
-from core.evaluate import Reference, evaluate, evaluate_reference
-from core.prune import pruned_view
+from core.importance.stats import top_k_indices
+from core.measure.evaluate import Reference, evaluate, evaluate_reference
+from core.models.slicing import pruned_view
 
 
 def test_kl_entropy_and_overlap_match_their_definitions():

@@ -7,9 +7,9 @@ import torch
 
 from conftest import make_tiny
 
-from core import data
+from core.data import text as data
 from core.errors import DataError, ModelLoadError, UnsupportedArchitectureError
-from core.models import load_model
+from core.models.loading import load_model
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ class _BosTokenizer:
 
 
 def test_windows_start_with_bos_when_the_tokenizer_adds_one(real_tokenizer):
-    from core.adaptive import heldout_windows
+    from core.prune.adaptive import heldout_windows
 
     assert data.bos_token(real_tokenizer) is None  # SmolLM2 adds no BOS: its windows are plain text
     plain = data.calibration_windows(real_tokenizer, "wiki", 4, 32, seed=0)
@@ -175,7 +175,7 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(real_tokenizer):
 
 
 def test_store_text_file_validates_and_names_by_content(tmp_path):
-    from core.data import store_text_file
+    from core.data.text import store_text_file
     from core.errors import DataError
 
     src = tmp_path / "notes.TXT"
@@ -199,7 +199,7 @@ def test_store_text_file_validates_and_names_by_content(tmp_path):
 
 
 def test_zip_folder_keeps_one_top_folder(tmp_path):
-    from core.export import zip_folder
+    from core.export.hf import zip_folder
 
     folder = tmp_path / "my-variant"
     (folder / "sub").mkdir(parents=True)

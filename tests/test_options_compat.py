@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.allocate import AllocationOptions
-from core.compensate import CompensationOptions
-from core.data import CalibrationOptions
-from core.engine import ScoreResult, apply_compensation
+from core.data.text import CalibrationOptions
 from core.errors import DataError, PruneConfigError
-from core.prune import pruned_view
+from core.methods.oneshot import ScoreResult, apply_compensation
+from core.models.slicing import pruned_view
+from core.prune.allocate import AllocationOptions
+from core.prune.compensate import CompensationOptions
 from core.runs import RunStore
 
 # What the first release wrote (core/pipeline.py and core/runs.py of 2026-11-27): no batch_size in an

@@ -18,7 +18,7 @@ def tokenizer():
     """Only the embedded model's tokenizer (the tiny models share its vocabulary); no real weights load."""
     from transformers import AutoTokenizer
 
-    from core.models import ensure_embedded
+    from core.models.loading import ensure_embedded
 
     return AutoTokenizer.from_pretrained(str(ensure_embedded("smollm2-135m")))
 
@@ -26,7 +26,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def dense(tokenizer):
     """The dense tiny model (the pipeline never changes it: a test checks)."""
-    from core.models import LoadedModel
+    from core.models.loading import LoadedModel
 
     return LoadedModel(make_tiny("llama"), tokenizer, "tiny-llama", "")
 
@@ -34,15 +34,15 @@ def dense(tokenizer):
 @pytest.fixture(scope="module")
 def shared():
     """Scores per student state, shared by the order tests (the same dense model, the same data)."""
-    from core.pipeline import Shared
+    from core.methods.pipeline import Shared
 
     return Shared()
 
 
 def _groups(**train):
-    from core.data import CalibrationOptions
-    from core.pipeline import MeasureOptions
-    from core.train import TrainOptions
+    from core.data.text import CalibrationOptions
+    from core.methods.pipeline import MeasureOptions
+    from core.train.loop import TrainOptions
 
     return {"calibration": CalibrationOptions(samples=4, seq_len=32, batch_size=2),
             "train_options": TrainOptions(**{"steps": 2, "lr": 1e-3, "warmup_steps": 0, "batch_size": 2,
@@ -60,7 +60,7 @@ def _logits(model, ids=IDS):
 
 
 def test_order_parsing_and_the_six_orders():
-    from core.pipeline import ALL_ORDERS, PipelineError, describe_order, parse_order
+    from core.methods.pipeline import ALL_ORDERS, PipelineError, describe_order, parse_order
 
     assert sorted(ALL_ORDERS) == sorted({"pqd", "pdq", "qpd", "qdp", "dpq", "dqp"}) and len(ALL_ORDERS) == 6
     for text in ("pqd", "PQD", "P→Q→D", "p -> q -> d", "prune,quantize,distill", "prune quantise distil"):
@@ -74,9 +74,9 @@ def test_order_parsing_and_the_six_orders():
 
 @pytest.mark.parametrize("order", ["pqd", "pdq", "qpd", "qdp", "dpq", "dqp"])
 def test_every_order_composes_and_each_stage_means_what_the_docs_say(dense, shared, order):
-    from core.adapters import mlp_widths
-    from core.pipeline import PipelineOptions, run_pipeline
-    from core.quantize import quantization_of
+    from core.methods.pipeline import PipelineOptions, run_pipeline
+    from core.models.adapters import mlp_widths
+    from core.quantize.backends import quantization_of
 
     result = run_pipeline(dense, PipelineOptions(order=order, ratio=0.25, round_to=8, heldout_windows=2),
                           measure_result=False, shared=shared, **_groups())
@@ -98,8 +98,8 @@ def test_every_order_composes_and_each_stage_means_what_the_docs_say(dense, shar
 
 
 def test_subset_orders_are_baselines(dense):
-    from core.pipeline import PipelineOptions, run_pipeline
-    from core.quantize import quantization_of
+    from core.methods.pipeline import PipelineOptions, run_pipeline
+    from core.quantize.backends import quantization_of
 
     pruned = run_pipeline(dense, PipelineOptions(order="p", ratio=0.5, round_to=1), measure_result=False, **_groups())
     assert quantization_of(pruned.model) is None and pruned.record["format"] == "fp32"
@@ -115,7 +115,7 @@ def test_fake_quantised_linear_equals_the_format_maths_and_the_fbgemm_kernel():
     per-channel symmetric absmax/127.5 in [-128, 127]; the real fbgemm layer gives the same output."""
     from torchao.quantization.qat import FakeQuantizedLinear
 
-    from core.pipeline import FORMATS, convert, fake_quantize, fbgemm_qparams
+    from core.quantize.fake import FORMATS, convert, fake_quantize, fbgemm_qparams
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 48))
@@ -140,7 +140,7 @@ def test_fake_quantised_linear_equals_the_format_maths_and_the_fbgemm_kernel():
 
 
 def test_straight_through_gradients_reach_weights_and_inputs():
-    from core.pipeline import FORMATS, fake_quantize
+    from core.quantize.fake import FORMATS, fake_quantize
 
     for name in ("int8-dynamic", "int8-weight"):
         model = fake_quantize(torch.nn.Sequential(torch.nn.Linear(16, 8)), FORMATS[name])
@@ -152,7 +152,7 @@ def test_straight_through_gradients_reach_weights_and_inputs():
 
 @pytest.mark.parametrize("fmt", ["int8-dynamic", "int8-weight"])
 def test_qat_model_forward_equals_the_converted_int8_model(dense, fmt):
-    from core.pipeline import FORMATS, convert, fake_format, fake_quantize, unfake
+    from core.quantize.fake import FORMATS, convert, fake_format, fake_quantize, unfake
 
     fq = fake_quantize(copy.deepcopy(dense.model), FORMATS[fmt])
     assert fake_format(fq) == fmt
@@ -169,9 +169,9 @@ def test_qat_model_forward_equals_the_converted_int8_model(dense, fmt):
 
 
 def test_export_reloads_quantized_with_the_recipe_and_the_record(dense, tmp_path):
-    from core.pipeline import RESULT_FILE, PipelineOptions, run_pipeline
-    from core.quant_store import load_any, read_recipe
-    from core.quantize import quantization_of
+    from core.methods.pipeline import RESULT_FILE, PipelineOptions, run_pipeline
+    from core.quantize.backends import quantization_of
+    from core.quantize.store import load_any, read_recipe
 
     out = tmp_path / "pqd"
     result = run_pipeline(dense, PipelineOptions(order="pqd", ratio=0.25, round_to=8, heldout_windows=2), out=out,
@@ -193,9 +193,9 @@ def test_export_reloads_quantized_with_the_recipe_and_the_record(dense, tmp_path
 
 
 def test_non_uniform_widths_export_with_remote_code_and_reload(dense, tmp_path):
-    from core.adapters import mlp_widths
-    from core.pipeline import PipelineOptions, run_pipeline
-    from core.quant_store import load_any
+    from core.methods.pipeline import PipelineOptions, run_pipeline
+    from core.models.adapters import mlp_widths
+    from core.quantize.store import load_any
 
     out = tmp_path / "qp"
     result = run_pipeline(dense, PipelineOptions(order="qp", ratio=0.4, allocation="global", round_to=1,
@@ -212,9 +212,9 @@ def test_non_uniform_widths_export_with_remote_code_and_reload(dense, tmp_path):
 def test_int8_storage_is_exact_and_keeps_no_float_copy_of_the_quantized_layers(tokenizer, tmp_path, method):
     from safetensors.torch import load_file
 
-    from core.counts import folder_bytes
-    from core.quant_store import load_any, save_quantized
-    from core.quantize import quantize_model
+    from core.models.counts import folder_bytes
+    from core.quantize.backends import quantize_model
+    from core.quantize.store import load_any, save_quantized
 
     model = make_tiny("llama", intermediate_size=256)
     small = save_quantized(model, tokenizer, method, tmp_path / "int8", storage="int8")
@@ -230,7 +230,7 @@ def test_int8_storage_is_exact_and_keeps_no_float_copy_of_the_quantized_layers(t
 
 
 def test_ablation_stores_rows_as_runs_and_resumes(dense, tmp_path):
-    from core.pipeline import ablation_plot, run_ablation
+    from core.methods.pipeline import ablation_plot, run_ablation
     from core.runs import RunStore
 
     store = RunStore(tmp_path / "runs")
@@ -253,7 +253,7 @@ def test_ablation_stores_rows_as_runs_and_resumes(dense, tmp_path):
 
 
 def test_bad_input_is_one_sentence_before_any_work(dense, tmp_path):
-    from core.pipeline import MeasureOptions, PipelineError, PipelineOptions, run_pipeline
+    from core.methods.pipeline import MeasureOptions, PipelineError, PipelineOptions, run_pipeline
 
     for fields, match in (({"order": "pqx"}, "Unknown order"), ({"quant": "int3"}, "Unknown format"),
                           ({"ratio": 1.0}, "ratio")):
@@ -294,7 +294,7 @@ def test_cli_exit_status_in_a_fresh_process(tmp_path):
 
 
 def _services(tmp_path, monkeypatch, tokenizer):
-    from core.models import LoadedModel
+    from core.models.loading import LoadedModel
     from hfprune_ui.services import Services
     from hfprune_ui.tabs import pipeline as tab
 
@@ -341,7 +341,7 @@ def test_dashboard_ablation_stop_stores_nothing_half_done(tmp_path, monkeypatch,
 
 def test_cli_quantize_storage_int8(tokenizer, tmp_path, capsys):
     from core.cli import main
-    from core.quant_store import load_any, read_recipe
+    from core.quantize.store import load_any, read_recipe
 
     folder = tmp_path / "tiny"
     make_tiny("llama").save_pretrained(str(folder))

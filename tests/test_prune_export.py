@@ -6,12 +6,13 @@ import torch
 
 from conftest import ARCHS, make_tiny
 
-from core.adapters import mlp_handles, mlp_widths
-from core.allocate import top_k_indices, uniform_widths
-from core.engine import ScoreResult, prune_with_scores
 from core.errors import PruneConfigError
-from core.export import save_pruned
-from core.prune import prune_mlp_neurons
+from core.export.hf import save_pruned
+from core.importance.stats import top_k_indices
+from core.methods.oneshot import ScoreResult, prune_with_scores
+from core.models.adapters import mlp_handles, mlp_widths
+from core.models.slicing import prune_mlp_neurons
+from core.prune.allocate import uniform_widths
 
 
 def masked_logits(model, kept, ids):

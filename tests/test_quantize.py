@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from conftest import make_tiny
 
-from core.counts import count_params, param_counts, weight_bytes
 from core.errors import HFPruneError, ModelLoadError
-from core.quant_store import RECIPE_FILE, load_any, read_recipe, save_quantized
-from core.quantize import METHODS, QuantizationError, check_method, quantization_of, quantize_model
+from core.models.counts import count_params, param_counts, weight_bytes
+from core.quantize.backends import METHODS, QuantizationError, check_method, quantization_of, quantize_model
+from core.quantize.store import RECIPE_FILE, load_any, read_recipe, save_quantized
 
 IDS = torch.tensor([[1, 530, 2048, 77, 9000, 12, 5, 4000, 300, 41, 18, 1999, 7, 64, 128, 256]])
 
@@ -30,7 +30,7 @@ def tiny_folder(tmp_path_factory):
     """A saved tiny Llama with the real SmolLM2 tokenizer (only the tokenizer is read from the cache)."""
     from transformers import AutoTokenizer
 
-    from core.models import ensure_embedded
+    from core.models.loading import ensure_embedded
 
     folder = tmp_path_factory.mktemp("tinyq") / "tiny"
     model = make_tiny("llama")
@@ -70,7 +70,7 @@ def test_quantize_handles_pruned_widths_not_multiple_of_block():
 def test_nf4_on_cuda_refuses_widths_its_kernels_cannot_run():
     """Checked without a GPU: the shape rule runs before any conversion (a 1229-wide layer crashed the
     NF4 CUDA kernel on an H100; 1216 and 1232 ran)."""
-    from core.quantize import check_bnb_shapes
+    from core.quantize.backends import check_bnb_shapes
 
     odd = make_tiny("llama", intermediate_size=50)
     with pytest.raises(QuantizationError, match=r"multiples of 16.*mlp.gate_proj is 32 → 50.*--round-to 64"):
@@ -190,7 +190,7 @@ def test_quantizing_twice_and_corrupt_recipe_are_clear_errors(tiny_folder, tmp_p
 def test_model_too_large_for_memory_is_refused(tiny_folder, monkeypatch):
     import psutil
 
-    from core import quant_store as quantize
+    from core.quantize import store as quantize
 
     class Tiny:
         available = 1024

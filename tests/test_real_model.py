@@ -4,11 +4,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from core.adapters import mlp_widths
-from core.data import evaluation_windows
-from core.engine import prune_with_scores, score_model
-from core.evaluate import evaluate
-from core.export import save_pruned
+from core.data.text import evaluation_windows
+from core.export.hf import save_pruned
+from core.measure.evaluate import evaluate
+from core.methods.oneshot import prune_with_scores, score_model
+from core.models.adapters import mlp_widths
 
 pytestmark = pytest.mark.real
 
@@ -57,7 +57,7 @@ def test_real_pruned_checkpoint_reloads_exactly(real, scored, tmp_path):
 
 
 def test_qwen2_view_of_real_weights_has_identical_logits(real):
-    from core.models import load_model
+    from core.models.loading import load_model
 
     qwen = load_model("smollm2-135m-qwen2")
     assert qwen.model.config.model_type == "qwen2"
@@ -68,7 +68,7 @@ def test_qwen2_view_of_real_weights_has_identical_logits(real):
 
 
 def test_gguf_file_path_loads_same_weights(real):
-    from core.models import EMBEDDED, load_model
+    from core.models.loading import EMBEDDED, load_model
 
     gguf = EMBEDDED["smollm2-135m"].locate()
     direct = load_model(str(gguf))

@@ -11,7 +11,7 @@ from conftest import make_tiny, run_cli, tiny_config
 
 
 def _pruned(teacher, widths=(32, 32)):
-    from core.prune import prune_mlp_neurons
+    from core.models.slicing import prune_mlp_neurons
 
     gen = torch.Generator().manual_seed(1)
     kept = [torch.randperm(64, generator=gen)[:w].sort().values for w in widths]
@@ -21,7 +21,7 @@ def _pruned(teacher, widths=(32, 32)):
 @pytest.fixture()
 def pair(real_tokenizer):
     """(student, teacher) LoadedModels: a tiny Llama and a 50 % pruned copy of it."""
-    from core.models import LoadedModel
+    from core.models.loading import LoadedModel
 
     teacher = make_tiny("llama", seed=0)
     return (LoadedModel(_pruned(teacher), real_tokenizer, "tiny-pruned", ""),
@@ -29,14 +29,14 @@ def pair(real_tokenizer):
 
 
 def _fast(**kw):
-    from core.train import TrainOptions
+    from core.train.loop import TrainOptions
 
     base = {"steps": 2, "lr": 1e-3, "warmup_steps": 0, "batch_size": 2, "eval_every": 1}
     return TrainOptions(**{**base, **kw})
 
 
 def _recover_options(**kw):
-    from core.recover import RecoverOptions
+    from core.methods.recover import RecoverOptions
 
     base = {"params": "mlp", "seq_len": 32, "heldout_windows": 2, "heldout_seq_len": 32}
     return RecoverOptions(**{**base, **kw})
@@ -48,7 +48,7 @@ def _logits(model, ids):
 
 
 def test_distill_loss_matches_autograd_reference():
-    from core.train import distill_loss
+    from core.train.loop import distill_loss
 
     torch.manual_seed(0)
     z = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
@@ -67,8 +67,8 @@ def test_distill_loss_matches_autograd_reference():
 
 
 def test_one_kd_step_lowers_kl_on_its_batch(pair):
-    from core.recover import param_set
-    from core.train import LogitDistillation, train
+    from core.methods.recover import param_set
+    from core.train.loop import LogitDistillation, train
 
     student, teacher = pair
     batch = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(3))
@@ -82,7 +82,7 @@ def test_one_kd_step_lowers_kl_on_its_batch(pair):
 
 
 def test_mlp_set_trains_only_mlps_and_teacher_is_untouched(pair):
-    from core.recover import recover
+    from core.methods.recover import recover
 
     student, teacher = pair
     attn_before = student.model.model.layers[0].self_attn.q_proj.weight.clone()
@@ -99,7 +99,7 @@ def test_mlp_set_trains_only_mlps_and_teacher_is_untouched(pair):
 
 
 def test_lora_merge_leaves_logits_unchanged(pair):
-    from core.recover import LoraOptions, attach_lora
+    from core.methods.recover import LoraOptions, attach_lora
 
     student, _teacher = pair
     wrapped, params = attach_lora(student.model, LoraOptions(rank=4, alpha=8))
@@ -116,9 +116,9 @@ def test_lora_merge_leaves_logits_unchanged(pair):
 
 @pytest.mark.parametrize("params", ["lora", "full"])
 def test_recovered_non_uniform_model_exports_and_reloads_identically(pair, tmp_path, real_tokenizer, params):
-    from core.export import read_meta
-    from core.models import LoadedModel, load_model
-    from core.recover import recover, save_recovered
+    from core.export.hf import read_meta
+    from core.methods.recover import recover, save_recovered
+    from core.models.loading import LoadedModel, load_model
 
     _student, teacher = pair
     student = LoadedModel(_pruned(teacher.model, (40, 24)), real_tokenizer, "tiny-nonuniform", "")
@@ -135,8 +135,8 @@ def test_recovered_non_uniform_model_exports_and_reloads_identically(pair, tmp_p
 
 
 def test_uniform_recovered_model_exports_hf_native(pair, tmp_path):
-    from core.models import load_model
-    from core.recover import recover, save_recovered
+    from core.methods.recover import recover, save_recovered
+    from core.models.loading import load_model
 
     student, teacher = pair
     result = recover(student, teacher, _recover_options(params="lora"), _fast(steps=1))
@@ -147,7 +147,7 @@ def test_uniform_recovered_model_exports_hf_native(pair, tmp_path):
 
 
 def test_minutes_budget_stops_within_one_step(pair):
-    from core.recover import recover
+    from core.methods.recover import recover
 
     student, teacher = pair
     result = recover(student, teacher, _recover_options(heldout_windows=0), _fast(steps=0, minutes=0.02,
@@ -158,7 +158,7 @@ def test_minutes_budget_stops_within_one_step(pair):
 
 
 def test_token_budget_and_best_checkpoint(pair):
-    from core.recover import recover
+    from core.methods.recover import recover
 
     student, teacher = pair
     result = recover(student, teacher, _recover_options(), _fast(steps=0, tokens=150, eval_every=1))
@@ -169,8 +169,8 @@ def test_token_budget_and_best_checkpoint(pair):
 
 @pytest.mark.parametrize("params", ["mlp", "lora"])
 def test_stop_leaves_the_student_as_before(pair, params):
-    from core.recover import recover
-    from core.train import Stopped
+    from core.methods.recover import recover
+    from core.train.loop import Stopped
 
     student, teacher = pair
     ids = torch.randint(0, 1000, (1, 16))
@@ -191,8 +191,8 @@ def test_stop_leaves_the_student_as_before(pair, params):
 
 
 def test_same_seed_gives_the_same_model(real_tokenizer):
-    from core.models import LoadedModel
-    from core.recover import recover
+    from core.methods.recover import recover
+    from core.models.loading import LoadedModel
 
     teacher = LoadedModel(make_tiny("llama", seed=0), real_tokenizer, "t", "")
     runs = []
@@ -210,9 +210,9 @@ def test_bad_inputs_are_one_sentence_errors(pair, real_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from core.errors import DataError, HFPruneError
-    from core.models import LoadedModel
-    from core.recover import LoraOptions, recover
-    from core.train import TrainConfigError, TrainOptions
+    from core.methods.recover import LoraOptions, recover
+    from core.models.loading import LoadedModel
+    from core.train.loop import TrainConfigError, TrainOptions
 
     student, teacher = pair
     with pytest.raises(TrainConfigError, match="budget"):
@@ -243,9 +243,9 @@ def test_bad_inputs_are_one_sentence_errors(pair, real_tokenizer, tmp_path):
 
 def test_really_quantized_student_is_refused(pair):
     pytest.importorskip("torchao")
-    from core.quantize import quantize_model
-    from core.recover import recover
-    from core.train import TrainConfigError
+    from core.methods.recover import recover
+    from core.quantize.backends import quantize_model
+    from core.train.loop import TrainConfigError
 
     student, teacher = pair
     quantize_model(student.model, "torchao-int8")
@@ -254,7 +254,7 @@ def test_really_quantized_student_is_refused(pair):
 
 
 def test_cli_recover_writes_a_folder_and_bad_input_writes_nothing(tmp_path, real_tokenizer):
-    from core.export import read_meta, save_pruned
+    from core.export.hf import read_meta, save_pruned
 
     teacher = make_tiny("llama", seed=0)
     dense = tmp_path / "dense"
@@ -336,11 +336,11 @@ def test_dashboard_stop_ends_the_worker_and_stores_nothing(dashboard):
 
 
 def test_param_ratio_converts_to_a_neuron_ratio_on_a_tiny_model():
-    from core.allocate import neuron_ratio_for_param_ratio as convert
-    from core.allocate import removed_shares, uniform_widths
-    from core.counts import count_params
     from core.errors import PruneConfigError
-    from core.prune import prune_mlp_neurons
+    from core.models.counts import count_params
+    from core.models.slicing import prune_mlp_neurons
+    from core.prune.allocate import neuron_ratio_for_param_ratio as convert
+    from core.prune.allocate import removed_shares, uniform_widths
 
     model = make_tiny("llama", intermediate_size=256)
     params = count_params(model)["params"]
@@ -360,7 +360,7 @@ def test_param_ratio_converts_to_a_neuron_ratio_on_a_tiny_model():
 
 
 def test_cli_prune_accepts_a_share_of_all_parameters(tmp_path, real_tokenizer):
-    from core.export import read_meta
+    from core.export.hf import read_meta
 
     folder = tmp_path / "tiny"
     make_tiny("llama", intermediate_size=256).save_pretrained(folder)

@@ -10,8 +10,8 @@ import torch
 from conftest import run_cli as cli
 
 from core.errors import HFPruneError
-from core.report import build_report, write_report
 from core.runs import RunStore
+from core.studies.report import build_report, write_report
 
 
 def outside_bundle(html: str) -> str:

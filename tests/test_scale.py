@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, make_tiny
 
-from core.criteria import ScoreOptions, get_criterion
+from core.importance.criteria import ScoreOptions, get_criterion
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,7 +96,7 @@ def test_gradient_checkpointing_keeps_the_scores(arch):
 
 def _saved_stack_bytes(model, windows, checkpointing: bool) -> int:
     """Bytes autograd keeps from the decoder stack's forward for the scorer's backward (unique storages)."""
-    from core import scoring
+    from core.importance import taylor as scoring
 
     seen: dict[int, int] = {}
 
@@ -122,7 +122,7 @@ def _saved_stack_bytes(model, windows, checkpointing: bool) -> int:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_memory_estimate_bounds_what_autograd_keeps(arch):
-    from core.placement import estimate_scoring_memory, weight_bytes
+    from core.models.placement import estimate_scoring_memory, weight_bytes
 
     model = make_tiny(arch, intermediate_size=256, layers=4)
     windows = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -142,7 +142,7 @@ def test_llama7b_shaped_estimate_is_plausible():
     checkpointing and of the same order without."""
     from transformers import LlamaConfig
 
-    from core.placement import estimate_scoring_memory
+    from core.models.placement import estimate_scoring_memory
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000)
@@ -154,8 +154,8 @@ def test_llama7b_shaped_estimate_is_plausible():
 
 
 def test_too_little_memory_is_one_sentence_and_writes_nothing(tmp_path, monkeypatch, capsys, real_tokenizer):
-    from core import placement
     from core.cli import main
+    from core.models import placement
 
     folder = tmp_path / "tiny"
     make_tiny("llama", intermediate_size=32).save_pretrained(folder)
@@ -176,8 +176,8 @@ def test_too_little_memory_is_one_sentence_and_writes_nothing(tmp_path, monkeypa
 def test_torchrun_cli_score_matches_single_process(tmp_path, real_tokenizer):
     """``torchrun --nproc_per_node 2 -m core score``: rank 0 alone writes and prints; same scores as
     one process scoring the same calibration windows."""
-    from core.engine import ScoreResult, score_model
-    from core.models import load_model
+    from core.methods.oneshot import ScoreResult, score_model
+    from core.models.loading import load_model
 
     folder = tmp_path / "tiny"
     make_tiny("llama", intermediate_size=32).save_pretrained(folder)
@@ -196,7 +196,7 @@ def test_torchrun_cli_score_matches_single_process(tmp_path, real_tokenizer):
 
 def test_device_map_auto_loads_and_scores_on_a_cpu_only_machine(tmp_path, real_tokenizer):
     """accelerate's dispatch path runs (everything lands on the CPU here); scores equal a plain load."""
-    from core.models import load_model
+    from core.models.loading import load_model
 
     folder = tmp_path / "tiny"
     make_tiny("llama", intermediate_size=32).save_pretrained(folder)
@@ -211,7 +211,7 @@ def test_device_map_auto_loads_and_scores_on_a_cpu_only_machine(tmp_path, real_t
 
 
 def test_placement_options_refuse_impossible_choices(monkeypatch):
-    from core.placement import PlacementError, PlacementOptions
+    from core.models.placement import PlacementError, PlacementOptions
 
     with pytest.raises(PlacementError, match="cannot be combined"):
         PlacementOptions(device="cpu", device_map="auto")

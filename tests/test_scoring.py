@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 from conftest import ARCHS, make_tiny
 
-from core.adapters import mlp_handles
-from core.criteria import REGISTRY, ScoreOptions, get_criterion
 from core.errors import HFPruneError
+from core.importance.criteria import REGISTRY, ScoreOptions, get_criterion
+from core.models.adapters import mlp_handles
 
 
 def brute_force(model, windows, loss_fn, aggregate="sum_abs"):
@@ -54,7 +54,7 @@ def test_taylor_matches_brute_force(arch, name, loss_fn):
 
 
 def test_amp_aggregate_matches_brute_force():
-    from core.scoring import taylor_scores
+    from core.importance.taylor import taylor_scores
 
     model = make_tiny("llama")
     windows = torch.randint(0, 49152, (3, 10), generator=torch.Generator().manual_seed(2))
@@ -83,12 +83,12 @@ def test_batch_size_does_not_change_scores():
 
 
 def test_chunked_vocab_loss_matches_unchunked(monkeypatch):
-    import core.scoring as scoring
+    import core.models.forward as forward
 
     model = make_tiny("llama")
     windows = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(4))
     full = get_criterion("entropy")(model, windows, ScoreOptions(progress=False))
-    monkeypatch.setattr(scoring, "LOGIT_CHUNK_BYTES", 49152 * 4 * 5)  # 16-row floor → several chunks
+    monkeypatch.setattr(forward, "LOGIT_CHUNK_BYTES", 49152 * 4 * 5)  # 16-row floor → several chunks
     chunked = get_criterion("entropy")(model, windows, ScoreOptions(progress=False))
     for a, b in zip(full, chunked):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10)
@@ -138,7 +138,7 @@ def test_unknown_criterion_lists_valid_names():
 
 def test_hand_written_losses_match_autograd():
     """The criteria's fused entropy / CE (one (R, V) tensor kept for backward) equal the textbook forms."""
-    from core.criteria import cross_entropy, entropy, entropy_ce
+    from core.importance.criteria import cross_entropy, entropy, entropy_ce
 
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(6, 40, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -157,7 +157,7 @@ def test_hand_written_losses_match_autograd():
 def test_fisher_square_of_window_sums_matches_brute_force_in_batches():
     """Fisher's sq_sum = Σ_windows (Σ_t a·g)², computed batched; checked with the labels fixed to the
     real next tokens so a brute-force pass can reproduce the same loss."""
-    from core.criteria import FisherCriterion, cross_entropy
+    from core.importance.criteria import FisherCriterion, cross_entropy
 
     class FixedLabels(FisherCriterion):
         def token_loss(self, logits, targets, teacher):

@@ -10,9 +10,9 @@ import torch
 
 from conftest import make_tiny
 
-from core.counts import forward_flops_per_token, weight_bytes
-from core.quantize import quantize_model
-from core.speed import SpeedError, SpeedResult, ideal_speedup, measure_speed, pick_device
+from core.measure.speed import SpeedError, SpeedResult, ideal_speedup, measure_speed, pick_device
+from core.models.counts import forward_flops_per_token, weight_bytes
+from core.quantize.backends import quantize_model
 
 SMALL = dict(prefill_tokens=64, decode_tokens=4, decode_prompt_tokens=8, repeats=3, warmup=1)
 
@@ -43,7 +43,7 @@ def test_quantized_model_is_measured_with_its_real_size():
 
 
 def test_ideal_speedup_is_the_flop_ratio_of_a_pruned_model():
-    from core.prune import prune_mlp_neurons
+    from core.models.slicing import prune_mlp_neurons
 
     model = make_tiny("llama", intermediate_size=64)
     kept = [torch.arange(32) for _ in range(2)]
@@ -73,9 +73,9 @@ def test_cli_bench_reports_device_and_ideal_vs_measured_speedup(tmp_path, capsys
     from transformers import AutoTokenizer
 
     from core.cli import main
-    from core.export import save_pruned
-    from core.models import ensure_embedded
-    from core.prune import prune_mlp_neurons
+    from core.export.hf import save_pruned
+    from core.models.loading import ensure_embedded
+    from core.models.slicing import prune_mlp_neurons
 
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_embedded("smollm2-135m")))
     dense = make_tiny("llama", intermediate_size=64)
@@ -95,8 +95,8 @@ def test_cli_bench_reports_device_and_ideal_vs_measured_speedup(tmp_path, capsys
 
 
 def test_pareto_front_and_measured_speedups():
-    from core.counts import pareto_front
-    from core.speed import add_measured_speedups
+    from core.measure.speed import add_measured_speedups
+    from core.models.counts import pareto_front
 
     # sizes (MB) and perplexities: "c" is bigger and worse than "b", so it is off the front
     sizes, ppl = [538, 220, 300, 170], [35.7, 35.9, 40.0, 43.9]

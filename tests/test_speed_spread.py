@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.speed import (
+from core.measure.speed import (
     SpeedError,
     SpeedUp,
     Spread,
@@ -89,7 +89,7 @@ def test_rows_get_prefill_and_decode_speedups_side_by_side():
 
 
 def test_measure_speed_records_every_repeat(tiny_loaded):
-    from core.speed import measure_speed
+    from core.measure.speed import measure_speed
 
     model = tiny_loaded("llama").model
     phases = []

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import make_tiny
 
-from core.data import evaluation_windows
+from core.data.text import evaluation_windows
 from core.errors import SelectionError, Stopped
-from core.stability import StabilityOptions, draw_windows, fidelity_over_draws, score_draws
-from core.sweep import fidelity_sweep
+from core.studies.stability import StabilityOptions, draw_windows, fidelity_over_draws, score_draws
+from core.studies.sweep import fidelity_sweep
 from hfprune_ui import figures
 from hfprune_ui.services import BASELINE
 from hfprune_ui.tabs.prune import make_sweep

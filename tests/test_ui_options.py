@@ -7,7 +7,7 @@ import inspect
 import gradio as gr
 from gradio.helpers import special_args
 
-from core.criteria import REGISTRY, parameter_knobs
+from core.importance.criteria import REGISTRY, parameter_knobs
 from hfprune_ui.context import CRITERION_KNOBS, criterion_controls, with_criterion_knobs
 
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from core import data
+from core.data import text as data
 from core.errors import DataError
 
 WORDS = ("river", "stone", "market", "winter", "lantern", "orchard", "copper", "harbour", "meadow", "signal",
@@ -33,7 +33,7 @@ def all_windows(tokenizer, source: str, split: str, seq_len: int) -> torch.Tenso
 def assert_disjoint(tokenizer, source: str, seq_len: int = 32) -> None:
     """No evaluation window shares a 12-token run with any calibration window (scoring windows,
     the adaptive search's held-out slice, or any other window the calibration part can give)."""
-    from core.adaptive import heldout_windows
+    from core.prune.adaptive import heldout_windows
 
     capacity = data.window_capacity(tokenizer, source, "calibration", seq_len)
     scoring = data.calibration_windows(tokenizer, source, capacity // 2, seq_len, seed=3)

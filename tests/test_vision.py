@@ -8,25 +8,27 @@ import json
 import pytest
 import torch
 
-from core.adapters import mlp_handles, mlp_widths
-from core.allocate import removed_shares
-from core.counts import count_params, mlp_layout, prune_preview
-from core.criteria import ScoreOptions
-from core.encoders import ImagePreprocess, LoadedEncoder, embed, load_encoder, prefinal_tokens
 from core.errors import HFPruneError
-from core.prune import prune_mlp_neurons
-from core.vision import (
+from core.importance.criteria import (
     AmpEntropyCriterion,
+    ScoreOptions,
+    encoder_criterion,
+    similarity_entropy,
+)
+from core.methods.encoders import (
     EmbeddingEntropyEvaluator,
     EncoderOptions,
     FeatureDistillation,
-    encoder_criterion,
     plan_encoder_widths,
     prune_encoder,
     save_encoder,
     score_encoder,
-    similarity_entropy,
 )
+from core.models.adapters import mlp_handles, mlp_widths
+from core.models.counts import count_params, mlp_layout, prune_preview
+from core.models.encoders import ImagePreprocess, LoadedEncoder, embed, load_encoder, prefinal_tokens
+from core.models.slicing import prune_mlp_neurons
+from core.prune.allocate import removed_shares
 
 FAMILIES = ("dinov2", "vit", "clip_vision_model", "bert")
 SIZE = 28  # 2×2 patches of 14
@@ -221,7 +223,7 @@ def test_adaptive_search_hits_ratio(family):
     opts = EncoderOptions(samples=8, batch_size=8, image_size=SIZE, seq_len=12, heldout_samples=8, halvings=4)
     result = score_encoder(enc, "magnitude", opts, progress=False)
     if family == "bert":  # the text path draws windows from core.data; give it fixed ids here
-        import core.vision as vision
+        import core.methods.encoders as vision
 
         original = vision.heldout_data
         vision.heldout_data = lambda _loaded, _options: batch_for(enc, 8, seed=5)
@@ -246,8 +248,8 @@ def test_evaluator_restart_equals_full_forward():
 
 
 def test_feature_distillation_through_the_training_engine():
-    from core.train import TrainOptions
-    from core.vision import distill_encoder
+    from core.methods.encoders import distill_encoder
+    from core.train.loop import TrainOptions
 
     teacher = loaded("dinov2")
     opts = EncoderOptions(samples=4, batch_size=4, image_size=SIZE)
@@ -323,8 +325,8 @@ def test_dashboard_vision_handlers_on_a_tiny_folder(tmp_path):
 
 
 def test_encoder_specs_and_errors(tmp_path):
-    from core.encoders import is_encoder_spec
     from core.errors import ModelLoadError, UnsupportedArchitectureError
+    from core.models.encoders import is_encoder_spec
 
     assert is_encoder_spec("dinov2-small") and is_encoder_spec("minilm-l6") and not is_encoder_spec("smollm2-135m")
     folder = tmp_path / "tiny-bert"

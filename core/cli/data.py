@@ -4,8 +4,8 @@
 """
 from __future__ import annotations
 
-from ..data import SPLITS, describe_source, split_text_file, token_stream, window_body
-from ..models import load_model
+from core.data.text import SPLITS, describe_source, split_text_file, token_stream, window_body
+from core.models.loading import load_model
 
 
 def register(sub) -> None:

@@ -6,11 +6,11 @@ differentiable pruning (core.ddp) and export the hardened model.
 """
 from __future__ import annotations
 
-from ..ddp import TRAIN_DEFAULTS, DDPOptions, ddp, save_ddp
-from ..export import check_output_dir
-from ..models import load_model
-from ..train import TrainOptions
-from . import add_model_out_arguments
+from core.cli import add_model_out_arguments
+from core.export.hf import check_output_dir
+from core.methods.gates import TRAIN_DEFAULTS, DDPOptions, ddp, save_ddp
+from core.models.loading import load_model
+from core.train.loop import TrainOptions
 
 
 def register(sub) -> None:

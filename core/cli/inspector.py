@@ -10,23 +10,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..criteria import resolve_params
-from ..data import calibration_windows, evaluation_windows
-from ..engine import ScoreResult, score_model
-from ..errors import HFPruneError, SelectionError
-from ..models import load_model
-from ..neuron import InspectOptions, check_neuron, inspect_neuron
-from ..placement import PlacementOptions, load_placed
-from ..report import DEFAULT_CONTEXTS, build_report, check_report_path, write_report
-from ..runs import RunStore
-from ..stability import (
+from core.cli.prune import _common
+from core.data.text import calibration_windows, evaluation_windows
+from core.errors import HFPruneError, SelectionError
+from core.importance.criteria import resolve_params
+from core.methods.oneshot import ScoreResult, score_model
+from core.models.loading import load_model
+from core.models.placement import PlacementOptions, load_placed
+from core.runs import RunStore
+from core.studies.neuron import InspectOptions, check_neuron, inspect_neuron
+from core.studies.report import DEFAULT_CONTEXTS, build_report, check_report_path, write_report
+from core.studies.stability import (
     StabilityOptions,
     compare_over_draws,
     fidelity_over_draws,
     measure_stability,
 )
-from ..sweep import parse_ratios
-from .prune import _common
+from core.studies.sweep import parse_ratios
 
 
 def _names(text: str | None) -> list[str]:

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..allocate import AllocationOptions
-from ..compensate import CompensationOptions
-from ..data import CalibrationOptions
-from ..export import EXPORT_MODES, check_output_dir
-from ..files import write_json, write_text
-from ..pipeline import (
+from core.data.text import CalibrationOptions
+from core.export.hf import EXPORT_MODES, check_output_dir
+from core.files import write_json, write_text
+from core.methods.pipeline import (
     ALL_ORDERS,
     MeasureOptions,
     PipelineError,
@@ -35,8 +33,10 @@ from ..pipeline import (
     run_ablation,
     run_pipeline,
 )
-from ..quant_store import load_on
-from ..train import DistillOptions, TrainOptions
+from core.prune.allocate import AllocationOptions
+from core.prune.compensate import CompensationOptions
+from core.quantize.store import load_on
+from core.train.loop import DistillOptions, TrainOptions
 
 
 def register(sub) -> None:

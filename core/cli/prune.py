@@ -8,28 +8,28 @@ from __future__ import annotations
 
 import argparse
 
-from .. import distributed
-from ..allocate import AllocationOptions, check_ratio, neuron_ratio_for_param_ratio
-from ..compensate import CompensationOptions
-from ..counts import count_params, mlp_layout
-from ..criteria import REGISTRY, add_parameter_arguments, parameters_from_args
-from ..data import CalibrationOptions, calibration_windows, evaluation_windows
-from ..engine import (
+from core import distributed
+from core.cli import check_scores_out
+from core.data.text import CalibrationOptions, calibration_windows, evaluation_windows
+from core.errors import PruneConfigError
+from core.export.gguf import GGUFOptions
+from core.export.hf import EXPORT_MODES, check_output_dir, read_meta, save_pruned
+from core.importance.criteria import REGISTRY, add_parameter_arguments, parameters_from_args
+from core.measure.evaluate import evaluate
+from core.methods.oneshot import (
     ALLOCATIONS,
     ScoreResult,
     plan_widths,
     prune_with_scores,
     score_model,
 )
-from ..errors import PruneConfigError
-from ..evaluate import evaluate
-from ..export import EXPORT_MODES, check_output_dir, read_meta, save_pruned
-from ..gguf_export import GGUFOptions
-from ..models import EMBEDDED
-from ..placement import PlacementOptions, load_placed, scoring_preflight
-from ..quant_store import load_any
-from ..quantize import quantization_of
-from . import check_scores_out
+from core.models.counts import count_params, mlp_layout
+from core.models.loading import EMBEDDED
+from core.models.placement import PlacementOptions, load_placed, scoring_preflight
+from core.prune.allocate import AllocationOptions, check_ratio, neuron_ratio_for_param_ratio
+from core.prune.compensate import CompensationOptions
+from core.quantize.backends import quantization_of
+from core.quantize.store import load_any
 
 
 def register(sub) -> None:

@@ -9,10 +9,10 @@ import time
 
 import torch
 
-from ..counts import count_params, folder_bytes, weight_bytes
-from ..export import check_output_dir
-from ..quant_store import load_any, read_recipe, save_quantized, spec_folder
-from ..quantize import INT8_METHODS, METHODS, QuantizationError, check_method, quantize_model
+from core.export.hf import check_output_dir
+from core.models.counts import count_params, folder_bytes, weight_bytes
+from core.quantize.backends import INT8_METHODS, METHODS, QuantizationError, check_method, quantize_model
+from core.quantize.store import load_any, read_recipe, save_quantized, spec_folder
 
 
 def register(sub) -> None:

@@ -5,18 +5,18 @@
 """
 from __future__ import annotations
 
-from .. import distributed
-from ..export import check_output_dir, read_meta
-from ..models import load_model
-from ..recover import (
+from core import distributed
+from core.cli import add_model_out_arguments
+from core.export.hf import check_output_dir, read_meta
+from core.methods.recover import (
     LoraOptions,
     RecoverOptions,
     default_teacher,
     recover,
     save_recovered,
 )
-from ..train import DistillOptions, TrainOptions
-from . import add_model_out_arguments
+from core.models.loading import load_model
+from core.train.loop import DistillOptions, TrainOptions
 
 
 def register(sub) -> None:

@@ -4,11 +4,11 @@
 """
 from __future__ import annotations
 
-from ..counts import folder_bytes
-from ..export import read_meta
-from ..quant_store import load_on, read_recipe, spec_folder
-from ..quantize import METHODS, check_method, quantization_of
-from ..speed import ideal_speedup, measure_speed, pick_device, release_memory, speedup, spread
+from core.export.hf import read_meta
+from core.measure.speed import ideal_speedup, measure_speed, pick_device, release_memory, speedup, spread
+from core.models.counts import folder_bytes
+from core.quantize.backends import METHODS, check_method, quantization_of
+from core.quantize.store import load_on, read_recipe, spec_folder
 
 
 def register(sub) -> None:

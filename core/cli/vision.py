@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from ..allocate import check_ratio
-from ..encoders import ENCODERS, is_encoder_spec, load_encoder
-from ..engine import ScoreResult
-from ..errors import PruneConfigError
-from ..export import check_output_dir, read_meta
-from ..images import labelled_images, stratified_split
-from ..vision import (
+from core.cli import check_scores_out
+from core.data.images import labelled_images, stratified_split
+from core.errors import PruneConfigError
+from core.export.hf import check_output_dir, read_meta
+from core.importance.criteria import (
     ENCODER_CRITERIA,
+)
+from core.measure.encoders import feature_fidelity, labelled_scores, size_report, throughput
+from core.methods.encoders import (
     EncoderOptions,
     default_export,
     plan_encoder_widths,
@@ -32,8 +33,9 @@ from ..vision import (
     save_encoder,
     score_encoder,
 )
-from ..vision_metrics import feature_fidelity, labelled_scores, size_report, throughput
-from . import check_scores_out
+from core.methods.oneshot import ScoreResult
+from core.models.encoders import ENCODERS, is_encoder_spec, load_encoder
+from core.prune.allocate import check_ratio
 
 # flags shared with the LLM commands whose defaults differ for encoders: None = "not typed"
 _SHARED = ("samples", "seq_len", "batch_size", "heldout_samples", "adaptive_mode", "criterion", "min_keep")

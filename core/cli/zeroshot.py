@@ -4,11 +4,11 @@
 """
 from __future__ import annotations
 
-from ..quant_store import load_on
-from ..quantize import METHODS, check_method, quantization_of
-from ..speed import pick_device
-from ..zeroshot import ZeroShotError, check_tasks, run_zeroshot
-from ..zeroshot_tasks import SHIPPED_TASKS
+from core.measure.speed import pick_device
+from core.measure.zeroshot import ZeroShotError, check_tasks, run_zeroshot
+from core.measure.zeroshot_tasks import SHIPPED_TASKS
+from core.quantize.backends import METHODS, check_method, quantization_of
+from core.quantize.store import load_on
 
 
 def register(sub) -> None:

@@ -4,15 +4,15 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.allocate import uniform_widths
 from core.errors import SelectionError
-from core.score_stats import (
+from core.importance.stats import (
     chance_overlap,
     disagreements,
     ranks,
     removal_overlap,
     spearman_per_layer,
 )
+from core.prune.allocate import uniform_widths
 
 from .. import figures, texts
 from ..context import TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs

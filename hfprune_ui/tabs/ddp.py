@@ -12,8 +12,8 @@ from collections.abc import Callable
 import gradio as gr
 import plotly.graph_objects as go
 
-from core.ddp import HIST_EDGES, DDPOptions
 from core.errors import Stopped
+from core.methods.gates import HIST_EDGES, DDPOptions
 
 from .. import figures
 from ..context import Ctx, model_events

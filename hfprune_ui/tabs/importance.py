@@ -4,10 +4,10 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.criteria import REGISTRY
-from core.criteria import describe as describe_criteria
 from core.errors import SelectionError
-from core.score_stats import (
+from core.importance.criteria import REGISTRY
+from core.importance.criteria import describe as describe_criteria
+from core.importance.stats import (
     bulk_range,
     histogram,
     layer_summaries,
@@ -15,7 +15,7 @@ from core.score_stats import (
     robust_limits,
     sorted_score_matrix,
 )
-from core.timing import scoring_seconds
+from core.measure.timing import scoring_seconds
 
 from .. import figures, texts
 from ..context import TRACK, Ctx, criterion_controls, model_events, stop_on_click, with_criterion_knobs

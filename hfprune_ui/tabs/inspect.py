@@ -15,11 +15,11 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core.data import calibration_windows
+from core.data.text import calibration_windows
 from core.errors import SelectionError
-from core.neuron import InspectOptions, inspect_neuron, neuron_at_rank
-from core.report import DEFAULT_CONTEXTS, build_report, write_report
-from core.stability import Agreement, StabilityOptions, StabilityResult, measure_stability
+from core.studies.neuron import InspectOptions, inspect_neuron, neuron_at_rank
+from core.studies.report import DEFAULT_CONTEXTS, build_report, write_report
+from core.studies.stability import Agreement, StabilityOptions, StabilityResult, measure_stability
 
 from .. import figures, inspect_figures
 from ..context import TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from core.adapters import mlp_widths
-from core.counts import count_params
-from core.data import CalibrationOptions, calibration_windows, describe_source, window_capacity
-from core.models import DEFAULT_MODEL, EMBEDDED
+from core.data.text import CalibrationOptions, calibration_windows, describe_source, window_capacity
+from core.models.adapters import mlp_widths
+from core.models.counts import count_params
+from core.models.loading import DEFAULT_MODEL, EMBEDDED
 
 from .. import texts
 from ..context import TRACK, Ctx, model_events

@@ -16,12 +16,10 @@ from collections.abc import Callable
 import gradio as gr
 import plotly.graph_objects as go
 
-from core.data import CalibrationOptions
+from core.data.text import CalibrationOptions
 from core.errors import Stopped
-from core.paths import cache_dir
-from core.pipeline import (
+from core.methods.pipeline import (
     ALL_ORDERS,
-    FORMATS,
     MeasureOptions,
     PipelineOptions,
     Shared,
@@ -30,7 +28,11 @@ from core.pipeline import (
     run_ablation,
     run_pipeline,
 )
-from core.train import TrainOptions
+from core.paths import cache_dir
+from core.quantize.fake import (
+    FORMATS,
+)
+from core.train.loop import TrainOptions
 
 from .. import figures
 from ..context import Ctx, model_events, stop_on_click

@@ -5,15 +5,15 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.allocate import AllocationOptions
-from core.compensate import CompensationOptions
-from core.counts import prune_preview
-from core.criteria import get_criterion
 from core.errors import HFPruneError, SelectionError, Stopped
-from core.export import EXPORT_MODES, default_export_mode
-from core.stability import SWEEP_DRAWS_MAX, check_sweep_draws
-from core.sweep import SWEEP_ALLOCATIONS, parse_ratios
-from core.timing import scoring_seconds, sweep_seconds
+from core.export.hf import EXPORT_MODES, default_export_mode
+from core.importance.criteria import get_criterion
+from core.measure.timing import scoring_seconds, sweep_seconds
+from core.models.counts import prune_preview
+from core.prune.allocate import AllocationOptions
+from core.prune.compensate import CompensationOptions
+from core.studies.stability import SWEEP_DRAWS_MAX, check_sweep_draws
+from core.studies.sweep import SWEEP_ALLOCATIONS, parse_ratios
 
 from .. import figures, texts
 from ..context import PLAIN, TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs

@@ -4,11 +4,11 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.quantize import METHODS
-from core.speed import SpeedUp
-from core.timing import speed_seconds, zeroshot_seconds
-from core.zeroshot import resolvable_difference, separates
-from core.zeroshot_tasks import SHIPPED_TASKS
+from core.measure.speed import SpeedUp
+from core.measure.timing import speed_seconds, zeroshot_seconds
+from core.measure.zeroshot import resolvable_difference, separates
+from core.measure.zeroshot_tasks import SHIPPED_TASKS
+from core.quantize.backends import METHODS
 
 from .. import figures, texts
 from ..context import PLAIN, TRACK, Ctx, model_events, stop_on_click

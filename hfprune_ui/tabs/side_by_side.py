@@ -5,7 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from core.errors import HFPruneError
-from core.outputs import (
+from core.measure.outputs import (
     GenerationSettings,
     generate_side_by_side,
     next_token_menus,

@@ -9,8 +9,8 @@ import gradio as gr
 import pandas as pd
 
 from core.errors import SelectionError
-from core.models import DEFAULT_MODEL
-from core.outputs import next_token_menus
+from core.measure.outputs import next_token_menus
+from core.models.loading import DEFAULT_MODEL
 
 from .. import figures, texts
 from ..context import TRACK, Ctx, model_events

@@ -13,17 +13,19 @@ import threading
 import gradio as gr
 import torch
 
-from core.encoders import ENCODERS, LoadedEncoder, load_encoder
-from core.vision import (
-    ALLOCATIONS,
+from core.importance.criteria import (
     ENCODER_CRITERIA,
+)
+from core.measure.encoders import feature_fidelity, size_report
+from core.methods.encoders import (
+    ALLOCATIONS,
     EncoderOptions,
     heldout_data,
     plan_encoder_widths,
     prune_encoder,
     score_encoder,
 )
-from core.vision_metrics import feature_fidelity, size_report
+from core.models.encoders import ENCODERS, LoadedEncoder, load_encoder
 
 from .. import figures
 from ..context import Ctx

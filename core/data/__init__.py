@@ -1,0 +1,7 @@
+"""Layer 2 — data: the text sources and their calibration / evaluation / training windows, and the
+encoders' offline images. Imports ground and models only.
+"""
+
+from core.data.text import CalibrationOptions, calibration_windows, evaluation_windows, training_windows
+
+__all__ = ["CalibrationOptions", "calibration_windows", "evaluation_windows", "training_windows"]

@@ -1,0 +1,75 @@
+"""Rough wall-time estimates for the long jobs, shown before they start.
+
+Everything is scaled from one measured number, the forward time per token of the model on this
+machine (:func:`seconds_per_token`); the job-specific factors (how many forwards a job runs, how
+much of the model each runs through) come from the algorithms and were checked against measured
+runs on SmolLM2-135M (``benchmarks/dashboard.py``). Estimates are "about" figures, typically within
+a factor of 1.5; the running job's progress line then shows the real time left.
+
+    per_token = seconds_per_token(loaded.model)
+    adaptive_seconds(per_token, layers=30, halvings=4, heldout_tokens=128)
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from core.prune.adaptive import expected_probes
+
+# forward + backward of a Taylor criterion costs about 3 forwards; a forward-only criterion 1
+PASS_COST = {"weights only": 0.0, "forward": 1.0, "forward+backward": 3.0, "forward+backward+teacher": 4.0}
+PARTIAL_FORWARD = 0.6  # an adaptive probe restarts at its layer: on average about this share of a full forward
+
+
+@torch.no_grad()
+def seconds_per_token(model: nn.Module, seq_len: int = 64, batch: int = 2, repeats: int = 3) -> float:
+    """Forward time per token (no grad), the median of ``repeats`` forwards of ``batch`` × ``seq_len``
+    random token ids after one warm-up."""
+    model.eval()
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    model(input_ids=ids, use_cache=False)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / (batch * seq_len)
+
+
+def scoring_seconds(per_token: float, tokens: int, cost: str) -> float:
+    """One criterion on ``tokens`` calibration tokens (``cost``: the criterion's cost label)."""
+    return per_token * tokens * PASS_COST.get(cost, 3.0)
+
+
+def adaptive_seconds(per_token: float, layers: int, halvings: int, heldout_tokens: int,
+                     sequential: bool = False) -> float:
+    """The adaptive width search: a dense pass plus its masked probes (:func:`core.adaptive.expected_probes`)
+    on the held-out slice."""
+    probes = expected_probes(layers, halvings, "sequential" if sequential else "independent")
+    return per_token * heldout_tokens * (1.0 + probes * PARTIAL_FORWARD)
+
+
+def sweep_seconds(per_token: float, rows: int, eval_tokens: int, compensation_tokens: int = 0) -> float:
+    """A fidelity sweep: per row the pruned model and the dense reference on the evaluation tokens,
+    plus, with compensation, one pass over its calibration tokens for the statistics."""
+    return per_token * (rows * 2 * eval_tokens + compensation_tokens)
+
+
+def speed_seconds(per_token: float, models: int, prefill_tokens: int, decode_tokens: int, repeats: int,
+                  prompt_tokens: int = 128) -> float:
+    """Timing ``models`` models: (warm-up + repeats) × (one prefill + a prompt + ``decode_tokens`` single-token
+    steps, each about as slow as 8 batched tokens on a CPU)."""
+    per_round = prefill_tokens + prompt_tokens + 8 * decode_tokens
+    return per_token * models * (1 + repeats) * per_round
+
+
+def zeroshot_seconds(per_token: float, models: int, items: int, choices: int = 4, tokens_per_choice: int = 64) -> float:
+    """lm-eval log-likelihoods: every choice of every item is one forward of its context + continuation."""
+    return per_token * models * items * choices * tokens_per_choice
