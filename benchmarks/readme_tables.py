@@ -1,9 +1,12 @@
-"""Copy the benchmark tables from ``benchmarks/results/*.md`` into README.md between the markers.
+"""Copy the benchmark tables from ``benchmarks/results/*.md`` into docs/benchmarks.md between the markers.
 
     python benchmarks/readme_tables.py
 
-Each section names the command that produced it; a result file that does not exist yet is listed
-as "not measured yet" rather than left out silently.
+Only the text between ``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->`` is rewritten; the
+page's introduction and its summary of what the tables say stay as written (README.md keeps a one-table
+digest that links to the sections here). Each section names the command that produced it; a result file
+that does not exist yet is listed as "not measured yet" rather than left out silently. Links point from
+docs/ back up to ``benchmarks/results/``.
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ import re
 from _common import RESULTS, ROOT, write_text
 
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+PAGE = ROOT / "docs" / "benchmarks.md"
+LINK = "../benchmarks/results"  # the result files as seen from docs/
 
 SECTIONS = [
-    ("Scoring cost (issue target: ≤ 0.9× reference-style, within 10% of frozen forward+backward)", "scoring.md",
+    ("Scoring cost (target: ≤ 0.9× reference-style, within 10% of frozen forward+backward)", "scoring.md",
      "python benchmarks/scoring.py --samples 8 --seq-len 256 --batch-size 4 --repeats 2"),
     ("Sanity anchor: entropy vs cross-entropy vs random, uniform", "fidelity_anchor.md",
      "python benchmarks/fidelity_anchor.py --samples 16 --seq-len 256 --eval-windows 8"),
@@ -46,34 +51,33 @@ PLOTS = {"recovery.md": ("recovery.png", "KL to dense vs training minutes"),
 def section(title: str, filename: str, command: str | None) -> str:
     path = RESULTS / filename
     if not path.exists():
-        return f"### {title}\n\nNot measured yet (`benchmarks/results/{filename}` is missing).\n"
+        return f"## {title}\n\nNot measured yet (`benchmarks/results/{filename}` is missing).\n"
     body = path.read_text().strip()
     body = re.sub(r"^##? .*\n+", "", body)  # the file's own heading; ours replaces it
-    body = re.sub(r"^#{2,3} ", "#### ", body, flags=re.M)  # its sub-headings sit under ours
-    if "#### All metrics" in body:  # the README keeps the KL summary; the full table stays in the file
-        head, _, tail = body.partition("#### All metrics")
+    body = re.sub(r"^#{2,4} ", "### ", body, flags=re.M)  # its sub-headings sit one level under ours
+    if "### All metrics" in body:  # the page keeps the KL summary; the full table stays in the file
+        head, _, tail = body.partition("### All metrics")
         verdict = tail[tail.find("Best per ratio"):] if "Best per ratio" in tail else ""
         body = (head.rstrip() + f"\n\nPerplexity and top-1 agreement for every row: "
-                f"[`benchmarks/results/{filename}`](benchmarks/results/{filename}).\n\n" + verdict.strip())
-    lines = [f"### {title}", ""]
+                f"[`benchmarks/results/{filename}`]({LINK}/{filename}).\n\n" + verdict.strip())
+    lines = [f"## {title}", ""]
     if command:
         lines += [f"`{command}`", ""]
     if filename in PLOTS and (RESULTS / PLOTS[filename][0]).exists():
         image, alt = PLOTS[filename]
-        body += f"\n\n![{alt}](benchmarks/results/{image})"
+        body += f"\n\n![{alt}]({LINK}/{image})"
     return "\n".join(lines) + "\n" + body + "\n"
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    text = PAGE.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"README.md needs the markers {START} and {END}.")
+        raise SystemExit(f"docs/benchmarks.md needs the markers {START} and {END}.")
     tables = "\n".join(section(*s) for s in SECTIONS)
     before, _, rest = text.partition(START)
     _, _, after = rest.partition(END)
-    write_text(readme, f"{before}{START}\n{tables}{END}{after}")
-    print(f"README.md: {len(SECTIONS)} benchmark sections written")
+    write_text(PAGE, f"{before}{START}\n{tables}{END}{after}")
+    print(f"docs/benchmarks.md: {len(SECTIONS)} benchmark sections written")
 
 
 if __name__ == "__main__":

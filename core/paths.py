@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The checkout's assets/ folder: shipped task files, the Tour's precomputed numbers, CSS, logo, page script.
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
 
 def cache_dir() -> Path:
     """Root cache folder: $HFPRUNE_CACHE, else $XDG_CACHE_HOME/hfprune-studio, else ~/.cache/hfprune-studio."""

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import gradio as gr
 
+from core import paths
 from core.data.text import MAX_UPLOAD_BYTES
 
 from . import plot_tools, texts
@@ -29,7 +29,7 @@ from .tabs import (
     vision,
 )
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = paths.ASSETS
 
 
 def build_demo(services: Services | None = None) -> gr.Blocks:

@@ -7,9 +7,9 @@ and turns clicks on the rank scatter and the heatmap into neuron picks for the i
 """
 from __future__ import annotations
 
-from pathlib import Path
+from core import paths
 
-SCRIPT = Path(__file__).resolve().parent.parent / "assets" / "plot_tools.js"
+SCRIPT = paths.ASSETS / "plot_tools.js"
 HIDDEN = "<style>#neuron-pick { display: none !important; }</style>"
 
 

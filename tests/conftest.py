@@ -103,8 +103,12 @@ def real():
 
 
 @pytest.fixture(scope="session")
-def real_tokenizer(real):
-    return real.tokenizer
+def real_tokenizer():
+    """The embedded model's tokenizer alone (no weights): tiny models are saved and run with it, so the
+    fast lane (-m "not real") never loads SmolLM2-135M."""
+    from core.models.loading import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
@@ -155,3 +159,27 @@ def launch_dashboard(real):
             demo.close()
 
     return launch
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the embedded model (the ``real`` fixture, or one built on it such as
+    ``launch_dashboard``) is marked ``real`` whatever its file says, so ``-m "not real"`` never loads it."""
+    for item in items:
+        if "real" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real)
+
+
+@pytest.fixture(autouse=True)
+def _embedded_model_only_when_marked(request, monkeypatch):
+    """Outside tests marked ``real``, converting or loading the embedded model fails at once with a sentence
+    saying so, instead of silently making the fast lane slow."""
+    if request.node.get_closest_marker("real"):
+        return
+
+    import core.models.loading as loading
+
+    def refuse(alias: str):
+        raise AssertionError(f"this test loads the embedded model '{alias}'; mark it @pytest.mark.real "
+                             f"or use a tiny model")
+
+    monkeypatch.setattr(loading, "ensure_embedded", refuse)

@@ -41,9 +41,45 @@ def plot(value) -> dict:
     return json.loads(value["plot"])
 
 
-def test_binds_localhost_only(app):
-    url, _ = app
-    assert url.startswith("http://127.0.0.1:")
+def test_app_py_serves_the_dashboard_on_loopback_only(tmp_path):
+    """``python app.py`` as a user starts it: the page answers on 127.0.0.1, and the listening socket is
+    bound to the loopback address only (not 0.0.0.0), with no share link."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    import psutil
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_SERVER_")}
+    env.update(HF_HUB_OFFLINE="1", HFPRUNE_RUNS=str(tmp_path / "runs"))
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=root, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline, page = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                time.sleep(1)
+        assert page is not None, (tmp_path / "app.log").read_text()[-2000:]
+        assert "HFPrune" in page
+        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        assert "gradio.live" not in (tmp_path / "app.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 def test_score_prune_compare_end_to_end(app):

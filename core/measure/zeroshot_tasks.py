@@ -24,10 +24,11 @@ import re
 import sys
 from pathlib import Path
 
+from core import paths
 from core.data.text import wiki_articles
 from core.files import write_text
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tasks"
+ASSETS = paths.ASSETS / "tasks"
 CLOZE_TASK = "wiki_cloze"
 CHOICE_TASK = "wiki_nextsent"
 SHIPPED_TASKS = (CLOZE_TASK, CHOICE_TASK)

@@ -267,6 +267,34 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=location)
 
 
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    """The tokenizer alone, without the weights: an embedded alias reads its cached folder when it was
+    converted already, else straight from the packaged GGUF (seconds, no de-quantization); any other spec
+    goes through :func:`resolve` like :func:`load_model`. The pad token falls back to EOS, as there."""
+    from transformers import AutoTokenizer
+
+    spec = (spec or "").strip()
+    try:
+        if spec in EMBEDDED:
+            entry = EMBEDDED[spec]
+            folder = models_dir() / spec
+            if (folder / "config.json").exists():
+                tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            elif entry.derive_from:
+                return load_tokenizer(entry.derive_from)
+            else:
+                gguf = entry.locate()
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        else:
+            location, gguf_file = resolve(spec)
+            tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load the tokenizer of '{spec}': {_first_line(exc)}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _dispatch(model: nn.Module, device_map: str | dict) -> nn.Module:
     """Spread an already loaded model with accelerate (balanced over the GPUs, whole decoder layers)."""
     from accelerate import dispatch_model, infer_auto_device_map

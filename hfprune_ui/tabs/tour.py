@@ -3,11 +3,10 @@ in the regular tabs. Step 1 reads precomputed scores shipped in ``assets/tour`` 
 the status line; "Recompute" scores on this machine instead)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 import pandas as pd
 
+from core import paths
 from core.errors import SelectionError
 from core.measure.outputs import next_token_menus
 from core.models.loading import DEFAULT_MODEL
@@ -23,7 +22,7 @@ from . import agreement, importance
 from .prune import variant_controls
 from .side_by_side import chosen_variants
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "tour"
+ASSETS = paths.ASSETS / "tour"
 CRITERIA = ("entropy", "cross_entropy")
 RATIO = 0.3
 CONTEXT = texts.DEFAULT_CONTEXT
