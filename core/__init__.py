@@ -17,4 +17,10 @@ third-party backends. docs/architecture.md describes every module.
     studies/     sweep, stability, neuron, report
     cli/         python -m core
 """
+from core.progress import quiet_third_party
+
 __version__ = "0.1.0"
+
+# Quiet as a library too: transformers imports torchao whenever it is installed (even to load a plain
+# model), and that import logs lines nobody can act on; silence just those loggers, below errors.
+quiet_third_party()

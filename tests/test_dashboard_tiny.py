@@ -1,10 +1,11 @@
 """The launched dashboard on a tiny random llama (issue 10's paths without the real model's cost):
 scores → plots with a bad layer list → prune (uniform, adaptive quick with its estimate) with the
-quality at a glance → export default → a sweep with its random baseline → a full session replacing
+quality at a glance → export default and the GGUF width note → a sweep with its random baseline → a full session replacing
 the chosen variant → runs table columns. Fast: 2 layers of 64 neurons."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -68,6 +69,9 @@ def test_dashboard_paths_on_a_tiny_model(tiny_app):
     widths = services.sessions._sessions[next(iter(services.sessions._sessions))].variants["ad30"].widths
     mode, why = c.predict("ad30", api_name="/export_default")
     assert mode == ("hf-native" if len(set(widths)) == 1 else "hf-remote-code") and f"**ad30**: {mode}:" in why
+    note = c.predict("ad30", "gguf", api_name="/export_format_note")  # picking GGUF: the engine's block sentence
+    assert re.fullmatch(r"\*\*ad30\*\* as GGUF: GGUF F16 stores any width \(achieved ratio \d+\.\d %\); Q8_0 / "
+                        r"Q5_0 / Q4_0 would need multiples of 32, which these widths are( not)?\.", note), note
 
     table, lines, note = c.predict(["entropy"], "0.2, 0.5", "uniform", "1", 2, 32, "kl_to_dense",
                                    api_name="/sweep")

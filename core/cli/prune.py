@@ -12,7 +12,7 @@ from core import distributed
 from core.cli import check_scores_out
 from core.data.text import CalibrationOptions, calibration_windows, evaluation_windows
 from core.errors import PruneConfigError
-from core.export.gguf import GGUFOptions
+from core.export.gguf import GGUFOptions, gguf_round_to
 from core.export.hf import EXPORT_MODES, check_output_dir, read_meta, save_pruned
 from core.importance.criteria import REGISTRY, add_parameter_arguments, parameters_from_args
 from core.measure.evaluate import evaluate
@@ -49,7 +49,10 @@ def register(sub) -> None:
                        help="share of ALL parameters to remove, taken from the MLPs (the seed papers' unit: "
                             "20 %% of LLaMA-2-7B ~ 31 %% of its MLP neurons); converted to --ratio")
     prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
-    prune.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (8/64/128)")
+    prune.add_argument("--round-to", type=int, default=None,
+                       help="round kept widths to a multiple (8/64/128); default 1, or with --export gguf the "
+                            "--gguf-type's block (32 for q8_0 / q5_0 / q4_0), which an explicit value must be a "
+                            "multiple of")
     AllocationOptions.add_arguments(prune)
     CompensationOptions.add_arguments(prune)
     prune.add_argument("--export", default=None, choices=EXPORT_MODES,
@@ -119,6 +122,9 @@ def cmd_prune(args) -> dict:
         raise PruneConfigError(f"--export hf-native needs uniform widths; the '{args.allocation}' allocation gives "
                                "each layer its own width: use --export hf-remote-code or hf-padded.")
     export = args.export or ("hf-native" if args.allocation == "uniform" else "hf-remote-code")
+    gguf = GGUFOptions.from_args(args) if export == "gguf" else None
+    # a GGUF block type needs block-aligned rows: round to its block unless the user chose a multiple of it
+    args.round_to = gguf_round_to(gguf.type, args.round_to) if gguf else (1 if args.round_to is None else args.round_to)
     placement = PlacementOptions.from_args(args)
     loaded = load_placed(args.model, placement)
     if args.param_ratio is not None:  # the share of all parameters → the share of MLP neurons for this model
@@ -139,11 +145,11 @@ def cmd_prune(args) -> dict:
         return None
     pruned = prune_with_scores(loaded, result, args.ratio, allocation=args.allocation, round_to=args.round_to,
                                options=options, progress=not args.quiet, compensation=compensation)
-    target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export,
-                         gguf=GGUFOptions.from_args(args) if export == "gguf" else None)
+    target = save_pruned(pruned.model, loaded.tokenizer, args.out, pruned.meta, mode=export, gguf=gguf)
     before, after = count_params(loaded.model), count_params(pruned.model)
     return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
-            "allocation": args.allocation, "compensation": compensation.method,
+            "allocation": args.allocation, "compensation": compensation.method, "round_to": args.round_to,
+            **({"gguf_type": gguf.type} if gguf else {}),
             "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
             "params_removed_share": round(pruned.meta["params_removed_share"], 5), "param_ratio": args.param_ratio,
             "criterion_params": result.config.get("criterion_params", {}),

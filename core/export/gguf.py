@@ -1,6 +1,6 @@
 """GGUF export: the pruned model as one .gguf file that llama.cpp / Ollama run and transformers reloads,
 written with the ``gguf`` package (tensor names from its ``TensorNameMap``, ``GGUFWriter``,
-``quants.quantize`` for Q8_0, ``SpecialVocab`` for merges / special ids / chat template).
+``quants.quantize`` for Q8_0 / Q5_0 / Q4_0, ``SpecialVocab`` for merges / special ids / chat template).
 
 Conventions follow llama.cpp's converter (convert_hf_to_gguf.py) and transformers' GGUF loader:
 
@@ -8,8 +8,12 @@ Conventions follow llama.cpp's converter (convert_hf_to_gguf.py) and transformer
   [x_0..x_{d/2-1}, x_{d/2}..x_{d-1}]; llama.cpp's rope wants them interleaved, so q_proj rows are
   permuted per head with ``n_head`` and k_proj rows with ``n_head_kv`` (transformers' loader undoes it).
   Qwen2 / Qwen3 GGUFs keep HF's order (their llama.cpp rope is NEOX-style).
-- **tensor types**: 1-D tensors (norms, biases) always F32; 2-D tensors F32, F16 or Q8_0 (blocks of 32
-  along a row; a row length that is not a multiple of 32 falls back to F16, as llama.cpp does).
+- **tensor types**: 1-D tensors (norms, biases) always F32; 2-D tensors F32, F16, Q8_0, Q5_0 or Q4_0.
+  The quantized types store each row in blocks of :data:`GGUF_BLOCK` (32) values, so every 2-D row length
+  (the hidden size, and the pruned MLP width of ``ffn_down``) must be a multiple of the block: a matrix
+  that is not is refused with one sentence, never written in a wider type than asked (llama.cpp's
+  converter silently falls back to F16). Pruning for such a file rounds the widths to the block
+  (:func:`gguf_round_to`; ``prune --export gguf`` does it by default).
 - **widths**: every layer the same → standard metadata (``<arch>.feed_forward_length`` a number); the
   file loads in llama.cpp, Ollama, LM Studio, vLLM's GGUF loader and transformers
   (``from_pretrained(folder, gguf_file=...)``). Per-layer widths → ``layout``:
@@ -47,12 +51,14 @@ from core.models.loading import EMBEDDED
 from core.models.slicing import padded_copy
 from core.options import Options, knob
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q5_0", "q4_0")
+# values per quantization block along a row (a 2-D tensor's row length must be a multiple); the one table
+# that export, pruning defaults (prune --export gguf) and the dashboard read
+GGUF_BLOCK = {"f32": 1, "f16": 1, "q8_0": 32, "q5_0": 32, "q4_0": 32}
 GGUF_LAYOUTS = ("auto", "padded", "deci")
 # transformers model_type → (gguf architecture, permute q/k for llama.cpp's rope)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
                  "qwen3": ("qwen3", False)}
-Q8_BLOCK = 32
 
 
 @dataclass
@@ -62,7 +68,8 @@ class GGUFOptions(Options):
     error = PruneConfigError
     cli_prefix = "gguf-"
 
-    type: str = knob("f16", "GGUF tensor type of the matrices: f32 (exact), f16, q8_0 (8-bit, blocks of 32); "
+    type: str = knob("f16", "GGUF tensor type of the matrices: f32 (exact), f16, q8_0 / q5_0 / q4_0 (8 / 5 / 4-bit, "
+                     "blocks of 32: every row length, pruned widths included, must be a multiple of 32); "
                      "norms stay f32", choices=GGUF_TYPES)
     layout: str = knob("auto", "per-layer widths: auto/deci = llama.cpp's 'deci' architecture with a per-layer "
                        "feed_forward_length array (Llama-family models); padded = zero-pad every layer to the "
@@ -74,18 +81,76 @@ class GGUFOptions(Options):
         return f"model-{self.type.upper()}.gguf"
 
 
+def block_of(kind: str) -> int:
+    """Values per quantization block of GGUF type ``kind`` along a row (1 for f32 / f16, 32 for q8_0 /
+    q5_0 / q4_0)."""
+    if kind not in GGUF_BLOCK:
+        raise PruneConfigError(f"Unknown GGUF type '{kind}'; available: {', '.join(GGUF_TYPES)}.")
+    return GGUF_BLOCK[kind]
+
+
+def gguf_round_to(kind: str, round_to: int | None = None) -> int:
+    """The width multiple to prune with for a GGUF file of type ``kind``: its block when ``round_to`` is
+    None (not chosen), else ``round_to`` itself, which must then be a multiple of the block."""
+    block = block_of(kind)
+    if round_to is None:
+        return block
+    if round_to >= 1 and round_to % block:  # < 1 is refused by the allocation itself
+        raise PruneConfigError(f"--round-to {round_to} is not a multiple of {kind.upper()}'s block of {block}, so "
+                               f"the pruned rows would not fit its blocks: use --round-to {block} (or a multiple) "
+                               "or --gguf-type f16.")
+    return round_to
+
+
+def gguf_width_note(kind: str, widths: list[int], full_widths: list[int] | None = None) -> str:
+    """One sentence for an export notice: the block ``kind`` needs, whether ``widths`` (kept MLP widths)
+    fit it, and the achieved ratio (share of MLP neurons removed) when ``full_widths`` is known."""
+    block = block_of(kind)
+    ratio = (f" (achieved ratio {100 * (1 - sum(widths) / sum(full_widths)):.1f} %)"
+             if full_widths and sum(full_widths) else "")
+    if block == 1:
+        fits = "are" if all(w % GGUF_BLOCK["q8_0"] == 0 for w in widths) else "are not"
+        return (f"GGUF {kind.upper()} stores any width{ratio}; Q8_0 / Q5_0 / Q4_0 would need multiples of "
+                f"{GGUF_BLOCK['q8_0']}, which these widths {fits}.")
+    if all(w % block == 0 for w in widths):
+        return f"Widths rounded to multiples of {block} for {kind.upper()}{ratio}."
+    shown = str(widths[0]) if len(set(widths)) == 1 else f"{min(widths)}–{max(widths)}"
+    return (f"Widths {shown} are not all multiples of {block}, which {kind.upper()} needs{ratio}: prune with "
+            f"round-to {block} or choose f16.")
+
+
 def _qtype(name: str):
     import gguf
 
     return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0}[name]
+            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q5_0": gguf.GGMLQuantizationType.Q5_0,
+            "q4_0": gguf.GGMLQuantizationType.Q4_0}[name]
 
 
 def _file_type(name: str):
     import gguf
 
     return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[name]
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[name]
+
+
+def check_block_rows(model: nn.Module, kind: str) -> None:
+    """Refuse (one sentence naming the tensor) a 2-D weight whose row length is not a multiple of the
+    block of GGUF type ``kind``: a pruned ``down_proj`` (its row is the kept width), or a hidden / attention
+    size of the model itself."""
+    block = block_of(kind)
+    if block == 1:
+        return
+    for key, tensor in model.state_dict().items():
+        row = int(tensor.shape[-1]) if tensor.dim() >= 2 else 0
+        if tensor.dim() < 2 or row % block == 0:
+            continue
+        if key.endswith("down_proj.weight"):
+            raise PruneConfigError(f"GGUF {kind.upper()} stores rows in blocks of {block}, but '{key}' has rows of "
+                                   f"{row} (its kept MLP width): prune with --round-to {block} or choose f16.")
+        raise PruneConfigError(f"GGUF {kind.upper()} stores rows in blocks of {block}, but '{key}' has rows of {row} "
+                               "(a size of the model that pruning does not change): choose f16 or f32.")
 
 
 def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -274,15 +339,17 @@ def _tensors(model: nn.Module, arch: str, permute: bool):
 
 
 def _encode(data: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
-    """(array to write, raw dtype or None): 1-D → F32; 2-D → the asked type (Q8_0 needs rows of 32·k)."""
+    """(array to write, raw dtype or None): 1-D → F32; 2-D → the asked type (quantized types need rows of
+    block·k, checked beforehand by :func:`check_block_rows`)."""
     import gguf
 
     array = data.numpy()
     if array.ndim < 2 or kind == "f32":
         return array.astype(np.float32), None
-    if kind == "q8_0" and array.shape[-1] % Q8_BLOCK == 0:
-        return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    return array.astype(np.float16), None
+    if kind == "f16":
+        return array.astype(np.float16), None
+    qtype = _qtype(kind)
+    return gguf.quants.quantize(array, qtype), qtype
 
 
 def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, options: GGUFOptions | None = None, *,
@@ -290,6 +357,7 @@ def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, options: GGU
     """Write ``model`` (+ tokenizer) to the GGUF file ``path`` (atomically); returns the path.
 
     ``source``: the spec the model was loaded from (for the pre-tokenizer name of a source GGUF).
+    A quantized type refuses a 2-D row length that is not a multiple of its block (:func:`check_block_rows`).
     Uniform widths give a standard ``llama`` / ``qwen2`` / ``qwen3`` file; per-layer widths follow
     ``options.layout`` (module docstring)."""
     import gguf
@@ -308,6 +376,7 @@ def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, options: GGU
             arch = "deci"
     elif options.layout == "deci" and base_arch == "llama":
         arch = "deci"
+    check_block_rows(model, options.type)  # before any byte is written
     pre = options.pre if options.pre != "auto" else (source_pre_tokenizer(source) or "default")
     target = Path(path)
     tmp = target.with_name(f".{target.name}.partial")

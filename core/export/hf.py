@@ -66,7 +66,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: d
                 gguf=None) -> Path:
     """Write model (safetensors), tokenizer and ``pruning_meta.json`` to ``out_dir``; return it.
     ``mode="gguf"`` writes one ``model-<TYPE>.gguf`` (tokenizer inside) + ``pruning_meta.json`` instead;
-    ``gguf``: its :class:`core.gguf_export.GGUFOptions` (type f32/f16/q8_0, per-layer layout)."""
+    ``gguf``: its :class:`core.gguf_export.GGUFOptions` (type f32/f16/q8_0/q5_0/q4_0, per-layer layout)."""
     if mode not in EXPORT_MODES:
         raise PruneConfigError(f"Unknown export mode '{mode}'; available: {', '.join(EXPORT_MODES)}.")
     if mode != "hf-remote-code" and has_pruned_heads(model):

@@ -543,6 +543,34 @@ def _bar(progress: bool, total: int | None):
 TIMED = ("data", "teacher", "student_and_loss", "backward_stack", "optimizer", "heldout", "checkpoint")
 
 
+def _check_inputs(student: nn.Module, teacher: nn.Module | None, objective: Objective, data: torch.Tensor,
+                  params: ParamSet, options: TrainOptions) -> None:
+    """One sentence for a run that cannot start: nothing to train, less data than a batch, no teacher."""
+    if not params.named:
+        raise TrainConfigError(f"The parameter set '{params.name}' has no parameters to train.")
+    if data.shape[0] < options.batch_size:
+        raise DataError(f"The training text gives {data.shape[0]} windows, fewer than one batch of "
+                        f"{options.batch_size}; use more text, a shorter sequence length or a smaller batch.")
+    if getattr(objective, "needs_teacher", lambda: True)() and teacher is None:
+        raise TrainConfigError("This objective needs a teacher model.")
+
+
+@contextlib.contextmanager
+def _timed(timing: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall seconds of the ``with`` body to ``timing[key]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[key] = timing.get(key, 0.0) + time.perf_counter() - t
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, options: TrainOptions, factor: float) -> None:
+    """Each group's lr: the base lr × its scale × the schedule factor (groups outside the schedule skip it)."""
+    for group in optimizer.param_groups:
+        group["lr"] = options.lr * group["lr_scale"] * (factor if group["schedule"] else 1.0)
+
+
 def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, data: torch.Tensor,
           params: ParamSet, options: TrainOptions, *, heldout: torch.Tensor | None = None,
           stop: Callable[[], bool] | None = None, on_step: Callable[[StepRecord], None] | None = None,
@@ -555,14 +583,8 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
     steps and at the end. ``on_step`` receives a :class:`StepRecord` after every step (and one for
     step 0). Raises :class:`Stopped` when ``stop()`` turns true — the student's trainable parameters
     are then back at their values from before the call."""
-    if not params.named:
-        raise TrainConfigError(f"The parameter set '{params.name}' has no parameters to train.")
-    if data.shape[0] < options.batch_size:
-        raise DataError(f"The training text gives {data.shape[0]} windows, fewer than one batch of "
-                        f"{options.batch_size}; use more text, a shorter sequence length or a smaller batch.")
+    _check_inputs(student, teacher, objective, data, params, options)
     device = _device(student)
-    if getattr(objective, "needs_teacher", lambda: True)() and teacher is None:
-        raise TrainConfigError("This objective needs a teacher model.")
     torch.manual_seed(options.seed)
     batches = _Batches(data.shape[0], options.batch_size, options.seed)
     parallel = distributed.TrainingSync(options.batch_size, options.accumulate)  # no-op outside torchrun
@@ -594,9 +616,8 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
     best = _Best(params, options.keep_best)
     try:
         with _only_trainable(student, teacher, params), _train_mode(student, options.grad_checkpointing):
-            t0 = time.perf_counter()
-            initial_value = last_value = evaluate()
-            timing["initial_heldout"] = time.perf_counter() - t0
+            with _timed(timing, "initial_heldout"):
+                initial_value = last_value = evaluate()
             best.start(initial_value)
             record(StepRecord(0, 0, None, initial_value, 0.0, 0.0))
             optimizer = _optimizer(params, options, device)
@@ -610,28 +631,24 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                 check_stop(stop, f"Training was stopped at step {step}; the student is back at its state from "
                            "before the run.")
                 factor = lr_factor(step, used, options)
-                for group in optimizer.param_groups:
-                    group["lr"] = options.lr * group["lr_scale"] * (factor if group["schedule"] else 1.0)
-                step_start = t = time.perf_counter()
-                batch = parallel.local(data[batches.next()]).to(device)  # this rank's share of the global batch
-                timing["data"] += time.perf_counter() - t
+                _set_lr(optimizer, options, factor)
+                step_start = time.perf_counter()
+                with _timed(timing, "data"):
+                    batch = parallel.local(data[batches.next()]).to(device)  # this rank's share of the global batch
                 state = StepState(step, used, 1.0 / options.accumulate)
                 loss, read = parallel.reduce(*_micro_batches(objective, student, teacher, batch, micro, state,
                                                              device, timing))
                 tokens += read
-                t = time.perf_counter()
-                _optimizer_step(optimizer, params, objective, options, state)
-                timing["optimizer"] += time.perf_counter() - t
+                with _timed(timing, "optimizer"):
+                    _optimizer_step(optimizer, params, objective, options, state)
                 step += 1
                 step_seconds = max(step_seconds, time.perf_counter() - step_start)
                 value = None
                 if options.eval_every and step % options.eval_every == 0:
-                    t = time.perf_counter()
-                    value = last_value = evaluate()
-                    timing["heldout"] += time.perf_counter() - t
-                    t = time.perf_counter()
-                    best.offer(value, step)
-                    timing["checkpoint"] += time.perf_counter() - t
+                    with _timed(timing, "heldout"):
+                        value = last_value = evaluate()
+                    with _timed(timing, "checkpoint"):
+                        best.offer(value, step)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", heldout="" if value is None else f"{value:.4f}")
@@ -639,15 +656,14 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                     raise TrainConfigError(f"The loss became {loss} at step {step}; lower the learning rate.")
                 record(StepRecord(step, tokens, loss, value, options.lr * factor, time.perf_counter() - start))
             seconds = time.perf_counter() - start
-            t = time.perf_counter()
-            if heldout is not None and (not options.eval_every or step % options.eval_every):
-                last_value = evaluate()
-                best.offer(last_value, step, snapshot=False)  # the current state: nothing to copy
-                curve[-1]["heldout"] = last_value
-                if on_step is not None:  # the live curve gets the final held-out point too
-                    on_step(StepRecord(**curve[-1]))
-            final_value = best.value if best.restore_best(step) else last_value
-            timing["final_heldout_and_restore"] = time.perf_counter() - t
+            with _timed(timing, "final_heldout_and_restore"):
+                if heldout is not None and (not options.eval_every or step % options.eval_every):
+                    last_value = evaluate()
+                    best.offer(last_value, step, snapshot=False)  # the current state: nothing to copy
+                    curve[-1]["heldout"] = last_value
+                    if on_step is not None:  # the live curve gets the final held-out point too
+                        on_step(StepRecord(**curve[-1]))
+                final_value = best.value if best.restore_best(step) else last_value
             timing["max_step"] = step_seconds
     except BaseException:
         best.restore_initial()

@@ -6,6 +6,7 @@ import gradio as gr
 import pandas as pd
 
 from core.errors import HFPruneError, SelectionError, Stopped
+from core.export.gguf import GGUF_BLOCK, GGUFOptions, gguf_width_note
 from core.export.hf import EXPORT_MODES, default_export_mode
 from core.importance.criteria import get_criterion
 from core.measure.timing import scoring_seconds, sweep_seconds
@@ -339,6 +340,20 @@ def make_default_format(services: Services):
     return default_format
 
 
+def make_format_note(services: Services):
+    def format_note(name: str | None, mode: str, request: gr.Request = None):
+        """Picking GGUF: the block its tensor type needs, whether the variant's widths fit it, the achieved
+        ratio (the engine's sentence); other formats leave the text as it is."""
+        session = services.sessions.get(session_id(request))
+        variant = session.variants.get(name or "")
+        if mode != "gguf" or variant is None:
+            return gr.update()
+        kind = GGUFOptions().type  # the dashboard writes the engine's default GGUF type
+        full = variant.meta.get("original_intermediate_sizes")
+        return f"**{name}** as GGUF: {gguf_width_note(kind, variant.widths, full)}"
+    return format_note
+
+
 def make_export_zip(services: Services):
     @user_errors
     def export_zip(name: str, mode: str, request: gr.Request = None, progress=PLAIN):
@@ -377,7 +392,9 @@ def build(ctx: Ctx) -> None:
             ratio = gr.Slider(0.0, 0.95, value=0.2, step=0.01, label="Ratio of MLP neurons removed", elem_id="ratio")
             allocation = gr.Dropdown(allocations(), value=allocations()[0][1], label="Allocation",
                                      info="how the cut is spread over layers (see the glossary)", elem_id="allocation")
-            round_to = gr.Dropdown(["1", "8", "64", "128"], value="1", label="Round widths to a multiple of")
+            round_to = gr.Dropdown(["1", "8", str(GGUF_BLOCK["q8_0"]), "64", "128"], value="1",
+                                   label="Round widths to a multiple of",
+                                   info=f"{GGUF_BLOCK['q8_0']}: the block of GGUF Q8_0 / Q5_0 / Q4_0")
         with gr.Accordion("Adaptive search settings (used by the adaptive allocations)", open=False,
                           elem_id="adaptive-settings"):
             with gr.Row():
@@ -503,6 +520,7 @@ def build(ctx: Ctx) -> None:
         make_variants_panel(services), None, panel_outputs, api_visibility="private")
     export_variant.change(make_default_format(services), export_variant, [mode, export_why],
                           api_name="export_default")
+    mode.input(make_format_note(services), [export_variant, mode], export_why, api_name="export_format_note")
     zip_button.click(make_export_zip(services), [export_variant, mode], [export_file, export_status],
                      api_name="export_zip", **model_events())
     save_button.click(make_export_save(services), [export_variant, mode, folder], export_status,
