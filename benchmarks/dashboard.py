@@ -31,9 +31,9 @@ import _common  # noqa: F401
 from _common import RESULTS, ROOT, machine, markdown_table, write_result
 
 from core.importance.criteria import parameter_knobs
+from core.prune.allocate import ADAPTIVE_PRESETS
 from hfprune_ui.tabs.importance import DEFAULT_CRITERIA
 from hfprune_ui.tabs.model_data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
-from hfprune_ui.tabs.prune import ADAPTIVE_PRESETS
 
 MODEL = "smollm2-135m"
 CRIT = [cls.ui(field)["value"] for _c, cls, field in parameter_knobs()]  # every criterion knob at its default

@@ -184,16 +184,19 @@ class Options:
 
     # -- dashboard controls ---------------------------------------------------------------------
     @classmethod
-    def ui(cls, name: str) -> dict:
+    def ui(cls, name: str, defaults: dict | None = None) -> dict:
         """Keyword arguments for a gradio Slider / Number / Dropdown of field ``name``: ``minimum``,
-        ``maximum``, ``value``, ``step`` (numbers) or ``choices``, ``value`` (choices), and ``info``."""
+        ``maximum``, ``value``, ``step`` (numbers) or ``choices``, ``value`` (choices), and ``info``.
+        ``defaults``: a method's own defaults for this group (e.g. recovery's learning rate), the same
+        dict its CLI passes to :meth:`add_arguments`."""
         for f, spec, kind in cls.knobs():
             if f.name != name:
                 continue
+            value = (defaults or {}).get(name, f.default)
             if spec.choices is not None:
-                return {"choices": list(spec.choices), "value": f.default, "info": spec.help}
+                return {"choices": list(spec.choices), "value": value, "info": spec.help}
             if kind is bool:
-                return {"value": f.default, "info": spec.help}
+                return {"value": value, "info": spec.help}
             step = spec.step if spec.step is not None else (1 if kind is int else 0.01)
             low = spec.ui_low if spec.ui_low is not None else spec.low
             high = spec.ui_high if spec.ui_high is not None else spec.high
@@ -203,7 +206,7 @@ class Options:
                 high = high - step
             return {"minimum": kind(low) if low is not None else None,
                     "maximum": kind(high) if high is not None else None,
-                    "value": f.default, "step": step, "info": f"{spec.help} ({spec.range_text()})"}
+                    "value": value, "step": step, "info": f"{spec.help} ({spec.range_text()})"}
         raise KeyError(name)
 
     def replace(self, **changes: Any) -> Options:

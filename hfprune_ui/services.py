@@ -28,6 +28,7 @@ from core.measure.timing import adaptive_seconds, seconds_per_token
 from core.measure.zeroshot import check_tasks, run_zeroshot
 from core.methods import oneshot as engine
 from core.methods.gates import TRAIN_DEFAULTS, DDPOptions, DDPPlan, ddp
+from core.methods.recover import TRAIN_DEFAULTS as RECOVER_TRAIN
 from core.methods.recover import LoraOptions, RecoverOptions, apply_lora_state, param_set, recover
 from core.models.adapters import mlp_widths
 from core.models.counts import mlp_widths_any
@@ -571,8 +572,9 @@ class Services:
 
     # -- recovery (issue 11: distil a pruned variant from the original) ----------------------------
     def recover(self, session: Session, source: str, *, params: str = "mlp", minutes: float = 2.0, steps: int = 0,
-                lr: float = 3e-4, name: str = "", lora_rank: int = 16, tau: float = 1.0, alpha: float = 1.0,
-                batch_size: int = 4, seq_len: int = 128, eval_every: int = 10,
+                lr: float = RECOVER_TRAIN["lr"], name: str = "", lora_rank: int = 16, tau: float = 1.0,
+                alpha: float = 1.0, batch_size: int = 4, seq_len: int = 128,
+                eval_every: int = RECOVER_TRAIN["eval_every"],
                 stop: Callable[[], bool] | None = None,
                 on_step: Callable[[object], None] | None = None) -> tuple[Variant, str | None]:
         """Train a copy of variant ``source`` against the session's original (core.recover) for the
@@ -587,9 +589,9 @@ class Services:
                                  source=session.source)
         train_options = TrainOptions(minutes=float(minutes), steps=int(steps), lr=float(lr),
                                      batch_size=int(batch_size), eval_every=int(eval_every),
-                                     warmup_steps=min(10, max(1, int(steps) // 10)) if steps else 5)
+                                     warmup_steps=TrainOptions.warmup_for(int(steps)))
         distill = DistillOptions(tau=float(tau), alpha=float(alpha))
-        lora = LoraOptions(rank=int(lora_rank), alpha=2.0 * int(lora_rank))
+        lora = LoraOptions.for_rank(lora_rank)
         loaded = self.model(variant.base_spec)
         with self.model_lock:
             student = LoadedModel(copy.deepcopy(variant.model), loaded.tokenizer, f"{variant.base_spec}:{source}", "")

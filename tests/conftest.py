@@ -9,6 +9,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one pytest worker per core: each keeps to one thread
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib
 import io

@@ -53,3 +53,18 @@ def test_ui_ranges_and_legacy_dicts():
     old = _Demo.from_dict({"old_ratio": 0.4, "windows": None, "gone": 1})
     assert old == _Demo(ratio=0.4)
     assert _Demo.from_dict(old.to_dict()) == old
+
+
+def test_a_methods_own_defaults_reach_its_form_and_its_flags():
+    """Recovery's measured learning rate is what `python -m core recover` and the Recover tab start from."""
+    import argparse
+
+    from core.methods.recover import TRAIN_DEFAULTS
+    from core.train.loop import TrainOptions
+
+    assert TrainOptions.ui("lr")["value"] == TrainOptions().lr
+    assert TrainOptions.ui("lr", TRAIN_DEFAULTS)["value"] == TRAIN_DEFAULTS["lr"] != TrainOptions().lr
+    parser = argparse.ArgumentParser()
+    TrainOptions.add_arguments(parser, defaults=TRAIN_DEFAULTS)
+    assert TrainOptions.from_args(parser.parse_args(["--steps", "3"])).lr == TRAIN_DEFAULTS["lr"]
+    assert TrainOptions.warmup_for(0) == 5 and TrainOptions.warmup_for(40) == 4 and TrainOptions.warmup_for(500) == 10

@@ -68,16 +68,13 @@ def test_bad_settings_are_clear_errors():
         assert pick_device("auto").type == "cpu"
 
 
-def test_cli_bench_reports_device_and_ideal_vs_measured_speedup(tmp_path, capsys):
+def test_cli_bench_reports_device_and_ideal_vs_measured_speedup(tmp_path, capsys, real_tokenizer):
     """A pruned folder: ideal (FLOP) speed-up and the measured one against its dense source."""
-    from transformers import AutoTokenizer
-
     from core.cli import main
     from core.export.hf import save_pruned
-    from core.models.loading import ensure_embedded
     from core.models.slicing import prune_mlp_neurons
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ensure_embedded("smollm2-135m")))
+    tokenizer = real_tokenizer
     dense = make_tiny("llama", intermediate_size=64)
     dense_dir = tmp_path / "dense"
     dense.save_pretrained(str(dense_dir))

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from core.data.text import SPLITS, describe_source, split_text_file, token_stream, window_body
-from core.models.loading import load_model
+from core.models.loading import load_tokenizer
 
 
 def register(sub) -> None:
@@ -26,7 +26,7 @@ def cmd_data(args) -> dict:
         parts = split_text_file(args.source)
         out.update(how=parts.how, documents=parts.documents, calibration_documents=len(parts.calibration),
                    evaluation_documents=len(parts.evaluation))
-    tokenizer = load_model(args.model).tokenizer
+    tokenizer = load_tokenizer(args.model)
     body = window_body(tokenizer, args.seq_len)[1]
     for split in SPLITS:
         tokens = len(token_stream(tokenizer, args.source, split))

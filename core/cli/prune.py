@@ -14,7 +14,7 @@ from core.data.text import CalibrationOptions, calibration_windows, evaluation_w
 from core.errors import PruneConfigError
 from core.export.gguf import GGUFOptions, gguf_round_to
 from core.export.hf import EXPORT_MODES, check_output_dir, read_meta, save_pruned
-from core.importance.criteria import REGISTRY, add_parameter_arguments, parameters_from_args
+from core.importance.criteria import ALL_CRITERIA, add_parameter_arguments, parameters_from_args
 from core.measure.evaluate import evaluate
 from core.methods.oneshot import (
     ALLOCATIONS,
@@ -85,7 +85,8 @@ def _common(parser: argparse.ArgumentParser, data: bool = True) -> None:
 
 
 def _criterion_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--criterion", default="entropy", choices=sorted(REGISTRY))
+    parser.add_argument("--criterion", default="entropy", choices=sorted(ALL_CRITERIA),
+                        help="LLMs: entropy (default) …; encoders: amp_entropy (default), magnitude, wanda, …")
     add_parameter_arguments(parser)  # every criterion's own knobs, declared once on its Params
 
 

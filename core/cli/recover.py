@@ -9,6 +9,7 @@ from core import distributed
 from core.cli import add_model_out_arguments
 from core.export.hf import check_output_dir, read_meta
 from core.methods.recover import (
+    TRAIN_DEFAULTS,
     LoraOptions,
     RecoverOptions,
     default_teacher,
@@ -25,7 +26,7 @@ def register(sub) -> None:
     parser.add_argument("--model", required=True, help="the student: a pruned model folder (or any model spec)")
     parser.add_argument("--teacher", help="the teacher (default: the model named in the student's pruning_meta.json)")
     RecoverOptions.add_arguments(parser)
-    TrainOptions.add_arguments(parser)
+    TrainOptions.add_arguments(parser, defaults=TRAIN_DEFAULTS)
     DistillOptions.add_arguments(parser)
     LoraOptions.add_arguments(parser)
     add_model_out_arguments(parser, "export mode (default: the student's own; else hf-native for uniform widths, "

@@ -21,9 +21,6 @@ from core.cli import check_scores_out
 from core.data.images import labelled_images, stratified_split
 from core.errors import PruneConfigError
 from core.export.hf import check_output_dir, read_meta
-from core.importance.criteria import (
-    ENCODER_CRITERIA,
-)
 from core.measure.encoders import feature_fidelity, labelled_scores, size_report, throughput
 from core.methods.encoders import (
     EncoderOptions,
@@ -49,10 +46,6 @@ def register(sub) -> None:
             continue
         original = parser.get_default("handler")
         llm_defaults = {dest: parser.get_default(dest) for dest in _SHARED}
-        for action in parser._actions:  # argparse has no public way to extend choices
-            if action.dest == "criterion" and action.choices is not None:
-                action.choices = sorted(set(action.choices) | set(ENCODER_CRITERIA))
-                action.help = "LLMs: entropy (default) …; encoders: amp_entropy (default), magnitude, wanda, …"
         group = parser.add_argument_group("encoders (dinov2-small, minilm-l6, ViT / DINOv2 / CLIP / BERT)")
         group.add_argument("--image-size", type=int, default=224, help="side of the calibration crops (default 224)")
         group.add_argument("--temp-inv", type=float, default=None,

@@ -474,11 +474,19 @@ ENCODER_CRITERIA: dict[str, type[Criterion]] = {
     for c in [ALL_CRITERIA[n]] if "encoder" in c.applies_to}
 
 
+def _unknown(name: str) -> HFPruneError:
+    """The one sentence for a name that is not a language-model criterion."""
+    if name in ALL_CRITERIA:
+        return HFPruneError(f"Criterion '{name}' scores encoders only; for a language model choose one of: "
+                            f"{', '.join(REGISTRY)}.")
+    return HFPruneError(f"Unknown criterion '{name}'; choose one of: {', '.join(REGISTRY)}.")
+
+
 def get_criterion(name: str, **params) -> Criterion:
     """Instantiate a criterion by registry name with optional parameters (e.g. ``temperature``/``alpha``
     for self_distill, ``weight`` for entropy+ce, ``aggregate``/``draws`` for fisher)."""
     if name not in REGISTRY:
-        raise HFPruneError(f"Unknown criterion '{name}'; choose one of: {', '.join(REGISTRY)}.")
+        raise _unknown(name)
     try:
         return REGISTRY[name](**params)
     except TypeError as exc:
@@ -491,7 +499,7 @@ def resolve_params(name: str, values: dict | None = None) -> dict:
     ignored, missing ones take their defaults, bad values raise a clear error. ``values`` may also be
     keyed by criterion ({"self_distill": {"temperature": 0.3}, …}), as the dashboard sends them."""
     if name not in REGISTRY:
-        raise HFPruneError(f"Unknown criterion '{name}'; choose one of: {', '.join(REGISTRY)}.")
+        raise _unknown(name)
     if values and any(isinstance(v, dict) for v in values.values()):
         values = values.get(name) or {}
     takes = REGISTRY[name]().params()
@@ -525,7 +533,7 @@ def add_parameter_arguments(parser) -> None:
 def parameters_from_args(args, criterion: str) -> dict:
     """The parameters of ``criterion`` typed on the command line; a flag of another criterion is an error."""
     if criterion not in REGISTRY:
-        raise HFPruneError(f"Unknown criterion '{criterion}'; choose one of: {', '.join(REGISTRY)}.")
+        raise _unknown(criterion)
     own = REGISTRY[criterion].Params
     foreign = [cls.flag(field) for name, cls, field in parameter_knobs()
                if cls is not own and field in cls.given(args)]

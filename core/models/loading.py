@@ -282,9 +282,13 @@ def load_tokenizer(spec: str = DEFAULT_MODEL):
                 tokenizer = AutoTokenizer.from_pretrained(str(folder))
             elif entry.derive_from:
                 return load_tokenizer(entry.derive_from)
-            else:
+            elif (models_dir() / f"{spec}-tokenizer" / "tokenizer_config.json").exists():
+                tokenizer = AutoTokenizer.from_pretrained(str(models_dir() / f"{spec}-tokenizer"))
+            else:  # read from the GGUF once (seconds), then kept beside the converted models
                 gguf = entry.locate()
                 tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                with atomic_folder(models_dir() / f"{spec}-tokenizer", keep_existing=True) as tmp:
+                    tokenizer.save_pretrained(str(tmp))
         else:
             location, gguf_file = resolve(spec)
             tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)

@@ -38,6 +38,15 @@ class AllocationOptions(Options):
                                     low_open=True, step=0.01, flag="adaptive-min-keep")
 
 
+# The adaptive search's settings, one click apart: quick is the dashboard's default (≤ 3 min on a 2-core CPU,
+# measured in benchmarks/dashboard.py), thorough is the engine's / CLI's default (AllocationOptions()).
+ADAPTIVE_KNOBS = ("halvings", "heldout_samples", "heldout_seq_len", "fidelity")
+ADAPTIVE_PRESETS: dict[str, dict] = {
+    "quick": {"halvings": 4, "heldout_samples": 2, "heldout_seq_len": 64, "fidelity": "kl"},
+    "thorough": {k: getattr(AllocationOptions(), k) for k in ADAPTIVE_KNOBS},
+}
+
+
 def check_ratio(ratio: float) -> float:
     """Ratio = fraction of MLP neurons removed; must lie in [0, 1)."""
     try:

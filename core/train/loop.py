@@ -87,6 +87,12 @@ class TrainOptions(Options):
         if self.batch_size % self.accumulate:
             raise self.error(f"batch_size ({self.batch_size}) must be a multiple of accumulate ({self.accumulate}).")
 
+    @staticmethod
+    def warmup_for(steps: int) -> int:
+        """The warm-up a form uses when the user sets no warm-up: a tenth of a step budget (1–10 steps),
+        else 5 steps for a time or token budget."""
+        return min(10, max(1, int(steps) // 10)) if steps else 5
+
     def budget_text(self) -> str:
         parts = [f"{self.steps} steps" if self.steps else "", f"{self.tokens} tokens" if self.tokens else "",
                  f"{self.minutes:g} min" if self.minutes else ""]

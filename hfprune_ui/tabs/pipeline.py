@@ -107,7 +107,7 @@ def make_start(services: Services, ablation: bool):
         options = PipelineOptions(order=order, ratio=float(ratio), criterion=criterion, allocation=allocation,
                                   quant=quant, params=params)  # a bad value is one sentence before any work
         train_options = TrainOptions(steps=steps, minutes=0.0 if steps else minutes, lr=float(lr),
-                                     warmup_steps=max(1, steps // 10) if steps else 5, eval_every=10)
+                                     warmup_steps=TrainOptions.warmup_for(steps), eval_every=10)
         measure = MeasureOptions(**{**MEASURE, "zeroshot_limit": int(zeroshot_limit)})
         calibration = CalibrationOptions(**CALIBRATION)
         job = session.new_job()
@@ -179,7 +179,7 @@ def build(ctx: Ctx) -> None:
         with gr.Row():
             minutes = gr.Slider(0.25, 30, value=1, step=0.25, label="Distil budget: minutes (per order)")
             steps = gr.Number(0, precision=0, minimum=0, label="…or steps (0 = use the minutes)")
-            lr = gr.Number(1e-4, minimum=1e-7, label="Peak learning rate")
+            lr = gr.Number(TrainOptions.ui("lr")["value"], minimum=1e-7, label="Peak learning rate")
             zeroshot = gr.Slider(0, 200, value=40, step=10, label="Zero-shot items per task (0 = skip)")
         with gr.Row():
             run_button = gr.Button("Run pipeline", variant="primary", elem_id="pipeline-run")

@@ -11,7 +11,7 @@ from core.export.hf import EXPORT_MODES, default_export_mode
 from core.importance.criteria import get_criterion
 from core.measure.timing import scoring_seconds, sweep_seconds
 from core.models.counts import prune_preview
-from core.prune.allocate import AllocationOptions
+from core.prune.allocate import ADAPTIVE_KNOBS, ADAPTIVE_PRESETS, AllocationOptions
 from core.prune.compensate import CompensationOptions
 from core.studies.stability import SWEEP_DRAWS_MAX, check_sweep_draws
 from core.studies.sweep import SWEEP_ALLOCATIONS, parse_ratios
@@ -26,14 +26,7 @@ from ..status import count
 
 PREVIEW_SEQ_LEN = 128
 OLDEST = "the oldest"
-# The adaptive search's settings, one click apart: quick is the dashboard's default (≤ 3 min on a
-# 2-core CPU, measured in benchmarks/dashboard.py), thorough is the engine's / CLI's default.
-ADAPTIVE_PRESETS = {
-    "quick": {"halvings": 4, "heldout_samples": 2, "heldout_seq_len": 64, "fidelity": "kl"},
-    "thorough": {k: getattr(AllocationOptions(), k) for k in ("halvings", "heldout_samples", "heldout_seq_len",
-                                                              "fidelity")},
-}
-KNOBS = ("halvings", "heldout_samples", "heldout_seq_len", "fidelity")
+KNOBS = ADAPTIVE_KNOBS
 
 
 def adaptive_knobs(halvings: float, heldout_samples: float, heldout_seq_len: float, fidelity: str) -> dict:

@@ -15,6 +15,8 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from core.errors import HFPruneError, Stopped
+from core.methods.recover import TRAIN_DEFAULTS
+from core.train.loop import TrainOptions
 
 from .. import figures
 from ..context import Ctx, model_events
@@ -138,7 +140,7 @@ def build(ctx: Ctx) -> None:
         with gr.Row():
             minutes = gr.Slider(0.25, 30, value=2, step=0.25, label="Budget: minutes", elem_id="recover-minutes")
             steps = gr.Number(0, precision=0, minimum=0, label="…or steps (0 = use the minutes)")
-            lr = gr.Number(3e-4, minimum=1e-7, label="Peak learning rate")
+            lr = gr.Number(TrainOptions.ui("lr", TRAIN_DEFAULTS)["value"], minimum=1e-7, label="Peak learning rate")
             name = gr.Textbox("", label="Name of the recovered variant", placeholder="default: <variant>+kd-<params>")
         with gr.Accordion("Loss and batch", open=False):
             with gr.Row():
@@ -149,7 +151,8 @@ def build(ctx: Ctx) -> None:
             with gr.Row():
                 batch_size = gr.Slider(1, 16, value=4, step=1, label="Windows per step")
                 seq_len = gr.Slider(32, 512, value=128, step=32, label="Tokens per window")
-                eval_every = gr.Slider(1, 100, value=10, step=1, label="Held-out KL every N steps")
+                eval_every = gr.Slider(1, 100, value=TRAIN_DEFAULTS["eval_every"], step=1,
+                                       label="Held-out KL every N steps")
         with gr.Row():
             start_button = gr.Button("Start", variant="primary", elem_id="recover-start")
             stop_button = gr.Button("Stop", variant="stop", elem_id="recover-stop")
