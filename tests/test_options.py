@@ -62,8 +62,8 @@ def test_a_methods_own_defaults_reach_its_form_and_its_flags():
     from core.methods.recover import TRAIN_DEFAULTS
     from core.train.loop import TrainOptions
 
-    assert TrainOptions.ui("lr")["value"] == TrainOptions().lr
-    assert TrainOptions.ui("lr", TRAIN_DEFAULTS)["value"] == TRAIN_DEFAULTS["lr"] != TrainOptions().lr
+    assert TrainOptions.ui("lr")["value"] == TrainOptions(steps=1).lr
+    assert TrainOptions.ui("lr", TRAIN_DEFAULTS)["value"] == TRAIN_DEFAULTS["lr"] != TrainOptions(steps=1).lr
     parser = argparse.ArgumentParser()
     TrainOptions.add_arguments(parser, defaults=TRAIN_DEFAULTS)
     assert TrainOptions.from_args(parser.parse_args(["--steps", "3"])).lr == TRAIN_DEFAULTS["lr"]
