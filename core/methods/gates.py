@@ -59,12 +59,12 @@ from core import __version__
 from core.data.text import training_windows
 from core.errors import PruneConfigError
 from core.export.hf import save_pruned
-from core.importance.criteria import entropy
+from core.importance.heads import head_entropy_scores
 from core.methods.oneshot import plan_widths, score_model
 from core.methods.recover import check_trainable
 from core.models.adapters import attention_handles, mlp_handles, mlp_widths
 from core.models.counts import count_params
-from core.models.forward import base_forward, chunk_rows, frozen, lm_logits
+from core.models.forward import base_forward
 from core.models.slicing import prune_attention_heads, prune_mlp_neurons
 from core.options import Options, knob
 from core.prune.allocate import normalize_scores
@@ -575,29 +575,6 @@ def warm_values(scores: list[torch.Tensor], low: float) -> list[torch.Tensor]:
     return list(torch.split(low + (1.0 - low) * q, [s.numel() for s in scores]))
 
 
-def head_entropy_scores(model: nn.Module, gates: Gates, windows: torch.Tensor) -> list[torch.Tensor]:
-    """Entropy-Taylor importance of every head unit: per window |Σ_tokens a·∂H/∂a| of the unit's
-    attention output (the gradient of the summed next-token entropy at the head gate, gates at 1),
-    summed over windows. Returns per layer (units_l,) fp32 (CPU)."""
-    unit = gates.types["heads"]
-    saved = [z.detach().clone() for z in unit.z]
-    totals = [torch.zeros(z.numel()) for z in unit.z]
-    device = next(model.parameters()).device
-    step = chunk_rows(model.config.vocab_size)
-    with frozen(model), gates.using("soft"), torch.enable_grad():
-        gates.set_values("heads", [torch.ones_like(s) for s in saved])
-        for z in unit.z:
-            z.grad = None
-        for window in windows:
-            hidden = base_forward(model, window.unsqueeze(0).to(device)).reshape(-1, model.config.hidden_size)
-            loss = sum(entropy(lm_logits(model, hidden[i:i + step]).float()).sum()
-                       for i in range(0, hidden.shape[0], step))
-            grads = torch.autograd.grad(loss, unit.z)
-            totals = [t + g.detach().abs().float().cpu() for t, g in zip(totals, grads)]
-    gates.set_values("heads", saved)
-    return totals
-
-
 # ----------------------------------------------------------------------------------------------
 # the recipe
 # ----------------------------------------------------------------------------------------------
@@ -656,8 +633,10 @@ def ddp(loaded: LoadedModel, options: DDPOptions | None = None, train_options: T
                                      stop=stop).scores
             gates.set_values("mlp", warm_values(scores, options.warm_low))
         if options.prunes_heads:
-            with gates.attached():
-                head_scores = head_entropy_scores(model, gates, windows[:options.warm_samples])
+            unit = gates.types["heads"]
+            with gates.attached(), gates.using("soft"):  # the MLP gates' warm values shape what the heads see
+                gates.set_values("heads", [torch.ones_like(z) for z in unit.z])  # head gates out of the way
+                head_scores = head_entropy_scores(model, windows[:options.warm_samples], unit.granularity)
             gates.set_values("heads", warm_values(head_scores, options.warm_low))
         warm_seconds = time.perf_counter() - start
     objective = DDPObjective(gates, options, _histogram_every(options, train_options))
