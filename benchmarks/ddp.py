@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.0, help="gate learning rate (0 = pick by the probes)")
     parser.add_argument("--probe-lrs", default="0.05,0.1")
     parser.add_argument("--probe-minutes", type=float, default=1.0)
-    parser.add_argument("--seq-len", type=int, default=128, help="training window length (DDP and recovery)")
+    parser.add_argument("--seq-len", type=int, default=DDPOptions.seq_len,
+                        help="training window length (DDP and recovery)")
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--eval-seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"],

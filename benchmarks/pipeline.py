@@ -91,8 +91,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="distil budget per order (steps; same for every order)")
     parser.add_argument("--minutes", type=float, default=0.0, help="…or a wall-clock budget per order")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--samples", type=int, default=16, help="calibration windows for scoring")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per scoring / training window")
+    parser.add_argument("--samples", type=int, default=CalibrationOptions.samples,
+                        help="calibration windows for scoring")
+    parser.add_argument("--seq-len", type=int, default=CalibrationOptions.seq_len,
+                        help="tokens per scoring / training window")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--speed-repeats", type=int, default=3)

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                         "e.g. '0.2/lsq/15/mlp;0.3/lsq/15/mlp' (default: every combination)")
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--eval-seq-len", type=int, default=128)
-    parser.add_argument("--heldout-windows", type=int, default=8)
+    parser.add_argument("--heldout-windows", type=int, default=RecoverOptions.heldout_windows)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--overhead", default="", help="parameter sets to time bare step vs loop (e.g. full,mlp,lora)")
     parser.add_argument("--tag", default="")

@@ -35,10 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--criteria", default="entropy,cross_entropy")
-    parser.add_argument("--draws", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    StabilityOptions.add_arguments(parser, skip=("source", "batch_size"))  # --draws --samples --seq-len --seed
     parser.add_argument("--ratios", default="0.2,0.3,0.4")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-seq-len", type=int, default=128)
@@ -46,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/stability.py " + " ".join(sys.argv[1:] if argv is None else argv)
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     ratios = [float(r) for r in args.ratios.split(",")]
-    options = StabilityOptions(draws=args.draws, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    options = StabilityOptions.from_args(args)
 
     loaded = load_model(args.model)
     start = time.perf_counter()

@@ -3,7 +3,8 @@
 Every function takes fp32-able tensors with the vocabulary last, ``(..., V)``, and returns one value
 per position ``(...)``; none is decorated with ``no_grad``, so training losses can use them too.
 ``row_chunks`` splits (R, V) rows so that only a bounded slab of fp32 temporaries exists at once
-(a (B·T, V) fp32 tensor is 1 GiB for 1024 positions of Gemma's 262k vocabulary).
+(a (B·T, V) fp32 tensor is 1 GiB for 1024 positions of Gemma's 262k vocabulary); it is the one
+chunking helper (``core.models.forward.chunk_rows`` is it with the training budget).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-# fp32 bytes of one chunk of rows: big enough for few kernel launches, small next to the logits.
+# fp32 bytes of one chunk of rows for no-grad metrics: big enough for few kernel launches, small next
+# to the logits.
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -51,8 +53,13 @@ def topk_overlap(ref_top: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     return (ref_top[..., :, None] == top[..., None, :]).any(-1).sum(-1).double() / ref_top.shape[-1]
 
 
+def rows_per_chunk(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows of fp32 (rows, V) in about ``chunk_bytes`` (at least 16)."""
+    return max(16, chunk_bytes // (4 * max(1, vocab_size)))
+
+
 def row_chunks(rows: int, vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[slice]:
     """Slices of ``rows`` with about ``chunk_bytes`` of fp32 (rows, V) each (at least 16 rows)."""
-    step = max(16, chunk_bytes // (4 * max(1, vocab_size)))
+    step = rows_per_chunk(vocab_size, chunk_bytes)
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))

@@ -14,7 +14,13 @@ are all derived from it.
     CompensationOptions.ui("samples")              # {"minimum": 1, "maximum": 256, "value": 128, "step": 1, "info": …}
     CompensationOptions.from_dict(stored)          # tolerant of runs written before a knob existed
 
-Adding a knob is a one-place change: a new field with ``knob(...)``.
+Adding a knob is a one-place change: a new field with ``knob(...)``. Groups that read the same kind of
+thing share it by extending a base group (``CalibrationOptions`` extends ``core.data.text.TextWindows``),
+giving a field a group's own default with :func:`knob_like` (the knob's help and range stay the base's):
+
+    @dataclass
+    class EncoderOptions(CalibrationOptions):
+        samples: int = knob_like(CalibrationOptions, "samples", 64)
 """
 from __future__ import annotations
 
@@ -68,6 +74,19 @@ def _num(value: float) -> str:
 def knob(default: Any, help: str, **spec: Any) -> Any:
     """A dataclass field carrying its :class:`Knob` (``low``, ``high``, ``choices``, ``ui_high`` …)."""
     return field(default=default, metadata={"knob": Knob(help=help, **spec)})
+
+
+def knob_like(group: type, name: str, default: Any = dataclasses.MISSING, **changes: Any) -> Any:
+    """Field ``name`` of option group ``group`` declared again in another group: the same :class:`Knob`
+    (the very object: its help, range and presentation are declared once) with this group's own
+    ``default`` (the base's when omitted). ``changes`` replace Knob attributes where a group must differ
+    (``low=2``, ``flag="heldout-samples"``); then it is a copy. The field name may differ from ``name``."""
+    fields = {f.name: f for f in dataclasses.fields(group)}
+    if name not in fields or "knob" not in fields[name].metadata:
+        raise TypeError(f"{group.__name__} has no knob named '{name}'.")
+    base = fields[name]
+    spec = dataclasses.replace(base.metadata["knob"], **changes) if changes else base.metadata["knob"]
+    return field(default=base.default if default is dataclasses.MISSING else default, metadata={"knob": spec})
 
 
 class Options:
@@ -153,7 +172,7 @@ class Options:
                 continue
             default = defaults.get(f.name, f.default)
             accepted = "" if spec.range_text() == "any value" else f"{spec.range_text()}; "
-            help_text = f"{spec.help} ({accepted}default {default})"
+            help_text = f"{spec.help} ({accepted}default {default})".replace("%", "%%")  # argparse formats help with %
             value = argparse.SUPPRESS if only_given else default
             if kind is bool:
                 parser.add_argument(cls.flag(f.name), dest=cls._dest(f.name), action=argparse.BooleanOptionalAction,
@@ -255,4 +274,4 @@ def _in_range(value: float, spec: Knob) -> bool:
     return not (spec.high is not None and (value > spec.high or spec.high_open and value == spec.high))
 
 
-__all__ = ["Knob", "Options", "dataclass", "knob"]
+__all__ = ["Knob", "Options", "dataclass", "knob", "knob_like"]

@@ -18,18 +18,41 @@ from typing import TypeVar
 
 import torch
 
-from core.data.text import evaluation_windows, store_text_file, window_capacity
+from core.data.text import (
+    CalibrationOptions,
+    calibration_windows,
+    evaluation_windows,
+    store_text_file,
+    window_capacity,
+)
 from core.errors import DataError, HFPruneError, PruneConfigError
 from core.export.hf import save_pruned, zip_folder
 from core.importance.criteria import REGISTRY, resolve_params
 from core.measure.evaluate import Reference, evaluate, evaluate_reference
+from core.measure.outputs import (
+    GenerationSettings,
+    TokenKL,
+    TokenMenu,
+    generate_side_by_side,
+    next_token_menus,
+    per_token_kl_text,
+)
 from core.measure.speed import add_measured_speedups, ideal_speedup, measure_speed
 from core.measure.timing import adaptive_seconds, seconds_per_token
 from core.measure.zeroshot import check_tasks, run_zeroshot
 from core.methods import oneshot as engine
-from core.methods.gates import TRAIN_DEFAULTS, DDPOptions, DDPPlan, ddp
+from core.methods.gates import TRAIN_DEFAULTS, DDPOptions, ddp
+from core.methods.pipeline import (
+    AblationResult,
+    MeasureOptions,
+    PipelineOptions,
+    PipelineResult,
+    Shared,
+    run_ablation,
+    run_pipeline,
+)
 from core.methods.recover import TRAIN_DEFAULTS as RECOVER_TRAIN
-from core.methods.recover import LoraOptions, RecoverOptions, apply_lora_state, param_set, recover
+from core.methods.recover import LoraOptions, RecoverOptions, param_set, recover
 from core.models.adapters import mlp_widths
 from core.models.counts import mlp_widths_any
 from core.models.loading import LoadedModel
@@ -38,7 +61,16 @@ from core.paths import cache_dir
 from core.progress import check_stop
 from core.quantize.backends import check_method, quantize_model
 from core.runs import RunStore
-from core.studies.stability import StabilityOptions, check_sweep_draws, draw_windows, score_draws, sweep_over_draws
+from core.studies.neuron import InspectOptions, NeuronReport, inspect_neuron
+from core.studies.report import build_report, rebuild_run_model, write_report
+from core.studies.stability import (
+    StabilityOptions,
+    check_sweep_draws,
+    draw_windows,
+    measure_stability,
+    score_draws,
+    sweep_over_draws,
+)
 from core.studies.sweep import fidelity_sweep
 from core.train.loop import DistillOptions, TrainOptions
 
@@ -489,6 +521,92 @@ class Services:
                 chosen[name] = self.variant(session, name).model
         return chosen
 
+    # -- what models say (Compare, the Tour) -----------------------------------------------
+    def generate(self, session: Session, names: list[str], prompt: str,
+                 settings: GenerationSettings) -> dict[str, str]:
+        """Generations of the original and each named variant for one prompt (same seed and settings)."""
+        models = self.models_for(session, names)
+        tokenizer = self.model(session.model_spec).tokenizer
+        with self.model_lock:
+            return generate_side_by_side(models, tokenizer, prompt, settings)
+
+    def menus(self, session: Session, names: list[str], context: str, k: int) -> TokenMenu:
+        """The next-token menus (top ``k`` of each) of the original and each named variant after ``context``."""
+        models = self.models_for(session, names)
+        tokenizer = self.model(session.model_spec).tokenizer
+        with self.model_lock:
+            return next_token_menus(models, tokenizer, context, int(k))
+
+    def token_kl(self, session: Session, name: str, text: str) -> TokenKL:
+        """Per-token KL of variant ``name`` to the original along ``text``."""
+        models = self.models_for(session, [name])
+        tokenizer = self.model(session.model_spec).tokenizer
+        with self.model_lock:
+            return per_token_kl_text(models["original"], models[name], tokenizer, text)
+
+    # -- neuron inspector, rank stability, reports -------------------------------------------
+    def neuron(self, session: Session, spec: str, data: DataSpec, layer: int, index: int, *, top_k: int,
+               stop: Callable[[], bool] | None = None) -> NeuronReport:
+        """One neuron of ``spec`` up close (core.neuron) on ``data``'s calibration windows, with its ranks
+        under the session's scores."""
+        loaded = self.model(spec)
+        windows = calibration_windows(loaded.tokenizer, data.source, data.samples, data.seq_len, data.seed,
+                                      max_length=loaded.max_length)
+        with self.model_lock:
+            return inspect_neuron(loaded, windows, int(layer), int(index), scores=session.scores, stop=stop,
+                                  options=InspectOptions(top_k=int(top_k)))
+
+    def stability(self, session: Session, spec: str, data: DataSpec, criteria: list[str], options: StabilityOptions,
+                  *, ratios: list[float], params: dict | None = None, stop: Callable[[], bool] | None = None,
+                  on_draw: Callable[[str, int], None] | None = None) -> dict:
+        """Score ``criteria`` on K disjoint draws of ``data`` and compare them (core.stability); the result
+        is stored as a ``stability`` run. Returns the result as a dict with its ``run_id``."""
+        loaded = self.model(spec)
+        with self.model_lock:
+            result, _scores = measure_stability(loaded, criteria, options, ratios=ratios, params=params,
+                                                progress=True, stop=stop, on_draw=on_draw)
+        out = result.to_dict()
+        run = self.runs.create("stability", {**result.config, "model": spec, "source": data.label,
+                                             "criteria": criteria, "session": session.session_id},
+                               results={"stability": out, "summary": result.summary()})
+        return {**out, "run_id": run.run_id}
+
+    def export_report(self, run_id: str, contexts: list[str]) -> tuple[str, Path]:
+        """A stored score or prune run as one HTML file (core.report) in a fresh temporary folder: (html, path).
+        A prune run's model is rebuilt to draw the menus after ``contexts`` and, without stored metrics,
+        to evaluate it on 4 held-out windows."""
+        run = self.runs.load(run_id)
+        loaded = self.model(run.config["model"]) if run.kind == "prune" else None
+        with self.model_lock:
+            html = build_report(run_id, store=self.runs, loaded=loaded, contexts=contexts, eval_windows=4,
+                                progress=True)
+        folder = Path(tempfile.mkdtemp(prefix="hfprune-report-"))
+        return html, write_report(html, folder / f"report-{run_id}.html")
+
+    # -- the prune → quantize → distil pipeline ----------------------------------------------
+    def pipeline(self, model_spec: str, options: PipelineOptions, *, out: Path, shared: Shared,
+                 calibration: CalibrationOptions, train_options: TrainOptions, measure: MeasureOptions,
+                 stop: Callable[[], bool] | None = None,
+                 on_event: Callable[[dict], None] | None = None) -> PipelineResult:
+        """One order of the pipeline (core.pipeline), exported to ``out``. Takes ``model_lock`` for the
+        whole run: call it from a worker thread, never from a generator that yields while it runs."""
+        loaded = self.model(model_spec)
+        with self.model_lock:
+            return run_pipeline(loaded, options, calibration=calibration, train_options=train_options, measure=measure,
+                                out=out, shared=shared, stop=stop, on_event=on_event)
+
+    def pipeline_ablation(self, model_spec: str, options: PipelineOptions, *, out_root: Path,
+                          calibration: CalibrationOptions, train_options: TrainOptions, measure: MeasureOptions,
+                          stop: Callable[[], bool] | None = None, on_event: Callable[[dict], None] | None = None,
+                          on_row: Callable[[dict], None] | None = None) -> AblationResult:
+        """All six orders at the same settings (core.pipeline.run_ablation), rows stored as runs and
+        reused. Takes ``model_lock`` for the whole run: call it from a worker thread."""
+        loaded = self.model(model_spec)
+        with self.model_lock:
+            return run_ablation(loaded, options, out_root=out_root, store=self.runs, calibration=calibration,
+                                train_options=train_options, measure=measure, stop=stop, on_event=on_event,
+                                on_row=on_row)
+
     # -- runs ------------------------------------------------------------------------------
     def load_run(self, session: Session, run_id: str) -> str:
         """Bring a stored run back into this session: scores → active scores; prune → a variant."""
@@ -506,11 +624,9 @@ class Services:
             session.score_runs[config["criterion"]] = run.run_id
             return f"Loaded {config['criterion']} scores of {model_spec} from run {run_id}."
         if run.kind == "prune":
-            loaded = self.model(model_spec)
+            self.model(model_spec)  # loaded (or found cached) before the lock is taken
             with self.model_lock:
-                kept = run.kept()
-                model = pruned_view(loaded.model, kept)
-                engine.apply_compensation(loaded, model, kept, run.results.get("meta", {}))
+                model = self.rebuild_variant_model(run)
             session.switch_model(model_spec)
             name = config.get("name") or run_id
             variant = Variant(name, model_spec, model, list(run.results.get("widths", [])),
@@ -607,36 +723,9 @@ class Services:
         return recovered, session.add_variant(recovered)
 
     def rebuild_variant_model(self, run) -> torch.nn.Module:
-        """The model of a stored prune or recover run, rebuilt from its source run (a recover run's
-        source is rebuilt first, then its stored tensors or LoRA adapters are applied)."""
-        loaded = self.model(run.config.get("model"))
-        if run.kind == "prune":
-            kept = run.kept()
-            model = pruned_view(loaded.model, kept)
-            engine.apply_compensation(loaded, model, kept, run.results.get("meta", {}))
-            return model
-        if run.kind == "ddp":  # kept units + gate values: fold and slice the original again
-            return DDPPlan.from_tensors(run.weights()).apply(loaded.model)
-        if run.kind != "recover":
-            raise HFPruneError(f"Run {run.run_id} is of kind '{run.kind}', which holds no model.")
-        source_id = run.config.get("source_run")
-        if not source_id:
-            raise HFPruneError(f"Recover run {run.run_id} does not name the run of the variant it started from.")
-        model = self.rebuild_variant_model(self.runs.load(source_id))
-        params = run.config.get("params")
-        if params != "mlp":  # a pruned view shares attention and embeddings with the original: copy first
-            model = copy.deepcopy(model)
-        weights = run.weights()
-        if params == "lora":
-            return apply_lora_state(model, LoraOptions.from_dict(run.config.get("lora")), weights)
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            missing = sorted(set(weights) - set(named))
-            if missing:
-                raise HFPruneError(f"Recover run {run.run_id} stores tensors this model lacks ({missing[0]}, ...).")
-            for key, tensor in weights.items():
-                named[key].copy_(tensor)
-        return model
+        """The model of a stored prune, ddp or recover run (core.report.rebuild_run_model on its base model).
+        Callers hold ``model_lock``."""
+        return rebuild_run_model(run, self.model(run.config.get("model")), self.runs)
 
     def load_recover_run(self, session: Session, run) -> str:
         """A stored recover run → a session variant (rebuilt from the prune run it started from)."""

@@ -12,7 +12,7 @@ from core.importance.stats import top_k_indices
 from core.methods.oneshot import ScoreResult, prune_with_scores
 from core.models.adapters import mlp_handles, mlp_widths
 from core.models.slicing import prune_mlp_neurons
-from core.prune.allocate import uniform_widths
+from core.prune.allocate import check_ratio, uniform_widths
 
 
 def masked_logits(model, kept, ids):
@@ -67,9 +67,9 @@ def test_uniform_widths_and_rounding():
     assert uniform_widths([1536], 0.0) == [1536]
     with pytest.raises(PruneConfigError, match="leaves layer 0 with 0 of 4 neurons"):
         uniform_widths([4], 0.9)
-    for bad in (1.0, -0.1, float("nan"), "x"):
+    for bad in (1.0, -0.1, float("nan"), "x"):  # checked once where a ratio enters (check_ratio), not per allocation
         with pytest.raises(PruneConfigError, match="Ratio"):
-            uniform_widths([8], bad)
+            check_ratio(bad)
 
 
 def test_prune_rejects_bad_indices():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.cli.prune import _common
-from core.data.text import calibration_windows, evaluation_windows
+from core.data.text import CalibrationOptions, calibration_windows, evaluation_windows
 from core.errors import HFPruneError, SelectionError
 from core.importance.criteria import resolve_params
 from core.methods.oneshot import ScoreResult, score_model
@@ -27,6 +27,8 @@ from core.studies.stability import (
     measure_stability,
 )
 from core.studies.sweep import parse_ratios
+
+CALIBRATION_FIELDS = tuple(f.name for f, _spec, _kind in CalibrationOptions.knobs())
 
 
 def _names(text: str | None) -> list[str]:
@@ -55,7 +57,7 @@ def register(sub) -> None:
     stab = sub.add_parser("stability", help="rank agreement of criteria across disjoint calibration draws")
     _common(stab)
     stab.add_argument("--criteria", default="entropy,cross_entropy", help="comma-separated criteria")
-    StabilityOptions.add_arguments(stab, skip=("samples", "seq_len", "seed", "source", "batch_size"))
+    StabilityOptions.add_arguments(stab, skip=CALIBRATION_FIELDS)  # --draws; the calibration flags come from _common
     stab.add_argument("--ratios", default="0.2,0.3,0.4", help="ratios for the removal overlap (and the KL bars)")
     stab.add_argument("--fidelity", action="store_true",
                       help="also prune with each draw's scores (uniform allocation) and give KL to dense over the "
@@ -108,8 +110,7 @@ def cmd_neuron(args) -> dict:
 
 
 def cmd_stability(args) -> dict:
-    options = StabilityOptions.from_args(args, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-                                         source=args.source, batch_size=args.batch_size)
+    options = StabilityOptions.from_args(args)  # _common's calibration flags + --draws
     criteria = _names(args.criteria)
     if not criteria:
         raise SelectionError("Give at least one criterion, e.g. --criteria entropy,cross_entropy.")

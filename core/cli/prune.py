@@ -19,14 +19,14 @@ from core.measure.evaluate import evaluate
 from core.methods.oneshot import (
     ALLOCATIONS,
     ScoreResult,
-    plan_widths,
     prune_with_scores,
     score_model,
 )
+from core.models.adapters import mlp_widths
 from core.models.counts import count_params, mlp_layout
 from core.models.loading import EMBEDDED
 from core.models.placement import PlacementOptions, load_placed, scoring_preflight
-from core.prune.allocate import AllocationOptions, check_ratio, neuron_ratio_for_param_ratio
+from core.prune.allocate import AllocationOptions, check_ratio, neuron_ratio_for_param_ratio, uniform_widths
 from core.prune.compensate import CompensationOptions
 from core.quantize.backends import quantization_of
 from core.quantize.store import load_any
@@ -112,8 +112,8 @@ def cmd_prune(args) -> dict:
     if (args.ratio is None) == (args.param_ratio is None):
         raise PruneConfigError("Give exactly one of --ratio (share of MLP neurons) and --param-ratio (share of all "
                                "parameters).")
-    if args.ratio is not None:
-        check_ratio(args.ratio)
+    if args.ratio is not None:  # a bad ratio fails here, before the model loads
+        args.ratio = check_ratio(args.ratio)
     compensation = CompensationOptions.from_args(args)
     calib = CalibrationOptions.from_args(args)
     check_output_dir(args.out)
@@ -131,7 +131,7 @@ def cmd_prune(args) -> dict:
     if args.param_ratio is not None:  # the share of all parameters → the share of MLP neurons for this model
         args.ratio = neuron_ratio_for_param_ratio(loaded.model, args.param_ratio)
     if args.allocation == "uniform":  # fail on a layer-emptying ratio before spending time on scoring
-        plan_widths(loaded.model, args.ratio, args.allocation, args.round_to)
+        uniform_widths(mlp_widths(loaded.model), args.ratio, args.round_to)  # ratio: checked / derived above
     if compensation.method != "none":  # fail on too little calibration text before spending time on scoring
         calibration_windows(loaded.tokenizer, args.source, compensation.samples, compensation.seq_len, args.seed,
                             max_length=loaded.max_length)

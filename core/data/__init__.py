@@ -2,6 +2,16 @@
 encoders' offline images. Imports ground and models only.
 """
 
-from core.data.text import CalibrationOptions, calibration_windows, evaluation_windows, training_windows
+from core.data.text import (
+    CalibrationOptions,
+    HeldoutWindows,
+    TextSource,
+    TextWindows,
+    TrainingText,
+    calibration_windows,
+    evaluation_windows,
+    training_windows,
+)
 
-__all__ = ["CalibrationOptions", "calibration_windows", "evaluation_windows", "training_windows"]
+__all__ = ["CalibrationOptions", "HeldoutWindows", "TextSource", "TextWindows", "TrainingText", "calibration_windows",
+           "evaluation_windows", "training_windows"]

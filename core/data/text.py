@@ -34,18 +34,61 @@ MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 
 
 @dataclass
-class CalibrationOptions(Options):
-    """Which calibration windows a scoring (or compensation, or training) pass reads: ``samples``
-    windows of ``seq_len`` tokens from the calibration split of ``source``, drawn by ``seed``, run
-    ``batch_size`` at a time. Recorded with every score / prune run (``ScoreResult.config``)."""
+class TextSource(Options):
+    """Windows of ``seq_len`` tokens from the calibration split of ``source`` (never its evaluation split):
+    the base of every group that reads such text. :class:`TextWindows` adds which windows are drawn (a
+    scoring pass, the stability draws, an encoder's text windows); :class:`TrainingText` adds the held-out
+    slice that training (recovery, DDP) leaves out. A group whose method wants another default gives it
+    with ``core.options.knob_like``; the help and range stay these."""
 
     error = DataError
 
     source: str = knob("wiki", "calibration text: wiki, news, or a .txt/.jsonl path")
+    seq_len: int = knob(128, "tokens per window", low=8, ui_low=16, ui_high=1024, step=16)
+
+
+@dataclass
+class TextWindows(TextSource):
+    """A calibration draw: ``samples`` windows of ``seq_len`` tokens from the calibration split of
+    ``source``, chosen by ``seed`` (:func:`calibration_windows`)."""
+
     samples: int = knob(16, "calibration windows", low=1, ui_high=256)
-    seq_len: int = knob(128, "tokens per window", low=2, ui_low=16, ui_high=1024, step=16)
     seed: int = knob(0, "which calibration windows are drawn", low=0)
+
+
+@dataclass
+class CalibrationOptions(TextWindows):
+    """Which calibration windows a scoring (or compensation, or training) pass reads: ``samples``
+    windows of ``seq_len`` tokens from the calibration split of ``source``, drawn by ``seed``, run
+    ``batch_size`` at a time. Recorded with every score / prune run (``ScoreResult.config``)."""
+
     batch_size: int = knob(4, "windows per forward/backward pass", low=1, ui_high=32)
+
+
+@dataclass
+class HeldoutWindows(Options):
+    """A held-out slice of the calibration split: ``heldout_windows`` windows of ``heldout_seq_len``
+    tokens that training never reads; the KL curve of a training run is measured on them (0: none)."""
+
+    error = DataError
+
+    heldout_windows: int = knob(8, "held-out calibration windows for the KL curve", low=0, ui_high=64)
+    heldout_seq_len: int = knob(128, "tokens per held-out window", low=8, ui_high=1024, step=8)
+
+
+@dataclass
+class TrainingText(HeldoutWindows, TextSource):
+    """Training text (recovery, DDP): every window of ``seq_len`` tokens of the calibration split of
+    ``source`` that does not touch the held-out slice (:func:`training_windows`)."""
+
+    def windows(self, tokenizer, seed: int, *, max_length: int | None = None,
+                min_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training windows (N, seq_len), held-out windows (heldout_windows, heldout_seq_len))."""
+        return training_windows(tokenizer, self.source, self.seq_len, heldout=self.heldout_windows,
+                                heldout_seq_len=self.heldout_seq_len, seed=seed, max_length=max_length,
+                                min_windows=min_windows)
+
+
 _CLEAN_VERSION = 1
 
 
@@ -290,8 +333,9 @@ def _check_lengths(count: int, seq_len: int, max_length: int | None, what: str) 
         raise DataError(f"Sequence length {seq_len} is longer than the model allows ({max_length} tokens).")
 
 
-def calibration_windows(tokenizer, source: str = "wiki", samples: int = 16, seq_len: int = 128,
-                        seed: int = 0, max_length: int | None = None) -> torch.Tensor:
+def calibration_windows(tokenizer, source: str = TextWindows.source, samples: int = TextWindows.samples,
+                        seq_len: int = TextWindows.seq_len, seed: int = TextWindows.seed,
+                        max_length: int | None = None) -> torch.Tensor:
     """``samples`` non-overlapping windows of ``seq_len`` tokens from the calibration split,
     chosen at random by ``seed`` (deterministic). Returns LongTensor (samples, seq_len)."""
     _check_lengths(samples, seq_len, max_length, "calibration samples")
@@ -311,9 +355,9 @@ def calibration_starts(stream_tokens: int, samples: int, body: int, seed: int) -
     return (torch.randperm(stream_tokens // body, generator=generator)[:samples].sort().values * body).tolist()
 
 
-def disjoint_calibration_windows(tokenizer, source: str = "wiki", draws: int = 2, samples: int = 16,
-                                 seq_len: int = 128, seed: int = 0,
-                                 max_length: int | None = None) -> list[torch.Tensor]:
+def disjoint_calibration_windows(tokenizer, source: str = TextWindows.source, draws: int = 2,
+                                 samples: int = TextWindows.samples, seq_len: int = TextWindows.seq_len,
+                                 seed: int = TextWindows.seed, max_length: int | None = None) -> list[torch.Tensor]:
     """``draws`` sets of ``samples`` calibration windows, no window in two sets: the random order of
     the split's window slots that ``seed`` gives, cut into consecutive groups (each sorted). Draw 0
     is exactly :func:`calibration_windows` with the same seed. Returns ``draws`` × (samples, seq_len)."""
@@ -370,8 +414,9 @@ def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
     return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
-def training_windows(tokenizer, source: str = "wiki", seq_len: int = 128, *, heldout: int = 8,
-                     heldout_seq_len: int = 128, seed: int = 0, max_length: int | None = None,
+def training_windows(tokenizer, source: str = TrainingText.source, seq_len: int = TrainingText.seq_len, *,
+                     heldout: int = TrainingText.heldout_windows, heldout_seq_len: int = TrainingText.heldout_seq_len,
+                     seed: int = 0, max_length: int | None = None,
                      min_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Training text for recovery, from the *calibration* split only (never the evaluation split):
     ``heldout`` windows of ``heldout_seq_len`` drawn at random by ``seed``, and every non-overlapping

@@ -1,7 +1,8 @@
 """Perplexity and fidelity to a reference model on the same evaluation windows.
 
-The maths per position lives in ``core.metrics``; a ``Reference`` computes a dense model's
-distributions once so several variants are compared without re-running it."""
+The maths per position lives in ``core.metrics``; a ``Reference`` (``core.models.reference``, the one
+home of the dense pass, re-exported here) computes a dense model's distributions once so several
+variants are compared without re-running it."""
 from __future__ import annotations
 
 import math
@@ -15,7 +16,10 @@ from tqdm.auto import tqdm
 from core import metrics
 from core.models.counts import count_params
 from core.models.forward import batches
+from core.models.reference import REFERENCE_BUDGET_BYTES, Reference, ReferenceBatch
 from core.progress import check_stop
+
+__all__ = ["REFERENCE_BUDGET_BYTES", "EvalResult", "Reference", "ReferenceBatch", "evaluate", "evaluate_reference"]
 
 
 @dataclass
@@ -36,67 +40,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# A reference keeps its fp32 log-probabilities in memory up to this many bytes (about 200 MB for
-# 8 × 128 SmolLM2 positions, 1 GiB for 8 × 128 Gemma-3 positions); batches beyond it are recomputed.
-REFERENCE_BUDGET_BYTES = 1 << 30
-
-
-@dataclass
-class ReferenceBatch:
-    """The reference model on one batch of windows, flattened to R = B·T positions."""
-
-    logp: torch.Tensor  # (R, V) fp32 log-probabilities
-    argmax: torch.Tensor  # (R,) most likely token
-    top10: torch.Tensor  # (R, 10) ten most likely tokens
-
-
-class Reference:
-    """A reference model's next-token distributions on fixed windows, computed once per batch.
-
-    Compare several models with one dense model without running it again for each:
-    ``ref = Reference(dense, windows, batch_size)`` then ``evaluate(variant, windows, ref)`` for each
-    variant; ``evaluate_reference(ref)`` gives the dense model's own metrics from the same pass.
-    Batches are computed on first use and kept while the fp32 log-probabilities fit
-    ``budget_bytes`` (a later batch is recomputed from the model when needed), so the results are
-    exactly those of passing the model itself."""
-
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4, *,
-                 budget_bytes: int = REFERENCE_BUDGET_BYTES) -> None:
-        self.model, self.windows, self.batch_size, self.budget_bytes = model, windows, int(batch_size), budget_bytes
-        self._cache: dict[int, ReferenceBatch] = {}
-        self.cached_bytes = 0
-
-    def check(self, windows: torch.Tensor, batch_size: int) -> None:
-        """The reference must cover exactly these windows, in the same batches."""
-        if int(batch_size) != self.batch_size or windows.shape != self.windows.shape or not torch.equal(
-                windows, self.windows):
-            raise ValueError("This Reference was computed on other windows or another batch size.")
-
-    @torch.no_grad()
-    def batch(self, index: int) -> ReferenceBatch:
-        """The reference on batch ``index`` of ``batches(windows, batch_size)``."""
-        if index in self._cache:
-            return self._cache[index]
-        ids = self.windows[index * self.batch_size:(index + 1) * self.batch_size]
-        self.model.eval()
-        logits = self.model(input_ids=ids.to(next(self.model.parameters()).device), use_cache=False).logits
-        logits = logits.flatten(0, 1)  # (R, V)
-        logp = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        argmax = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        top10 = torch.empty(logits.shape[0], 10, dtype=torch.long, device=logits.device)
-        for rows in metrics.row_chunks(logits.shape[0], logits.shape[-1]):
-            chunk = logits[rows].float()
-            logp[rows] = metrics.log_probs(chunk)
-            argmax[rows] = chunk.argmax(-1)
-            top10[rows] = chunk.topk(10, dim=-1).indices
-        ref = ReferenceBatch(logp, argmax, top10)
-        size = logp.numel() * logp.element_size()
-        if self.cached_bytes + size <= self.budget_bytes:
-            self._cache[index] = ref
-            self.cached_bytes += size
-        return ref
 
 
 class _Sums:
@@ -177,10 +120,9 @@ def evaluate_reference(reference: Reference, *, progress: bool = True,
                        stop: Callable[[], bool] | None = None) -> EvalResult:
     """The reference model's own metrics (as ``evaluate(reference.model, windows)``) from its cached pass."""
     sums = _Sums()
-    count = math.ceil(reference.windows.shape[0] / reference.batch_size)
-    for index in tqdm(range(count), desc="evaluating", unit="batch", disable=not progress):
+    for index in tqdm(range(len(reference)), desc="evaluating", unit="batch", disable=not progress):
         check_stop(stop, "Evaluation was stopped.")
         ref = reference.batch(index)
-        ids = reference.windows[index * reference.batch_size:(index + 1) * reference.batch_size]
+        ids = reference.ids(index)
         sums.add(ref.logp.view(*ids.shape, -1), ids.to(ref.logp.device), None, is_logp=True)
     return sums.result(reference.model, reference.windows, False)

@@ -32,7 +32,7 @@ from torch import nn
 
 from core import __version__
 from core.data.images import calibration_images, heldout_images, random_crops, sample_images
-from core.data.text import calibration_windows
+from core.data.text import CalibrationOptions, calibration_windows
 from core.errors import HFPruneError, SelectionError, VisionConfigError
 from core.export.hf import save_pruned
 from core.importance.criteria import AmpEntropyCriterion, ScoreOptions, encoder_criterion, similarity_entropy
@@ -42,7 +42,7 @@ from core.models.adapters import mlp_handles, mlp_widths
 from core.models.encoders import LoadedEncoder, embed, encoder_forward, prefinal_tokens
 from core.models.forward import batches
 from core.models.slicing import prune_mlp_neurons
-from core.options import Options, knob
+from core.options import knob, knob_like
 from core.progress import check_stop
 from core.prune.adaptive import MaskedModel, adaptive_search, heldout_windows
 from core.prune.allocate import check_ratio, global_widths, uniform_widths
@@ -52,17 +52,18 @@ ALLOCATIONS = ("adaptive", "uniform", "global")
 
 
 @dataclass
-class EncoderOptions(Options):
-    """Calibration and search knobs of the encoder path (images or texts)."""
+class EncoderOptions(CalibrationOptions):
+    """Calibration and search knobs of the encoder path (images or texts). The calibration knobs are the
+    scoring pass's (:class:`CalibrationOptions`) with AMP's defaults: ``samples`` counts image crops or
+    text windows, ``seq_len`` and ``source`` apply to text encoders, and a batch holds at least 2
+    examples (the similarity entropy is over a batch)."""
 
     error = VisionConfigError
 
-    samples: int = knob(64, "calibration examples (image crops / text windows)", low=2, ui_high=512)
+    samples: int = knob_like(CalibrationOptions, "samples", 64, low=2)
+    seq_len: int = knob_like(CalibrationOptions, "seq_len", 64)
+    batch_size: int = knob_like(CalibrationOptions, "batch_size", 32, low=2)
     image_size: int = knob(224, "side of the square calibration crops, pixels", low=14, ui_high=518, step=14)
-    seq_len: int = knob(64, "tokens per text window (text encoders)", low=8, ui_high=512)
-    source: str = knob("wiki", "text encoders: calibration text (wiki, news or a file)")
-    batch_size: int = knob(32, "examples per forward/backward; the entropy is over this batch", low=2, ui_high=256)
-    seed: int = knob(0, "which crops / windows are drawn", low=0)
     heldout_samples: int = knob(32, "adaptive: held-out examples the entropy is measured on", low=2, ui_high=256)
     mode: str = knob("sequential", "adaptive: AMP's sequential (later layers pruned) or independent",
                      choices=("sequential", "independent"))
@@ -182,10 +183,16 @@ def plan_encoder_widths(loaded: LoadedEncoder, result: ScoreResult, ratio: float
                         options: EncoderOptions | None = None, *, temp_inv: float | None = None,
                         self_similarity: bool = True, progress: bool = True,
                         stop: Callable[[], bool] | None = None) -> WidthPlan:
-    """Widths for ``ratio`` (fraction of MLP neurons removed). ``adaptive`` runs AMP's search with
-    the similarity entropy on held-out examples (``temp_inv`` defaults to the family's)."""
-    ratio = check_ratio(ratio)
-    options = options or EncoderOptions()
+    """Widths for ``ratio`` (fraction of MLP neurons removed; checked here). ``adaptive`` runs AMP's search
+    with the similarity entropy on held-out examples (``temp_inv`` defaults to the family's)."""
+    return _encoder_widths(loaded, result, check_ratio(ratio), allocation, options or EncoderOptions(),
+                           temp_inv=temp_inv, self_similarity=self_similarity, progress=progress, stop=stop)
+
+
+def _encoder_widths(loaded: LoadedEncoder, result: ScoreResult, ratio: float, allocation: str,
+                    options: EncoderOptions, *, temp_inv: float | None = None, self_similarity: bool = True,
+                    progress: bool, stop: Callable[[], bool] | None) -> WidthPlan:
+    """:func:`plan_encoder_widths` for a ratio the caller has checked."""
     if allocation not in ALLOCATIONS:
         raise VisionConfigError(f"Unknown allocation '{allocation}'; choose one of: {', '.join(ALLOCATIONS)}.")
     full = mlp_widths(loaded.model)
@@ -208,15 +215,17 @@ def plan_encoder_widths(loaded: LoadedEncoder, result: ScoreResult, ratio: float
 def prune_encoder(loaded: LoadedEncoder, result: ScoreResult, ratio: float, allocation: str = "adaptive",
                   options: EncoderOptions | None = None, *, plan: WidthPlan | None = None,
                   progress: bool = True, stop: Callable[[], bool] | None = None) -> PruneResult:
-    """Keep each layer's top-scoring neurons at the planned widths: a new, smaller encoder."""
+    """Keep each layer's top-scoring neurons at the planned widths: a new, smaller encoder. ``ratio`` is
+    checked here, once; the planning takes the checked value."""
+    ratio = check_ratio(ratio)
     options = options or EncoderOptions()
-    if plan is None or plan.allocation != allocation or plan.ratio != check_ratio(ratio):
-        plan = plan_encoder_widths(loaded, result, ratio, allocation, options, progress=progress, stop=stop)
+    if plan is None or plan.allocation != allocation or plan.ratio != ratio:
+        plan = _encoder_widths(loaded, result, ratio, allocation, options, progress=progress, stop=stop)
     kept = top_k_indices(result.scores, plan.widths)
     model = prune_mlp_neurons(loaded.model, kept)
     meta = {"model": loaded.spec, "kind": loaded.kind, "criterion": result.config.get("criterion"),
             "criterion_params": result.config.get("criterion_params", {}), "allocation": allocation,
-            "ratio": float(ratio), "achieved_ratio": plan.achieved_ratio,
+            "ratio": ratio, "achieved_ratio": plan.achieved_ratio,
             "original_intermediate_sizes": plan.full_widths,
             "intermediate_sizes": plan.widths, "kept_indices": [k.tolist() for k in kept],
             "calibration": {k: result.config.get(k) for k in ("samples", "seed", "image_size", "seq_len", "source")},

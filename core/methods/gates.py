@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from core import __version__
-from core.data.text import training_windows
+from core.data.text import CalibrationOptions, TrainingText
 from core.errors import PruneConfigError
 from core.export.hf import save_pruned
 from core.importance.heads import head_entropy_scores
@@ -66,7 +66,7 @@ from core.models.adapters import attention_handles, mlp_handles, mlp_widths
 from core.models.counts import count_params
 from core.models.forward import base_forward
 from core.models.slicing import prune_attention_heads, prune_mlp_neurons
-from core.options import Options, knob
+from core.options import knob, knob_like
 from core.prune.allocate import normalize_scores
 from core.train.loop import (
     DistillOptions,
@@ -93,9 +93,11 @@ TRAIN_DEFAULTS = {"lr": 5e-2, "warmup_steps": 5, "batch_size": 4, "eval_every": 
 
 
 @dataclass
-class DDPOptions(Options):
-    """What DDP prunes, its objective and its constraint (the budget and learning rate of the gates
-    are core.train's :class:`TrainOptions`)."""
+class DDPOptions(TrainingText):
+    """What DDP prunes, its objective and its constraint, and its training text
+    (:class:`core.data.text.TrainingText`: windows of the calibration split of ``source`` and the held-out
+    slice the hardened model's KL curve is measured on). The budget and learning rate of the gates are
+    core.train's :class:`TrainOptions`."""
 
     error = PruneConfigError
 
@@ -121,14 +123,10 @@ class DDPOptions(Options):
     warm_start: bool = knob(False, "start the gates from entropy-Taylor scores (least important at warm_low, "
                             "most important at 1)")
     warm_low: float = knob(0.5, "warm start: initial gate of the globally least important unit", low=0, high=1)
-    warm_samples: int = knob(16, "warm start: calibration windows for the entropy scores", low=1, ui_high=256)
+    warm_samples: int = knob_like(CalibrationOptions, "samples",
+                                  help="warm start: calibration windows for the entropy scores")
     min_layer_keep: float = knob(0.0, "share of every layer's units always kept (at least one unit)", low=0, high=1,
                                  high_open=True)
-    source: str = knob("wiki", "training text: the calibration split of wiki / news, or a .txt/.jsonl file")
-    seq_len: int = knob(128, "tokens per training window", low=8, ui_high=1024, step=8)
-    heldout_windows: int = knob(8, "held-out calibration windows for the hardened-model KL curve", low=0,
-                                ui_high=64)
-    heldout_seq_len: int = knob(128, "tokens per held-out window", low=8, ui_high=1024, step=8)
     histogram_every: int = knob(0, "record the gate histogram every N steps (0 = about 40 snapshots per run)",
                                 low=0, ui_high=500)
 
@@ -619,10 +617,8 @@ def ddp(loaded: LoadedModel, options: DDPOptions | None = None, train_options: T
     if options.prunes_heads:
         attention_handles(model)  # a clear error for an architecture without q/k/v/o
     gates = Gates(model, options)
-    windows, heldout = training_windows(loaded.tokenizer, options.source, options.seq_len,
-                                        heldout=options.heldout_windows, heldout_seq_len=options.heldout_seq_len,
-                                        seed=train_options.seed, max_length=loaded.max_length,
-                                        min_windows=train_options.batch_size)
+    windows, heldout = options.windows(loaded.tokenizer, train_options.seed, max_length=loaded.max_length,
+                                       min_windows=train_options.batch_size)
     warm_seconds = 0.0
     if options.warm_start:
         start = time.perf_counter()

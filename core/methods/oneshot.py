@@ -84,11 +84,13 @@ class PruneResult:
     meta: dict = field(default_factory=dict)
 
 
-def score_model(loaded: LoadedModel, criterion: str, *, source: str = "wiki", samples: int = 16, seq_len: int = 128,
-                seed: int = 0, batch_size: int = 4, progress: bool = True,
-                stop: Callable[[], bool] | None = None, criterion_params: dict | None = None,
+def score_model(loaded: LoadedModel, criterion: str, *, source: str = CalibrationOptions.source,
+                samples: int = CalibrationOptions.samples, seq_len: int = CalibrationOptions.seq_len,
+                seed: int = CalibrationOptions.seed, batch_size: int = CalibrationOptions.batch_size,
+                progress: bool = True, stop: Callable[[], bool] | None = None, criterion_params: dict | None = None,
                 grad_checkpointing: bool = False, data_parallel: bool | None = None) -> ScoreResult:
-    """Score every MLP neuron of ``loaded`` with ``criterion`` on calibration windows from ``source``.
+    """Score every MLP neuron of ``loaded`` with ``criterion`` on calibration windows from ``source``
+    (the calibration keywords and their defaults are :class:`CalibrationOptions`' fields).
     ``criterion_params``: e.g. {"temperature": 0.5, "alpha": 0.5} for self_distill, {"weight": 0.5}
     for entropy+ce. ``grad_checkpointing``: recompute layer activations in the backward (less memory).
     ``data_parallel``: shard the windows over a torch.distributed group and all-reduce the scores
@@ -122,7 +124,13 @@ def plan_widths(model: nn.Module, ratio: float, allocation: str = "uniform", rou
                 scores: list[torch.Tensor] | None = None, options: AllocationOptions | None = None) -> list[int]:
     """Kept width per layer for a ratio and allocation. ``uniform`` needs no scores; ``global`` needs
     the per-layer scores; ``adaptive`` needs a search — use :func:`preview_widths` or
-    :func:`prune_with_scores` (which run it) instead."""
+    :func:`prune_with_scores` (which run it) instead. ``ratio`` is checked here (:func:`check_ratio`)."""
+    return _plan_widths(model, check_ratio(ratio), allocation, round_to, scores, options)
+
+
+def _plan_widths(model: nn.Module, ratio: float, allocation: str, round_to: int, scores: list[torch.Tensor] | None,
+                 options: AllocationOptions | None) -> list[int]:
+    """:func:`plan_widths` for a ratio the caller has checked."""
     if allocation not in ALLOCATIONS:
         raise PruneConfigError(f"Unknown allocation '{allocation}'; available: {', '.join(ALLOCATIONS)}.")
     options = options or AllocationOptions()
@@ -160,8 +168,9 @@ class WidthPlan:
         return out
 
 
-def compensation_grams(loaded: LoadedModel, options: CompensationOptions, *, source: str = "wiki", seed: int = 0,
-                       batch_size: int = 4, progress: bool = True,
+def compensation_grams(loaded: LoadedModel, options: CompensationOptions, *, source: str = CalibrationOptions.source,
+                       seed: int = CalibrationOptions.seed, batch_size: int = CalibrationOptions.batch_size,
+                       progress: bool = True,
                        stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
     """Per-layer Gram matrices of the dense model's down_proj inputs on ``options.samples`` calibration
     windows of ``source`` (never its evaluation split)."""
@@ -204,8 +213,15 @@ def preview_widths(loaded: LoadedModel, ratio: float, allocation: str = "uniform
                    stop: Callable[[], bool] | None = None) -> WidthPlan:
     """Per-layer widths an allocation would give, without pruning. ``global`` needs scores;
     ``adaptive`` also runs the search on held-out calibration windows (seconds to minutes on CPU) and
-    returns its per-layer trace in ``plan.adaptive.traces``."""
-    ratio = check_ratio(ratio)
+    returns its per-layer trace in ``plan.adaptive.traces``. ``ratio`` is checked here (:func:`check_ratio`)."""
+    return _preview_widths(loaded, check_ratio(ratio), allocation, scores=scores, round_to=round_to, options=options,
+                           batch_size=batch_size, progress=progress, stop=stop)
+
+
+def _preview_widths(loaded: LoadedModel, ratio: float, allocation: str, *,
+                    scores: "ScoreResult | list[torch.Tensor] | None", round_to: int, options: AllocationOptions | None,
+                    batch_size: int = 4, progress: bool, stop: Callable[[], bool] | None) -> WidthPlan:
+    """:func:`preview_widths` for a ratio the caller has checked."""
     options = options or AllocationOptions()
     result = scores if isinstance(scores, ScoreResult) else None
     score_list = scores.scores if isinstance(scores, ScoreResult) else scores
@@ -222,7 +238,7 @@ def preview_widths(loaded: LoadedModel, ratio: float, allocation: str = "uniform
                                    round_to=round_to, batch_size=batch_size, progress=progress, stop=stop)
         widths = adaptive.widths
     else:
-        widths = plan_widths(loaded.model, ratio, allocation, round_to, score_list, options)
+        widths = _plan_widths(loaded.model, ratio, allocation, round_to, score_list, options)
     return WidthPlan(allocation, ratio, widths, full, adaptive)
 
 
@@ -233,16 +249,18 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
                       compensation: CompensationOptions | None = None) -> PruneResult:
     """Keep the top-scoring neurons of each layer at the widths the allocation gives; returns a new
     (copied) smaller model. Pass ``plan`` (from :func:`preview_widths`) to reuse an adaptive search;
-    ``compensation=CompensationOptions("lsq")`` refits every down_proj by least squares afterwards."""
+    ``compensation=CompensationOptions("lsq")`` refits every down_proj by least squares afterwards.
+    ``ratio`` is checked here (:func:`check_ratio`), once; the planning below takes the checked value."""
+    ratio = check_ratio(ratio)
     widths_before = mlp_widths(loaded.model)
     if [s.numel() for s in result.scores] != widths_before:
         raise PruneConfigError("These scores were computed for a model with different MLP widths.")
     options = options or AllocationOptions()
     compensation = compensation or CompensationOptions()
-    if (plan is None or plan.allocation != allocation or plan.ratio != check_ratio(ratio)
+    if (plan is None or plan.allocation != allocation or plan.ratio != ratio
             or plan.full_widths != widths_before):
-        plan = preview_widths(loaded, ratio, allocation, scores=result, round_to=round_to, options=options,
-                              progress=progress, stop=stop)
+        plan = _preview_widths(loaded, ratio, allocation, scores=result, round_to=round_to, options=options,
+                               progress=progress, stop=stop)
     widths = plan.widths
     kept = top_k_indices(result.scores, widths)
     model = prune_mlp_neurons(loaded.model, kept)
@@ -251,7 +269,7 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
         "criterion": result.config.get("criterion"),
         "criterion_params": result.config.get("criterion_params", {}),
         "allocation": allocation,
-        "ratio": float(ratio),
+        "ratio": ratio,
         "achieved_ratio": plan.achieved_ratio,
         "round_to": round_to,
         "original_intermediate_sizes": widths_before,

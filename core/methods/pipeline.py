@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from core import __version__
-from core.data.text import CalibrationOptions, evaluation_windows, training_windows
+from core.data.text import CalibrationOptions, HeldoutWindows, TrainingText, evaluation_windows
 from core.errors import HFPruneError, Stopped
 from core.export.hf import check_output_dir, default_export_mode, save_pruned
 from core.files import atomic_file, write_json
@@ -78,7 +78,7 @@ from core.methods.recover import param_set
 from core.models.adapters import mlp_widths
 from core.models.counts import folder_bytes, forward_flops_per_token, mlp_widths_any
 from core.models.loading import LoadedModel
-from core.options import Options, knob
+from core.options import Options, knob, knob_like
 from core.progress import check_stop
 from core.prune.allocate import AllocationOptions, check_ratio
 from core.prune.compensate import CompensationOptions
@@ -173,7 +173,7 @@ class PipelineOptions(Options):
     quant: str = knob("int8-dynamic", f"final number format: {', '.join(FORMATS)}")
     params: str = knob("full", "what trains in the distil stage: full (every parameter) or mlp (MLP projections)",
                        choices=("full", "mlp"))
-    heldout_windows: int = knob(8, "held-out calibration windows for the training KL curve", low=0, ui_high=64)
+    heldout_windows: int = knob_like(HeldoutWindows, "heldout_windows")  # the distil stage's (its length: seq_len)
 
     def validate(self) -> None:
         super().validate()
@@ -375,10 +375,10 @@ def _prune(loaded: LoadedModel, student: nn.Module, options: PipelineOptions, ca
 def _distill(loaded: LoadedModel, student: nn.Module, options: PipelineOptions, calibration: CalibrationOptions,
              train_options: TrainOptions, distill: DistillOptions, stop, on_step, progress: bool) -> dict:
     """Train the student (in place) against the dense model; returns the stage's record."""
-    windows, heldout = training_windows(loaded.tokenizer, calibration.source, calibration.seq_len,
-                                        heldout=options.heldout_windows, heldout_seq_len=calibration.seq_len,
-                                        seed=train_options.seed, max_length=loaded.max_length,
-                                        min_windows=train_options.batch_size)
+    text = TrainingText(source=calibration.source, seq_len=calibration.seq_len,
+                        heldout_windows=options.heldout_windows, heldout_seq_len=calibration.seq_len)
+    windows, heldout = text.windows(loaded.tokenizer, train_options.seed, max_length=loaded.max_length,
+                                    min_windows=train_options.batch_size)
     params = param_set(student, options.params)
     result = train(student, loaded.model, LogitDistillation(distill), windows, params, train_options,
                    heldout=heldout if options.heldout_windows else None, stop=stop, on_step=on_step,

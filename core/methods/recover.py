@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from core import __version__
-from core.data.text import training_windows
+from core.data.text import TrainingText
 from core.errors import ModelLoadError
 from core.export.hf import read_meta, save_pruned
 from core.models.adapters import mlp_handles, mlp_widths
@@ -82,17 +82,14 @@ class LoraOptions(Options):
 
 
 @dataclass
-class RecoverOptions(Options):
-    """What trains and on which text."""
+class RecoverOptions(TrainingText):
+    """What trains (``params``) and on which text (:class:`core.data.text.TrainingText`: windows of the
+    calibration split of ``source`` and the held-out slice the KL curve is measured on)."""
 
     error = TrainConfigError
 
     params: str = knob("mlp", "parameter set: full, mlp (MLP projections only) or lora (merged at the end)",
                        choices=PARAM_SETS)
-    source: str = knob("wiki", "training text: the calibration split of wiki / news, or a .txt/.jsonl file")
-    seq_len: int = knob(128, "tokens per training window", low=8, ui_high=1024, step=8)
-    heldout_windows: int = knob(8, "held-out calibration windows for the KL curve", low=0, ui_high=64)
-    heldout_seq_len: int = knob(128, "tokens per held-out window", low=8, ui_high=1024, step=8)
 
 
 @dataclass
@@ -225,10 +222,8 @@ def recover(student: LoadedModel, teacher: LoadedModel, options: RecoverOptions 
     check_teacher(student, teacher)
     if options.params == "lora":
         check_lora_targets(student.model, lora.target_list())
-    windows, heldout = training_windows(student.tokenizer, options.source, options.seq_len,
-                                        heldout=options.heldout_windows, heldout_seq_len=options.heldout_seq_len,
-                                        seed=train_options.seed, max_length=student.max_length,
-                                        min_windows=train_options.batch_size)
+    windows, heldout = options.windows(student.tokenizer, train_options.seed, max_length=student.max_length,
+                                       min_windows=train_options.batch_size)
     model = student.model
     flags = [(p, p.requires_grad) for p in model.parameters()]
     wrapped = None

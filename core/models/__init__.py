@@ -1,7 +1,9 @@
 """Layer 1 — models: everything about a model object that does not judge it. Loading (embedded alias,
 hub id, folder, GGUF), per-architecture MLP / attention handles, encoders, device placement and memory
 estimates, analytic parameter / FLOP / byte counts, the hf-remote-code modeling file, slicing (pruning a
-model to given widths, the zero-padded copy), the shared forward helpers and GGUF reading.
+model to given widths, the zero-padded copy), the shared forward helpers, the dense reference computed
+once (``reference``: fp32 log-probs per batch within a byte budget, KL / entropy in row chunks) and GGUF
+reading.
 
 Imports only the ground modules (errors, paths, files, options, progress, metrics, distributed, runs).
 """

@@ -11,9 +11,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-# Rows of (rows, vocab) fp32 logits materialised at once: ~32 MiB (cache-friendly; measured faster than 256 MiB).
-LOGIT_CHUNK_BYTES = 32 * 2**20
+from core import metrics
 
+# Rows of (rows, vocab) fp32 logits materialised at once where a chunk's temporaries are kept for a backward:
+# ~32 MiB (cache-friendly; measured faster than 256 MiB). Two budgets stay because a gradient-carrying chunk
+# keeps about four fp32 (rows, V) copies until its backward (core.models.placement counts 4 × this), while a
+# no-grad metric chunk (core.metrics.CHUNK_BYTES, 64 MiB) frees its temporaries before the next; one function
+# (core.metrics.row_chunks / rows_per_chunk) turns either budget into rows.
+LOGIT_CHUNK_BYTES = 32 * 2**20
 
 
 @contextlib.contextmanager
@@ -53,7 +58,8 @@ def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_rows(vocab_size: int) -> int:
-    return max(16, LOGIT_CHUNK_BYTES // (4 * vocab_size))
+    """Rows per chunk of gradient-carrying fp32 logits: ``metrics.rows_per_chunk`` at ``LOGIT_CHUNK_BYTES``."""
+    return metrics.rows_per_chunk(vocab_size, LOGIT_CHUNK_BYTES)
 
 
 def base_forward(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from core import metrics
 from core.data.text import _check_lengths, calibration_starts, token_stream, window_body, with_bos
 from core.errors import DataError, PruneConfigError
 from core.models.adapters import blocks, mlp_handles
-from core.models.forward import batches, hooks, lm_logits
+from core.models.forward import base_forward, batches, hooks
+from core.models.reference import REFERENCE_BUDGET_BYTES, Reference, entropy_sum, head_logits
 from core.progress import check_stop
 from core.prune.allocate import check_ratio
 
@@ -202,33 +202,34 @@ class MaskedModel:
 
 class MaskedEvaluator(MaskedModel):
     """Causal-LM fidelity (KL to the dense model or next-token entropy) with per-layer neuron masks,
-    on fixed held-out windows."""
+    on fixed held-out windows. The dense pass is a :class:`core.models.reference.Reference` (its
+    log-probabilities kept within ``budget_bytes``, KL in row chunks); the same pass records every
+    block's input so a probe of layer l restarts at block l."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, scores: list[torch.Tensor], fidelity: str = "kl",
-                 batch_size: int = 4):
+                 batch_size: int = 4, budget_bytes: int = REFERENCE_BUDGET_BYTES):
         if fidelity not in FIDELITIES:
             raise PruneConfigError(f"Unknown fidelity '{fidelity}'; choose one of: {', '.join(FIDELITIES)}.")
         super().__init__(model, scores)
         self.fidelity = fidelity
         self.batches = [b.to(self.device) for b in batches(windows, batch_size)]
         self.tokens = int(windows.numel())
+        self.vocab_size = int(model.config.vocab_size)
+        # entropy needs only the dense model's mean entropy, so nothing of its pass is kept
+        self.reference = Reference(model, windows, batch_size, budget_bytes=budget_bytes if fidelity == "kl" else 0,
+                                   hidden_states=lambda ids: base_forward(model, ids))
         self.layer_inputs: list[list[torch.Tensor]] = []  # [batch][layer] → (B, T, H)
-        self.dense_probs: list[torch.Tensor] = []  # p_dense per batch (kl only)
-        self.dense_neg_entropy: list[float] = []  # Σ p_dense·log p_dense per batch
         self._dense_pass()
 
     @torch.no_grad()
     def _dense_pass(self) -> None:
-        for batch in self.batches:
-            captured, hidden = self._layer_inputs(
-                lambda batch=batch: self.model.model(input_ids=batch, use_cache=False).last_hidden_state)
+        dense_entropy = 0.0
+        for index in range(len(self.reference)):
+            captured, dense = self._layer_inputs(lambda index=index: self.reference.batch(index))
             self.layer_inputs.append(captured)
-            logp = metrics.log_probs(lm_logits(self.model, hidden))  # (B, T, V)
-            probs = logp.exp()
-            neg_entropy = float(metrics.cross(probs, logp).double().sum())
-            self.dense_probs.append(probs if self.fidelity == "kl" else probs[..., :0])
-            self.dense_neg_entropy.append(neg_entropy)
-        self.dense_value = 0.0 if self.fidelity == "kl" else -sum(self.dense_neg_entropy) / self.tokens
+            if self.fidelity == "entropy":
+                dense_entropy += dense.entropy_sum()
+        self.dense_value = 0.0 if self.fidelity == "kl" else dense_entropy / self.tokens
 
     @torch.no_grad()
     def value(self, start: int = 0) -> float:
@@ -236,17 +237,16 @@ class MaskedEvaluator(MaskedModel):
         self._check_start(start)
         self.evaluations += 1
         total = 0.0
-        with self._mask_hooks(), self._start_at(start) as stub:
-            for index, batch in enumerate(self.batches):
+        for index, batch in enumerate(self.batches):
+            # the dense batch first, outside the masks: one beyond the budget is recomputed unmasked
+            dense = self.reference.batch(index) if self.fidelity == "kl" else None
+            with self._mask_hooks(), self._start_at(start) as stub:
                 if stub is not None:
                     stub.value = self.layer_inputs[index][start]
-                hidden = self.model.model(input_ids=batch, use_cache=False).last_hidden_state
-                logp = metrics.log_probs(lm_logits(self.model, hidden))  # (B, T, V)
-                if self.fidelity == "kl":  # KL = Σ p·log p_dense − Σ p·log p_masked
-                    total += self.dense_neg_entropy[index] - float(metrics.cross(self.dense_probs[index], logp)
-                                                                   .double().sum())
-                else:
-                    total += float(metrics.entropy(logp).double().sum())
+                hidden = base_forward(self.model, batch).flatten(0, 1)  # (R, H); the head is never masked
+            logits_of = head_logits(self.model, hidden)
+            total += dense.kl_sum(logits_of) if dense is not None else \
+                entropy_sum(logits_of, hidden.shape[0], self.vocab_size)
         return total / self.tokens
 
 

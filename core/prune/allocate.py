@@ -48,7 +48,9 @@ ADAPTIVE_PRESETS: dict[str, dict] = {
 
 
 def check_ratio(ratio: float) -> float:
-    """Ratio = fraction of MLP neurons removed; must lie in [0, 1)."""
+    """Ratio = fraction of MLP neurons removed; must lie in [0, 1). Called once, where a ratio enters
+    the engine (a CLI flag, an option group, a top-level call such as ``prune_with_scores``); the
+    allocations below take the checked value as given."""
     try:
         value = float(ratio)
     except (TypeError, ValueError) as exc:
@@ -67,8 +69,8 @@ def round_width(width: int, multiple: int, limit: int) -> int:
 
 
 def uniform_widths(widths: list[int], ratio: float, round_to: int = 1) -> list[int]:
-    """Every layer keeps round((1 − ratio)·d_ff) neurons, optionally rounded to a multiple."""
-    ratio = check_ratio(ratio)
+    """Every layer keeps round((1 − ratio)·d_ff) neurons, optionally rounded to a multiple.
+    ``ratio``: already checked (:func:`check_ratio`)."""
     if round_to < 1:
         raise PruneConfigError(f"round_to must be a positive integer, got {round_to}.")
     kept = []
@@ -128,8 +130,8 @@ def global_widths(scores: list[torch.Tensor], ratio: float, *, normalize: str = 
                   round_to: int = 1) -> list[int]:
     """One ranking of all neurons after per-layer normalisation. Each layer first keeps its top
     ``ceil(min_keep·d_l)`` neurons; the rest of the budget goes to the globally best remaining ones.
-    Keeps exactly round((1 − ratio)·Σd_l) neurons (before optional rounding to a multiple)."""
-    ratio = check_ratio(ratio)
+    Keeps exactly round((1 − ratio)·Σd_l) neurons (before optional rounding to a multiple).
+    ``ratio``: already checked (:func:`check_ratio`)."""
     if not 0.0 < min_keep <= 1.0:
         raise PruneConfigError(f"min_keep must be in (0, 1], got {min_keep}.")
     if round_to < 1:

@@ -8,10 +8,12 @@ The report's figures are built here with plotly's graph objects (plotly is an en
 does not pull in gradio). They are not the dashboard's figure factories on purpose: core never
 imports hfprune_ui, and ``python -m core report`` must work without the UI package. Every figure
 carries a title and axis labels, and its modebar downloads it as PNG (camera) or SVG (the extra
-button), client-side, with no server or browser automation involved.
+button), client-side, with no server or browser automation involved. :func:`rebuild_run_model` is the
+one way to get a stored prune / ddp / recover run's model back (the report and the dashboard use it).
 """
 from __future__ import annotations
 
+import copy
 import html
 import itertools
 import json
@@ -22,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from core import __version__
 from core.data.text import evaluation_windows
@@ -30,7 +33,10 @@ from core.files import write_text
 from core.importance.stats import histogram, layer_summaries, shared_range
 from core.measure.evaluate import evaluate
 from core.measure.outputs import next_token_menus
+from core.methods.gates import DDPPlan
 from core.methods.oneshot import apply_compensation
+from core.methods.recover import LoraOptions, apply_lora_state
+from core.models.loading import LoadedModel
 from core.models.slicing import pruned_view
 from core.runs import Run, RunStore
 
@@ -167,6 +173,44 @@ def report_sections(run: Run, store: RunStore, *, metrics: list[dict] | None = N
     return sections
 
 
+def rebuild_run_model(run: Run, loaded: LoadedModel, store: RunStore, *, progress: bool = True) -> nn.Module:
+    """The model of a stored prune, ddp or recover run, rebuilt on ``loaded`` (its base model): a prune
+    run's kept neurons sliced out again (its least-squares refit redone), a ddp run's plan folded and
+    sliced again, a recover run's source run rebuilt first and its stored tensors or LoRA adapters applied."""
+    if run.kind == "prune":
+        kept = run.kept()
+        model = pruned_view(loaded.model, kept)
+        apply_compensation(loaded, model, kept, run.results.get("meta") or {}, progress=progress)
+        return model
+    if run.kind == "ddp":  # kept units + gate values: fold and slice the original again
+        return DDPPlan.from_tensors(run.weights()).apply(loaded.model)
+    if run.kind != "recover":
+        raise HFPruneError(f"Run {run.run_id} is of kind '{run.kind}', which holds no model.")
+    source_id = run.config.get("source_run")
+    if not source_id:
+        raise HFPruneError(f"Recover run {run.run_id} does not name the run of the variant it started from.")
+    model = rebuild_run_model(store.load(source_id), loaded, store, progress=progress)
+    params = run.config.get("params")
+    if params != "mlp":  # a pruned view shares attention and embeddings with the original: copy first
+        model = copy.deepcopy(model)
+    if params == "lora":
+        return apply_lora_state(model, LoraOptions.from_dict(run.config.get("lora")), run.weights())
+    return _copy_tensors(model, run)
+
+
+def _copy_tensors(model: nn.Module, run: Run) -> nn.Module:
+    """``model`` with a recover run's stored tensors copied into its parameters of the same names."""
+    weights = run.weights()
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        missing = sorted(set(weights) - set(named))
+        if missing:
+            raise HFPruneError(f"Recover run {run.run_id} stores tensors this model lacks ({missing[0]}, ...).")
+        for key, tensor in weights.items():
+            named[key].copy_(tensor)
+    return model
+
+
 def render_html(title: str, sections: list[tuple[str, list]], subtitle: str = "") -> str:
     """One HTML document, plotly.js inlined once, every figure drawn by an inline script."""
     import plotly.graph_objects as go
@@ -210,9 +254,7 @@ def build_report(run_id: str, *, store: RunStore | None = None, loaded=None, mod
         if loaded.spec != run.config.get("model"):
             raise HFPruneError(f"Run {run_id} pruned {run.config.get('model')}, not {loaded.spec}.")
         if model is None:
-            kept = run.kept()
-            model = pruned_view(loaded.model, kept)
-            apply_compensation(loaded, model, kept, run.results.get("meta") or {}, progress=progress)
+            model = rebuild_run_model(run, loaded, store, progress=progress)
         name = run.config.get("name") or "pruned"
         menus = [next_token_menus({"original": loaded.model, name: model}, loaded.tokenizer, c, menu_k)
                  for c in contexts if c.strip()]

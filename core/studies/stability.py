@@ -21,30 +21,26 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from core.data.text import disjoint_calibration_windows
+from core.data.text import CalibrationOptions, disjoint_calibration_windows
 from core.errors import DataError, SelectionError
 from core.importance.criteria import ScoreOptions, get_criterion, resolve_params
 from core.importance.stats import removal_overlap, spearman_per_layer
 from core.methods.oneshot import ScoreResult
 from core.models.loading import LoadedModel
-from core.options import Options, knob
+from core.options import knob
 from core.prune.allocate import check_ratio, uniform_widths
 from core.prune.compensate import CompensationOptions
 from core.studies.sweep import SWEEP_ALLOCATIONS, FidelitySweep
 
 
 @dataclass
-class StabilityOptions(Options):
-    """K disjoint draws of ``samples`` × ``seq_len`` calibration tokens from ``source``."""
+class StabilityOptions(CalibrationOptions):
+    """K disjoint draws of ``samples`` × ``seq_len`` calibration tokens from ``source``: the scoring
+    pass's calibration group plus ``draws``. ``seed`` picks the random order of window slots the draws
+    are cut from (draw 0 = the windows a scoring pass with that seed reads)."""
 
     error = SelectionError
     draws: int = knob(4, "disjoint calibration draws K", low=2, high=64, ui_high=8)
-    samples: int = knob(16, "calibration windows per draw", low=1, ui_high=64)
-    seq_len: int = knob(128, "tokens per window", low=8, ui_high=512, step=8)
-    seed: int = knob(0, "which random order of window slots the draws are cut from (draw 0 = the usual windows)",
-                     low=0)
-    source: str = knob("wiki", "calibration text: wiki, news, or a .txt/.jsonl path")
-    batch_size: int = knob(4, "windows per forward/backward pass", low=1, ui_high=16)
 
 
 def draw_windows(loaded: LoadedModel, options: StabilityOptions) -> list[torch.Tensor]:
@@ -109,6 +105,13 @@ class StabilityResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> StabilityResult:
+        """The inverse of :meth:`to_dict`; extra keys (a stored ``summary``, a ``run_id``) are ignored."""
+        return cls(data["criteria"], data["draws"], data["ratios"], data["layers"],
+                   {k: Agreement(**v) for k, v in data["within"].items()},
+                   {k: Agreement(**v) for k, v in data["across"].items()}, data.get("config", {}))
+
     def summary(self) -> list[dict]:
         """One row per comparison: what is compared, how many pairs, mean ρ, worst layer ρ, overlaps."""
         rows = []
@@ -138,6 +141,34 @@ class StabilityResult:
                     row[f"overlap {name.replace('|', ' vs ')} @{key}"] = agree.overlap[key][layer]
             rows.append(row)
         return rows
+
+
+@dataclass
+class StabilityVerdict:
+    """Do the criteria differ more than two calibration draws of one criterion do?"""
+
+    noise: float  # the lowest mean ρ between two draws of one criterion
+    closest: float  # the highest mean ρ between two criteria on the same draw
+
+    @property
+    def beyond_noise(self) -> bool:
+        """True when even the closest two criteria agree less than two draws of the least stable one."""
+        return self.closest < self.noise
+
+    def sentence(self, emphasis: str = "") -> str:
+        """The verdict in one sentence; ``emphasis`` wraps its key words (``**`` for Markdown)."""
+        if self.beyond_noise:
+            return f"the criteria differ {emphasis}more{emphasis} than two draws of one criterion do."
+        return (f"the criteria differ {emphasis}no more{emphasis} than two calibration draws do: their difference "
+                "is within calibration noise.")
+
+
+def stability_verdict(result: StabilityResult) -> StabilityVerdict | None:
+    """The verdict of a stability result; None when it compares no two criteria."""
+    if not result.within or not result.across:
+        return None
+    return StabilityVerdict(noise=min(a.mean_rho for a in result.within.values()),
+                            closest=max(a.mean_rho for a in result.across.values()))
 
 
 def _ratio_key(ratio: float) -> str:

@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -39,7 +40,8 @@ from tqdm.auto import tqdm
 
 from core import distributed, metrics
 from core.errors import DataError, HFPruneError, Stopped
-from core.models.forward import base_forward, chunk_rows, lm_logits
+from core.models.forward import LOGIT_CHUNK_BYTES, base_forward, lm_logits
+from core.models.reference import Reference, head_logits
 from core.options import Options, knob
 from core.progress import check_stop
 
@@ -242,17 +244,23 @@ class LogitDistillation:
     """Logit KD / next-token CE / their mix for causal LMs, on all B·T positions.
 
     The decoder stack runs once; its final hidden states (B, T, H) are detached and the lm_head, the
-    softcap and the loss run in chunks of rows (``core.scoring.chunk_rows``: ~32 MiB of fp32 logits),
-    each chunk's backward accumulating into the detached hidden states; one backward through the
-    stack follows. The teacher's hidden states come from its own decoder stack (no grad); its logits
-    are also made per chunk. Held-out: mean per-token KL(p_teacher ‖ p_student) at τ = 1."""
+    softcap and the loss run in chunks of rows (``core.metrics.row_chunks`` at
+    ``core.models.forward.LOGIT_CHUNK_BYTES``: ~32 MiB of fp32 logits), each chunk's backward
+    accumulating into the detached hidden states; one backward through the stack follows. The
+    teacher's hidden states come from its own decoder stack (no grad); its logits are also made per
+    chunk. Held-out: mean per-token KL(p_teacher ‖ p_student) at τ = 1 against a
+    :class:`core.models.reference.Reference` of the teacher (its log-probs computed once per run, kept
+    within the reference's byte budget; the student's logits made one row chunk at a time)."""
 
     name = "logit-distillation"
     heldout_name = "kl"
+    # The teacher's cached held-out log-probs share the device with training (8 × 128 SmolLM2 positions:
+    # 201 MB, kept); a held-out set beyond it re-runs the teacher at each evaluation (Gemma-3's 1 GiB).
+    heldout_budget_bytes = 256 * 2**20
 
     def __init__(self, options: DistillOptions | None = None) -> None:
         self.options = options or DistillOptions()
-        self._heldout_cache: tuple[torch.Tensor, nn.Module, torch.Tensor] | None = None
+        self._reference: Reference | None = None  # the teacher on the held-out windows
 
     def needs_teacher(self) -> bool:
         return self.options.alpha > 0
@@ -275,16 +283,14 @@ class LogitDistillation:
         flat = detached.reshape(-1, hidden.shape[-1])  # (B·T, H)
         targets = next_token_targets(batch).reshape(-1)  # (B·T,)
         rows = flat.shape[0]
-        step = chunk_rows(student.config.vocab_size)
         total = kl_sum = 0.0
-        for start in range(0, rows, step):
-            end = start + step
-            logits = lm_logits(student, flat[start:end]).float()  # (R, V)
+        for chunk in metrics.row_chunks(rows, student.config.vocab_size, LOGIT_CHUNK_BYTES):
+            logits = lm_logits(student, flat[chunk]).float()  # (r, V)
             t_logits = None
             if teacher_hidden is not None:
                 with torch.no_grad():
-                    t_logits = lm_logits(teacher, teacher_hidden[start:end]).float()  # (R, V)
-            per_row = distill_loss(logits, t_logits, targets[start:end], tau, alpha)  # (R,)
+                    t_logits = lm_logits(teacher, teacher_hidden[chunk]).float()  # (r, V)
+            per_row = distill_loss(logits, t_logits, targets[chunk], tau, alpha)  # (r,)
             chunk_loss = per_row.sum() / rows
             (chunk_loss * state.scale).backward()
             total += float(chunk_loss.detach())
@@ -303,23 +309,23 @@ class LogitDistillation:
         if teacher is None:
             raise TrainConfigError("The held-out KL needs a teacher.")
         device = _device(student)
-        cache = self._heldout_cache
-        if cache is None or cache[0] is not windows or cache[1] is not teacher:  # the teacher is frozen: reuse
-            states = [self.teacher_states(teacher, w.to(device)) for w in torch.split(windows, batch_size)]
-            cache = self._heldout_cache = (windows, teacher, torch.cat(states))  # states (N, T, H)
-        teacher_states = cache[2]
-        step = chunk_rows(student.config.vocab_size)
+        reference = self._heldout_reference(teacher, windows, batch_size)
         kl_sum, count = 0.0, 0
-        for index, w in enumerate(torch.split(windows, batch_size)):
+        for index in range(len(reference)):
             check_stop(stop, "Training was stopped during the held-out evaluation.")
-            hidden = base_forward(student, w.to(device)).reshape(-1, _hidden_size(student))  # (B·T, H)
-            t_hidden = teacher_states[index * batch_size:index * batch_size + w.shape[0]].reshape(hidden.shape)
-            for start in range(0, hidden.shape[0], step):
-                logits = lm_logits(student, hidden[start:start + step]).float()
-                t_logits = lm_logits(teacher, t_hidden[start:start + step]).float()
-                kl_sum += float(metrics.per_token_kl(t_logits, logits).double().sum())
+            dense = reference.batch(index)  # the teacher's log-probs, cached within the reference's budget
+            hidden = base_forward(student, reference.ids(index).to(device)).flatten(0, 1)  # (B·T, H)
+            kl_sum += dense.kl_sum(head_logits(student, hidden))
             count += hidden.shape[0]
         return kl_sum / max(1, count)
+
+    def _heldout_reference(self, teacher: nn.Module, windows: torch.Tensor, batch_size: int) -> Reference:
+        """The teacher on the held-out windows, computed once per run (the teacher is frozen)."""
+        ref = self._reference
+        if ref is None or ref.windows is not windows or ref.model is not teacher or ref.batch_size != batch_size:
+            ref = self._reference = Reference(teacher, windows, batch_size, budget_bytes=self.heldout_budget_bytes,
+                                              hidden_states=partial(self.teacher_states, teacher))
+        return ref
 
 
 def _hidden_size(model: nn.Module) -> int:

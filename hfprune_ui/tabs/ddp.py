@@ -1,7 +1,7 @@
 """DDP tab: learn which neurons / heads to remove with gates trained against the original (core.ddp),
 with live curves of expected sparsity vs target, the Lagrange multipliers and the gate histogram.
 
-Training runs in a worker thread that takes ``Services.model_lock`` itself (inside ``Services.ddp``);
+Training runs in a worker thread that takes the model lock itself (inside ``Services.ddp``);
 the click handler is a generator that only polls a queue of step points and redraws, so no lock is
 ever held across a ``yield``. Stop sets the job's flag; nothing is stored and the model is unchanged.
 """

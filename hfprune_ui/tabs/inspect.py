@@ -3,23 +3,20 @@
 A neuron is picked by layer + index here, by clicking a dot of the rank scatter (Agreement tab), a
 cell of the heatmap (Importance tab) or a row of the "disagree most" table; the page script
 (``hfprune_ui/plot_tools.py``) writes plot clicks into the hidden ``#neuron-pick`` box. The engine
-does the work: core.neuron (ranks, contexts, single-neuron ablation), core.stability (draws),
-core.report (the HTML report).
+does the work through ``Services`` (``neuron``, ``stability``, ``export_report``): core.neuron (ranks,
+contexts, single-neuron ablation), core.stability (draws, the verdict), core.report (the HTML report).
 """
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from core.data.text import calibration_windows
 from core.errors import SelectionError
-from core.studies.neuron import InspectOptions, inspect_neuron, neuron_at_rank
-from core.studies.report import DEFAULT_CONTEXTS, build_report, write_report
-from core.studies.stability import Agreement, StabilityOptions, StabilityResult, measure_stability
+from core.studies.neuron import InspectOptions, neuron_at_rank
+from core.studies.report import DEFAULT_CONTEXTS
+from core.studies.stability import StabilityOptions, StabilityResult, stability_verdict
 
 from .. import figures, inspect_figures
 from ..context import TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs
@@ -65,14 +62,10 @@ def make_inspect(services: Services):
         tracker = JobProgress(progress, "Inspect", stages=1, unit="neuron")
         spec, data = _context(services, session, (model, source, upload, samples, seq_len, seed))
         tracker.stage(0, f"loading {spec}")
-        loaded = services.model(spec)
+        services.model(spec)
         layer, index = _int(layer, "layer"), _int(index, "neuron index")
-        windows = calibration_windows(loaded.tokenizer, data.source, data.samples, data.seq_len, data.seed,
-                                      max_length=loaded.max_length)
         tracker.stage(0, f"layer {layer}, neuron {index}")
-        with services.model_lock:
-            report = inspect_neuron(loaded, windows, layer, index, scores=session.scores, stop=job.is_set,
-                                    options=InspectOptions(top_k=int(top_k)))
+        report = services.neuron(session, spec, data, layer, index, top_k=int(top_k), stop=job.is_set)
         data_out = report.to_dict()
         ranks = pd.DataFrame([{"criterion": r.criterion, "score": float(f"{r.score:.4g}"),
                                "rank in layer (1 = most important)": f"{r.rank} of {r.width}",
@@ -153,18 +146,10 @@ def make_stability(services: Services):
         options = options.replace(source=data.source)
         tracker = JobProgress(progress, "Stability", stages=len(chosen) * options.draws, unit="scoring pass")
         steps = [f"{c}, draw {k + 1} of {options.draws}" for c in chosen for k in range(options.draws)]
-        loaded = services.model(spec)
-        with services.model_lock:
-            result, _scores = measure_stability(
-                loaded, chosen, options, ratios=OVERLAP_RATIOS, params=criterion_knobs,
-                progress=True, stop=job.is_set,
-                on_draw=lambda c, k: tracker.stage(chosen.index(c) * options.draws + k, steps[chosen.index(c)
-                                                                                               * options.draws + k]))
-        out = result.to_dict()
-        run = services.runs.create("stability", {**result.config, "model": spec, "source": data.label,
-                                                 "criteria": chosen, "session": session.session_id},
-                                   results={"stability": out, "summary": result.summary()})
-        out["run_id"] = run.run_id
+        out = services.stability(
+            session, spec, data, chosen, options, ratios=OVERLAP_RATIOS, params=criterion_knobs, stop=job.is_set,
+            on_draw=lambda c, k: tracker.stage(chosen.index(c) * options.draws + k,
+                                               steps[chosen.index(c) * options.draws + k]))
         return (*draw_stability(out, ratio), out)
     return stability
 
@@ -174,9 +159,7 @@ def draw_stability(result: dict | None, ratio: str):
     if not result:
         blank = figures.empty("Press Measure to score the criteria on disjoint calibration draws.")
         return "", blank, blank, pd.DataFrame()
-    parsed = StabilityResult(result["criteria"], result["draws"], result["ratios"], result["layers"],
-                             {k: Agreement(**v) for k, v in result["within"].items()},
-                             {k: Agreement(**v) for k, v in result["across"].items()}, result.get("config", {}))
+    parsed = StabilityResult.from_dict(result)
     key = f"{float(ratio):g}"
     rows = parsed.layer_rows(float(ratio))
     summary = pd.DataFrame([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "kind"}
@@ -186,12 +169,9 @@ def draw_stability(result: dict | None, ratio: str):
              f"ratio {key}" for name, a in parsed.within.items()]
     lines += [f"**{name.replace('|', ' vs ')}** on the same draw: mean ρ = {a.mean_rho:.3f}, overlap "
               f"{a.mean_overlap[key]:.2f}" for name, a in parsed.across.items()]
-    if across and within:
-        noise = min(parsed.within[c].mean_rho for c in within)
-        gap = max(a.mean_rho for a in parsed.across.values())
-        lines.append("→ the criteria differ **more** than two draws of one criterion do." if gap < noise else
-                     "→ the criteria differ **no more** than two calibration draws do: their difference is "
-                     "within calibration noise.")
+    verdict = stability_verdict(parsed)
+    if verdict is not None:
+        lines.append("→ " + verdict.sentence(emphasis="**"))
     status = "  \n".join(lines) + f"  \n({parsed.draws} disjoint draws; run `{result.get('run_id', '')}`)"
     return (status, inspect_figures.stability_rho(rows, within, across),
             inspect_figures.stability_overlap(rows, within, across, key), summary)
@@ -208,14 +188,8 @@ def make_report(services: Services):
         """Write the chosen run as a self-contained HTML report and offer it for download."""
         if not run_id:
             raise SelectionError("Choose a stored run first (refresh the list if it is empty).")
-        run = services.runs.load(run_id)
-        loaded = services.model(run.config["model"]) if run.kind == "prune" else None
         texts_ = [line for line in (contexts or "").splitlines() if line.strip()] or list(DEFAULT_CONTEXTS)
-        with services.model_lock:
-            html = build_report(run_id, store=services.runs, loaded=loaded, contexts=texts_, eval_windows=4,
-                                progress=True)
-        folder = Path(tempfile.mkdtemp(prefix="hfprune-report-"))
-        path = write_report(html, folder / f"report-{run_id}.html")
+        html, path = services.export_report(run_id, texts_)
         return f"Report of run `{run_id}` written ({len(html) / 1e6:.1f} MB, plotly.js inlined: opens offline).", \
             str(path)
     return report

@@ -1,11 +1,12 @@
 """Pipeline tab: prune → quantize → distil in a chosen order (one run), or all six orders at the same settings
 (the ablation), with the rows shown as they finish.
 
-The engine (``core.pipeline``) runs in a worker thread that takes ``Services.model_lock`` itself; the
-click handler is a generator that only polls a queue of events and rows and redraws, so no lock is
-ever held across a ``yield``. Stop sets the job's flag: the engine ends at its next check (a stage
-boundary, a training step, a batch or a timing repeat) and writes nothing half-done; ablation rows
-already finished are stored as runs and reused when the same ablation is started again.
+The engine (``core.pipeline``) runs in a worker thread through ``Services.pipeline`` /
+``Services.pipeline_ablation``, which take the model lock themselves; the click handler is a generator
+that only polls a queue of events and rows and redraws, so no lock is ever held across a ``yield``.
+Stop sets the job's flag: the engine ends at its next check (a stage boundary, a training step, a batch
+or a timing repeat) and writes nothing half-done; ablation rows already finished are stored as runs and
+reused when the same ablation is started again.
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ from core.methods.pipeline import (
     Shared,
     describe_order,
     row_label,
-    run_ablation,
-    run_pipeline,
 )
 from core.paths import cache_dir
 from core.quantize.fake import (
@@ -118,20 +117,18 @@ def make_start(services: Services, ablation: bool):
         state = "Starting"
 
         def work(emit: Callable[[tuple[str, dict]], None]):
-            loaded = services.model(model_spec)
-            with services.model_lock:
-                if ablation:
-                    return run_ablation(
-                        loaded, options, out_root=root / f"ablation-{_safe(model_spec)}", store=services.runs,
-                        calibration=calibration, train_options=train_options, measure=measure, stop=job.is_set,
-                        on_event=lambda e: emit(("event", e)), on_row=lambda r: emit(("row", r)))
-                out = root / f"{_safe(model_spec)}-{options.order}-{time.strftime('%Y%m%d-%H%M%S')}"
-                result = run_pipeline(loaded, options, calibration=calibration, train_options=train_options,
-                                      measure=measure, out=out, shared=shared, stop=job.is_set,
-                                      on_event=lambda e: emit(("event", e)))
-                emit(("row", shared.dense_row))
-                emit(("row", result.row))
-                return result
+            if ablation:
+                return services.pipeline_ablation(
+                    model_spec, options, out_root=root / f"ablation-{_safe(model_spec)}", calibration=calibration,
+                    train_options=train_options, measure=measure, stop=job.is_set,
+                    on_event=lambda e: emit(("event", e)), on_row=lambda r: emit(("row", r)))
+            out = root / f"{_safe(model_spec)}-{options.order}-{time.strftime('%Y%m%d-%H%M%S')}"
+            result = services.pipeline(model_spec, options, out=out, shared=shared, calibration=calibration,
+                                       train_options=train_options, measure=measure, stop=job.is_set,
+                                       on_event=lambda e: emit(("event", e)))
+            emit(("row", shared.dense_row))
+            emit(("row", result.row))
+            return result
 
         def draw(new: list[tuple[str, dict]], finished: bool) -> tuple:
             nonlocal state

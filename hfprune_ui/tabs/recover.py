@@ -1,6 +1,6 @@
 """Recover tab: distil a pruned variant back toward the original, with live training curves.
 
-Training runs in a worker thread that takes ``Services.model_lock`` itself (inside
+Training runs in a worker thread that takes the model lock itself (inside
 ``Services.recover``); the click handler is a generator that only polls a queue of step records and
 redraws, so no lock is ever held across a ``yield``. Stop sets the job's flag; the status line says
 when the worker has really ended (the engine then restores the variant's pre-run weights and stores

@@ -5,12 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from core.errors import HFPruneError
-from core.measure.outputs import (
-    GenerationSettings,
-    generate_side_by_side,
-    next_token_menus,
-    per_token_kl_text,
-)
+from core.measure.outputs import GenerationSettings
 
 from .. import figures, texts
 from ..context import PLAIN, TRACK, Ctx, model_events
@@ -47,11 +42,10 @@ def make_generate(services: Services):
     def generate(names: list | None, prompt: str, max_new_tokens: float, temperature: float, top_k: float,
                  top_p: float, seed: float, request: gr.Request = None, progress=PLAIN):
         session = services.sessions.get(session_id(request))
-        models = services.models_for(session, chosen_variants(session, names))
+        picked = chosen_variants(session, names)
         settings = GenerationSettings(int(max_new_tokens), float(temperature), int(top_k), float(top_p), int(seed))
-        progress(0.1, desc=f"generating with {len(models)} models")
-        with services.model_lock:
-            outputs = generate_side_by_side(models, services.model(session.model_spec).tokenizer, prompt, settings)
+        progress(0.1, desc=f"generating with {len(services.models_for(session, picked))} models")
+        outputs = services.generate(session, picked, prompt, settings)
         return figures.generations(prompt, outputs)
     return generate
 
@@ -60,9 +54,7 @@ def make_menu(services: Services):
     @user_errors
     def menu(names: list | None, context: str, k: float, request: gr.Request = None):
         session = services.sessions.get(session_id(request))
-        models = services.models_for(session, chosen_variants(session, names))
-        with services.model_lock:
-            result = next_token_menus(models, services.model(session.model_spec).tokenizer, context, int(k))
+        result = services.menus(session, chosen_variants(session, names), context, int(k))
         summary = " · ".join(f"**{n}**: top-1 {result.top1[n]!r}, entropy {result.entropy[n]:.2f} nats"
                              for n in result.probs)
         return figures.token_menu(result.tokens, result.probs, result.entropy), summary
@@ -75,10 +67,7 @@ def make_kl(services: Services):
         session = services.sessions.get(session_id(request))
         if not name:
             raise HFPruneError("Prune a variant first, then pick it here.")
-        models = services.models_for(session, [name])
-        with services.model_lock:
-            result = per_token_kl_text(models["original"], models[name], services.model(session.model_spec).tokenizer,
-                                       text)
+        result = services.token_kl(session, name, text)
         scale = max(result.max, 1e-6)
         summary = (f"**{name}** vs original over {len(result.tokens)} tokens: mean KL **{result.mean:.4f}** nats, "
                    f"max {result.max:.3f} (darkest red). Hover a token for its value.")

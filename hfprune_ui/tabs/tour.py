@@ -8,7 +8,6 @@ import pandas as pd
 
 from core import paths
 from core.errors import SelectionError
-from core.measure.outputs import next_token_menus
 from core.models.loading import DEFAULT_MODEL
 
 from .. import figures, texts
@@ -133,9 +132,7 @@ def make_step5(services: Services):
         names = [n for n in tour_variants().values() if n in session.variants]
         if len(names) < len(CRITERIA):
             raise SelectionError("Run step 4 first: it makes the two pruned models this step compares.")
-        models = services.models_for(session, chosen_variants(session, names))
-        with services.model_lock:
-            result = next_token_menus(models, services.model(DEFAULT_MODEL).tokenizer, CONTEXT, MENU_K)
+        result = services.menus(session, chosen_variants(session, names), CONTEXT, MENU_K)
         summary = " · ".join(f"**{n}**: top-1 {result.top1[n]!r} ({100 * max(result.probs[n]):.0f} %), prediction "
                              f"entropy {result.entropy[n]:.2f} nats" for n in result.probs)
         menu = figures.token_menu(result.tokens, result.probs, result.entropy)
