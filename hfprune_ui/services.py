@@ -108,6 +108,15 @@ def engine_allocation(choice: str, knobs: dict | None = None) -> tuple[str, engi
     return choice, engine.AllocationOptions(**knobs)
 
 
+def prune_name(criterion: str, ratio: float, allocation: str, refit: bool) -> str:
+    """The default name of a pruned variant, saying what sets it apart: criterion and ratio, the
+    allocation when it is not uniform, '+lsq' when down_proj was refitted ('entropy-30%',
+    'entropy-30%-global', 'entropy-30%-adaptive+lsq')."""
+    percent = f"{100 * float(ratio):.1f}".rstrip("0").rstrip(".")
+    spread = "" if allocation == "uniform" else f"-{allocation}"
+    return f"{criterion}-{percent}%{spread}{'+lsq' if refit else ''}"
+
+
 def locked_steps(lock: threading.RLock, steps: Iterator[T]) -> Iterator[T]:
     """Yield ``steps``' items, holding ``lock`` only while each item is computed, never across a ``yield``.
 
@@ -217,16 +226,23 @@ class Services:
 
     def prune(self, session: Session, criterion: str, ratio: float, allocation: str, round_to: int,
               name: str, stop: Callable[[], bool] | None = None,
-              compensate_windows: int = 0, adaptive: dict | None = None) -> tuple[Variant, str | None]:
+              compensate_windows: int = 0, adaptive: dict | None = None,
+              replace: bool = False) -> tuple[Variant, str | None]:
         """Prune the session's model with its scores for ``criterion``; store the run and the variant.
         ``compensate_windows`` > 0 refits every down_proj by least squares on that many calibration
         windows (of the session's data source and window length); ``adaptive`` holds the adaptive
-        search's knobs (see :func:`engine_allocation`)."""
+        search's knobs (see :func:`engine_allocation`). An empty ``name`` gets :func:`prune_name`
+        (with '-2', '-3'… when taken); a typed name the session holds is refused, unless ``replace``
+        (the Tour remakes its own variants), which replaces it with a notice."""
         if not session.model_spec or criterion not in session.scores:
             raise PruneConfigError(f"Score the model with '{criterion}' first (Importance tab).")
-        name = (name or "").strip() or f"{criterion}-{round(100 * float(ratio))}%"
-        if name == "original":
+        typed = (name or "").strip()
+        if typed == "original":
             raise PruneConfigError("'original' names the unpruned model; choose another variant name.")
+        default = prune_name(criterion, ratio, allocation, compensate_windows > 0)
+        name = typed if replace and typed else session.new_name(typed, default)
+        if name not in session.variants:
+            session.room_for()  # a full session that cannot make room refuses before the work
         loaded = self.model(session.model_spec)
         scores = session.scores[criterion]
         compensation = self.compensation(session, [criterion], compensate_windows)
@@ -243,7 +259,7 @@ class Services:
         run = self.runs.create("prune", config, results={"widths": result.widths, "meta": result.meta},
                                kept=result.kept)
         variant = Variant(name, session.model_spec, model, result.widths, result.meta, run.run_id)
-        return variant, session.add_variant(variant)
+        return variant, session.add_variant(variant, replace=replace)
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate_variants(self, session: Session, names: list[str], windows: int, seq_len: int) -> list[dict]:
@@ -348,9 +364,13 @@ class Services:
 
     # -- quantize / zero-shot / speed --------------------------------------------------------
     def quantize(self, session: Session, source: str, method: str) -> tuple[Variant, str | None]:
-        """A quantized copy of 'original' or a session variant, stored as variant '<source>+<method>'."""
+        """A quantized copy of 'original' or a session variant, held as variant '<source>+<method>' (with
+        '-2', '-3'… when taken). A full session makes room with any variant but ``source``, or refuses
+        before quantizing."""
         check_method(method)  # unknown method / missing backend: a clear error before any copying
         base_spec = self.require_model(session)
+        name = session.new_name("", f"{source}+{method}")
+        session.room_for(keep=(source,))
         if source == "original":
             model, widths, meta = self.model(base_spec).model, None, {"criterion": None, "ratio": 0.0}
         else:
@@ -361,9 +381,8 @@ class Services:
         with self.model_lock:
             quantized = quantize_model(copy.deepcopy(model), method)
         widths = widths or [h for h in mlp_widths_any(quantized)]
-        name = f"{source}+{method}"
         variant = Variant(name, base_spec, quantized, list(widths), {**meta, "quantization": method, "source": source})
-        return variant, session.add_variant(variant)
+        return variant, session.add_variant(variant, keep=(source,))
 
     def zeroshot(self, session: Session, names: list[str], tasks: list[str], limit: int,
                  stop: Callable[[], bool] | None = None,
@@ -628,10 +647,10 @@ class Services:
             with self.model_lock:
                 model = self.rebuild_variant_model(run)
             session.switch_model(model_spec)
-            name = config.get("name") or run_id
+            name = loaded_name(session, config.get("name") or run_id, run.run_id)
             variant = Variant(name, model_spec, model, list(run.results.get("widths", [])),
                               run.results.get("meta", {}), run.run_id, run.results.get("metrics"))
-            evicted = session.add_variant(variant)
+            evicted = session.add_variant(variant, replace=True)
             extra = f" ('{evicted}' was dropped from this session to make room)" if evicted else ""
             return f"Loaded pruned variant '{name}' of {model_spec} from run {run_id}{extra}."
         if run.kind == "recover":
@@ -698,9 +717,7 @@ class Services:
         a new variant. Takes ``model_lock`` for the whole run: call it from a worker thread, never
         from a generator that yields while it runs. Stop leaves ``source`` untouched, stores nothing."""
         variant = self.variant(session, source)
-        name = (name or "").strip() or f"{source}+kd-{params}"
-        if name in ("original", source):
-            raise PruneConfigError(f"Name the recovered variant differently from '{name}'.")
+        name = self.recover_name(session, source, params, name)
         options = RecoverOptions(params=params, seq_len=int(seq_len),
                                  source=session.source)
         train_options = TrainOptions(minutes=float(minutes), steps=int(steps), lr=float(lr),
@@ -720,7 +737,19 @@ class Services:
         widths = mlp_widths_any(result.model)
         run = self.runs.create("recover", config, results={"widths": widths, "meta": result.meta}, weights=weights)
         recovered = Variant(name, variant.base_spec, result.model, widths, result.meta, run.run_id)
-        return recovered, session.add_variant(recovered)
+        return recovered, session.add_variant(recovered, keep=(source,))
+
+    def recover_name(self, session: Session, source: str, params: str, name: str = "") -> str:
+        """The name the recovered variant will get (typed, or '<source>+kd-<params>' with '-2', '-3'… when
+        taken), refused with one sentence — before any training — when it cannot be stored: a typed
+        name the session holds, or a full session where only ``source`` could make room."""
+        self.variant(session, source)
+        typed = (name or "").strip()
+        if typed in ("original", source):
+            raise PruneConfigError(f"Name the recovered variant differently from '{typed}'.")
+        name = session.new_name(typed, f"{source}+kd-{params}")
+        session.room_for(keep=(source,))
+        return name
 
     def rebuild_variant_model(self, run) -> torch.nn.Module:
         """The model of a stored prune, ddp or recover run (core.report.rebuild_run_model on its base model).
@@ -738,11 +767,11 @@ class Services:
         with self.model_lock:
             model = self.rebuild_variant_model(run)
         session.switch_model(model_spec)
-        name = run.config.get("name") or run.run_id
+        name = loaded_name(session, run.config.get("name") or run.run_id, run.run_id)
         variant = Variant(name, model_spec, model, list(run.results.get("widths", [])), run.results.get("meta", {}),
                           run.run_id, run.results.get("metrics"))
-        evicted = session.add_variant(variant)
-        extra = f" (dropped the oldest variant '{evicted}' from this session)" if evicted else ""
+        evicted = session.add_variant(variant, replace=True)
+        extra = f" ('{evicted}' was dropped from this session to make room)" if evicted else ""
         return f"Loaded {label} variant '{name}' of {model_spec} from run {run.run_id}{extra}."
 
     # -- DDP (issue 12: learned gates hardened into the pruned structure) --------------------------
@@ -759,9 +788,7 @@ class Services:
         that yields while it runs. Stop stores nothing and leaves the model as it was. Returns (variant,
         evicted variant name, {"history", "snapshots", "entropy_widths"})."""
         model_spec = self.require_model(session)
-        name = (name or "").strip() or f"ddp-{units}-{round(float(ratio) * 100)}"
-        if name == "original":
-            raise PruneConfigError("Name the DDP variant something other than 'original'.")
+        name = self.ddp_name(session, units, ratio, name)
         data = session.calibration
         options = DDPOptions(ratio=float(ratio), units=units, head_ratio=float(head_ratio), warm_start=bool(warm_start),
                              kd_weight=float(kd_weight), seq_len=int(seq_len), source=data.source)
@@ -784,9 +811,27 @@ class Services:
         variant = Variant(name, model_spec, result.model, result.plan.widths(), result.meta, run.run_id)
         return variant, session.add_variant(variant), extra
 
+    def ddp_name(self, session: Session, units: str, ratio: float, name: str = "") -> str:
+        """The name the DDP variant will get (typed, or 'ddp-<units>-<percent>' with '-2', '-3'… when taken),
+        refused with one sentence — before any training — when the session already holds a typed name."""
+        self.require_model(session)
+        typed = (name or "").strip()
+        if typed == "original":
+            raise PruneConfigError("Name the DDP variant something other than 'original'.")
+        name = session.new_name(typed, f"ddp-{units}-{round(float(ratio) * 100)}")
+        session.room_for()
+        return name
+
     def load_ddp_run(self, session: Session, run) -> str:
         """A stored ddp run → a session variant (the original folded and sliced again from the stored plan)."""
         return self._load_rebuilt_run(session, run, "DDP")
+
+
+def loaded_name(session: Session, name: str, run_id: str) -> str:
+    """The name a stored run gets when loaded: its own, kept when it is this very run loaded again (it is
+    replaced by itself), else made free with '-2', '-3'… (a run's name was not typed now)."""
+    held = session.variants.get(name)
+    return name if held is None or held.run_id == run_id else session.free_name(name)
 
 
 def _trained_tensors(model: torch.nn.Module, params: str) -> dict[str, torch.Tensor]:

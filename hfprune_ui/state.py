@@ -10,11 +10,13 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from core.data.text import CalibrationOptions
+from core.errors import SelectionError
 from core.methods.oneshot import ScoreResult
 from core.models.loading import LoadedModel, load_model
 
@@ -68,6 +70,12 @@ class Variant:
     meta: dict
     run_id: str | None = None
     metrics: dict | None = None
+
+
+def name_taken(name: str) -> SelectionError:
+    """The one sentence that refuses a variant name this session already holds."""
+    return SelectionError(f"This session already holds a variant named '{name}'; type another name, or drop that "
+                          "one first (Prune ▸ Variants held).")
 
 
 @dataclass
@@ -145,24 +153,73 @@ class Session:
                                     f"from {self.model_spec}, not {model_spec} (their runs stay on disk).")
         self.model_spec = model_spec
 
-    def next_to_drop(self) -> str | None:
-        """The variant a new one would replace when the session is full: the user's pick, else the oldest."""
+    def next_to_drop(self, keep: Collection[str] = ()) -> str | None:
+        """The variant a new one would replace when the session is full: the user's pick, else the oldest,
+        never one in ``keep`` (the variant the action under way reads from). None while there is room,
+        or when only variants in ``keep`` are left."""
         if len(self.variants) < MAX_VARIANTS_PER_SESSION:
             return None
-        return self.replace if self.replace in self.variants else next(iter(self.variants))
+        if self.replace in self.variants and self.replace not in keep:
+            return self.replace
+        return next((name for name in self.variants if name not in keep), None)
 
-    def add_variant(self, variant: Variant) -> str | None:
-        """Store a variant under its name; when the session is full, the one :meth:`next_to_drop` names
-        makes room (its run stays on disk). Returns the dropped name, if any, and leaves a notice."""
-        evicted = None
-        self.variants.pop(variant.name, None)
-        if len(self.variants) >= MAX_VARIANTS_PER_SESSION:
-            evicted = self.next_to_drop()
-            del self.variants[evicted]
+    def free_name(self, name: str) -> str:
+        """``name``, or ``name-2``, ``name-3``… when this session already holds a variant called ``name``."""
+        if name not in self.variants:
+            return name
+        k = 2
+        while f"{name}-{k}" in self.variants:
+            k += 1
+        return f"{name}-{k}"
+
+    def new_name(self, typed: str | None, default: str) -> str:
+        """The name of a variant about to be made: the one the user typed (refused when this session already
+        holds it, so nothing is replaced silently), else ``default`` with a suffix when it is taken."""
+        typed = (typed or "").strip()
+        if not typed:
+            return self.free_name(default)
+        if typed in self.variants:
+            raise name_taken(typed)
+        return typed
+
+    def room_for(self, keep: Collection[str] = ()) -> str | None:
+        """The variant a new one would push out (None: there is room), checked before the work starts; refused
+        with one sentence when the only ones that could go are in ``keep`` (what the action reads from)."""
+        if len(self.variants) < MAX_VARIANTS_PER_SESSION:
+            return None
+        if self.replace in self.variants and self.replace in keep:
+            raise SelectionError(f"This session is full and '{self.replace}' is chosen to make room, but this action "
+                                 "reads from it; choose another variant to replace, or drop one (Prune ▸ Variants "
+                                 "held).")
+        victim = self.next_to_drop(keep)
+        if victim is None:
+            raise SelectionError(f"This session is full ({MAX_VARIANTS_PER_SESSION} variants) and the only ones that "
+                                 "could make room are what this action reads from; drop a variant first (Prune ▸ "
+                                 "Variants held).")
+        return victim
+
+    def add_variant(self, variant: Variant, keep: Collection[str] = (), replace: bool = False) -> str | None:
+        """Store a variant under its name. A name already held is refused unless ``replace`` (then a notice
+        says so, except when the same stored run is loaded again); when the session is full, the variant
+        :meth:`room_for` names makes room, never one in ``keep`` (its run stays on disk). Returns the
+        dropped name, if any, and leaves a notice. Nothing changes when it is refused."""
+        old = self.variants.get(variant.name)
+        if old is not None and not replace:
+            raise name_taken(variant.name)
+        evicted = None if old is not None else self.room_for(keep)
+        if old is not None:
+            del self.variants[variant.name]
+            if not (old.run_id and old.run_id == variant.run_id):
+                self.notices.append(f"'{variant.name}' was replaced by the new variant of the same name"
+                                    + (" (the earlier one's run stays on disk)." if old.run_id else "."))
+        if evicted is not None:
+            gone = self.variants.pop(evicted)
             if self.replace == evicted:
                 self.replace = None
+            where = ("its run stays on disk; reload it from Runs" if gone.run_id else
+                     "it was not stored on disk; make it again from its source")
             self.notices.append(f"This session holds {MAX_VARIANTS_PER_SESSION} variants: '{evicted}' was dropped to "
-                                f"make room for '{variant.name}' (its run stays on disk; reload it from Runs).")
+                                f"make room for '{variant.name}' ({where}).")
         self.variants[variant.name] = variant
         return evicted
 

@@ -43,7 +43,8 @@ def status_markdown(services, session: Session) -> str:
     variants = f"{held} of {MAX_VARIANTS_PER_SESSION}" + (f": {', '.join(session.variants)}" if held else "")
     nxt = session.next_to_drop()
     if nxt:
-        variants += f" — full: the next one replaces **{nxt}** (choose under Prune ▸ Variants held)"
+        variants += (f" — full: the next one replaces **{nxt}**, unless it is what that action reads from (choose "
+                     "under Prune ▸ Variants held)")
     line = (f"**Model** {spec}{params} · **Data** {data} · **Scored** {scored} · **Variants** {variants}")
     if session.set_aside:
         line += f"  \n⚠ {session.set_aside}"

@@ -139,7 +139,7 @@ def make_start(services: Services):
               request: gr.Request = None):
         """Run Services.ddp in a worker thread and stream its curves."""
         session = services.sessions.get(session_id(request))
-        services.require_model(session)  # a clear error before any thread starts
+        services.ddp_name(session, units, ratio, name)  # a clear error (no model, name taken) before any thread
         DDPOptions(ratio=float(ratio), units=units, head_ratio=float(head_ratio), kd_weight=float(kd_weight))
         job = session.new_job()
         minutes, steps = float(minutes or 0), int(steps or 0)
@@ -174,7 +174,7 @@ def make_start(services: Services):
         heads = meta.get("heads")
         head_text = (f" Heads kept per layer: {heads['layer_num_attention_heads']} ({heads['granularity']} "
                      f"granularity, {heads['achieved_ratio']:.1%} removed).") if heads else ""
-        note = f" The oldest variant '{evicted}' was dropped from memory (its run stays on disk)." if evicted else ""
+        note = f" '{evicted}' was dropped from memory to make room (its run stays on disk)." if evicted else ""
         message = (f"**Done**: variant **{variant.name}** (run `{variant.run_id}`) removes "
                    f"{meta['achieved_ratio']:.1%} of MLP neurons ({meta['params_removed_share']:.1%} of all "
                    f"parameters) after {record.get('steps', 0)} steps, {record.get('tokens_seen', 0):,} tokens, "
@@ -242,9 +242,10 @@ def build(ctx: Ctx) -> None:
                                      elem_id="ddp-snapshot")
             widths_plot = gr.Plot(label="Widths", elem_id="ddp-widths")
         snapshots = gr.State([])
-    start_button.click(make_start(services), [ratio, units, head_ratio, minutes, steps, lr, warm_start, name,
-                                              batch_size, seq_len, eval_every, kd_weight],
-                       [status, sparsity_plot, lambda_plot, hist_plot, snapshot, widths_plot, snapshots],
-                       api_name="ddp", **model_events())
+    start_event = start_button.click(make_start(services), [ratio, units, head_ratio, minutes, steps, lr, warm_start,
+                                                            name, batch_size, seq_len, eval_every, kd_weight],
+                                     [status, sparsity_plot, lambda_plot, hist_plot, snapshot, widths_plot, snapshots],
+                                     api_name="ddp", **model_events())
+    ctx.after(start_event)  # the status line counts the new variant (and shows what made room)
     stop_button.click(make_stop(services), None, status, queue=False, api_name="ddp_stop")
     snapshot.change(show_snapshot, [snapshot, snapshots], hist_plot, api_visibility="private")

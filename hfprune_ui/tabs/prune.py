@@ -414,7 +414,8 @@ def build(ctx: Ctx) -> None:
         preview_text = gr.Markdown("", elem_id="prune-preview")
         preview_plot = gr.Plot(label="Kept width per layer", elem_id="widths-plot")
         with gr.Row(equal_height=True):
-            name = gr.Textbox("", label="Variant name", placeholder="e.g. entropy-20% (default)", scale=3)
+            name = gr.Textbox("", label="Variant name", scale=3,
+                              placeholder="default: e.g. entropy-20%, entropy-20%-global+lsq (taken: -2)")
             prune_button = gr.Button("Prune", variant="primary", elem_id="prune-button", scale=1, min_width=120)
             stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=100, elem_id="prune-stop")
         status = gr.Markdown("", elem_id="prune-status")

@@ -77,7 +77,7 @@ def make_start(services: Services):
         session = services.sessions.get(session_id(request))
         if not source:
             raise HFPruneError("Pick a pruned variant to recover (prune one on the Prune tab first).")
-        services.variant(session, source)  # a clear error before any thread starts
+        services.recover_name(session, source, params, name)  # a clear error before any thread starts
         job = session.new_job()
         minutes, steps = float(minutes or 0), int(steps or 0)
         points: list[dict] = []
@@ -103,7 +103,7 @@ def make_start(services: Services):
             yield message, curves(points), no_change
             return
         recovery = variant.meta.get("recovery", {})
-        note = f" The oldest variant '{evicted}' was dropped from memory (its run stays on disk)." if evicted else ""
+        note = f" '{evicted}' was dropped from memory to make room (its run stays on disk)." if evicted else ""
         before = recovery.get("heldout_kl_before") or float("nan")
         after = recovery.get("heldout_kl_after") or float("nan")
         message = (f"**Recovered** into variant **{variant.name}** (run `{variant.run_id}`): "
@@ -159,7 +159,8 @@ def build(ctx: Ctx) -> None:
         status = gr.Markdown("", elem_id="recover-status")
         plot = gr.Plot(label="Training curves", elem_id="recover-plot")
     tab.select(make_variants(services), source, source, api_visibility="private")
-    start_button.click(make_start(services), [source, params, minutes, steps, lr, name, tau, alpha, lora_rank,
-                                              batch_size, seq_len, eval_every], [status, plot, source],
-                       api_name="recover", **model_events())
+    start_event = start_button.click(make_start(services), [source, params, minutes, steps, lr, name, tau, alpha,
+                                                            lora_rank, batch_size, seq_len, eval_every],
+                                     [status, plot, source], api_name="recover", **model_events())
+    ctx.after(start_event)  # the status line counts the new variant (and shows what made room)
     stop_button.click(make_stop(services), None, status, queue=False, api_name="recover_stop")

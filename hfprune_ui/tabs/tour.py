@@ -104,7 +104,8 @@ def make_step4(services: Services):
         rows = []
         for index, (criterion, name) in enumerate(names.items()):
             tracker.stage(2 * index, f"pruning with {criterion}")
-            variant, _ = services.prune(session, criterion, RATIO, "uniform", 1, name, stop=job.is_set)
+            variant, _ = services.prune(session, criterion, RATIO, "uniform", 1, name, stop=job.is_set,
+                                        replace=True)  # running step 4 again remakes its own two variants
             tracker.stage(2 * index + 1, f"measuring {name}")
             quality = services.quick_quality(session, name, stop=job.is_set)
             variant.metrics = {**(variant.metrics or {}), "kl": quality.get("kl"), "quick": quality}
