@@ -7,7 +7,10 @@ after uniform pruning with each draw's scores, at each ratio, with the paired di
 
     python benchmarks/stability.py --draws 4 --samples 16 --seq-len 128 --eval-windows 8 --eval-seq-len 128
 
-Writes benchmarks/results/stability.{json,md}.
+Writes benchmarks/results/stability.{json,md}. The Tour's precomputed calibration-draw numbers are
+extracted from that result file (no model is loaded) with
+
+    python benchmarks/stability.py --write-tour    # → assets/tour/draws.json
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import json
 import sys
 import time
 
-from _common import machine, markdown_table, write_result
+from _common import RESULTS, ROOT, machine, markdown_table, write_json, write_result
 
 import core.studies.sweep  # noqa: F401  (imported up front: a later lazy import cannot fail mid-run)
 from core.data.text import evaluation_windows
@@ -28,7 +31,17 @@ from core.studies.stability import (
     draw_windows,
     fidelity_over_draws,
     score_draws,
+    tour_draws,
 )
+
+TOUR_DRAWS = ROOT / "assets" / "tour" / "draws.json"
+
+
+def write_tour(result_file=RESULTS / "stability.json", target=TOUR_DRAWS) -> None:
+    """(Re)make the Tour's precomputed calibration-draw numbers from a stored stability result."""
+    asset = tour_draws(json.loads(result_file.read_text()), source=str(result_file.relative_to(ROOT)))
+    write_json(target, asset, indent=1)
+    print(f"wrote {target} from {result_file.relative_to(ROOT)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratios", default="0.2,0.3,0.4")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-seq-len", type=int, default=128)
+    parser.add_argument("--write-tour", action="store_true",
+                        help="only (re)make assets/tour/draws.json from benchmarks/results/stability.json and exit")
     args = parser.parse_args(argv)
+    if args.write_tour:
+        write_tour()
+        return
     command = "python benchmarks/stability.py " + " ".join(sys.argv[1:] if argv is None else argv)
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     ratios = [float(r) for r in args.ratios.split(",")]

@@ -111,9 +111,10 @@ def with_criterion_knobs(fn: Callable) -> Callable:
     return wrapper
 
 
-def make_stop(services: Services, what: str = "job"):
+def make_stop(services: Services, what: str = "job", kept: Callable[[str], str] | None = None):
     """Stop handler: set the session's job flag (the engine checks it after every window, batch, probe
-    or repeat), then wait until the work has really ended and say so."""
+    or repeat), then wait until the work has really ended and say so; ``kept(session id)``, when given,
+    adds what stays (e.g. '2 of 4 models were measured; their rows stay in the table.')."""
     def stop(request: gr.Request = None):
         sid = session_id(request)
         services.sessions.get(sid).stop.set()
@@ -123,20 +124,21 @@ def make_stop(services: Services, what: str = "job"):
         yield f"Stopping the {what}…"
         started = time.monotonic()
         if ACTIVITY.wait_idle(sid, STOP_WAIT_S):
+            after = kept(sid) if kept is not None else ""
             yield (f"Stopped the {what} ({time.monotonic() - started:.1f} s after the click). Results that were "
-                   "not finished were not stored; rows already shown stay.")
+                   "not finished were not stored; " + (after or "rows already shown stay."))
         else:
             yield f"Still stopping after {STOP_WAIT_S:.0f} s: the engine has not reached its next stop check yet."
     return stop
 
 
 def stop_on_click(services: Services, button: gr.Button, status: gr.components.Component, events: list,
-                  api_name: str | None = None, what: str = "job") -> None:
+                  api_name: str | None = None, what: str = "job", kept: Callable[[str], str] | None = None) -> None:
     """Wire a Stop button: cancel ``events`` that are still waiting in the queue, set the session's
     job flag so the running computation itself ends (nothing half-done is stored), and report in
-    ``status`` when it really has ended."""
+    ``status`` when it really has ended (with ``kept``'s sentence, see :func:`make_stop`)."""
     extra = {"api_name": api_name} if api_name else {"api_visibility": "private"}
-    button.click(make_stop(services, what), None, status, cancels=events, concurrency_limit=None,
+    button.click(make_stop(services, what, kept), None, status, cancels=events, concurrency_limit=None,
                  show_progress="hidden", **extra)
 
 

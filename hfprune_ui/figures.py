@@ -254,3 +254,45 @@ def speedups(names: Sequence[str], prefill: Sequence[dict | None], decode: Seque
     fig.add_hline(y=1.0, line=CHANCE_STYLE)
     return _finish(fig, barmode="group", title="Measured speed-up vs the original (bars: median, whiskers: quartiles)",
                    xaxis_title="variant", yaxis_title="× faster than the original")
+
+
+def draw_spread(rows: Sequence[dict], overlap: dict[str, dict], criteria: Sequence[str], note: str = "") -> go.Figure:
+    """A cut over K calibration draws. Left: KL to the original against the share removed, one line per
+    criterion at its mean with ± 1 std error bars and every draw's value as an open marker (the two
+    criteria nudged apart sideways so neither hides the other). Right: the share of removed neurons
+    two criteria scored on the same draw, and two draws of one criterion, have in common, with the
+    chance line (two random choices of that size share the ratio itself)."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("KL to the original (nats/token)", "Removed neurons in common"))
+    for i, name in enumerate(criteria):
+        mine = sorted((r for r in rows if r["criterion"] == name), key=lambda r: r["ratio"])
+        if not mine:
+            continue
+        shift = (i - (len(criteria) - 1) / 2) * 0.8  # percentage points
+        x = [100 * r["ratio"] + shift for r in mine]
+        fig.add_trace(go.Scatter(x=x, y=[r["kl_mean"] for r in mine], mode="lines+markers", marker_color=color(i),
+                                 name=f"{name}: mean ± std over {mine[0]['draws']} draws", legendgroup=name,
+                                 error_y={"type": "data", "array": [r["kl_std"] for r in mine], "visible": True},
+                                 hovertemplate=f"{name}<br>%{{y:.3f}} mean KL<extra></extra>"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=[p for r, p in zip(mine, x) for _ in r["kl_draws"]],
+                                 y=[v for r in mine for v in r["kl_draws"]], mode="markers", legendgroup=name,
+                                 marker={"color": color(i), "symbol": "circle-open", "size": 8},
+                                 name=f"{name}: each draw",
+                                 hovertemplate=f"{name}, one draw<br>KL %{{y:.3f}}<extra></extra>"), row=1, col=1)
+    ratios = sorted(overlap, key=float)
+    x = [100 * float(r) for r in ratios]
+    first = overlap[ratios[0]] if ratios else {"criteria": {}, "draws": {}}
+    for pair in first["criteria"]:
+        fig.add_trace(go.Scatter(x=x, y=[100 * overlap[r]["criteria"][pair] for r in ratios], mode="lines+markers",
+                                 marker_color=color(len(criteria)), line={"width": 3},
+                                 name=f"{pair.replace('|', ' vs ')}, same draw"), row=1, col=2)
+    for i, name in enumerate(first["draws"]):
+        fig.add_trace(go.Scatter(x=x, y=[100 * overlap[r]["draws"][name] for r in ratios], mode="lines+markers",
+                                 marker_color=color(i), line={"dash": "dot"}, name=f"two draws of {name}"),
+                      row=1, col=2)
+    if ratios:
+        fig.add_trace(go.Scatter(x=x, y=x, mode="lines", line=CHANCE_STYLE, name="chance (two random choices)"),
+                      row=1, col=2)
+    fig.update_xaxes(title_text="% of MLP neurons removed", tickvals=x or None)
+    fig.update_yaxes(title_text="% in common", row=1, col=2)
+    return _finish(fig, height=440, title=_title("The same cut from several calibration draws", note))

@@ -6,11 +6,17 @@ Gradio's ``track_tqdm`` hands those bars to the handler's ``gr.Progress``. :clas
 takes over that progress object's callback and turns the nested bars into one line, e.g.
 ``Measure · model 2 of 3 (ent30) · decode repeat 4/5 · 53 % · about 40 s left``.
 
+The shown fraction never goes back (a stage whose bar restarts, e.g. the adaptive search's "refining",
+holds at the furthest point reached), and the time left comes from the rate of the work done so far
+(elapsed / done × what remains), blended from the up-front estimate (when the job has one) while
+little is done, so a loaded machine's slower pace corrects it as the job goes.
+
 :func:`stream_worker` is the one home of "run the engine in a worker thread and redraw live curves
-while yielding to Gradio" (Recover, DDP, Pipeline tabs).
+or rows while yielding to Gradio" (Recover, DDP, Pipeline, Measure).
 """
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -21,6 +27,7 @@ import gradio as gr
 from gradio.helpers import TrackedIterable
 
 MIN_FRACTION_FOR_ETA = 0.03  # below this, "time left" would be a guess
+TRUST_MEASURED_AT = 0.5  # from this fraction done on, the time left is the measured rate's alone
 
 
 def duration(seconds: float) -> str:
@@ -33,25 +40,47 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def eta_text(fraction: float, elapsed: float) -> str:
-    """'about 40 s left' once enough is done to extrapolate, else 'estimating time left'."""
-    if fraction < MIN_FRACTION_FOR_ETA or elapsed < 1.0:
-        return "estimating time left"
-    return f"about {duration(elapsed * (1.0 - fraction) / fraction)} left"
+def eta_text(fraction: float, elapsed: float, estimate_s: float | None = None) -> str:
+    """'about 40 s left' once enough is done to extrapolate (see :func:`time_left`), else 'estimating time left'."""
+    left = time_left(fraction, elapsed, estimate_s)
+    return "estimating time left" if left is None else f"about {duration(left)} left"
+
+
+def time_left(done: float, elapsed: float, estimate_s: float | None = None) -> float | None:
+    """Seconds left of a job ``done`` (0–1) through after ``elapsed`` seconds; None when unknown.
+
+    The measured rate (elapsed / done × (1 − done)) once enough is done to extrapolate; with an
+    up-front ``estimate_s``, blended with the estimate's own view of the remaining work (estimate ×
+    (1 − done)) — the estimate's weight falls linearly to 0 at :data:`TRUST_MEASURED_AT` done. Before
+    any rate is measured, what the estimate leaves (estimate − elapsed), if anything."""
+    done = max(0.0, min(1.0, done))
+    measured = (elapsed * (1.0 - done) / done if done >= MIN_FRACTION_FOR_ETA and elapsed >= 1.0 else None)
+    if not estimate_s:
+        return measured
+    if measured is None:
+        left = estimate_s - elapsed
+        return left if left > 0 else None
+    trust = min(1.0, done / TRUST_MEASURED_AT)
+    return trust * measured + (1.0 - trust) * estimate_s * (1.0 - done)
 
 
 class JobProgress:
     """Progress of a job made of ``stages`` equal parts (e.g. one per model or per criterion).
 
     ``progress`` is the handler's ``gr.Progress`` (created with ``track_tqdm=True`` so the engine's
-    tqdm bars reach it); outside a Gradio event every call here does nothing."""
+    tqdm bars reach it); outside a Gradio event every call here does nothing. ``estimate_s``: the
+    up-front estimate shown before the job started (see :func:`time_left`); ``clock``: seconds
+    (``time.monotonic``; tests pass a fake). Safe to call from the handler and a worker thread."""
 
-    def __init__(self, progress: gr.Progress | None, title: str, stages: int = 1, unit: str = "model") -> None:
+    def __init__(self, progress: gr.Progress | None, title: str, stages: int = 1, unit: str = "model",
+                 estimate_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.progress, self.title, self.stages, self.unit = progress, title, max(1, int(stages)), unit
         self.stage_index, self.stage_label = 0, ""
         self.detail: tuple[str, float] | None = None  # (what, fraction of the current stage) set by hand
-        self.started = time.monotonic()
-        self._send = None
+        self.estimate_s, self.clock = estimate_s, clock
+        self.started = clock()
+        self.reached = 0.0  # the furthest fraction shown: the bar never goes back
+        self._lock = threading.Lock()
         if progress is not None:
             progress._progress_callback = self._callback  # type: ignore[method-assign]  # see module docstring
 
@@ -61,13 +90,23 @@ class JobProgress:
         self.stage_index, self.stage_label, self.detail = min(index, self.stages - 1), label, None
         self._push([])
 
-    def step(self, what: str, done: float, total: float) -> None:
-        """Report progress inside the current stage by hand (for work without a tqdm bar)."""
-        self.detail = (f"{what} {int(done)}/{int(total)}", done / total if total else 0.0)
+    def step(self, what: str, done: float, total: float, fraction: float | None = None) -> None:
+        """Report progress inside the current stage by hand (for work without a tqdm bar): ``what
+        done/total``, at ``fraction`` of the stage when given (else done / total)."""
+        share = fraction if fraction is not None else (done / total if total else 0.0)
+        self.detail = (f"{what} {int(done)}/{int(total)}", share)
         self._push([])
 
     def fraction(self, inner: float = 0.0) -> float:
-        return min(1.0, (self.stage_index + max(0.0, min(1.0, inner))) / self.stages)
+        """Done over the whole job with ``inner`` of the current stage done — never less than before."""
+        now = min(1.0, (self.stage_index + max(0.0, min(1.0, inner))) / self.stages)
+        with self._lock:
+            self.reached = max(self.reached, now)
+            return self.reached
+
+    def time_left(self, done: float) -> float | None:
+        """Seconds left at ``done`` (see :func:`time_left`)."""
+        return time_left(done, self.clock() - self.started, self.estimate_s)
 
     def line(self, inner: float, what: str) -> str:
         """The text shown above the bar."""
@@ -81,7 +120,7 @@ class JobProgress:
             parts.append(what)
         done = self.fraction(inner)
         parts.append(f"{100 * done:.0f} %")
-        parts.append(eta_text(done, time.monotonic() - self.started))
+        parts.append(eta_text(done, self.clock() - self.started, self.estimate_s))
         return " · ".join(parts)
 
     # -- plumbing -----------------------------------------------------------------------------------
@@ -96,7 +135,8 @@ class JobProgress:
         if send is None:
             return
         inner, what = self._inner(iterables)
-        send([TrackedIterable(None, None, None, self.line(inner, what), None, progress=self.fraction(inner))])
+        text = self.line(inner, what)
+        send([TrackedIterable(None, None, None, text, None, progress=self.reached)])
 
     def _inner(self, iterables: Sequence[TrackedIterable]) -> tuple[float, str]:
         """Fraction of the current stage and its description, from the innermost bar with a length."""
@@ -118,6 +158,8 @@ def stream_worker(work: Callable[[Callable[[Any], None]], Any], draw: Callable[[
 
     ``work`` calls ``emit(record)`` for each step record (any object) and returns the outcome; it takes
     ``Services.model_lock`` itself if it needs it — this generator never holds a lock across a ``yield``.
+    The worker runs in a copy of the handler's context, so the engine's tqdm bars and a
+    :class:`JobProgress` reach the event's progress bar from the worker too.
     Yields ``draw(new_records, finished)``: the records emitted since the previous yield (in order), at
     most every ``redraw_s`` seconds while the worker runs and once more with ``finished=True`` when it
     has ended. Then returns ``work``'s return value, or raises its exception (``Stopped`` included).
@@ -127,9 +169,11 @@ def stream_worker(work: Callable[[Callable[[Any], None]], Any], draw: Callable[[
     outcome: dict = {}
     done, nothing = object(), object()  # the sentinel the worker puts last; "no record this time"
 
+    context = contextvars.copy_context()  # Gradio's event, blocks and progress are context variables
+
     def run() -> None:
         try:
-            outcome["value"] = work(records.put)
+            outcome["value"] = context.run(work, records.put)
         except Exception as exc:  # noqa: BLE001 - handed to the generator, which re-raises it
             outcome["error"] = exc
         finally:

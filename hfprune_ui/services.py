@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,7 +37,7 @@ from core.measure.outputs import (
     next_token_menus,
     per_token_kl_text,
 )
-from core.measure.speed import add_measured_speedups, ideal_speedup, measure_speed
+from core.measure.speed import SpeedBudget, add_measured_speedups, ideal_speedup, measure_speed
 from core.measure.timing import adaptive_seconds, seconds_per_token
 from core.measure.zeroshot import check_tasks, run_zeroshot
 from core.methods import oneshot as engine
@@ -67,6 +67,7 @@ from core.studies.stability import (
     StabilityOptions,
     check_sweep_draws,
     draw_windows,
+    load_tour_draws,
     measure_stability,
     score_draws,
     sweep_over_draws,
@@ -144,6 +145,22 @@ def tour_file(model_spec: str, data: DataSpec, criterion: str) -> str:
     return f"{safe}_{data.name}_{data.samples}x{data.seq_len}_seed{data.seed}.safetensors"
 
 
+def _bench_step(on_step: Callable[[str, int, int, float], None],
+                budget_s: float | None) -> Callable[[str, int, int], None]:
+    """measure_speed's ``on_progress`` for one model → ``on_step(phase, done, most, fraction)``: with a
+    budget the fraction is the share of the budget spent (it bounds the time), without one prefill
+    fills the first half and decode the second."""
+    began = time.monotonic()
+
+    def step(phase: str, done: int, most: int) -> None:
+        if budget_s:
+            fraction = (time.monotonic() - began) / budget_s
+        else:
+            fraction = 0.5 * done / max(1, most) + (0.5 if phase == "decode" else 0.0)
+        on_step(phase, done, most, min(0.99, fraction))
+    return step
+
+
 class Services:
     """Shared caches + the per-session store + the run store, and the engine calls on top of them."""
 
@@ -157,7 +174,8 @@ class Services:
         self.scores = ScoreCache()
         self.sessions = SessionStore()
         self._quick_originals: dict[tuple, tuple] = {}  # (model, source, windows, seq_len) → (Reference, perplexity)
-        self._per_token: dict[str, float] = {}  # model spec → measured forward seconds per token (estimates)
+        self._per_token: dict[str, tuple[float, float]] = {}  # model spec → (forward s/token, when probed)
+        self._tour_draws: dict[Path, dict] = {}  # assets/tour/draws.json, read once
         self.model_lock = threading.RLock()
 
     # -- inputs ----------------------------------------------------------------------------
@@ -227,13 +245,14 @@ class Services:
     def prune(self, session: Session, criterion: str, ratio: float, allocation: str, round_to: int,
               name: str, stop: Callable[[], bool] | None = None,
               compensate_windows: int = 0, adaptive: dict | None = None,
-              replace: bool = False) -> tuple[Variant, str | None]:
+              replace: bool = False, keep: Collection[str] = ()) -> tuple[Variant, str | None]:
         """Prune the session's model with its scores for ``criterion``; store the run and the variant.
         ``compensate_windows`` > 0 refits every down_proj by least squares on that many calibration
         windows (of the session's data source and window length); ``adaptive`` holds the adaptive
         search's knobs (see :func:`engine_allocation`). An empty ``name`` gets :func:`prune_name`
         (with '-2', '-3'… when taken); a typed name the session holds is refused, unless ``replace``
-        (the Tour remakes its own variants), which replaces it with a notice."""
+        (the Tour remakes its own variants), which replaces it with a notice. A full session makes room
+        with any variant but those in ``keep``."""
         if not session.model_spec or criterion not in session.scores:
             raise PruneConfigError(f"Score the model with '{criterion}' first (Importance tab).")
         typed = (name or "").strip()
@@ -242,7 +261,7 @@ class Services:
         default = prune_name(criterion, ratio, allocation, compensate_windows > 0)
         name = typed if replace and typed else session.new_name(typed, default)
         if name not in session.variants:
-            session.room_for()  # a full session that cannot make room refuses before the work
+            session.room_for(keep)  # a full session that cannot make room refuses before the work
         loaded = self.model(session.model_spec)
         scores = session.scores[criterion]
         compensation = self.compensation(session, [criterion], compensate_windows)
@@ -259,7 +278,7 @@ class Services:
         run = self.runs.create("prune", config, results={"widths": result.widths, "meta": result.meta},
                                kept=result.kept)
         variant = Variant(name, session.model_spec, model, result.widths, result.meta, run.run_id)
-        return variant, session.add_variant(variant, replace=replace)
+        return variant, session.add_variant(variant, keep=keep, replace=replace)
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate_variants(self, session: Session, names: list[str], windows: int, seq_len: int) -> list[dict]:
@@ -412,27 +431,37 @@ class Services:
         return rows
 
     def bench(self, session: Session, names: list[str], prefill_tokens: int, decode_tokens: int,
-              repeats: int, max_repeats: int | None = None, stop: Callable[[], bool] | None = None,
+              repeats: int, max_repeats: int | None = None, budget_s: float | None = None,
+              stop: Callable[[], bool] | None = None,
               on_model: Callable[[int, int, str], None] | None = None,
-              on_repeat: Callable[[str, int, int], None] | None = None) -> list[dict]:
-        """Measured prefill latency, decode speed, memory and size of the original and each variant;
-        each timing is repeated ``repeats`` times, and up to ``max_repeats`` until its spread is known,
-        and the rows carry prefill and decode speed-ups with their quartile intervals."""
+              on_step: Callable[[str, int, int, float], None] | None = None) -> Iterator[dict]:
+        """Measured prefill latency, decode speed, memory and size of the original and each variant,
+        one row yielded as each model finishes (the original first: the baseline of the speed-ups).
+        Each timing is repeated ``repeats`` times, and up to ``max_repeats`` until its spread is known,
+        within ``budget_s`` seconds per model (:class:`SpeedBudget`; None: no limit); rows carry prefill
+        and decode speed-ups with their quartile intervals and the spread each timing reached.
+        ``on_step(phase, done, most, fraction)``: each repeat, with the fraction of this model done.
+        A Stop raises :class:`~core.errors.Stopped`; the rows already yielded are the caller's to keep.
+        The model lock is held while one model is measured, never across a ``yield``."""
+        if budget_s is not None:
+            budget_s = SpeedBudget(budget_s=budget_s).budget_s or None
         loaded = self.model(self.require_model(session))
         dense = mlp_widths_any(loaded.model)
-        rows = []
+        rows: list[dict] = []
         chosen = self.models_for(session, names)
         for index, (name, model) in enumerate(chosen.items()):
             if on_model is not None:
                 on_model(index, len(chosen), name)
+            report = None if on_step is None else _bench_step(on_step, budget_s)
             with self.model_lock:
                 result = measure_speed(model, loaded.tokenizer, prefill_tokens=int(prefill_tokens),
                                        decode_tokens=int(decode_tokens), repeats=int(repeats),
-                                       max_repeats=max_repeats, stop=stop, on_progress=on_repeat,
+                                       max_repeats=max_repeats, budget_s=budget_s, stop=stop, on_progress=report,
                                        method=getattr(model, "hfprune_quantization", None))
-            rows.append({"variant": name, **result.to_dict(), "ideal_speedup": ideal_speedup(model, dense,
-                                                                                             int(prefill_tokens))})
-        return add_measured_speedups(rows)
+            rows.append({"variant": name, **result.to_dict(),
+                         "ideal_speedup": ideal_speedup(model, dense, int(prefill_tokens))})
+            add_measured_speedups(rows)  # row k's speed-ups are against row 0: earlier rows do not change
+            yield rows[-1]
 
     # -- dashboard helpers (issue 10): quality at a glance, the sweep's random baseline ---------
     QUICK_WINDOWS = 4  # held-out windows × …
@@ -460,13 +489,24 @@ class Services:
         return {"windows": windows, "seq_len": self.QUICK_SEQ_LEN, "original_perplexity": original,
                 "perplexity": metrics.perplexity, "kl": metrics.kl_to_reference, "top1": metrics.top1_agreement}
 
+    PROBE_MAX_AGE_S = 10.0  # an estimate re-times the model when its last probe is older than this
+
     def seconds_per_token(self, spec: str) -> float:
-        """The model's measured forward time per token on this machine (once per model; for estimates)."""
-        if spec not in self._per_token:
-            loaded = self.model(spec)
-            with self.model_lock:
-                self._per_token[spec] = seconds_per_token(loaded.model)
-        return self._per_token[spec]
+        """The model's forward time per token on this machine, timed on the spot (a short probe, at
+        most every :attr:`PROBE_MAX_AGE_S`), so the estimates built on it include the machine's current
+        load; while a job holds the model the last probe is used rather than waiting for the job."""
+        loaded = self.model(spec)
+        last = self._per_token.get(spec)
+        if last is not None and time.monotonic() - last[1] <= self.PROBE_MAX_AGE_S:
+            return last[0]
+        if not self.model_lock.acquire(blocking=last is None):
+            return last[0]
+        try:  # a warm model needs no warm-up forward: two timed forwards of 2 × 64 tokens
+            value = seconds_per_token(loaded.model, repeats=2, warmup=1 if last is None else 0)
+        finally:
+            self.model_lock.release()
+        self._per_token[spec] = (value, time.monotonic())
+        return value
 
     def adaptive_seconds(self, spec: str, halvings: int, heldout_samples: int, heldout_seq_len: int,
                          sequential: bool = False) -> float:
@@ -503,6 +543,14 @@ class Services:
             session.score_runs.pop(criterion, None)
             origins[criterion] = "precomputed"
         return origins
+
+    def tour_draws(self, folder: Path) -> dict:
+        """The Tour's precomputed calibration-draw numbers (``folder``/draws.json, core.stability.tour_draws),
+        read once."""
+        path = Path(folder) / "draws.json"
+        if path not in self._tour_draws:
+            self._tour_draws[path] = load_tour_draws(path)
+        return self._tour_draws[path]
 
     def random_scores(self, session: Session, draw: int = 0) -> engine.ScoreResult:
         """Seeded random scores for the session's model (the sweep's baseline row; weights only, instant);
@@ -709,15 +757,16 @@ class Services:
     def recover(self, session: Session, source: str, *, params: str = "mlp", minutes: float = 2.0, steps: int = 0,
                 lr: float = RECOVER_TRAIN["lr"], name: str = "", lora_rank: int = 16, tau: float = 1.0,
                 alpha: float = 1.0, batch_size: int = 4, seq_len: int = 128,
-                eval_every: int = RECOVER_TRAIN["eval_every"],
+                eval_every: int = RECOVER_TRAIN["eval_every"], keep: Collection[str] = (),
                 stop: Callable[[], bool] | None = None,
                 on_step: Callable[[object], None] | None = None) -> tuple[Variant, str | None]:
         """Train a copy of variant ``source`` against the session's original (core.recover) for the
         budget, store it as a ``recover`` run (its trained tensors, or its LoRA adapters) and add it as
         a new variant. Takes ``model_lock`` for the whole run: call it from a worker thread, never
-        from a generator that yields while it runs. Stop leaves ``source`` untouched, stores nothing."""
+        from a generator that yields while it runs. Stop leaves ``source`` untouched, stores nothing. A
+        full session makes room with any variant but ``source`` and those in ``keep``."""
         variant = self.variant(session, source)
-        name = self.recover_name(session, source, params, name)
+        name = self.recover_name(session, source, params, name, keep)
         options = RecoverOptions(params=params, seq_len=int(seq_len),
                                  source=session.source)
         train_options = TrainOptions(minutes=float(minutes), steps=int(steps), lr=float(lr),
@@ -737,9 +786,10 @@ class Services:
         widths = mlp_widths_any(result.model)
         run = self.runs.create("recover", config, results={"widths": widths, "meta": result.meta}, weights=weights)
         recovered = Variant(name, variant.base_spec, result.model, widths, result.meta, run.run_id)
-        return recovered, session.add_variant(recovered, keep=(source,))
+        return recovered, session.add_variant(recovered, keep=(source, *keep))
 
-    def recover_name(self, session: Session, source: str, params: str, name: str = "") -> str:
+    def recover_name(self, session: Session, source: str, params: str, name: str = "",
+                     keep: Collection[str] = ()) -> str:
         """The name the recovered variant will get (typed, or '<source>+kd-<params>' with '-2', '-3'… when
         taken), refused with one sentence — before any training — when it cannot be stored: a typed
         name the session holds, or a full session where only ``source`` could make room."""
@@ -748,7 +798,7 @@ class Services:
         if typed in ("original", source):
             raise PruneConfigError(f"Name the recovered variant differently from '{typed}'.")
         name = session.new_name(typed, f"{source}+kd-{params}")
-        session.room_for(keep=(source,))
+        session.room_for(keep=(source, *keep))
         return name
 
     def rebuild_variant_model(self, run) -> torch.nn.Module:

@@ -83,6 +83,11 @@ GLOSSARY = {
     "halvings": "Adaptive search: binary-search steps per layer; fewer is faster and coarser.",
     "compensation (lsq)": "After the cut, each layer's output weights are refitted by least squares so the layer's "
                           "output stays close to the original's. Same size and speed.",
+    "calibration draw / noise": "One sample of calibration text the scores are computed from. Disjoint draws give "
+                                "somewhat different scores and cuts; a difference between two criteria that is no "
+                                "larger than the spread between draws is calibration noise, not a finding.",
+    "recovery": "A short training run after the cut that teaches the smaller model to predict what the original "
+                "predicts (distillation on KL); here only the MLP weights train.",
     "max ÷ mean": "Per-layer summary: the largest neuron score divided by the layer's mean score (how spiky "
                   "importance is).",
     "top-10 % share": "Per-layer summary: the share of the layer's total score held by its 10 % most important "
@@ -110,31 +115,44 @@ SPLIT_INFO = ("Calibration and quality checks never share text: the built-in cor
               "paragraphs, and an uploaded file is split by document (every 4th held out) or, for one long text, "
               "by position (its last quarter held out).")
 
-# -- the Tour: five steps, two sentences each, to read aloud --------------------------------------------
+# -- the Tour: six steps, a few sentences each, to read aloud --------------------------------------------
 TOUR_INTRO = (
-    "Five clicks tell the whole HFPrune story on the default model (SmolLM2-135M) and text (Wikipedia). Every "
-    "step also fills the regular tabs, so after the tour you can open any of them and keep exploring."
+    "Six clicks tell the whole HFPrune story on the default model (SmolLM2-135M) and text (Wikipedia): score the "
+    "neurons two ways, cut the model both ways, check whether the difference is more than the noise of the "
+    "calibration text, and heal the cut. Every step also fills the regular tabs, so after the tour you can open "
+    "any of them and keep exploring."
 )
 TOUR_STEPS = (
     ("Score every neuron, two ways",
      ("We watch the model read a few passages of Wikipedia and ask, for every one of its 46,080 MLP neurons, how much "
-     "the model would suffer without it. Cross-entropy asks about the word that really came next; entropy, the "
-     "HFPrune score, asks about the whole spread of words the model was considering.")),
+      "the model would suffer without it. Cross-entropy asks about the word that really came next; entropy, the "
+      "HFPrune score, asks about the whole spread of words the model was considering. Both read the same 8 short "
+      "windows (512 tokens): quick, and, as step 4 shows, a noisy sample.")),
     ("Look at the distributions",
      ("Each panel shows how the scores of one criterion are spread inside three layers, on a log scale. Most neurons "
-     "matter little and a few matter a lot, which is exactly why a model can lose some of them and keep working.")),
+      "matter little and a few matter a lot, which is exactly why a model can lose some of them and keep working.")),
     ("Find where the two criteria disagree",
      ("The bars show, layer by layer, how many of the neurons entropy would remove cross-entropy would remove too; the "
-     "dashed line is what two random choices would share. The table lists the neurons the two rank most "
-     "differently: a neuron entropy keeps but cross-entropy would cut may serve the model's other guesses rather "
-     "than the word that happened to come next.")),
+      "dashed line is what two random choices would share. The table lists the neurons the two rank most "
+      "differently. Whether those disagreements change the cut model is a question of measurement, and step 4 "
+      "also asks how much a different sample of calibration text would change the same ranking.")),
     ("Cut 30 % of the MLP neurons, both ways",
      ("We now really remove 30 % of the MLP neurons, once ranked by entropy and once by cross-entropy, and the model "
-     "shrinks from 134.5 M to 110.6 M parameters. The table measures the price right away on held-out text: how far "
-     "each cut model's predictions moved from the original's (KL) and how its perplexity changed.")),
+      "shrinks from 134.5 M to 110.6 M parameters. The first table measures the price of the two cuts made from "
+      "this one draw of 512 calibration tokens: how far each cut model's predictions moved from the original's "
+      "(KL) and how its perplexity changed. One draw can rank the two cuts either way, so the figure and the "
+      "second table repeat the cuts from four larger, disjoint draws of calibration text (precomputed): a "
+      "difference between the criteria counts only where it stands clear of the spread between draws, and the "
+      "sentences below say where it does.")),
     ("Read the next-token menus",
      ("Here is what the three models expect after 'The capital of France is': the original's full menu next to the "
       "two cut models'. Look at how much probability each cut model still gives the original's favourite and how "
-      "spread out the rest of its menu has become (its entropy, in the legend): keeping that shape is what the "
-      "entropy criterion aims for, and this is where you see how well each cut managed.")),
+      "spread out the rest of its menu has become (its entropy, in the legend); step 6 shows what brings a cut "
+      "model's menu back.")),
+    ("Heal the cut",
+     ("A cut model does not have to stay as it came out. The least-squares refit re-solves each layer's outgoing "
+      "weights so the kept neurons stand in for the removed ones (same size, same speed), and a "
+      "minute of recovery trains the MLP weights to predict what the original predicts. Starting from the entropy "
+      "cut of step 4, this step makes both and measures them on the same held-out text, menus included; its "
+      "sentences say how far each one moved the cut back toward the original.")),
 )

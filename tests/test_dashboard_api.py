@@ -181,9 +181,10 @@ def test_score_prune_compare_end_to_end(app):
     assert "ent30+torchao-int8" in status
     # the quantized variant only (the original is always timed as the baseline): timings repeat until
     # their spread is known, so every extra model costs the suite ~30 s on a busy 2-core machine
-    table, speedups, pareto = c.predict(["ent30+torchao-int8"], 32, 4, 3, api_name="/bench")
+    table, speedups, pareto, note = c.predict(["ent30+torchao-int8"], 32, 4, 3, 5, api_name="/bench")
     rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
     assert set(rows) == {"original", "ent30+torchao-int8"}
+    assert note.startswith("2 of 2 models measured") and "5 s budget each" in note
     q8 = rows["ent30+torchao-int8"]
     assert q8["weights"] == "torchao-int8" and rows["original"]["weights"] == "fp32"
     assert q8["weight MB"] < 0.5 * rows["original"]["weight MB"]  # 30 % fewer MLP neurons, then 1 byte a weight

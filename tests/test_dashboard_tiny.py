@@ -1,12 +1,14 @@
 """The launched dashboard on a tiny random llama (issue 10's paths without the real model's cost):
 scores → plots with a bad layer list → prune (uniform, adaptive quick with its estimate) with the
 quality at a glance → export default and the GGUF width note → a sweep with its random baseline → a full session replacing
-the chosen variant → runs table columns. Fast: 2 layers of 64 neurons."""
+the chosen variant → runs table columns; Measure streaming its rows under a time budget with one progress
+line. Fast: 2 layers of 64 neurons."""
 from __future__ import annotations
 
 import json
 import re
 import socket
+import time
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -90,3 +92,32 @@ def test_dashboard_paths_on_a_tiny_model(tiny_app):
     runs, _ = c.predict(False, api_name="/runs_list")
     assert runs["headers"][:3] == ["run id", "kind", "name"] and {"allocation", "compensation"} <= set(runs["headers"])
     assert {row[2] for row in runs["data"] if row[1] == "prune"} == {"ad30", "u1", "u2", "u3", "ce40"}
+
+
+def test_measure_streams_its_rows_through_the_queue(tiny_app):
+    """The Measure button on the launched app: rows stream out of the worker thread (the old table is
+    cleared first, then one row per model), each model within its budget, and a note says how many."""
+    from gradio_client import Client
+
+    c, _services, model = tiny_app
+    client = Client(c.src, verbose=False)  # a fresh session: no variants, so only the original is timed
+    client.predict(model, *DATA, api_name="/load_model")
+    job = client.submit([], 16, 4, 3, 1, api_name="/bench")
+    lines = []
+    while not job.done():  # the progress the page shows: one line, its fraction never going back
+        units = job.status().progress_data or []
+        if units and (not lines or units[0].desc != lines[-1][0]):
+            lines.append((units[0].desc, units[0].progress))
+        time.sleep(0.05)
+    updates = job.outputs()
+    tables = [len(table["data"]) for table, *_ in updates]
+    assert tables[0] == 0 and tables[-1] == 1, tables  # cleared at once, then the row
+    table, _bars, pareto, note = job.result()
+    row = dict(zip(table["headers"], table["data"][0]))
+    assert row["variant"] == "original" and row["repeats"] >= 3 and "prefill" in row["spread reached (IQR / median)"]
+    assert note.startswith("1 of 1 models measured in ") and "(1 s budget each)" in note
+    assert json.loads(pareto["plot"])["data"]  # the size-vs-quality plot once every model is measured
+    assert lines and all(desc.startswith("Measure · model ") for desc, _ in lines), lines
+    assert any("repeat" in desc for desc, _ in lines), lines  # the repeats reach the bar from the worker thread
+    fractions = [f for _, f in lines]
+    assert fractions == sorted(fractions), lines

@@ -5,7 +5,15 @@
 from __future__ import annotations
 
 from core.export.hf import read_meta
-from core.measure.speed import ideal_speedup, measure_speed, pick_device, release_memory, speedup, spread
+from core.measure.speed import (
+    SpeedBudget,
+    ideal_speedup,
+    measure_speed,
+    pick_device,
+    release_memory,
+    speedup,
+    spread,
+)
 from core.models.counts import folder_bytes
 from core.quantize.backends import METHODS, check_method, quantization_of
 from core.quantize.store import load_on, read_recipe, spec_folder
@@ -24,6 +32,7 @@ def register(sub) -> None:
     b.add_argument("--max-repeats", type=int, default=None,
                    help="keep repeating, up to this many, until the timings' IQR is within 5 %% of the median")
     b.add_argument("--warmup", type=int, default=1)
+    SpeedBudget.add_arguments(b, defaults={"budget_s": 0.0})  # --budget: no limit unless asked (the dashboard: 5 s)
     b.add_argument("--baseline", default="auto",
                    help="dense model measured too for the measured speed-up: a spec, 'auto' (the source model of "
                         "a pruned folder) or 'none'")
@@ -40,7 +49,8 @@ def cmd_bench(args) -> dict:
     recipe = read_recipe(folder) if folder else None
     meta = read_meta(folder) if folder else None
     options = dict(prefill_tokens=args.prefill, decode_tokens=args.decode, decode_prompt_tokens=args.prompt,
-                   repeats=args.repeats, warmup=args.warmup, max_repeats=args.max_repeats)
+                   repeats=args.repeats, warmup=args.warmup, max_repeats=args.max_repeats,
+                   budget_s=SpeedBudget.from_args(args).budget_s)
     loaded = load_on(args.model, device, args.method)
     disk = folder_bytes(folder) if folder else None
     result = measure_speed(loaded.model, loaded.tokenizer, disk_bytes=disk, **options)

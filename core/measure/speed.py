@@ -26,6 +26,7 @@ from torch import nn
 from core.data.text import token_stream
 from core.errors import HFPruneError
 from core.models.counts import count_params, forward_flops_per_token, mlp_widths_any, weight_bytes
+from core.options import Options, knob
 from core.progress import check_stop
 from core.quantize.backends import quantization_of
 
@@ -66,22 +67,68 @@ def spread(samples: list[float]) -> Spread:
     return Spread(median, q1, q3, len(values))
 
 
-def repeat_until_known(measure: Callable[[], float], *, min_repeats: int = 5, max_repeats: int | None = None,
-                       target: float = TARGET_SPREAD, stop: Callable[[], bool] | None = None,
-                       on_repeat: Callable[[int, int], None] | None = None) -> list[float]:
-    """Call ``measure()`` (one timing) ``min_repeats`` times, then keep going until the spread is known:
-    the inter-quartile range within ``target`` × median, or ``max_repeats`` (default min_repeats) reached.
-    ``on_repeat(done, most)`` reports progress; ``stop()`` true ends the measurement with an error."""
+MIN_SPREAD_REPEATS = 3  # three timings give min / median / max: the fewest that show a spread
+
+
+@dataclass
+class SpeedBudget(Options):
+    """How long measuring one model may take: the dashboard's Measure and ``bench --budget``."""
+
+    error = SpeedError
+
+    budget_s: float = knob(5.0, "wall-clock seconds per model: the repeats stop once the spread is known or "
+                           "this is spent (each timing still runs 3 times; 0 = no limit)", low=0, ui_high=60,
+                           step=1, flag="budget")
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """The timings of one thing and why they stopped: ``'spread'`` (IQR within the target), ``'most'``
+    (the most repeats allowed) or ``'budget'`` (the next repeat would have ended past the deadline)."""
+
+    samples: list[float]
+    ended: str
+
+
+# Our own loop rather than torch.utils.benchmark.Timer.adaptive_autorange (same stopping rule, IQR /
+# median under a threshold, or max_run_time): its max_run_time counts only the timed blocks, not its
+# block-size probe and warm-up runs, and is checked after a block has ended, so it never declines a repeat
+# that would overrun the wall budget; it cannot be stopped between repeats; and its setup runs once, so a
+# decode repeat (an untimed prompt forward, then the timed cached steps) cannot be expressed. Here one repeat
+# is one prefill or one decode loop, checked against the stop flag and the deadline before the next.
+def repeat_within(measure: Callable[[], float], *, min_repeats: int = 5, max_repeats: int | None = None,
+                  target: float = TARGET_SPREAD, stop: Callable[[], bool] | None = None,
+                  on_repeat: Callable[[int, int], None] | None = None, deadline: float | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> Repeats:
+    """Call ``measure()`` (one timing) until the spread is known: at least ``min_repeats`` times and
+    then until the inter-quartile range is within ``target`` × median, or ``max_repeats`` (default
+    min_repeats) are done, or — with a ``deadline`` (a ``clock()`` value) — the next repeat would end
+    past it, once :data:`MIN_SPREAD_REPEATS` (or ``min_repeats`` if fewer) are done. ``on_repeat(done,
+    most)`` reports progress; ``stop()`` true ends the measurement with :class:`~core.errors.Stopped`."""
     most = max(min_repeats, max_repeats or min_repeats)
+    floor = min(min_repeats, MIN_SPREAD_REPEATS)
     samples: list[float] = []
-    while len(samples) < most:
+    while True:
         check_stop(stop, "The speed measurement was stopped.")
+        began = clock()
         samples.append(float(measure()))
+        took = clock() - began
         if on_repeat is not None:
             on_repeat(len(samples), most)
         if len(samples) >= min_repeats and spread(samples).relative <= target:
-            break
-    return samples
+            return Repeats(samples, "spread")
+        if len(samples) >= most:
+            return Repeats(samples, "most")
+        if deadline is not None and len(samples) >= floor and clock() + took > deadline:
+            return Repeats(samples, "budget")
+
+
+def repeat_until_known(measure: Callable[[], float], *, min_repeats: int = 5, max_repeats: int | None = None,
+                       target: float = TARGET_SPREAD, stop: Callable[[], bool] | None = None,
+                       on_repeat: Callable[[int, int], None] | None = None) -> list[float]:
+    """The timings of :func:`repeat_within` without a deadline (up to ``max_repeats``)."""
+    return repeat_within(measure, min_repeats=min_repeats, max_repeats=max_repeats, target=target, stop=stop,
+                         on_repeat=on_repeat).samples
 
 
 @dataclass(frozen=True)
@@ -182,6 +229,13 @@ class SpeedResult:
     decode_ms_all: list[float] = field(default_factory=list)  # ms per decoded token, one per repeat
     timer: str = ""
     extra: dict = field(default_factory=dict)
+    decode_repeats: int = 0
+    prefill_spread: float = 0.0  # IQR / median of the prefill timings reached (0.03 = 3 %)
+    decode_spread: float = 0.0
+    spread_known: bool = True  # both within target_spread (False: the budget or the most repeats ended them)
+    budget_s: float | None = None  # the wall-clock budget of this measurement (None: no limit)
+    budget_ended: bool = False  # the budget stopped a timing before its spread was known
+    seconds: float = 0.0  # wall time of the whole measurement: set-up, warm-up and repeats
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,23 +274,54 @@ def _input_ids(tokenizer, length: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, length), generator=generator)
 
 
+def _wall(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call (for sharing a budget, not a measurement)."""
+    began = time.monotonic()
+    fn()
+    return time.monotonic() - began
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} {torch.cuda.get_device_name(device)}"
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def _deadlines(budget_s: float | None, started: float, warm: tuple[float, float] | None,
+               clock: Callable[[], float] = time.monotonic) -> tuple[float | None, float | None]:
+    """(prefill deadline, decode deadline) of a ``budget_s`` measurement that began at ``started``: what
+    is left after the warm-up is shared in proportion to the warm-up's prefill and decode times (half
+    each without a warm-up), so both timings get about as many repeats; each gets at least a quarter,
+    as a first call's one-off costs can make one warm-up time misleading."""
+    if not budget_s:
+        return None, None
+    end = started + budget_s
+    share = warm[0] / (warm[0] + warm[1]) if warm and warm[0] + warm[1] > 0 else 0.5
+    share = min(0.75, max(0.25, share))
+    return clock() + max(0.0, end - clock()) * share, end
+
+
+def _relative(samples: list[float]) -> float:
+    return round(spread(samples).relative, 4)
+
+
 @torch.no_grad()
 def measure_speed(model: nn.Module, tokenizer=None, *, prefill_tokens: int = 512, decode_tokens: int = 64,
                   decode_prompt_tokens: int = 128, repeats: int = 5, warmup: int = 1, method: str | None = None,
                   max_repeats: int | None = None, target_spread: float = TARGET_SPREAD,
+                  budget_s: float | None = None,
                   stop: Callable[[], bool] | None = None, on_progress: Callable[[str, int, int], None] | None = None,
                   disk_bytes: int | None = None) -> SpeedResult:
     """Measure the model where it already is (move it to CUDA/bf16 first for a GPU measurement).
 
     Prefill: median latency of ``repeats`` forwards of 1 × ``prefill_tokens`` (after ``warmup``);
     with ``max_repeats``, more repeats follow until the IQR is within ``target_spread`` of the median
-    (:func:`repeat_until_known`; the same for decode). ``on_progress(phase, done, most)`` reports each repeat.
+    (:func:`repeat_within`; the same for decode). ``budget_s`` bounds the wall time of the warm-up and
+    the repeats: each timing stops once its next repeat would end past its share of the budget (after
+    :data:`MIN_SPREAD_REPEATS` repeats), and the result says the spread it reached (``prefill_spread``,
+    ``decode_spread``), whether the budget ended it (``budget_ended``) and the whole wall time
+    (``seconds``, the set-up's garbage collection included).
+    ``on_progress(phase, done, most)`` reports each repeat.
     Decode: greedy, KV cache, ``decode_tokens`` steps after a ``decode_prompt_tokens`` prompt;
     tokens/s is the median over repeats of the decode loop alone. Peak memory: on CUDA
     ``max_memory_allocated`` (weights + activations + KV cache); on the CPU the bytes of the weight
@@ -246,9 +331,12 @@ def measure_speed(model: nn.Module, tokenizer=None, *, prefill_tokens: int = 512
         raise SpeedError("Prefill, decode and prompt lengths must all be at least 1 token.")
     if repeats < 1 or warmup < 0:
         raise SpeedError(f"Repeats must be at least 1 and warm-up at least 0 (got {repeats}, {warmup}).")
+    if budget_s is not None:
+        budget_s = SpeedBudget(budget_s=budget_s).budget_s or None
     max_len = int(getattr(model.config, "max_position_embeddings", 10**9) or 10**9)
     if prefill_tokens > max_len or decode_prompt_tokens + decode_tokens > max_len:
         raise SpeedError(f"The benchmark lengths exceed the model's {max_len}-token context.")
+    started = time.monotonic()
     model.eval()
     first = next(model.parameters())
     device = first.device
@@ -274,22 +362,27 @@ def measure_speed(model: nn.Module, tokenizer=None, *, prefill_tokens: int = 512
 
         return timed(steps)[0] / 1000.0
 
+    def report(phase: str):
+        return None if on_progress is None else (lambda done, most: on_progress(phase, done, most))
+
     release_memory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start_rss = _rss()
     with _PeakRSS() as sampler:
+        timing_from = time.monotonic()  # the budget covers warm-up and repeats, not the set-up (gc) before them
+        warm = [0.0, 0.0]  # wall seconds of the warm-up's prefills and decodes: how to share the budget
         for _ in range(warmup):
-            prefill()
-            decode()
-        def report(phase: str):
-            return None if on_progress is None else (lambda done, most: on_progress(phase, done, most))
-
-        prefill_ms = repeat_until_known(lambda: timed(prefill)[0], min_repeats=repeats, max_repeats=max_repeats,
-                                        target=target_spread, stop=stop, on_repeat=report("prefill"))
-        decode_s = repeat_until_known(decode, min_repeats=repeats, max_repeats=max_repeats, target=target_spread,
-                                      stop=stop, on_repeat=report("decode"))
+            warm[0] += _wall(prefill)
+            warm[1] += _wall(decode)
+        prefill_deadline, decode_deadline = _deadlines(budget_s, timing_from, tuple(warm) if warmup else None)
+        prefill_runs = repeat_within(lambda: timed(prefill)[0], min_repeats=repeats, max_repeats=max_repeats,
+                                     target=target_spread, stop=stop, on_repeat=report("prefill"),
+                                     deadline=prefill_deadline)
+        decode_runs = repeat_within(decode, min_repeats=repeats, max_repeats=max_repeats, target=target_spread,
+                                    stop=stop, on_repeat=report("decode"), deadline=decode_deadline)
+    prefill_ms, decode_s = prefill_runs.samples, decode_runs.samples
     if device.type == "cuda":
         peak = int(torch.cuda.max_memory_allocated(device))
         scope = "torch.cuda.max_memory_allocated (weights + activations + KV cache)"
@@ -315,6 +408,10 @@ def measure_speed(model: nn.Module, tokenizer=None, *, prefill_tokens: int = 512
         params=counts["params"], mlp_params=counts["mlp_params"], flops_per_token=int(flops),
         disk_bytes=disk_bytes, repeats=len(prefill_ms), timer=timer_name,
         extra={} if device.type == "cuda" else {"run_rss_increase_bytes": run_peak},
+        decode_repeats=len(decode_s), prefill_spread=_relative(prefill_ms), decode_spread=_relative(decode_s),
+        spread_known=prefill_runs.ended == decode_runs.ended == "spread", budget_s=budget_s,
+        budget_ended="budget" in (prefill_runs.ended, decode_runs.ended),
+        seconds=round(time.monotonic() - started, 3),
     )
 
 

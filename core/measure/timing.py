@@ -1,7 +1,9 @@
 """Rough wall-time estimates for the long jobs, shown before they start.
 
 Everything is scaled from one measured number, the forward time per token of the model on this
-machine (:func:`seconds_per_token`); the job-specific factors (how many forwards a job runs, how
+machine (:func:`seconds_per_token`), timed on the spot — a short probe, re-run when the estimate is
+asked for again (``Services.seconds_per_token`` keeps it a few seconds), so a machine busy with other
+work shows a longer estimate; the job-specific factors (how many forwards a job runs, how
 much of the model each runs through) come from the algorithms and were checked against measured
 runs on SmolLM2-135M (``benchmarks/dashboard.py``). Estimates are "about" figures, typically within
 a factor of 1.5; the running job's progress line then shows the real time left.
@@ -25,14 +27,16 @@ PARTIAL_FORWARD = 0.6  # an adaptive probe restarts at its layer: on average abo
 
 
 @torch.no_grad()
-def seconds_per_token(model: nn.Module, seq_len: int = 64, batch: int = 2, repeats: int = 3) -> float:
+def seconds_per_token(model: nn.Module, seq_len: int = 64, batch: int = 2, repeats: int = 3,
+                      warmup: int = 1) -> float:
     """Forward time per token (no grad), the median of ``repeats`` forwards of ``batch`` × ``seq_len``
-    random token ids after one warm-up."""
+    random token ids after ``warmup`` untimed ones: measured now, so it includes the machine's load."""
     model.eval()
     device = next(model.parameters()).device
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    model(input_ids=ids, use_cache=False)
+    for _ in range(warmup):
+        model(input_ids=ids, use_cache=False)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -70,6 +74,25 @@ def speed_seconds(per_token: float, models: int, prefill_tokens: int, decode_tok
     return per_token * models * (1 + repeats) * per_round
 
 
+def budgeted_speed_seconds(per_token: float, prefill_tokens: int, decode_tokens: int, budget_s: float,
+                           min_repeats: int = 3, prompt_tokens: int = 128) -> float:
+    """One model's budgeted speed measurement (``core.measure.speed``): its ``budget_s``, or longer when
+    the warm-up and the ``min_repeats`` repeats every timing runs take more; with no budget (0) that
+    least time (the repeats may go on past it until the spread is known)."""
+    floor = speed_seconds(per_token, 1, prefill_tokens, decode_tokens, min_repeats, prompt_tokens)
+    return max(float(budget_s), floor)
+
+
 def zeroshot_seconds(per_token: float, models: int, items: int, choices: int = 4, tokens_per_choice: int = 64) -> float:
     """lm-eval log-likelihoods: every choice of every item is one forward of its context + continuation."""
     return per_token * models * items * choices * tokens_per_choice
+
+
+RECOVERY_OVERHEAD_TOKENS = 8 * 128 * 4  # a recovery's held-out checks before and after, teacher and student
+
+
+def heal_seconds(per_token: float, compensation_tokens: int, minutes: float, eval_tokens: int, models: int) -> float:
+    """The Tour's healing step: a least-squares refit (the dense model over its calibration tokens,
+    about twice a forward with the statistics), a recovery of ``minutes`` plus its held-out checks, and
+    ``models`` models measured on ``eval_tokens`` held-out tokens."""
+    return per_token * (2 * compensation_tokens + RECOVERY_OVERHEAD_TOKENS + models * eval_tokens) + 60 * minutes

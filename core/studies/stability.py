@@ -15,9 +15,11 @@ each draw's scores and measure KL to the dense model on the evaluation windows
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,6 +32,7 @@ from core.models.loading import LoadedModel
 from core.options import knob
 from core.prune.allocate import check_ratio, uniform_widths
 from core.prune.compensate import CompensationOptions
+from core.studies.claims import Claim, percent, words
 from core.studies.sweep import SWEEP_ALLOCATIONS, FidelitySweep
 
 
@@ -346,3 +349,174 @@ def measure_stability(loaded: LoadedModel, criteria: list[str], options: Stabili
                          progress=progress, stop=stop, on_draw=on_draw)
     config = {"model": loaded.spec, **options.to_dict(), "tokens_per_draw": int(draws[0].numel())}
     return agreement(scores, ratios, config), scores
+
+
+# -- the Tour's precomputed calibration-draw numbers and the sentences made from them ---------------------
+TOUR_DRAWS_COMMAND = "python benchmarks/stability.py --write-tour"
+TOUR_DRAWS_KEYS = ("criterion", "ratio", "allocation", "draws", "kl_mean", "kl_std", "kl_min", "kl_max", "kl_draws",
+                   "perplexity_draws", "top1_draws")
+
+
+def tour_draws(result: dict, source: str = "benchmarks/results/stability.json") -> dict:
+    """The Tour's calibration-draw numbers (``assets/tour/draws.json``) from a stability benchmark
+    result (the JSON ``benchmarks/stability.py`` writes): its settings, one row per (criterion, ratio)
+    with the KL of every draw's cut, and per ratio the mean removal overlaps (two criteria on the same
+    draw, two draws of one criterion, chance = the ratio). Marked ``precomputed``, with the commands
+    that measured it and that wrote it."""
+    stability = result["stability"]
+    overlap = {}
+    for ratio in result["ratios"]:
+        key = _ratio_key(ratio)
+        overlap[key] = {"criteria": {name: agree["mean_overlap"][key] for name, agree in stability["across"].items()},
+                        "draws": {name: agree["mean_overlap"][key] for name, agree in stability["within"].items()},
+                        "chance": float(ratio)}
+    return {"precomputed": True,
+            "what": ("KL to the original after a uniform cut made with each of K disjoint calibration draws' "
+                     "scores, and how many removed neurons two draws or two criteria share"),
+            "made_by": TOUR_DRAWS_COMMAND, "from": source, "measured_by": result["command"],
+            "machine": result["machine"],
+            "seconds": round(float(result.get("scoring_seconds", 0)) + float(result.get("eval_seconds", 0))),
+            "model": result["model"], "criteria": list(result["criteria"]),
+            "source": stability.get("config", {}).get("source", "wiki"), "draws": int(result["draws"]),
+            "samples": int(result["samples"]), "seq_len": int(result["seq_len"]), "seed": int(result["seed"]),
+            "eval_windows": int(result["eval_windows"]), "eval_seq_len": int(result["eval_seq_len"]),
+            "ratios": [float(r) for r in result["ratios"]],
+            "fidelity": [{k: row[k] for k in TOUR_DRAWS_KEYS if k in row} for row in result["fidelity"]],
+            "overlap": overlap}
+
+
+def load_tour_draws(path: str | Path) -> dict:
+    """Read ``assets/tour/draws.json`` (:func:`tour_draws`); one sentence when it is missing or malformed."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if not (data["fidelity"] and data["criteria"] and data["overlap"] and data["draws"] >= 2):
+            raise KeyError("fidelity")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"The Tour's calibration-draw numbers in {path} are missing or unreadable; remake them "
+                        f"with `{TOUR_DRAWS_COMMAND}`.") from exc
+    return data
+
+
+def draw_rows(asset: dict) -> list[dict]:
+    """The Tour's table of the calibration draws, one row per ratio: each criterion's KL (mean, std,
+    range, every draw), the paired comparison (:func:`compare_over_draws`) and the removal overlaps
+    (the two criteria on the same draw, two draws of one criterion, chance)."""
+    a, b = asset["criteria"][:2]
+    rows = []
+    for c in compare_over_draws(asset["fidelity"], a, b):
+        shared = asset["overlap"].get(_ratio_key(c["ratio"]), {"criteria": {}, "draws": {}, "chance": c["ratio"]})
+        rows.append({**c, "overlap_criteria": max(shared["criteria"].values(), default=float("nan")),
+                     "overlap_draws": dict(shared["draws"]), "chance": shared["chance"]})
+    return rows
+
+
+def draw_claims(asset: dict, focus: float | None = None) -> list[Claim]:
+    """The sentences the calibration draws support, each with what it asserts: per ratio, which
+    criterion's cut is closer to the original on average and whether that is inside the draw-to-draw
+    noise (the two criteria's KL ranges over the draws overlap) — :func:`compare_over_draws` on the
+    asset's rows; at ``focus`` (default: the middle ratio) whether the calibration text or the
+    criterion changes the removed neurons more; and how much the ratio moves KL against the criterion."""
+    a, b = asset["criteria"][:2]
+    comparisons = compare_over_draws(asset["fidelity"], a, b)
+    claims = [_kl_claim(c) for c in comparisons]
+    ratios = [c["ratio"] for c in comparisons]
+    if not ratios:
+        return claims
+    focus = focus if focus is not None and _ratio_key(focus) in asset["overlap"] else ratios[len(ratios) // 2]
+    claims.append(_overlap_claim(asset["overlap"][_ratio_key(focus)], focus))
+    if len(ratios) > 1:
+        claims.append(_ratio_claim(asset["fidelity"], [a, b], comparisons))
+    return claims
+
+
+def _kl_claim(c: dict) -> Claim:
+    """One ratio of :func:`compare_over_draws`: direction, size, paired wins and the noise verdict."""
+    a_better = c["kl_a"] < c["kl_b"]
+    better, worse = (c["a"], c["b"]) if a_better else (c["b"], c["a"])
+    mb, mw = (c["kl_a"], c["kl_b"]) if a_better else (c["kl_b"], c["kl_a"])
+    sb, sw = (c["std_a"], c["std_b"]) if a_better else (c["std_b"], c["std_a"])
+    diffs = c["paired_differences"] if a_better else [-d for d in c["paired_differences"]]
+    draws, wins = len(diffs), sum(d < 0 for d in diffs)
+    inside, every = not c["outside_spread"], wins == len(diffs)
+    p = "" if math.isnan(c["paired_p"]) else f" (paired t-test p = {c['paired_p']:.2f})"
+    head = (f"At {percent(c['ratio'])}, {words(better)}'s cut is on average {percent((mw - mb) / mw, 1)} closer to "
+            f"the original (KL {mb:.3f} ± {sb:.3f} vs {mw:.3f} ± {sw:.3f} over {draws} draws)")
+    if not inside:
+        text = (f"{head} and closer in every one of them, with no overlap between the two ranges{p}: a difference "
+                "beyond the calibration noise.")
+    elif every:
+        text = (f"{head} and closer in every one of them{p}, but the two ranges overlap: the gap is still inside "
+                "the calibration noise.")
+    else:
+        text = (f"{head}, but it is closer in only {wins} of the {draws} draws and the ranges overlap: this "
+                "difference is inside the calibration noise.")
+    return Claim(text, "draws", ratio=c["ratio"], better=better, worse=worse, inside_noise=inside, every_draw=every,
+                 values={"mean": {better: mb, worse: mw}, "relative": (mw - mb) / mw, "wins": wins, "draws": draws,
+                         "p": c["paired_p"]})
+
+
+def _overlap_claim(overlap: dict, ratio: float) -> Claim:
+    """Do two criteria on the same text share more removals than two texts for one criterion do?"""
+    across = max(overlap["criteria"].values())
+    within = overlap["draws"]
+    if across > max(within.values()):
+        verdict, bigger = ("which text you calibrate on changes the cut more than which of the two criteria you "
+                           "use"), "text"
+    elif across < min(within.values()):
+        verdict, bigger = "the criteria change the cut more than the calibration text does", "criterion"
+    else:
+        verdict, bigger = "the criterion and the calibration text change the cut about equally", "neither"
+    draws = " and ".join(f"two draws of {words(n)} share {percent(v)}" for n, v in within.items())
+    text = (f"At {percent(ratio)}, the two criteria scored on the same draw remove {percent(across)} of the same "
+            f"neurons, while {draws} (two random choices would share {percent(overlap['chance'])}): {verdict}.")
+    return Claim(text, "overlap", ratio=ratio, values={"criteria": across, "draws": dict(within),
+                                                       "chance": overlap["chance"], "bigger": bigger})
+
+
+def _ratio_claim(rows: list[dict], criteria: list[str], comparisons: list[dict]) -> Claim:
+    """How much the ratio moves the mean KL, set against the largest average gap between the criteria."""
+    by = {(r["criterion"], r["ratio"]): r["kl_mean"] for r in rows}
+    low, high = comparisons[0]["ratio"], comparisons[-1]["ratio"]
+    growth = {n: by[(n, high)] / by[(n, low)] for n in criteria}
+    gap = max(abs(c["kl_a"] - c["kl_b"]) / max(c["kl_a"], c["kl_b"]) for c in comparisons)
+    parts = " and ".join(f"{words(n)}'s mean KL from {by[(n, low)]:.3f} to {by[(n, high)]:.3f} (×{growth[n]:.1f})"
+                         for n in criteria)
+    more = min(growth.values()) - 1 > gap
+    text = (f"How much you cut moves the price {'far more' if more else 'less'} than which criterion you use: going "
+            f"from {percent(low)} to {percent(high)} takes {parts}, while the two criteria differ by at most "
+            f"{percent(gap, 1)} at any ratio.")
+    return Claim(text, "ratio", values={"growth": growth, "max_gap": gap, "ratio_more": more, "low": low,
+                                        "high": high})
+
+
+def single_draw_claim(live: dict[str, dict], asset: dict, ratio: float, samples: int, seq_len: int) -> Claim:
+    """What one live cut from ``samples`` × ``seq_len`` calibration tokens says, set against the
+    calibration draws at ``ratio``: ``live`` holds each criterion's {"kl", "perplexity"} on held-out
+    text. Where the live cut favours the other criterion than the draws' average, the sentence says one
+    draw can go either way; where it agrees, it still says whether the draws put that inside the noise."""
+    a, b = asset["criteria"][:2]
+    better, worse = (a, b) if live[a]["kl"] < live[b]["kl"] else (b, a)
+    comparison = next((c for c in compare_over_draws(asset["fidelity"], a, b) if math.isclose(c["ratio"], ratio)),
+                      None)
+    if comparison is None:
+        raise SelectionError(f"The calibration draws hold no cut at {percent(ratio)}.")
+    mean_better = a if comparison["kl_a"] < comparison["kl_b"] else b
+    inside = not comparison["outside_spread"]
+    draws = len(comparison["paired_differences"])
+    head = (f"In this one draw ({samples} × {seq_len} calibration tokens) {words(better)}'s cut came out closer to "
+            f"the original (KL {live[better]['kl']:.3f} vs {live[worse]['kl']:.3f}, perplexity "
+            f"{live[better]['perplexity']:.1f} vs {live[worse]['perplexity']:.1f})")
+    if better != mean_better:
+        text = (f"{head}, the opposite of the average over the {draws} larger draws: one draw of "
+                f"{samples * seq_len} tokens can go either way, so read the calibration-draw numbers below rather "
+                "than this row.")
+    elif inside:
+        text = (f"{head}, the same way as the average over the {draws} larger draws, but at {percent(ratio)} that "
+                f"average difference is inside the calibration noise, so this row is no evidence that "
+                f"{words(better)} cuts better.")
+    else:
+        text = f"{head}, as it does in every one of the {draws} larger draws at {percent(ratio)}."
+    return Claim(text, "single", ratio=ratio, better=better, worse=worse, inside_noise=inside,
+                 every_draw=None if better != mean_better else not inside,
+                 values={"kl": {n: live[n]["kl"] for n in (a, b)}, "mean_better": mean_better,
+                         "agrees": better == mean_better})

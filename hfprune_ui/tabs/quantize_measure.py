@@ -4,16 +4,17 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.measure.speed import SpeedUp
-from core.measure.timing import speed_seconds, zeroshot_seconds
+from core.errors import HFPruneError, Stopped
+from core.measure.speed import MIN_SPREAD_REPEATS, TARGET_SPREAD, SpeedBudget, SpeedUp
+from core.measure.timing import budgeted_speed_seconds, zeroshot_seconds
 from core.measure.zeroshot import resolvable_difference, separates
 from core.measure.zeroshot_tasks import SHIPPED_TASKS
 from core.quantize.backends import METHODS
 
 from .. import figures, texts
 from ..context import PLAIN, TRACK, Ctx, model_events, stop_on_click
-from ..guard import session_id, user_errors
-from ..progress import JobProgress, duration
+from ..guard import ACTIVITY, session_id, user_errors
+from ..progress import JobProgress, duration, stream_worker
 from ..services import Services
 from ..status import count
 from .side_by_side import chosen_variants
@@ -21,10 +22,12 @@ from .side_by_side import chosen_variants
 SPEED_COLUMNS = {"variant": "variant", "device": "device", "method": "weights", "params": "params",
                  "weight_bytes": "weight MB", "disk_bytes": "disk MB", "peak_memory_bytes": "peak memory MB",
                  "prefill_ms": "prefill ms (1×N, median)", "decode_tokens_per_s": "decode tok/s (median)",
-                 "repeats": "repeats", "ideal_speedup": "FLOP ideal", "prefill_speedup": "prefill speed-up",
-                 "decode_speedup": "decode speed-up", "speedup_note": "note"}
+                 "repeats": "repeats", "spread": "spread reached (IQR / median)", "ideal_speedup": "FLOP ideal",
+                 "prefill_speedup": "prefill speed-up", "decode_speedup": "decode speed-up", "speedup_note": "note"}
 MB_COLUMNS = ("weight_bytes", "disk_bytes", "peak_memory_bytes")
-MAX_REPEATS = 15  # repeats go on (up to this) until the spread of the timings is known
+MAX_REPEATS = 15  # repeats go on (up to this, within the budget) until the spread of the timings is known
+PERPLEXITY_WINDOWS, PERPLEXITY_LEN = 4, 64  # held-out tokens for the size-vs-quality plot
+REDRAW_S = 1.0  # the table redraws at most this often while models are measured
 
 
 def make_sources(services: Services):
@@ -107,16 +110,28 @@ def make_zeroshot(services: Services):
     return zeroshot
 
 
+def spread_text(row: dict) -> str:
+    """'prefill 2.1 %, decode 7.4 % (budget spent)': the IQR / median each timing reached."""
+    text = f"prefill {100 * row.get('prefill_spread', 0.0):.1f} %, decode {100 * row.get('decode_spread', 0.0):.1f} %"
+    if row.get("budget_ended"):
+        return text + " (budget spent)"
+    return text if row.get("spread_known", True) else text + " (most repeats)"
+
+
 def speed_frame(rows: list[dict]) -> pd.DataFrame:
-    """The measured table: medians, repeats, FLOP ideal, both speed-ups as 'median× (q1–q3)', a verdict."""
+    """The measured table: medians, repeats, the spread reached, FLOP ideal, both speed-ups as
+    'median× (q1–q3)', a verdict. No rows: the empty table with its headers."""
+    if not rows:
+        return pd.DataFrame(columns=list(SPEED_COLUMNS.values()))
     out = []
     for row in rows:
         cells = {key: row.get(key) for key in SPEED_COLUMNS if key not in ("prefill_speedup", "decode_speedup",
-                                                                         "speedup_note")}
+                                                                         "speedup_note", "spread")}
         for column in MB_COLUMNS:
             cells[column] = None if cells[column] is None else round(cells[column] / 1e6, 1)
         cells["params"] = count(cells["params"])
         cells["ideal_speedup"] = f"{cells['ideal_speedup']:.2f}×" if cells.get("ideal_speedup") else "—"
+        cells["spread"] = spread_text(row)
         notes = []
         for phase in ("prefill", "decode"):
             value = row.get(f"{phase}_speedup")
@@ -129,43 +144,115 @@ def speed_frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)[list(SPEED_COLUMNS)].rename(columns=SPEED_COLUMNS).round(3)
 
 
-def make_bench(services: Services):
+def speedup_bars(rows: list[dict]):
+    return figures.speedups([r["variant"] for r in rows[1:]], [r["prefill_speedup"] for r in rows[1:]],
+                            [r["decode_speedup"] for r in rows[1:]], [r["ideal_speedup"] for r in rows[1:]])
+
+
+def bench_note(rows: list[dict], models: int, budget: float, how: str = "") -> str:
+    """'2 of 3 models measured (5 s budget each) …', or after a Stop / failure what is kept."""
+    seconds = sum(r.get("seconds", 0.0) for r in rows)
+    each = f"{budget:g} s budget each" if budget else "no time budget"
+    done = f"{len(rows)} of {models} models measured in {duration(seconds)} ({each})"
+    spent = [r["variant"] for r in rows if r.get("budget_ended")]
+    wide = (f"; the budget ended the repeats of {', '.join(spent)} before the spread was within "
+            f"{100 * TARGET_SPREAD:.0f} % — the spread reached is in the table" if spent else "")
+    if how:
+        return f"**{how}** — {done}: the rows above are kept{wide}."
+    return f"{done}{wide}."
+
+
+def make_bench(services: Services, measured: dict[str, tuple[int, int]] | None = None):
+    measured = {} if measured is None else measured
+
     @user_errors
-    def bench(names: list | None, prefill: float, decode: float, repeats: float, request: gr.Request = None,
-              progress=TRACK):
-        """Speed/memory table with prefill and decode speed-ups side by side, then perplexity on 4 × 64
-        held-out tokens for the size-vs-quality plot."""
-        session = services.sessions.get(session_id(request))
+    def bench(names: list | None, prefill: float, decode: float, repeats: float,
+              budget: float = SpeedBudget.budget_s, request: gr.Request = None, progress=TRACK):
+        """Stream the speed/memory table, one row as each model finishes (each within its time budget),
+        with prefill and decode speed-ups side by side; then perplexity on 4 × 64 held-out tokens for
+        the size-vs-quality plot. A Stop keeps the rows already measured."""
+        sid = session_id(request)
+        session = services.sessions.get(sid)
+        budget = SpeedBudget(budget_s=budget).budget_s
         job = session.new_job()
         picked = chosen_variants(session, names)
-        tracker = JobProgress(progress, "Measure", stages=2 + len(picked))
-        rows = services.bench(session, picked, int(prefill), int(decode), int(repeats), max_repeats=MAX_REPEATS,
-                              stop=job.is_set, on_model=lambda k, n, name: tracker.stage(k, name),
-                              on_repeat=lambda phase, done, most: tracker.step(f"{phase} repeat", done, most))
-        tracker.stage(1 + len(picked), "perplexity for the size-vs-quality plot")
-        quality = {r["variant"]: r["perplexity"] for r in services.evaluate_variants(session, picked, 4, 64)}
+        models = 1 + len(picked)
+        tracker = JobProgress(progress, "Measure", stages=models + 1, estimate_s=models * budget)
+        rows: list[dict] = []
+        measured[sid] = (0, models)
+
+        def work(emit) -> dict:
+            ACTIVITY.begin(sid)  # the worker's time counts as this session's activity: a Stop waits for it
+            try:
+                for row in services.bench(session, picked, int(prefill), int(decode), int(repeats),
+                                          max_repeats=MAX_REPEATS, budget_s=budget, stop=job.is_set,
+                                          on_model=lambda k, n, name: tracker.stage(k, name),
+                                          on_step=lambda phase, done, most, share: tracker.step(
+                                              f"{phase} repeat", done, most, share)):
+                    emit(row)
+                tracker.stage(models, "perplexity for the size-vs-quality plot")
+                return {r["variant"]: r["perplexity"]
+                        for r in services.evaluate_variants(session, picked, PERPLEXITY_WINDOWS, PERPLEXITY_LEN)}
+            finally:
+                ACTIVITY.end(sid)
+
+        def draw(new: list[dict], finished: bool) -> tuple:
+            rows.extend(new)
+            measured[sid] = (len(rows), models)
+            note = bench_note(rows, models, budget) + ("" if finished else " Measuring…")
+            return speed_frame(rows), speedup_bars(rows), gr.update(), note
+
+        yield (speed_frame([]), speedup_bars([]), figures.empty("The size-vs-quality plot follows the last model."),
+               f"Measuring {models} models ({budget:g} s budget each)…" if budget else f"Measuring {models} models…")
+        try:
+            quality = yield from stream_worker(work, draw, job, REDRAW_S, name="hfprune-measure")
+        except (Stopped, HFPruneError) as exc:
+            if not rows:
+                raise
+            how = "Stopped" if isinstance(exc, Stopped) else f"Failed ({exc})"
+            yield speed_frame(rows), speedup_bars(rows), gr.update(), bench_note(rows, models, budget, how)
+            return
         plot = figures.pareto([r["variant"] for r in rows], [r["weight_bytes"] / 1e6 for r in rows],
-                              [quality[r["variant"]] for r in rows], "perplexity (4 × 64 held-out tokens)")
-        bars = figures.speedups([r["variant"] for r in rows[1:]], [r["prefill_speedup"] for r in rows[1:]],
-                                [r["decode_speedup"] for r in rows[1:]], [r["ideal_speedup"] for r in rows[1:]])
-        return speed_frame(rows), bars, plot
+                              [quality[r["variant"]] for r in rows],
+                              f"perplexity ({PERPLEXITY_WINDOWS} × {PERPLEXITY_LEN} held-out tokens)")
+        yield speed_frame(rows), speedup_bars(rows), plot, bench_note(rows, models, budget)
     return bench
+
+
+def bench_kept(measured: dict[str, tuple[int, int]]):
+    """What a Stop of the measurement says stays: '2 of 4 models were measured; their rows stay in the table.'"""
+    def kept(sid: str) -> str:
+        done, total = measured.get(sid, (0, 0))
+        return f"{done} of {total} models were measured; their rows stay in the table." if total else ""
+    return kept
+
+
+def bench_estimate(per_token: float, models: int, prefill: int, decode: int, repeats: int, budget: float) -> str:
+    """'About 3 models × 5 s ≈ 15 s …' before Start: the budget, or longer where the fewest repeats need more."""
+    fewest = min(repeats, MIN_SPREAD_REPEATS)
+    each = budgeted_speed_seconds(per_token, prefill, decode, budget, fewest)
+    if not budget:
+        return (f"At least {models} models × {duration(each)} ≈ **{duration(models * each)}** with no time budget: "
+                f"the repeats go on, up to {MAX_REPEATS}, until the spread is within {100 * TARGET_SPREAD:.0f} %.")
+    over = (f" (on this machine {fewest} repeats of each timing need more than the {budget:g} s budget)"
+            if each > budget * 1.05 else "")
+    return (f"About {models} models × {duration(each)} ≈ **{duration(models * each)}**{over}, then a few seconds "
+            f"of perplexity: each model's repeats stop once the spread is within {100 * TARGET_SPREAD:.0f} % "
+            f"of the median (at least {int(repeats)}, at most {MAX_REPEATS}) or its {budget:g} s are spent.")
 
 
 def make_estimates(services: Services):
     def estimates(names: list | None, limit: float, prefill: float, decode: float, repeats: float,
-                  request: gr.Request = None):
-        """Time estimates for the zero-shot run and the measurement, on this machine."""
+                  budget: float = SpeedBudget.budget_s, request: gr.Request = None):
+        """Time estimates for the zero-shot run and the measurement, from a probe timed on this machine now."""
         session = services.sessions.get(session_id(request))
         if not session.model_spec or not services.models.cached(session.model_spec):
             return "", ""
         per_token = services.seconds_per_token(session.model_spec)
         models = 1 + len([n for n in (names or []) if n in session.variants] or session.variants)
         zs = zeroshot_seconds(per_token, models, int(limit) * 2)
-        speed = speed_seconds(per_token, models, int(prefill), int(decode), int(repeats))
         return (f"About {duration(zs)} for {models} models × {int(limit)} items per task on this machine.",
-                (f"About {duration(speed)} for {models} models with {int(repeats)} repeats (more, up to "
-                f"{MAX_REPEATS}, while the spread is still wide)."))
+                bench_estimate(per_token, models, int(prefill), int(decode), int(repeats), float(budget or 0)))
     return estimates
 
 
@@ -199,15 +286,18 @@ def build(ctx: Ctx) -> None:
                 decode = gr.Slider(4, 256, value=32, step=4, label="Decode tokens")
                 repeats = gr.Slider(3, 10, value=5, step=1, label="Repeats (at least)",
                                     info=f"more follow, up to {MAX_REPEATS}, until the spread is known")
+                budget = gr.Slider(label="Time budget per model (s)", elem_id="bench-budget",
+                                   **SpeedBudget.ui("budget_s"))
                 bench_button = gr.Button("Measure", variant="primary", elem_id="bench-button")
                 bench_stop = gr.Button("Stop", variant="stop", min_width=90)
             bench_estimate = gr.Markdown("", elem_id="bench-estimate")
+            bench_status = gr.Markdown("", elem_id="bench-note")
             bench_table = gr.Dataframe(label="Measured on this machine (speed-ups: median× (quartile interval))",
                                        interactive=False, elem_id="bench-table")
             speedup_plot = gr.Plot(label="Prefill and decode speed-ups", elem_id="speedup-plot")
             pareto_plot = gr.Plot(label="Size vs quality", elem_id="pareto-plot")
     tab.select(make_sources(services), None, [source, variants], api_name="evaluate_refresh")
-    estimate_inputs = [variants, limit, prefill, decode, repeats]
+    estimate_inputs = [variants, limit, prefill, decode, repeats, budget]
     tab.select(make_estimates(services), estimate_inputs, [zeroshot_estimate, bench_estimate],
                api_visibility="private")
     for component in estimate_inputs:
@@ -216,9 +306,13 @@ def build(ctx: Ctx) -> None:
     quantize_event = quantize_button.click(make_quantize(services), [source, method],
                                            [quantize_status, source, variants], api_name="quantize", **model_events())
     ctx.after(quantize_event)
+    # one progress bar per job: Gradio draws one on every output unless told where (show_progress_on)
     zeroshot_event = zeroshot_button.click(make_zeroshot(services), [variants, tasks, limit],
-                                           [zeroshot_table, zeroshot_note], api_name="zeroshot", **model_events())
+                                           [zeroshot_table, zeroshot_note], api_name="zeroshot",
+                                           show_progress_on=zeroshot_table, **model_events())
     stop_on_click(services, zeroshot_stop, zeroshot_note, [zeroshot_event], what="zero-shot run")
-    bench_event = bench_button.click(make_bench(services), [variants, prefill, decode, repeats],
-                                     [bench_table, speedup_plot, pareto_plot], api_name="bench", **model_events())
-    stop_on_click(services, bench_stop, bench_estimate, [bench_event], what="measurement")
+    measured: dict[str, tuple[int, int]] = {}  # session → (models measured, models asked for) of its last Measure
+    bench_event = bench_button.click(make_bench(services, measured), [variants, prefill, decode, repeats, budget],
+                                     [bench_table, speedup_plot, pareto_plot, bench_status], api_name="bench",
+                                     show_progress_on=bench_table, **model_events())
+    stop_on_click(services, bench_stop, bench_status, [bench_event], what="measurement", kept=bench_kept(measured))

@@ -1,0 +1,123 @@
+"""Comparative sentences made from numbers, each returned with the facts it states (:class:`Claim`), so
+a teaching page, the CLI or a report can show them and a test can check every one against the numbers
+shown beside it. :func:`heal_claims` says what a least-squares refit and a short recovery did to a cut;
+the calibration-draw sentences live next to the stability verdict (:mod:`core.studies.stability`).
+
+    claims = heal_claims({"cut": {...}, "refit": {...}, "recovered": {...}}, menus, minutes=1.0)
+    text = " ".join(c.text for c in claims)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One sentence and what it asserts. ``better`` is the side the sentence calls closer to the
+    original (lower KL) and ``worse`` the other; ``inside_noise`` what it says about the draw-to-draw
+    spread (None: it says nothing about it); ``every_draw`` whether it says "in every draw";
+    ``values`` the numbers it cites, by name."""
+
+    text: str
+    kind: str  # 'draws' | 'overlap' | 'ratio' | 'single' | 'heal' | 'scale' | 'menu'
+    ratio: float | None = None
+    better: str | None = None
+    worse: str | None = None
+    inside_noise: bool | None = None
+    every_draw: bool | None = None
+    values: dict = field(default_factory=dict)
+
+
+def words(name: str) -> str:
+    """A criterion's name as prose: 'cross_entropy' → 'cross-entropy'."""
+    return name.replace("_", "-")
+
+
+def percent(fraction: float, digits: int = 0) -> str:
+    """0.3 → '30 %'; 0.0412 with digits=1 → '4.1 %'."""
+    return f"{100 * fraction:.{digits}f} %"
+
+
+def minutes_words(minutes: float) -> str:
+    """1 → 'One minute', 0.1 → '6 seconds', 2.5 → '2.5 minutes' (the start of a sentence)."""
+    if minutes == 1:
+        return "One minute"
+    if minutes < 1:
+        seconds = max(1, round(60 * minutes))
+        return f"{seconds} second{'s' if seconds > 1 else ''}"
+    return f"{minutes:g} minutes"
+
+
+def heal_claims(quality: dict[str, dict], top1: dict[str, tuple[str, float]], *, minutes: float,
+                names: tuple[str, str, str, str] = ("original", "cut", "refit", "recovered"),
+                criterion_gap: float | None = None) -> list[Claim]:
+    """What the refit and the recovery did, in sentences derived from the measurements.
+
+    ``quality``: name → {"kl", "perplexity", "top1"} on the same held-out text, for the cut, the refit
+    and (when it ran) the recovered model; ``top1``: name → (its most likely next token, probability)
+    for the original and the same models; ``names``: the keys of (original, cut, refit, recovered);
+    ``criterion_gap``: the average relative KL difference between the two criteria at this cut (from
+    the calibration draws), which the refit's gain is set against."""
+    original, cut, refit, recovered = names
+    out: list[Claim] = []
+    if cut in quality and refit in quality:
+        before, after = quality[cut], quality[refit]
+        helped = after["kl"] < before["kl"]
+        text = (f"The least-squares refit brought the cut's KL to the original down from {before['kl']:.3f} to "
+                f"{after['kl']:.3f} (perplexity {before['perplexity']:.1f} → {after['perplexity']:.1f}) without "
+                "changing its size or speed." if helped else
+                f"The least-squares refit did not bring this cut closer to the original: KL went from "
+                f"{before['kl']:.3f} to {after['kl']:.3f}.")
+        out.append(Claim(text, "heal", better=refit if helped else cut, worse=cut if helped else refit,
+                         values={"kl_before": before["kl"], "kl_after": after["kl"]}))
+        gain = (before["kl"] - after["kl"]) / before["kl"]
+        if criterion_gap is not None and helped:
+            bigger = gain > criterion_gap
+            text = (f"That is a {'bigger' if bigger else 'smaller'} step than the choice of criterion: the refit "
+                    f"moved KL by {percent(gain)}, the choice of criterion by {percent(criterion_gap, 1)} on average "
+                    "over the calibration draws.")
+            out.append(Claim(text, "scale", better="refit" if bigger else "criterion",
+                             worse="criterion" if bigger else "refit",
+                             values={"refit_gain": gain, "criterion_gap": criterion_gap}))
+    if refit in quality and recovered in quality:
+        before, after = quality[refit], quality[recovered]
+        helped = after["kl"] < before["kl"]
+        time = minutes_words(minutes)
+        text = (f"{time} of recovery then took KL down from {before['kl']:.3f} to {after['kl']:.3f} (perplexity "
+                f"{after['perplexity']:.1f}, top-1 agreement {percent(after['top1'])})." if helped else
+                f"{time} of recovery did not lower KL: it went from {before['kl']:.3f} to {after['kl']:.3f}.")
+        out.append(Claim(text, "heal", better=recovered if helped else refit, worse=refit if helped else recovered,
+                         values={"kl_before": before["kl"], "kl_after": after["kl"]}))
+    menu = menu_claim(top1, names)
+    if menu is not None:
+        out.append(menu)
+    return out
+
+
+def menu_claim(top1: dict[str, tuple[str, float]],
+               names: tuple[str, str, str, str] = ("original", "cut", "refit", "recovered")) -> Claim | None:
+    """Which token each model puts first, and where the original's favourite comes back on top (the
+    first model after the cut, in the order of ``names``, whose favourite is the original's again)."""
+    original, *rest = names
+    if original not in top1:
+        return None
+    favourite, share = top1[original]
+    shown = [n for n in rest if n in top1]
+    if not shown:
+        return None
+    labels = {names[1]: "the plain cut", names[2]: "the refit", names[3]: "the recovered model"}
+    parts = [f"{labels[n]}{' puts' if i == 0 else ''} {top1[n][0]!r}{' first' if i == 0 else ''} "
+             f"({percent(top1[n][1])})" for i, n in enumerate(shown)]
+    text = f"The original puts {favourite!r} first ({percent(share)}); " + ", ".join(parts) + "."
+    back = None
+    if shown[0] == names[1] and top1[shown[0]][0] != favourite:  # the cut lost it: where does it come back?
+        back = next((n for n in shown[1:] if top1[n][0] == favourite), None)
+        if back is not None:
+            after = {names[2]: "the refit", names[3]: "recovery"}[back]
+            text += f" {favourite!r} is back on top after {after}, at {percent(top1[back][1])}."
+        else:
+            text += f" {favourite!r} is not back on top in any of them."
+    elif top1[shown[0]][0] == favourite:
+        text += f" {labels[shown[0]].capitalize()} already keeps {favourite!r} first."
+    return Claim(text, "menu", values={"favourite": favourite, "top1": {n: top1[n] for n in [original, *shown]},
+                                       "back": back})
