@@ -37,7 +37,7 @@ from core.measure.outputs import (
     next_token_menus,
     per_token_kl_text,
 )
-from core.measure.speed import SpeedBudget, add_measured_speedups, ideal_speedup, measure_speed
+from core.measure.speed import add_measured_speedups, ideal_speedup, measure_speed
 from core.measure.timing import adaptive_seconds, seconds_per_token
 from core.measure.zeroshot import check_tasks, run_zeroshot
 from core.methods import oneshot as engine
@@ -443,8 +443,6 @@ class Services:
         ``on_step(phase, done, most, fraction)``: each repeat, with the fraction of this model done.
         A Stop raises :class:`~core.errors.Stopped`; the rows already yielded are the caller's to keep.
         The model lock is held while one model is measured, never across a ``yield``."""
-        if budget_s is not None:
-            budget_s = SpeedBudget(budget_s=budget_s).budget_s or None
         loaded = self.model(self.require_model(session))
         dense = mlp_widths_any(loaded.model)
         rows: list[dict] = []

@@ -355,6 +355,13 @@ class MagnitudeCriterion(Criterion):
         return out
 
 
+def _activation_stats(model: nn.Module, windows: torch.Tensor, options: ScoreOptions):
+    """The forward-only criteria's statistics of every down_proj input a (d_ff,) per layer: Σ a², Σ a and
+    the token count (:func:`core.importance.taylor.activation_sq_norms` with the pass's options)."""
+    return activation_sq_norms(model, windows, batch_size=options.batch_size, progress=options.progress,
+                               stop=options.stop, data_parallel=options.data_parallel, forward=options.forward)
+
+
 class WandaCriterion(Criterion):
     name = "wanda"
     applies_to = frozenset({"lm", "encoder"})
@@ -363,9 +370,7 @@ class WandaCriterion(Criterion):
     summary = "Structured Wanda (FLAP-WIFN): mean |W_down[:, j]| times the L2 norm of activation a_j."
 
     def __call__(self, model, windows, options):
-        sq, _total, _count = activation_sq_norms(model, windows, batch_size=options.batch_size,
-                                                 progress=options.progress, stop=options.stop,
-                                                 data_parallel=options.data_parallel, forward=options.forward)
+        sq, _total, _count = _activation_stats(model, windows, options)
         return [h.down.weight.detach().float().abs().mean(dim=0).cpu() * s.sqrt()
                 for h, s in zip(mlp_handles(model), sq)]
 
@@ -383,9 +388,7 @@ class FluctuationCriterion(Criterion):
     summary = "FLAP: variance of activation a_j over calibration tokens times the squared norm of W_down[:, j]."
 
     def __call__(self, model, windows, options):
-        sq, total, count = activation_sq_norms(model, windows, batch_size=options.batch_size,
-                                               progress=options.progress, stop=options.stop,
-                                               data_parallel=options.data_parallel, forward=options.forward)
+        sq, total, count = _activation_stats(model, windows, options)
         out = []
         for h, s, t in zip(mlp_handles(model), sq, total):
             mean = t / count

@@ -555,7 +555,7 @@ def _bar(progress: bool, total: int | None):
 TIMED = ("data", "teacher", "student_and_loss", "backward_stack", "optimizer", "heldout", "checkpoint")
 
 
-def _check_inputs(student: nn.Module, teacher: nn.Module | None, objective: Objective, data: torch.Tensor,
+def _check_inputs(teacher: nn.Module | None, objective: Objective, data: torch.Tensor,
                   params: ParamSet, options: TrainOptions) -> None:
     """One sentence for a run that cannot start: nothing to train, less data than a batch, no teacher."""
     if not params.named:
@@ -595,7 +595,7 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
     steps and at the end. ``on_step`` receives a :class:`StepRecord` after every step (and one for
     step 0). Raises :class:`Stopped` when ``stop()`` turns true — the student's trainable parameters
     are then back at their values from before the call."""
-    _check_inputs(student, teacher, objective, data, params, options)
+    _check_inputs(teacher, objective, data, params, options)
     device = _device(student)
     torch.manual_seed(options.seed)
     batches = _Batches(data.shape[0], options.batch_size, options.seed)
