@@ -17,6 +17,7 @@ from torch import nn
 
 from core import metrics
 from core.errors import HFPruneError, SelectionError, VisionConfigError
+from core.importance.obs import obs_scores, weighted_grams
 from core.importance.taylor import activation_sq_norms, loss_taylor_scores, taylor_scores
 from core.models.adapters import mlp_handles
 from core.models.encoders import DEFAULT_TEMP_INV, embed
@@ -339,6 +340,46 @@ class EntropyCEMixCriterion(TaylorCriterion):
         return entropy_ce(logits, targets, self.weight)
 
 
+@dataclass
+class ObsParams(Options):
+    label = "obs"
+
+    weighting: str = knob("entropy", "obs: weight each token's share of the Gram by ‖∂L/∂y_t‖^power at the down_proj "
+                          "output for this loss (none = plain OBS, forward only)",
+                          choices=("entropy", "cross_entropy", "none"), flag="obs-weighting")
+    power: float = knob(1.0, "obs: exponent of the gradient norm in the token weights (0 = unweighted)", low=0.0,
+                        ui_high=2.0, step=0.25, flag="obs-power")
+    damping: float = knob(0.01, "obs: ridge added to the Gram, a fraction of its mean diagonal", low=0.0,
+                          low_open=True, ui_low=0.001, ui_high=0.5, step=0.001, flag="obs-damping")
+    block: int = knob(16, "obs: neurons removed per greedy step (fewer = closer to one-at-a-time, slower)", low=1,
+                      ui_high=128, flag="obs-block")
+
+
+class ObsCriterion(Criterion):
+    """Greedy structured OBS (:mod:`core.importance.obs`): neurons ranked by the error of reconstructing
+    the down_proj output from the kept ones, on a Gram whose tokens are weighted by how much the model's
+    output entropy depends on the layer's output there. Compose it with the least-squares refit
+    (``--compensate lsq``), whose solution the selection's error assumes."""
+
+    name = "obs"
+    cost = "forward+backward"
+    summary = ("Greedy structured OBS on the down_proj-input Gram, each token weighted by ‖∂entropy/∂y_t‖ at the "
+               "layer's output (weighting none: plain OBS, forward only); pair with the lsq refit.")
+
+    Params = ObsParams
+
+    def __init__(self, weighting: str = "entropy", power: float = 1.0, damping: float = 0.01, block: int = 16):
+        super().__init__(weighting=weighting, power=power, damping=damping, block=block)
+        if self.p.weighting == "none" or self.p.power == 0.0:
+            self.cost, self.passes = "forward", (1, 0)  # no backward: the instance says so in its record
+
+    def __call__(self, model, windows, options):
+        loss = None if self.cost == "forward" else REGISTRY[self.p.weighting]()
+        stats = weighted_grams(model, windows, loss, power=self.p.power, batch_size=options.batch_size,
+                               progress=options.progress, stop=options.stop, data_parallel=options.data_parallel)
+        return obs_scores(model, stats, self.p.damping, self.p.block, progress=options.progress, stop=options.stop)
+
+
 class MagnitudeCriterion(Criterion):
     name = "magnitude"
     applies_to = frozenset({"lm", "encoder"})
@@ -468,8 +509,8 @@ def encoder_criterion(name: str, **params) -> Criterion:
 # REGISTRY (decoder LMs) and ENCODER_CRITERIA are views of it.
 ALL_CRITERIA: dict[str, type[Criterion]] = {
     cls.name: cls for cls in (EntropyCriterion, CrossEntropyCriterion, SelfDistillCriterion, FisherCriterion,
-                              EntropyCEMixCriterion, MagnitudeCriterion, WandaCriterion, FluctuationCriterion,
-                              RandomCriterion, AmpEntropyCriterion)
+                              EntropyCEMixCriterion, ObsCriterion, MagnitudeCriterion, WandaCriterion,
+                              FluctuationCriterion, RandomCriterion, AmpEntropyCriterion)
 }
 REGISTRY: dict[str, type[Criterion]] = {n: c for n, c in ALL_CRITERIA.items() if "lm" in c.applies_to}
 ENCODER_CRITERIA: dict[str, type[Criterion]] = {

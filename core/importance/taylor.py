@@ -154,7 +154,8 @@ def loss_taylor_scores(model: nn.Module, data: torch.Tensor, loss_fn: Callable[[
 def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss, *, batch_size: int = 4,
                   aggregate: str = "sum_abs", teacher: nn.Module | None = None, teacher_temperature: float = 1.0,
                   progress: bool = True, stop: Callable[[], bool] | None = None, data_parallel: bool = False,
-                  grad_checkpointing: bool = False) -> list[torch.Tensor]:
+                  grad_checkpointing: bool = False,
+                  extra_hooks: Callable[[list], list] | None = None) -> list[torch.Tensor]:
     """First-order Taylor importance of every MLP neuron.
 
     windows: (N, T) token ids. aggregate: ``sum_abs`` = Σ_samples Σ_t |a·g| (HFPrune),
@@ -164,6 +165,8 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
     torch.distributed group, this rank scores only its shard of the windows and the per-window sums
     are all-reduced (every aggregate is a sum over windows; ``abs_sum`` divides by the global N
     after the reduction). ``grad_checkpointing``: recompute layer activations in the backward.
+    ``extra_hooks(handles)``: registers more hooks for the same pass and returns their handles (removed
+    with the taps; e.g. :mod:`core.importance.obs` reads ∂L/∂y at each down_proj output).
     Returns one fp32 (d_ff_l,) tensor per layer, on the CPU.
     """
     handles = mlp_handles(model)
@@ -176,7 +179,7 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, criterion: TokenLoss,
     row_uniforms = getattr(criterion, "row_uniforms", None)
     takes_uniforms = row_uniforms is not None and "uniforms" in inspect.signature(criterion.token_loss).parameters
 
-    registered = score_taps(handles, scores, aggregate)
+    registered = score_taps(handles, scores, aggregate) + (extra_hooks(handles) if extra_hooks else [])
     # The gradient enters at the first MLP's input: nothing below it (embeddings, layer 0 attention)
     # needs a backward pass, and no weight ever needs a gradient.
     registered.append(handles[0].mlp.register_forward_pre_hook(_input_requires_grad, with_kwargs=True))
