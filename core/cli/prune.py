@@ -51,8 +51,8 @@ def register(sub) -> None:
     prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     prune.add_argument("--round-to", type=int, default=None,
                        help="round kept widths to a multiple (8/64/128); default 1, or with --export gguf the "
-                            "--gguf-type's block (32 for q8_0 / q5_0 / q4_0), which an explicit value must be a "
-                            "multiple of")
+                            "--gguf-type's block (32 for q8_0 / q5_0 / q4_0, 256 for the K-quants), which an "
+                            "explicit value must be a multiple of")
     AllocationOptions.add_arguments(prune)
     CompensationOptions.add_arguments(prune)
     prune.add_argument("--export", default=None, choices=EXPORT_MODES,
@@ -150,7 +150,8 @@ def cmd_prune(args) -> dict:
     before, after = count_params(loaded.model), count_params(pruned.model)
     return {"out": str(target), "export": export, "criterion": result.config.get("criterion"), "ratio": args.ratio,
             "allocation": args.allocation, "compensation": compensation.method, "round_to": args.round_to,
-            **({"gguf_type": gguf.type} if gguf else {}),
+            **({"gguf_type": gguf.type, "gguf_tensor_types": read_meta(target).get("gguf_tensor_types")}
+               if gguf else {}),
             "achieved_ratio": round(pruned.meta["achieved_ratio"], 5),
             "params_removed_share": round(pruned.meta["params_removed_share"], 5), "param_ratio": args.param_ratio,
             "criterion_params": result.config.get("criterion_params", {}),

@@ -1,10 +1,14 @@
-"""CLI subcommand ``bench``: measured prefill latency, decode tokens/s, peak memory and size.
+"""CLI subcommand ``bench``: measured prefill latency, decode tokens/s, peak memory and size — in torch, or
+with ``--engine llama.cpp`` a GGUF file's prompt / generation tokens/s, perplexity and KL in llama.cpp.
 
     python -m core bench --model runs/pruned20 --method bnb-nf4
+    python -m core bench --engine llama.cpp --model runs/p20-gguf --baseline auto --threads 2
 """
 from __future__ import annotations
 
+from core.errors import HFPruneError
 from core.export.hf import read_meta
+from core.measure.llamacpp import LlamaCppOptions, dense_gguf, gguf_file, measure_llamacpp
 from core.measure.speed import (
     SpeedBudget,
     ideal_speedup,
@@ -22,7 +26,11 @@ from core.quantize.store import load_on, read_recipe, spec_folder
 def register(sub) -> None:
     """Add the ``bench`` subcommand."""
     b = sub.add_parser("bench", help="measured prefill latency, decode tokens/s, peak memory, size")
-    b.add_argument("--model", default="smollm2-135m", help="alias, folder (quantized folders too), .gguf or hub id")
+    b.add_argument("--engine", default="torch",
+                   help="torch (the model in this process) or llama.cpp (a GGUF file through llama-cpp-python: "
+                        "prompt / generation tokens/s, perplexity and KL to the baseline from llama.cpp's logits)")
+    b.add_argument("--model", default="smollm2-135m", help="alias, folder (quantized folders too), .gguf or hub id; "
+                   "llama.cpp: a .gguf file or a 'prune --export gguf' folder")
     b.add_argument("--method", choices=list(METHODS), help="quantize the model in memory first")
     b.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
     b.add_argument("--prefill", type=int, default=512, help="prefill tokens (batch 1)")
@@ -35,13 +43,21 @@ def register(sub) -> None:
     SpeedBudget.add_arguments(b, defaults={"budget_s": 0.0})  # --budget: no limit unless asked (the dashboard: 5 s)
     b.add_argument("--baseline", default="auto",
                    help="dense model measured too for the measured speed-up: a spec, 'auto' (the source model of "
-                        "a pruned folder) or 'none'")
+                        "a pruned folder; llama.cpp: exported once as GGUF in the pruned file's type) or 'none'")
+    LlamaCppOptions.add_arguments(b, skip=("prompt_tokens", "gen_tokens", "repeats"))  # --prefill/--decode/--repeats
     b.add_argument("--json", action="store_true", help="print one JSON line")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(handler=cmd_bench)
 
 
+ENGINES = ("torch", "llama.cpp")
+
+
 def cmd_bench(args) -> dict:
+    if args.engine not in ENGINES:  # checked here rather than by argparse: one sentence, not a usage block
+        raise HFPruneError(f"Unknown engine '{args.engine}'; choose one of: {', '.join(ENGINES)}.")
+    if args.engine == "llama.cpp":
+        return cmd_bench_llamacpp(args)
     device = pick_device(args.device)
     if args.method:
         check_method(args.method, device)
@@ -78,3 +94,21 @@ def cmd_bench(args) -> dict:
             out[f"{phase}_speedup"] = speedup(spread(getattr(ref, key)), spread(getattr(result, key)),
                                               out["ideal_speedup"]).to_dict()
     return out
+
+
+def cmd_bench_llamacpp(args) -> dict:
+    """``bench --engine llama.cpp``: the GGUF file (and its dense baseline in the same type) in llama.cpp."""
+    if args.method:
+        raise HFPruneError("--method quantizes a torch model; for llama.cpp choose the type when exporting "
+                           "(prune --export gguf --gguf-type q8_0, q4_0, q4_k_m …).")
+    options = LlamaCppOptions.from_args(args, prompt_tokens=args.prefill, gen_tokens=args.decode,
+                                        repeats=args.repeats)
+    model, meta = gguf_file(args.model)
+    models = {"model": model}
+    if args.baseline == "auto" and meta and meta.get("model") and meta.get("gguf"):
+        models = {"baseline": dense_gguf(meta["model"], meta["gguf"]), **models}
+    elif args.baseline not in ("auto", "none"):
+        models = {"baseline": gguf_file(args.baseline)[0], **models}
+    rows = measure_llamacpp(models, options)
+    return {"engine": "llama.cpp", "model": args.model, "baseline": str(models.get("baseline") or "") or None,
+            "options": options.to_dict(), "rows": rows}

@@ -1,6 +1,7 @@
 """GGUF export: the pruned model as one .gguf file that llama.cpp / Ollama run and transformers reloads,
 written with the ``gguf`` package (tensor names from its ``TensorNameMap``, ``GGUFWriter``,
-``quants.quantize`` for Q8_0 / Q5_0 / Q4_0, ``SpecialVocab`` for merges / special ids / chat template).
+``quants.quantize`` for Q8_0 / Q5_0 / Q4_0, ``SpecialVocab`` for merges / special ids / chat template);
+K-quants (Q4_K_M, Q5_K_M, Q6_K) are an F32 file passed through llama.cpp's own quantizer (``core.export.kquant``).
 
 Conventions follow llama.cpp's converter (convert_hf_to_gguf.py) and transformers' GGUF loader:
 
@@ -8,7 +9,9 @@ Conventions follow llama.cpp's converter (convert_hf_to_gguf.py) and transformer
   [x_0..x_{d/2-1}, x_{d/2}..x_{d-1}]; llama.cpp's rope wants them interleaved, so q_proj rows are
   permuted per head with ``n_head`` and k_proj rows with ``n_head_kv`` (transformers' loader undoes it).
   Qwen2 / Qwen3 GGUFs keep HF's order (their llama.cpp rope is NEOX-style).
-- **tensor types**: 1-D tensors (norms, biases) always F32; 2-D tensors F32, F16, Q8_0, Q5_0 or Q4_0.
+- **tensor types**: 1-D tensors (norms, biases) always F32; 2-D tensors F32, F16, Q8_0, Q5_0 or Q4_0, or a
+  K-quant mix chosen by llama.cpp (rows in super-blocks of 256: pruned widths are rounded to 256, and the
+  types the file holds are read back and reported, see ``core.export.kquant``).
   The quantized types store each row in blocks of :data:`GGUF_BLOCK` (32) values, so every 2-D row length
   (the hidden size, and the pruned MLP width of ``ffn_down``) must be a multiple of the block: a matrix
   that is not is refused with one sentence, never written in a wider type than asked (llama.cpp's
@@ -45,16 +48,24 @@ import torch
 from torch import nn
 
 from core.errors import ModelLoadError, PruneConfigError
+from core.export.kquant import (
+    KQUANT_BLOCK,
+    KQUANTS,
+    check_kquant_rows,
+    check_kquant_types,
+    llama_cpp_binding,
+    quantize_file,
+)
 from core.models.adapters import mlp_handles
-from core.models.gguf_read import read_metadata
+from core.models.gguf_read import read_metadata, tensor_types
 from core.models.loading import EMBEDDED
 from core.models.slicing import padded_copy
 from core.options import Options, knob
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q5_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q5_0", "q4_0", *KQUANTS)
 # values per quantization block along a row (a 2-D tensor's row length must be a multiple); the one table
 # that export, pruning defaults (prune --export gguf) and the dashboard read
-GGUF_BLOCK = {"f32": 1, "f16": 1, "q8_0": 32, "q5_0": 32, "q4_0": 32}
+GGUF_BLOCK = {"f32": 1, "f16": 1, "q8_0": 32, "q5_0": 32, "q4_0": 32, **dict.fromkeys(KQUANTS, KQUANT_BLOCK)}
 GGUF_LAYOUTS = ("auto", "padded", "deci")
 # transformers model_type → (gguf architecture, permute q/k for llama.cpp's rope)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
@@ -69,7 +80,9 @@ class GGUFOptions(Options):
     cli_prefix = "gguf-"
 
     type: str = knob("f16", "GGUF tensor type of the matrices: f32 (exact), f16, q8_0 / q5_0 / q4_0 (8 / 5 / 4-bit, "
-                     "blocks of 32: every row length, pruned widths included, must be a multiple of 32); "
+                     "blocks of 32: every row length, pruned widths included, must be a multiple of 32), "
+                     "q4_k_m / q5_k_m / q6_k (llama.cpp's K-quants through llama-cpp-python: pruned widths in "
+                     "multiples of 256; rows of other sizes fall back to 32-block types, reported); "
                      "norms stay f32", choices=GGUF_TYPES)
     layout: str = knob("auto", "per-layer widths: auto/deci = llama.cpp's 'deci' architecture with a per-layer "
                        "feed_forward_length array (Llama-family models); padded = zero-pad every layer to the "
@@ -83,7 +96,7 @@ class GGUFOptions(Options):
 
 def block_of(kind: str) -> int:
     """Values per quantization block of GGUF type ``kind`` along a row (1 for f32 / f16, 32 for q8_0 /
-    q5_0 / q4_0)."""
+    q5_0 / q4_0, 256 for the K-quants)."""
     if kind not in GGUF_BLOCK:
         raise PruneConfigError(f"Unknown GGUF type '{kind}'; available: {', '.join(GGUF_TYPES)}.")
     return GGUF_BLOCK[kind]
@@ -119,6 +132,18 @@ def gguf_width_note(kind: str, widths: list[int], full_widths: list[int] | None 
             f"round-to {block} or choose f16.")
 
 
+def check_gguf_widths(kind: str, widths: list[int], name: str = "this model") -> None:
+    """Refuse, in one sentence saying what to do, kept MLP ``widths`` that are not multiples of the block of
+    GGUF type ``kind`` (the dashboard exports a variant pruned earlier, possibly without rounding)."""
+    block = block_of(kind)
+    bad = sorted({int(w) for w in widths if int(w) % block})
+    if bad:
+        shown = ", ".join(map(str, bad[:3])) + (" …" if len(bad) > 3 else "")
+        raise PruneConfigError(f"GGUF {kind.upper()} stores rows in blocks of {block}, but {name} keeps MLP widths "
+                               f"{shown} that are not multiples of {block}: prune again with widths rounded to "
+                               f"{block} (Round widths to a multiple of), or choose f16.")
+
+
 def _qtype(name: str):
     import gguf
 
@@ -141,6 +166,9 @@ def check_block_rows(model: nn.Module, kind: str) -> None:
     size of the model itself."""
     block = block_of(kind)
     if block == 1:
+        return
+    if kind in KQUANTS:
+        check_kquant_rows({k: tuple(t.shape) for k, t in model.state_dict().items()}, kind)
         return
     for key, tensor in model.state_dict().items():
         row = int(tensor.shape[-1]) if tensor.dim() >= 2 else 0
@@ -352,37 +380,60 @@ def _encode(data: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
     return gguf.quants.quantize(array, qtype), qtype
 
 
+def _layout(model: nn.Module, base_arch: str, options: GGUFOptions) -> tuple[nn.Module, list[int], str]:
+    """(model to write — a zero-padded copy for ``padded`` —, its MLP widths, the GGUF architecture)."""
+    widths = [h.width for h in mlp_handles(model)]
+    if len(set(widths)) > 1:
+        if options.layout == "padded":
+            return padded_copy(model, max(widths)), [max(widths)] * len(widths), base_arch
+        if base_arch != "llama":
+            raise PruneConfigError(f"Per-layer widths of a {base_arch} model have no GGUF form llama.cpp reads; "
+                                   "use --gguf-layout padded (or a uniform allocation).")
+        return model, widths, "deci"
+    return model, widths, "deci" if options.layout == "deci" and base_arch == "llama" else base_arch
+
+
 def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, options: GGUFOptions | None = None, *,
               source: str | None = None, name: str | None = None) -> Path:
     """Write ``model`` (+ tokenizer) to the GGUF file ``path`` (atomically); returns the path.
 
     ``source``: the spec the model was loaded from (for the pre-tokenizer name of a source GGUF).
     A quantized type refuses a 2-D row length that is not a multiple of its block (:func:`check_block_rows`).
-    Uniform widths give a standard ``llama`` / ``qwen2`` / ``qwen3`` file; per-layer widths follow
-    ``options.layout`` (module docstring)."""
-    import gguf
-
+    A K-quant is written as F32 first, then quantized by llama.cpp (needs llama-cpp-python) and its
+    tensor types checked (:mod:`core.export.kquant`). Uniform widths give a standard ``llama`` / ``qwen2`` /
+    ``qwen3`` file; per-layer widths follow ``options.layout`` (module docstring)."""
     options = options or GGUFOptions()
     base_arch, permute = _check_model(model)
-    widths = [h.width for h in mlp_handles(model)]
-    arch = base_arch
-    if len(set(widths)) > 1:
-        if options.layout == "padded":
-            model, widths = padded_copy(model, max(widths)), [max(widths)] * len(widths)
-        elif base_arch != "llama":
-            raise PruneConfigError(f"Per-layer widths of a {base_arch} model have no GGUF form llama.cpp reads; "
-                                   "use --gguf-layout padded (or a uniform allocation).")
-        else:
-            arch = "deci"
-    elif options.layout == "deci" and base_arch == "llama":
-        arch = "deci"
+    model, widths, arch = _layout(model, base_arch, options)
     check_block_rows(model, options.type)  # before any byte is written
     pre = options.pre if options.pre != "auto" else (source_pre_tokenizer(source) or "default")
+    title = name or f"{Path(str(getattr(model.config, '_name_or_path', '') or 'model')).name} (pruned)"
     target = Path(path)
     tmp = target.with_name(f".{target.name}.partial")
-    writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
+    if options.type not in KQUANTS:
+        _write(model, tokenizer, tmp, arch, permute, widths, options, pre, title)
+        os.replace(tmp, target)
+        return target
+    llama_cpp_binding()  # a missing binding is one sentence before anything is written
+    f32 = target.with_name(f".{target.name}.f32.partial")
     try:
-        title = name or f"{Path(str(getattr(model.config, '_name_or_path', '') or 'model')).name} (pruned)"
+        _write(model, tokenizer, f32, arch, permute, widths, options.replace(type="f32"), pre, title)
+        quantize_file(f32, tmp, options.type)
+        check_kquant_types(tensor_types(tmp, matrices=True), options.type)
+        os.replace(tmp, target)
+    finally:
+        f32.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _write(model: nn.Module, tokenizer, path: Path, arch: str, permute: bool, widths: list[int],
+           options: GGUFOptions, pre: str, title: str) -> None:
+    """One GGUF file at ``path`` with the gguf package (a block type already checked); removed on failure."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch, use_temp_file=True)
+    try:
         _add_metadata(writer, model, arch, widths, options, title)
         _add_tokenizer(writer, tokenizer, int(model.config.vocab_size), pre)
         for tensor_name, data in _tensors(model, arch, permute):
@@ -392,9 +443,7 @@ def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, options: GGU
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, target)
     except BaseException:
         writer.close()
-        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
-    return target

@@ -28,6 +28,7 @@ from core.errors import PruneConfigError
 from core.export.gguf import GGUFOptions, save_gguf
 from core.files import atomic_file, atomic_folder
 from core.models.adapters import is_encoder, mlp_widths
+from core.models.gguf_read import tensor_types, type_counts
 from core.models.remote_code import MODELING_FILE, auto_map, has_pruned_heads, mlp_paths, modeling_source
 from core.models.slicing import padded_copy
 
@@ -66,7 +67,8 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: d
                 gguf=None) -> Path:
     """Write model (safetensors), tokenizer and ``pruning_meta.json`` to ``out_dir``; return it.
     ``mode="gguf"`` writes one ``model-<TYPE>.gguf`` (tokenizer inside) + ``pruning_meta.json`` instead;
-    ``gguf``: its :class:`core.gguf_export.GGUFOptions` (type f32/f16/q8_0/q5_0/q4_0, per-layer layout)."""
+    ``gguf``: its :class:`core.export.gguf.GGUFOptions` (type f32 … q4_0 or a K-quant, per-layer layout);
+    the meta records how many 2-D tensors each GGUF type holds (``gguf_tensor_types``)."""
     if mode not in EXPORT_MODES:
         raise PruneConfigError(f"Unknown export mode '{mode}'; available: {', '.join(EXPORT_MODES)}.")
     if mode != "hf-remote-code" and has_pruned_heads(model):
@@ -100,8 +102,10 @@ def _save_gguf_folder(model: nn.Module, tokenizer, out_dir, meta: dict, widths: 
     options = options or GGUFOptions()
     target = check_output_dir(out_dir)
     with atomic_folder(target) as tmp:
-        save_gguf(model, tokenizer, tmp / options.file_name(), options, source=meta.get("model"))
+        path = save_gguf(model, tokenizer, tmp / options.file_name(), options, source=meta.get("model"))
+        # the types the file really holds (a K-quant's mix and fallbacks are llama.cpp's choice): tensors per type
         full_meta = {"export": "gguf", "gguf_file": options.file_name(), "gguf": options.to_dict(),
+                     "gguf_tensor_types": type_counts(tensor_types(path, matrices=True)),
                      "intermediate_sizes": widths, **meta}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
     return target

@@ -42,6 +42,23 @@ def read_gguf_widths(path: str | os.PathLike) -> tuple[str, list[int] | int]:
     return arch, [int(w) for w in widths] if isinstance(widths, (list, tuple)) else int(widths)
 
 
+def tensor_types(path: str | os.PathLike, matrices: bool = False) -> dict[str, str]:
+    """GGUF tensor name → the GGML type it is stored in ('F32', 'F16', 'Q8_0', 'Q4_K' …), read from the file's
+    tensor table; ``matrices``: 2-D tensors only (the weights a quantized type applies to)."""
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors
+            if not matrices or len(t.shape) >= 2}
+
+
+def type_counts(types: dict[str, str]) -> dict[str, int]:
+    """{'Q4_K': 12, 'Q5_0': 60, …}: how many tensors each type holds, most first."""
+    counts: dict[str, int] = {}
+    for kind in types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def load_gguf_model(path: str | os.PathLike) -> nn.Module:
     """Rebuild a Llama-family model from a ``llama`` or ``deci`` GGUF this module wrote — fp32, eval mode,
     each layer at its own MLP width — by de-quantizing with gguf and undoing the q/k permutation. Used to
