@@ -26,9 +26,12 @@ from core.data.text import (
     window_capacity,
 )
 from core.errors import DataError, HFPruneError, PruneConfigError
+from core.export.gguf import GGUFOptions, check_gguf_widths, save_gguf
 from core.export.hf import save_pruned, zip_folder
+from core.export.kquant import LlamaCppMissing, llama_cpp_missing
 from core.importance.criteria import REGISTRY, resolve_params
 from core.measure.evaluate import Reference, evaluate, evaluate_reference
+from core.measure.llamacpp import LlamaCppOptions, measure_llamacpp
 from core.measure.outputs import (
     GenerationSettings,
     TokenKL,
@@ -461,6 +464,46 @@ class Services:
             add_measured_speedups(rows)  # row k's speed-ups are against row 0: earlier rows do not change
             yield rows[-1]
 
+    # -- llama.cpp (issue 22): the variants as GGUF files, measured in llama.cpp itself ----------------
+    @staticmethod
+    def llamacpp_missing() -> str | None:
+        """None when llama-cpp-python can be imported, else the sentence saying how to install it."""
+        return llama_cpp_missing()
+
+    def llamacpp_bench(self, session: Session, names: list[str], gguf_type: str, options: LlamaCppOptions,
+                       stop: Callable[[], bool] | None = None,
+                       on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
+        """The original and each named variant written as GGUF ``gguf_type`` (a temporary folder, removed
+        afterwards) and measured in llama.cpp (core.measure.llamacpp): prompt / generation tokens/s with
+        their spread, speed-ups over the original in the same format beside the FLOP ideal, perplexity
+        and KL to the original from llama.cpp's logits. A variant whose widths do not fill the type's
+        blocks, or a torch-quantized one, is refused in one sentence before anything is written."""
+        missing = llama_cpp_missing()
+        if missing:
+            raise LlamaCppMissing(missing)
+        gguf = GGUFOptions(type=gguf_type)
+        loaded = self.model(self.require_model(session))
+        chosen = self.models_for(session, names)
+        for name in chosen:
+            if name == "original":
+                continue
+            variant = self.variant(session, name)
+            if variant.meta.get("quantization"):
+                raise HFPruneError(f"'{name}' is quantized in torch; llama.cpp quantizes by itself: pick its "
+                                   "unquantized source and a GGUF type.")
+            check_gguf_widths(gguf.type, variant.widths, f"'{name}'")
+        work = Path(tempfile.mkdtemp(prefix="hfprune-llamacpp-"))
+        try:
+            paths = {}
+            for index, (name, model) in enumerate(chosen.items()):
+                check_stop(stop, "The llama.cpp measurement was stopped.")
+                paths[name] = save_gguf(model, loaded.tokenizer, work / f"{index}-{gguf.file_name()}", gguf,
+                                        source=session.model_spec, name=name)
+            return measure_llamacpp(paths, options, reference="original", tokenizer=loaded.tokenizer, stop=stop,
+                                    on_progress=on_progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     # -- dashboard helpers (issue 10): quality at a glance, the sweep's random baseline ---------
     QUICK_WINDOWS = 4  # held-out windows × …
     QUICK_SEQ_LEN = 64  # … tokens for the quality shown right after Prune (a few seconds on a CPU)
@@ -717,17 +760,24 @@ class Services:
         self.scores.forget_run(run_id)
 
     # -- export ----------------------------------------------------------------------------
-    def export(self, session: Session, name: str, mode: str, folder: str | os.PathLike) -> Path:
-        """Save a variant with the engine's exporter (safetensors + pruning_meta.json)."""
+    def export(self, session: Session, name: str, mode: str, folder: str | os.PathLike,
+               gguf_type: str = GGUFOptions.type) -> Path:
+        """Save a variant with the engine's exporter (safetensors + pruning_meta.json; GGUF: one file of
+        ``gguf_type``, whose block the variant's widths must fill — else one sentence saying to prune again
+        with widths rounded to it, as ``prune --export gguf`` does by default)."""
         variant = self.variant(session, name)
         if variant.meta.get("quantization"):
             raise HFPruneError(f"'{name}' is quantized: export its unquantized source and apply "
                                f"`python -m core quantize --method {variant.meta['quantization']}` to the folder.")
+        gguf = GGUFOptions(type=gguf_type) if mode == "gguf" else None
+        if gguf is not None:
+            check_gguf_widths(gguf.type, variant.widths, f"'{name}'")
         loaded = self.model(variant.base_spec)
         meta = {**variant.meta, "variant_name": name, "run_id": variant.run_id}
-        return save_pruned(variant.model, loaded.tokenizer, folder, meta, mode=mode)
+        return save_pruned(variant.model, loaded.tokenizer, folder, meta, mode=mode, gguf=gguf)
 
-    def save_to_folder(self, session: Session, name: str, mode: str, folder: str) -> Path:
+    def save_to_folder(self, session: Session, name: str, mode: str, folder: str,
+                       gguf_type: str = GGUFOptions.type) -> Path:
         """Export a variant into a folder the user typed, kept inside ``export_root`` when one is set."""
         target = Path(folder).expanduser()
         if self.export_root is not None:
@@ -736,9 +786,9 @@ class Services:
                 raise HFPruneError(f"This server saves exports only inside {self.export_root}; "
                                    f"'{folder}' is outside it (download the .zip instead).")
             self.export_root.mkdir(parents=True, exist_ok=True)
-        return self.export(session, name, mode, target)
+        return self.export(session, name, mode, target, gguf_type)
 
-    def export_zip(self, session: Session, name: str, mode: str) -> Path:
+    def export_zip(self, session: Session, name: str, mode: str, gguf_type: str = GGUFOptions.type) -> Path:
         """Export into a fresh temporary folder and pack it as ``<name>.zip`` (stored, not deflated:
         safetensors barely compress) for download."""
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "variant"
@@ -746,7 +796,7 @@ class Services:
             shutil.rmtree(session.export_dir, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix="hfprune-export-"))
         session.export_dir = str(work)
-        folder = self.export(session, name, mode, work / safe)
+        folder = self.export(session, name, mode, work / safe, gguf_type)
         archive = zip_folder(folder, work / f"{safe}.zip")
         shutil.rmtree(folder, ignore_errors=True)
         return archive

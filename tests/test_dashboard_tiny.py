@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import time
+import zipfile
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -71,9 +72,28 @@ def test_dashboard_paths_on_a_tiny_model(tiny_app):
     widths = services.sessions._sessions[next(iter(services.sessions._sessions))].variants["ad30"].widths
     mode, why = c.predict("ad30", api_name="/export_default")
     assert mode == ("hf-native" if len(set(widths)) == 1 else "hf-remote-code") and f"**ad30**: {mode}:" in why
-    note = c.predict("ad30", "gguf", api_name="/export_format_note")  # picking GGUF: the engine's block sentence
+    note, picker = c.predict("ad30", "gguf", api_name="/export_format_note")  # GGUF: the engine's block sentence
+    assert picker["visible"] is True  # and the GGUF type picker appears
     assert re.fullmatch(r"\*\*ad30\*\* as GGUF: GGUF F16 stores any width \(achieved ratio \d+\.\d %\); Q8_0 / "
                         r"Q5_0 / Q4_0 would need multiples of 32, which these widths are( not)?\.", note), note
+    note, _ = c.predict("ad30", "gguf", "q8_0", api_name="/export_format_note")
+    fits = all(w % 32 == 0 for w in widths)
+    assert ("Widths rounded to multiples of 32 for Q8_0" if fits else "not all multiples of 32, which Q8_0 needs") in note
+    if not fits:  # the export refuses in one sentence saying what to do (never a silent F16 row)
+        with pytest.raises(AppError, match=r"GGUF Q8_0 stores rows in blocks of 32, but 'ad30' keeps MLP widths [\d, ]+ "
+                                           r"that are not multiples of 32: prune again with widths rounded to 32"):
+            c.predict("ad30", "gguf", "q8_0", api_name="/export_zip")
+    archive, note = c.predict("ad30", "gguf", "f16", api_name="/export_zip")  # F16 stores any width
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(n.split("/")[-1] for n in zf.namelist()) == ["model-F16.gguf", "pruning_meta.json"]
+        meta = json.loads(zf.read("ad30/pruning_meta.json"))
+    assert meta["gguf"]["type"] == "f16" and meta["gguf_tensor_types"] == {"F16": 15}
+    if services.llamacpp_missing() is None:  # the llama.cpp panel: original and ad30 as GGUF, run in llama.cpp
+        table, note = c.predict(["ad30"], "f16", 1, 16, 4, 2, 1, api_name="/llamacpp_bench")
+        rows = {row[0]: dict(zip(table["headers"], row, strict=True)) for row in table["data"]}
+        assert list(rows) == ["original", "ad30"] and "Measured 2 models as GGUF F16 in llama.cpp" in note
+        assert rows["original"]["KL to original"] == 0 and rows["ad30"]["KL to original"] > 0
+        assert rows["ad30"]["GGUF tensor types"] == "F16 × 15" and rows["ad30"]["prompt speed-up"].endswith(")")
 
     table, lines, note = c.predict(["entropy"], "0.2, 0.5", "uniform", "1", 2, 32, "kl_to_dense",
                                    api_name="/sweep")

@@ -20,7 +20,7 @@ from core import metrics
 from core.errors import PruneConfigError
 from core.export.gguf import GGUFOptions, save_gguf
 from core.export.hf import read_meta, save_pruned
-from core.export.kquant import LlamaCppMissing, llama_cpp_binding
+from core.export.kquant import BUILD_MINUTES, INSTALL, LlamaCppMissing, llama_cpp_binding, llama_cpp_missing
 from core.measure.speed import SpeedError
 from core.models.gguf_read import read_gguf_widths, tensor_types
 from core.models.slicing import prune_mlp_neurons
@@ -132,6 +132,7 @@ def test_kquant_refuses_a_pruned_row_off_its_super_block(tmp_path, width):
 
 def test_missing_binding_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    assert llama_cpp_missing() == INSTALL.format(minutes=BUILD_MINUTES)  # what the dashboard's panel shows
     with pytest.raises(LlamaCppMissing, match=r"^llama\.cpp is reached through llama-cpp-python[^\n]*pip install "
                                               r"llama-cpp-python==0\.3\.36[^\n]*\.$"):
         llama_cpp_binding()

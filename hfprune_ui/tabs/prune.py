@@ -334,40 +334,44 @@ def make_default_format(services: Services):
 
 
 def make_format_note(services: Services):
-    def format_note(name: str | None, mode: str, request: gr.Request = None):
-        """Picking GGUF: the block its tensor type needs, whether the variant's widths fit it, the achieved
-        ratio (the engine's sentence); other formats leave the text as it is."""
+    def format_note(name: str | None, mode: str, gguf_type: str = GGUFOptions.type, request: gr.Request = None):
+        """Picking GGUF (or its type): the block the type needs, whether the variant's widths fit it, the
+        achieved ratio (the engine's sentence), and the type choice shown; other formats hide the type."""
         session = services.sessions.get(session_id(request))
         variant = session.variants.get(name or "")
         if mode != "gguf" or variant is None:
-            return gr.update()
-        kind = GGUFOptions().type  # the dashboard writes the engine's default GGUF type
+            return gr.update(), gr.update(visible=mode == "gguf")
         full = variant.meta.get("original_intermediate_sizes")
-        return f"**{name}** as GGUF: {gguf_width_note(kind, variant.widths, full)}"
+        kind = gguf_type or GGUFOptions.type
+        return f"**{name}** as GGUF: {gguf_width_note(kind, variant.widths, full)}", gr.update(visible=True)
     return format_note
 
 
 def make_export_zip(services: Services):
     @user_errors
-    def export_zip(name: str, mode: str, request: gr.Request = None, progress=PLAIN):
+    def export_zip(name: str, mode: str, gguf_type: str = GGUFOptions.type, request: gr.Request = None,
+                   progress=PLAIN):
         session = services.sessions.get(session_id(request))
         if not name:
             raise SelectionError("Pick a variant to export.")
-        progress(0.1, desc="writing safetensors")
-        archive = services.export_zip(session, name, mode)
+        progress(0.1, desc=f"writing GGUF {gguf_type.upper()}" if mode == "gguf" else "writing safetensors")
+        archive = services.export_zip(session, name, mode, gguf_type or GGUFOptions.type)
         return str(archive), f"Packed **{name}** as `{archive.name}` ({archive.stat().st_size / 2**20:.0f} MiB)."
     return export_zip
 
 
 def make_export_save(services: Services):
     @user_errors
-    def export_save(name: str, mode: str, folder: str, request: gr.Request = None) -> str:
+    def export_save(name: str, mode: str, folder: str, gguf_type: str = GGUFOptions.type,
+                    request: gr.Request = None) -> str:
         session = services.sessions.get(session_id(request))
         if not name:
             raise SelectionError("Pick a variant to export.")
         if not (folder or "").strip():
             raise SelectionError("Type the folder to save into (it must not exist yet, or be empty).")
-        target = services.save_to_folder(session, name, mode, folder.strip())
+        target = services.save_to_folder(session, name, mode, folder.strip(), gguf_type or GGUFOptions.type)
+        if mode == "gguf":
+            return f"Saved **{name}** to `{target}`; run its .gguf file with llama.cpp, Ollama or LM Studio."
         how = ("`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`" if mode == "hf-remote-code"
                else "`AutoModelForCausalLM.from_pretrained(folder)`")
         return f"Saved **{name}** to `{target}`; reload it with {how}."
@@ -385,9 +389,11 @@ def build(ctx: Ctx) -> None:
             ratio = gr.Slider(0.0, 0.95, value=0.2, step=0.01, label="Ratio of MLP neurons removed", elem_id="ratio")
             allocation = gr.Dropdown(allocations(), value=allocations()[0][1], label="Allocation",
                                      info="how the cut is spread over layers (see the glossary)", elem_id="allocation")
-            round_to = gr.Dropdown(["1", "8", str(GGUF_BLOCK["q8_0"]), "64", "128"], value="1",
+            round_to = gr.Dropdown(["1", "8", str(GGUF_BLOCK["q8_0"]), "64", "128", str(GGUF_BLOCK["q4_k_m"])],
+                                   value="1",
                                    label="Round widths to a multiple of",
-                                   info=f"{GGUF_BLOCK['q8_0']}: the block of GGUF Q8_0 / Q5_0 / Q4_0")
+                                   info=f"{GGUF_BLOCK['q8_0']}: the block of GGUF Q8_0 / Q5_0 / Q4_0; "
+                                        f"{GGUF_BLOCK['q4_k_m']}: of the K-quants (Q4_K_M …)")
         with gr.Accordion("Adaptive search settings (used by the adaptive allocations)", open=False,
                           elem_id="adaptive-settings"):
             with gr.Row():
@@ -461,6 +467,8 @@ def build(ctx: Ctx) -> None:
                 export_variant = gr.Dropdown([], value=None, allow_custom_value=True, label="Variant",
                                              elem_id="export-variant")
                 mode = gr.Dropdown(list(EXPORT_MODES), value=EXPORT_MODES[0], label="Format", elem_id="export-format")
+                gguf_type = gr.Dropdown(label="GGUF type", visible=False, elem_id="export-gguf-type",
+                                        **GGUFOptions.ui("type"))
             export_why = gr.Markdown("", elem_id="export-why")
             with gr.Row(equal_height=True):
                 zip_button = gr.Button("Download as .zip")
@@ -514,8 +522,11 @@ def build(ctx: Ctx) -> None:
         make_variants_panel(services), None, panel_outputs, api_visibility="private")
     export_variant.change(make_default_format(services), export_variant, [mode, export_why],
                           api_name="export_default")
-    mode.input(make_format_note(services), [export_variant, mode], export_why, api_name="export_format_note")
-    zip_button.click(make_export_zip(services), [export_variant, mode], [export_file, export_status],
+    mode.input(make_format_note(services), [export_variant, mode, gguf_type], [export_why, gguf_type],
+               api_name="export_format_note")
+    gguf_type.input(make_format_note(services), [export_variant, mode, gguf_type], [export_why, gguf_type],
+                    api_visibility="private")
+    zip_button.click(make_export_zip(services), [export_variant, mode, gguf_type], [export_file, export_status],
                      api_name="export_zip", **model_events())
-    save_button.click(make_export_save(services), [export_variant, mode, folder], export_status,
+    save_button.click(make_export_save(services), [export_variant, mode, folder, gguf_type], export_status,
                       api_name="export_save", **model_events())

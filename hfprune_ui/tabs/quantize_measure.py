@@ -17,6 +17,7 @@ from ..guard import ACTIVITY, session_id, user_errors
 from ..progress import JobProgress, duration, stream_worker
 from ..services import Services
 from ..status import count
+from .llamacpp import build_panel
 from .side_by_side import chosen_variants
 
 SPEED_COLUMNS = {"variant": "variant", "device": "device", "method": "weights", "params": "params",
@@ -296,6 +297,7 @@ def build(ctx: Ctx) -> None:
                                        interactive=False, elem_id="bench-table")
             speedup_plot = gr.Plot(label="Prefill and decode speed-ups", elem_id="speedup-plot")
             pareto_plot = gr.Plot(label="Size vs quality", elem_id="pareto-plot")
+        build_panel(services, variants)  # llama.cpp: the variants as GGUF files, measured in llama.cpp itself
     tab.select(make_sources(services), None, [source, variants], api_name="evaluate_refresh")
     estimate_inputs = [variants, limit, prefill, decode, repeats, budget]
     tab.select(make_estimates(services), estimate_inputs, [zeroshot_estimate, bench_estimate],
