@@ -135,6 +135,9 @@ def cmd_prune(args) -> dict:
     if compensation.method != "none":  # fail on too little calibration text before spending time on scoring
         calibration_windows(loaded.tokenizer, args.source, compensation.samples, compensation.seq_len, args.seed,
                             max_length=loaded.max_length)
+    if compensation.method == "region":
+        calibration_windows(loaded.tokenizer, args.source, compensation.region_samples, compensation.seq_len,
+                            args.seed, max_length=loaded.max_length)
     if args.scores:
         result = ScoreResult.load(args.scores)
     else:

@@ -37,6 +37,7 @@ from core.prune.allocate import (
     uniform_widths,
 )
 from core.prune.compensate import CompensationOptions, activation_grams, compensate_pruned
+from core.prune.region import RegionReport, reconstruct_regions
 
 if TYPE_CHECKING:
     from core.prune.adaptive import AdaptiveResult
@@ -183,7 +184,9 @@ def compensation_grams(loaded: LoadedModel, options: CompensationOptions, *, sou
 def apply_compensation(loaded: LoadedModel, pruned: nn.Module, kept: list[torch.Tensor], meta: dict, *,
                        progress: bool = True, stop: Callable[[], bool] | None = None) -> nn.Module:
     """Redo the least-squares refit a prune recorded in its ``meta`` (deterministic: same source,
-    seed, windows and damping), e.g. when a stored run is rebuilt from its kept indices. In place."""
+    seed, windows and damping), e.g. when a stored run is rebuilt from its kept indices; for ``region``
+    also the layer-by-layer MLP reconstruction (:func:`reconstruct_mlps`, seeded), whose per-layer
+    errors and time go to ``meta["region"]``. In place."""
     recorded = dict(meta.get("compensation") or {})
     if recorded.get("method", "none") == "none":
         return pruned
@@ -191,7 +194,26 @@ def apply_compensation(loaded: LoadedModel, pruned: nn.Module, kept: list[torch.
     calibration = CalibrationOptions.from_dict(meta.get("calibration"))
     grams = compensation_grams(loaded, options, source=calibration.source, seed=calibration.seed,
                                progress=progress, stop=stop)
-    return compensate_pruned(pruned, loaded.model, kept, grams, options.damping)
+    compensate_pruned(pruned, loaded.model, kept, grams, options.damping)
+    if options.method == "region":
+        report = reconstruct_mlps(loaded, pruned, options, source=calibration.source, seed=calibration.seed,
+                                  progress=progress, stop=stop)
+        meta["region"] = report.to_dict()
+    return pruned
+
+
+def reconstruct_mlps(loaded: LoadedModel, pruned: nn.Module, options: CompensationOptions, *,
+                     source: str = CalibrationOptions.source, seed: int = CalibrationOptions.seed,
+                     batch_size: int = CalibrationOptions.batch_size, progress: bool = True,
+                     stop: Callable[[], bool] | None = None) -> RegionReport:
+    """The ``region`` compensation's second stage on a pruned model (usually already lsq-refitted): each
+    MLP fitted to the dense one on ``options.region_samples`` × ``options.seq_len`` calibration windows
+    of ``source``, bottom layer first, on the pruned model's own inputs (:mod:`core.prune.region`). In place."""
+    windows = calibration_windows(loaded.tokenizer, source, options.region_samples, options.seq_len, seed,
+                                  max_length=loaded.max_length)
+    return reconstruct_regions(pruned, loaded.model, windows, steps=options.region_steps, lr=options.region_lr,
+                               batch_tokens=options.region_batch, damping=options.damping, seed=seed,
+                               batch_size=batch_size, progress=progress, stop=stop)
 
 
 def adaptive_heldout(loaded: LoadedModel, result: "ScoreResult | None", options: AllocationOptions) -> torch.Tensor:
@@ -249,7 +271,8 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
                       compensation: CompensationOptions | None = None) -> PruneResult:
     """Keep the top-scoring neurons of each layer at the widths the allocation gives; returns a new
     (copied) smaller model. Pass ``plan`` (from :func:`preview_widths`) to reuse an adaptive search;
-    ``compensation=CompensationOptions("lsq")`` refits every down_proj by least squares afterwards.
+    ``compensation=CompensationOptions("lsq")`` refits every down_proj by least squares afterwards;
+    ``CompensationOptions("region")`` then also reconstructs every MLP layer by layer (:func:`reconstruct_mlps`).
     ``ratio`` is checked here (:func:`check_ratio`), once; the planning below takes the checked value."""
     ratio = check_ratio(ratio)
     widths_before = mlp_widths(loaded.model)

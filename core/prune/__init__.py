@@ -1,5 +1,6 @@
 """Layer 4 — prune: from scores to a smaller model's shape and weights. Width allocation (uniform /
-global / adaptive search), and compensation (the least-squares down_proj refit). Imports the layers below.
+global / adaptive search), and compensation (the least-squares down_proj refit; the layer-by-layer whole-MLP
+reconstruction). Imports the layers below.
 """
 
 from core.prune.allocate import AllocationOptions

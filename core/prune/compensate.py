@@ -26,7 +26,7 @@ from core.importance.taylor import forward_with_down_hooks
 from core.models.adapters import mlp_handles
 from core.options import Options, knob
 
-COMPENSATIONS = ("none", "lsq")
+COMPENSATIONS = ("none", "lsq", "region")
 
 
 @dataclass
@@ -45,6 +45,20 @@ class CompensationOptions(Options):
     seq_len: int = knob(128, "lsq: tokens per window", low=2, ui_low=16, ui_high=1024, step=16)
     damping: float = knob(0.1, "lsq: ridge damping, a fraction of the mean kept-neuron activation energy",
                           low=0.0, low_open=True, ui_high=1.0)
+    # region (core.prune.region): the lsq refit, then each pruned MLP fitted layer by layer to the dense MLP's
+    # output on the pruned model's own inputs (closed-form down refit, then optional Adam steps on gate/up/down)
+    region_samples: int = knob(32, "region: calibration windows (of seq_len tokens) each MLP is reconstructed on",
+                               low=1, ui_low=4, ui_high=128, step=4)
+    region_steps: int = knob(0, "region: Adam steps per layer on gate/up/down after the closed-form down refit "
+                             "(0 = closed form only)", low=0, ui_high=200)
+    region_lr: float = knob(1e-3, "region: Adam learning rate of those steps", low=0.0, low_open=True, ui_low=1e-5,
+                            ui_high=1e-2, step=1e-5)
+    region_batch: int = knob(1024, "region: tokens per Adam step", low=1, ui_low=128, ui_high=8192, step=128)
+
+    def to_dict(self) -> dict:
+        """Every field, less the ``region_*`` knobs unless the method is ``region`` (what a run records)."""
+        out = super().to_dict()
+        return out if self.method == "region" else {k: v for k, v in out.items() if not k.startswith("region_")}
 
     def validate(self) -> None:
         if self.method not in COMPENSATIONS:  # checked first: these sentences predate the knobs
