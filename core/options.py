@@ -223,9 +223,10 @@ class Options:
                 low = low + step
             if high is not None and spec.high_open and spec.ui_high is None:
                 high = high - step
-            return {"minimum": kind(low) if low is not None else None,
-                    "maximum": kind(high) if high is not None else None,
-                    "value": value, "step": step, "info": f"{spec.help} ({spec.range_text()})"}
+            low, high = (kind(low) if low is not None else None), (kind(high) if high is not None else None)
+            # the help names the control's own ends (the CLI's --help gives the accepted range)
+            shown = f"{_num(low)}–{_num(high)}" if low is not None and high is not None else spec.range_text()
+            return {"minimum": low, "maximum": high, "value": value, "step": step, "info": f"{spec.help} ({shown})"}
         raise KeyError(name)
 
     def replace(self, **changes: Any) -> Options:

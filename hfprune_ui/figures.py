@@ -8,6 +8,7 @@ from itertools import pairwise
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from core.measure.outputs import shown_tokens
 from core.models.counts import pareto_front
 
 from .services import BASELINE
@@ -116,17 +117,18 @@ def per_layer_bars(values: Sequence[float], title: str, y_title: str, y_range: t
     return fig
 
 
-def widths(before: Sequence[int], after: Sequence[int]) -> go.Figure:
+def widths(before: Sequence[int], after: Sequence[int], title: str = "MLP width per layer",
+           note: str = "") -> go.Figure:
     """Kept MLP width per layer against the original width."""
     layers = list(range(len(before)))
     fig = go.Figure([go.Bar(x=layers, y=list(before), name="original", marker_color="#ced4da"),
                      go.Bar(x=layers, y=list(after), name="kept", marker_color=color(0))])
-    return _finish(fig, barmode="overlay", title="MLP width per layer", xaxis_title="layer", yaxis_title="neurons")
+    return _finish(fig, barmode="overlay", title=_title(title, note), xaxis_title="layer", yaxis_title="neurons")
 
 
 def token_menu(tokens: Sequence[str], probs: dict[str, Sequence[float]], entropy: dict[str, float]) -> go.Figure:
     """Grouped bars: each model's probability for the same candidate next tokens."""
-    labels = [repr(t)[1:-1] or "∅" for t in tokens]
+    labels = shown_tokens(list(tokens))  # ' ' → '␣', '\n' → '⏎': no blank bar labels
     fig = go.Figure([go.Bar(x=labels, y=list(p), name=f"{name} (H={entropy[name]:.2f} nats)", marker_color=color(i))
                      for i, (name, p) in enumerate(probs.items())])
     return _finish(fig, height=420, barmode="group", title="Next-token distribution (the whole menu)",

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import plotly.graph_objects as go
 
+from core.measure.outputs import shown_tokens
+
 from .figures import LAYOUT, _finish, color
 
 # legend under the plot: three or more entries would wrap into the title of a half-width chart
@@ -40,7 +42,7 @@ def contexts_html(contexts: Sequence[dict]) -> str:
 
 def menu_change(menu: Sequence[dict], title: str) -> go.Figure:
     """Next-token probabilities before and after removing the neuron, for the same candidates."""
-    labels = [repr(r["token"])[1:-1] or "∅" for r in menu]
+    labels = shown_tokens([r["token"] for r in menu])
     fig = go.Figure([go.Bar(x=labels, y=[r["p_before"] for r in menu], name="dense", marker_color=color(0)),
                      go.Bar(x=labels, y=[r["p_after"] for r in menu], name="this neuron removed",
                             marker_color=color(1))])

@@ -30,7 +30,7 @@ from core.export.gguf import GGUFOptions, check_gguf_widths, save_gguf
 from core.export.hf import save_pruned, zip_folder
 from core.export.kquant import LlamaCppMissing, llama_cpp_missing
 from core.importance.criteria import REGISTRY, resolve_params
-from core.measure.evaluate import Reference, evaluate, evaluate_reference
+from core.measure.evaluate import QUICK_EVAL, Reference, evaluate, evaluate_reference
 from core.measure.llamacpp import LlamaCppOptions, measure_llamacpp
 from core.measure.outputs import (
     GenerationSettings,
@@ -277,6 +277,9 @@ class Services:
         config = {"model": session.model_spec, "name": name, "criterion": criterion, "ratio": float(ratio),
                   "allocation": allocation, "round_to": int(round_to), "compensation": compensation.to_dict(),
                   "scores_run": session.score_runs.get(criterion),
+                  # the Tour's shipped scores have no score run: the report finds them by this file name
+                  **({"scores_precomputed": scores.config.get("precomputed_file") or True}
+                     if scores.config.get("precomputed") else {}),
                   "session": session.session_id, **(session.data.match() if session.data else {})}
         run = self.runs.create("prune", config, results={"widths": result.widths, "meta": result.meta},
                                kept=result.kept)
@@ -505,8 +508,7 @@ class Services:
             shutil.rmtree(work, ignore_errors=True)
 
     # -- dashboard helpers (issue 10): quality at a glance, the sweep's random baseline ---------
-    QUICK_WINDOWS = 4  # held-out windows × …
-    QUICK_SEQ_LEN = 64  # … tokens for the quality shown right after Prune (a few seconds on a CPU)
+    QUICK_WINDOWS, QUICK_SEQ_LEN = QUICK_EVAL  # held-out windows × tokens of the quality shown after Prune
 
     def quick_quality(self, session: Session, name: str, stop: Callable[[], bool] | None = None) -> dict:
         """Perplexity of the original and of variant ``name`` and the variant's KL to the original on a
@@ -579,7 +581,7 @@ class Services:
                 origins[criterion] = self.score(session, model_spec, data, criterion, stop=stop)[2]
                 continue
             session.set_context(model_spec, data)
-            result.config = {**result.config, "precomputed": True}
+            result.config = {**result.config, "precomputed": True, "precomputed_file": path.name}
             session.scores[criterion] = result
             session.score_runs.pop(criterion, None)
             origins[criterion] = "precomputed"
@@ -682,11 +684,13 @@ class Services:
     def export_report(self, run_id: str, contexts: list[str]) -> tuple[str, Path]:
         """A stored score or prune run as one HTML file (core.report) in a fresh temporary folder: (html, path).
         A prune run's model is rebuilt to draw the menus after ``contexts`` and, without stored metrics,
-        to evaluate it on 4 held-out windows."""
+        to evaluate it on the held-out windows of the quality at a glance (4 × 64 tokens), so the
+        report's perplexity is the number the Prune tab showed; the report says which windows."""
         run = self.runs.load(run_id)
         loaded = self.model(run.config["model"]) if run.kind == "prune" else None
         with self.model_lock:
-            html = build_report(run_id, store=self.runs, loaded=loaded, contexts=contexts, eval_windows=4,
+            html = build_report(run_id, store=self.runs, loaded=loaded, contexts=contexts,
+                                eval_windows=self.QUICK_WINDOWS, eval_seq_len=self.QUICK_SEQ_LEN,
                                 progress=True)
         folder = Path(tempfile.mkdtemp(prefix="hfprune-report-"))
         return html, write_report(html, folder / f"report-{run_id}.html")

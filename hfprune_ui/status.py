@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import gradio as gr
+import pandas as pd
 
 from core.models.counts import count_params
 
@@ -19,6 +21,44 @@ def count(n: float | None, digits: int = 1) -> str:
         if abs(n) >= size:
             return f"{n / size:.{digits}f}{suffix}"
     return f"{n:,.0f}" if float(n).is_integer() else f"{n:,.{digits + 2}g}"
+
+
+def digits_needed(values: Sequence[float | None], digits: int = 4, most: int = 12) -> int:
+    """The fewest significant digits, at least ``digits`` (at most ``most``), at which the values
+    that differ all read differently (None and NaN are left out)."""
+    finite = {v for v in values if v is not None and math.isfinite(v)}
+    return next((d for d in range(digits, most) if len({_sig(v, d) for v in finite}) == len(finite)), most)
+
+
+def distinct(values: Sequence[float | None], digits: int = 4) -> list[float | None]:
+    """The values rounded to :func:`digits_needed` significant digits: [1.20341, 1.20348] →
+    [1.2034, 1.2035], [0.91234, 1.70011] → [0.9123, 1.7]. None and NaN pass through; the results
+    stay numbers, so a table still sorts them as numbers."""
+    d = digits_needed(values, digits)
+    return [v if v is None or not math.isfinite(v) else _sig(v, d) for v in values]
+
+
+def _sig(value: float, digits: int) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def readable(frame: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """``frame`` with every float column passed through :func:`distinct` (a copy): the one rounding
+    the dashboard's tables use, so two variants that differ never show the same number."""
+    out = frame.copy()
+    for column in out.columns:
+        if pd.api.types.is_float_dtype(out[column]):
+            out[column] = distinct([None if pd.isna(v) else float(v) for v in out[column]], digits)
+    return out
+
+
+def number(value: float | None, among: Sequence[float | None] = (), digits: int = 4) -> str:
+    """``value`` as text with enough significant digits to tell it from every value in ``among`` that
+    differs (at least ``digits``); '—' for None or NaN."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    d = digits_needed([value, *among], digits)
+    return f"{value:,.0f}" if abs(value) >= 10 ** d else f"{value:.{d}g}"
 
 
 def megabytes(n: float | None) -> str:

@@ -230,15 +230,15 @@ def test_sessions_do_not_see_each_other(app):
         bob.predict(["alice-only"], "Hello", 3, api_name="/menu")
     mine_bob, _ = bob.predict(True, api_name="/runs_list")
     mine_alice, _ = alice.predict(True, api_name="/runs_list")
-    assert {r[4] for r in mine_bob["data"]} == {"smollm2-135m"} and {r[5] for r in mine_bob["data"]} == {"wanda"}
-    assert all(row[-1] == "yes" for row in mine_alice["data"] + mine_bob["data"])
-    assert {r[0] for r in mine_alice["data"]}.isdisjoint({r[0] for r in mine_bob["data"]})
+    assert {r[3] for r in mine_bob["data"]} == {"smollm2-135m"} and {r[4] for r in mine_bob["data"]} == {"wanda"}
+    assert all(row[-2] == "yes" for row in mine_alice["data"] + mine_bob["data"])  # "mine", then the run id
+    assert {r[-1] for r in mine_alice["data"]}.isdisjoint({r[-1] for r in mine_bob["data"]})
     assert "prune" in {r[1] for r in mine_alice["data"]} and "prune" not in {r[1] for r in mine_bob["data"]}
     # bob cannot delete a run of alice's open session; alice can
-    alice_run = next(r[0] for r in mine_alice["data"] if r[1] == "prune")
+    alice_run = next(r[-1] for r in mine_alice["data"] if r[1] == "prune")
     with pytest.raises(AppError, match="belongs to another open browser session"):
         bob.predict(alice_run, False, api_name="/run_delete")
-    assert alice_run in {r[0] for r in alice.predict(True, api_name="/runs_list")[0]["data"]}
+    assert alice_run in {r[-1] for r in alice.predict(True, api_name="/runs_list")[0]["data"]}
     assert "Deleted" in alice.predict(alice_run, True, api_name="/run_delete")[0]
 
 
@@ -388,7 +388,7 @@ def test_tour_export_default_and_upload_split(app, tmp_path):
 
     url, services = app
     c = client(url)
-    assert "**precomputed**" in c.predict(api_name="/tour_score")
+    assert "**precomputed**" in c.predict(api_name="/tour_score")[0]
     shipped = [s for s in services.sessions._sessions.values()
                if any(r.config.get("precomputed") for r in s.scores.values())]
     assert len(shipped) == 1 and set(shipped[0].scores) == {"entropy", "cross_entropy"}

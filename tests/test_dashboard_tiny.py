@@ -65,11 +65,15 @@ def test_dashboard_paths_on_a_tiny_model(tiny_app):
 
     *_, estimate = c.predict("quick", "adaptive", model, api_name="/adaptive_preset")
     assert "Estimated time for the adaptive search on this machine: **about" in estimate
-    status, mode_update, trace, held, *_ = c.predict("entropy", 0.3, "adaptive", "1", False, 8, "ad30", model, *DATA,
-                                                     *CRIT, 2, 2, 32, "kl", api_name="/prune")
+    status, mode_update, trace, held, *_, kept = c.predict("entropy", 0.3, "adaptive", "1", False, 8, "ad30", model,
+                                                           *DATA, *CRIT, 2, 2, 32, "kl", api_name="/prune")
     assert "Pruned **ad30**" in status and "Quality at a glance (4 × 64 held-out tokens)" in status
     assert json.loads(trace["plot"])["data"]  # the adaptive search's trace
     widths = services.sessions._sessions[next(iter(services.sessions._sessions))].variants["ad30"].widths
+    kept = json.loads(kept["plot"])  # the width plot shows what the adaptive search kept, not uniform bars
+    assert kept["data"][1]["y"] == widths and kept["data"][0]["y"] == [64, 64]
+    assert "Kept MLP width per layer: ad30" in kept["layout"]["title"]["text"] and "adaptive" in \
+        kept["layout"]["title"]["text"]
     mode, why = c.predict("ad30", api_name="/export_default")
     assert mode == ("hf-native" if len(set(widths)) == 1 else "hf-remote-code") and f"**ad30**: {mode}:" in why
     note, picker = c.predict("ad30", "gguf", api_name="/export_format_note")  # GGUF: the engine's block sentence
@@ -105,13 +109,13 @@ def test_dashboard_paths_on_a_tiny_model(tiny_app):
     for name in ("u1", "u2", "u3"):
         c.predict("entropy", 0.2, "uniform", "1", False, 8, name, model, *DATA, *CRIT, api_name="/prune")
     assert "the next prune replaces **u2**" in c.predict("u2", api_name="/replace_choice")
-    status, *_, held, _, _, header = c.predict("cross_entropy", 0.4, "uniform", "1", False, 8, "ce40", model, *DATA,
+    status, *_, held, _, _, header, _kept = c.predict("cross_entropy", 0.4, "uniform", "1", False, 8, "ce40", model, *DATA,
                                                *CRIT, api_name="/prune")
     assert "'u2' was dropped to make room" in status
     assert [row[0] for row in held["data"]] == ["ad30", "u1", "u3", "ce40"]
     runs, _ = c.predict(False, api_name="/runs_list")
-    assert runs["headers"][:3] == ["run id", "kind", "name"] and {"allocation", "compensation"} <= set(runs["headers"])
-    assert {row[2] for row in runs["data"] if row[1] == "prune"} == {"ad30", "u1", "u2", "u3", "ce40"}
+    assert runs["headers"][:2] == ["run", "kind"] and {"allocation", "compensation"} <= set(runs["headers"])
+    assert {row[0] for row in runs["data"] if row[1] == "prune"} == {"ad30", "u1", "u2", "u3", "ce40"}
 
 
 def test_measure_streams_its_rows_through_the_queue(tiny_app):

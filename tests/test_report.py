@@ -10,6 +10,7 @@ import torch
 from conftest import run_cli as cli
 
 from core.errors import HFPruneError
+from core.paths import ASSETS
 from core.runs import RunStore
 from core.studies.report import build_report, write_report
 
@@ -71,3 +72,50 @@ def test_report_without_model_and_bad_input(store, tmp_path):
               "--no-model")
     assert run.returncode == 0, run.stderr
     assert "MLP width per layer" in (tmp_path / "cli.html").read_text()
+
+
+def test_report_says_where_scores_and_perplexity_come_from(store, tiny_loaded):
+    """Issue 20: a pruning made from the Tour's shipped scores reads them from assets/tour (not 'no longer
+    stored'), and every metrics row names the held-out windows it was measured on."""
+    shipped = "smollm2-135m_entropy_wiki_8x64_seed0.safetensors"
+    assert (ASSETS / "tour" / shipped).is_file()
+    score_id, prune_id = store.ids
+    base = store.load(prune_id)
+    tour = store.create("prune", {**{k: v for k, v in base.config.items() if k != "scores_run"},
+                                  "scores_precomputed": shipped},
+                        results={**base.results, "metrics": {"perplexity": 91.6, "windows": 4, "seq_len": 64}},
+                        kept=base.kept())
+    rest = outside_bundle(build_report(tour.run_id, store=store))
+    assert f"shipped precomputed scores (assets/tour/{shipped})" in rest and "no longer stored" not in rest
+    assert "entropy: neuron importance per layer" in rest  # their histograms are drawn
+    assert "<td>4 × 64 tokens</td>" in rest and "these are the same windows as the dashboard's quality at a glance" \
+        in rest
+    gone = store.create("prune", {**tour.config, "scores_precomputed": "missing.safetensors"}, results=base.results,
+                        kept=base.kept())
+    rest = outside_bundle(build_report(gone.run_id, store=store))
+    assert "This pruning used the shipped precomputed scores (assets/tour/missing.safetensors)" in rest
+    assert "not in this checkout" in rest and "no longer stored" not in rest
+    store.delete(score_id)
+    assert "The score run behind this pruning is no longer stored." in outside_bundle(build_report(prune_id,
+                                                                                                   store=store))
+    html = build_report(prune_id, store=store, loaded=tiny_loaded("llama"), contexts=["The"], eval_windows=1,
+                        eval_seq_len=16)
+    rest = outside_bundle(html)
+    assert "<td>1 × 16 tokens of wiki</td>" in rest and "Measured on 1 × 16 held-out tokens" in rest
+    assert "uses 4 × 64 tokens, so its perplexity differs from these" in rest
+
+
+def test_a_prune_of_shipped_scores_records_their_file(tiny_services, tmp_path):
+    from hfprune_ui.services import tour_file
+
+    services, session, folder = tiny_services
+    data = session.data
+    shipped = tmp_path / "tour"
+    shipped.mkdir()
+    session.scores["entropy"].save(shipped / tour_file(str(folder), data, "entropy"))
+    assert services.tour_scores(session, str(folder), data, ["entropy"], shipped) == {"entropy": "precomputed"}
+    variant, _ = services.prune(session, "entropy", 0.25, "uniform", 1, "from-shipped")
+    config = services.runs.load(variant.run_id).config
+    assert config["scores_precomputed"] == tour_file(str(folder), data, "entropy") and not config["scores_run"]
+    rest = outside_bundle(build_report(variant.run_id, store=services.runs))
+    assert "This pruning used the shipped precomputed scores (assets/tour/" in rest and "no longer" not in rest

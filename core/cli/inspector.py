@@ -14,6 +14,7 @@ from core.cli.prune import _common
 from core.data.text import CalibrationOptions, calibration_windows, evaluation_windows
 from core.errors import HFPruneError, SelectionError
 from core.importance.criteria import resolve_params
+from core.measure.evaluate import QUICK_EVAL
 from core.methods.oneshot import ScoreResult, score_model
 from core.models.loading import load_model
 from core.models.placement import PlacementOptions, load_placed
@@ -76,8 +77,11 @@ def register(sub) -> None:
                              "(repeatable; default two built-in ones)")
     report.add_argument("--no-model", action="store_true",
                         help="do not load the model: no menus, only what the run stored")
-    report.add_argument("--eval-windows", type=int, default=4,
-                        help="prune runs without stored metrics: evaluation windows to measure them on (0: none)")
+    report.add_argument("--eval-windows", type=int, default=QUICK_EVAL[0],
+                        help="prune runs without stored metrics: held-out windows to measure them on (0: none; "
+                             "default: the dashboard's quality at a glance)")
+    report.add_argument("--eval-seq-len", type=int, default=QUICK_EVAL[1],
+                        help="tokens per held-out window (default: the dashboard's quality at a glance)")
     report.add_argument("--quiet", action="store_true", help="no progress bars")
     report.set_defaults(handler=cmd_report)
 
@@ -134,12 +138,15 @@ def cmd_stability(args) -> dict:
 
 def cmd_report(args) -> dict:
     out = check_report_path(args.out)  # a bad path: one sentence before any work
+    if args.eval_windows > 0 and args.eval_seq_len < 8:
+        raise HFPruneError(f"--eval-seq-len must be at least 8 tokens, got {args.eval_seq_len}.")
     store = RunStore(args.runs_root)
     run = store.load(args.run)
     loaded = None
     if run.kind == "prune" and not args.no_model:
         loaded = load_model(run.config.get("model"))
     html = build_report(args.run, store=store, loaded=loaded, contexts=args.context or DEFAULT_CONTEXTS,
-                        eval_windows=max(0, args.eval_windows), progress=not args.quiet)
+                        eval_windows=max(0, args.eval_windows), eval_seq_len=args.eval_seq_len,
+                        progress=not args.quiet)
     write_report(html, out)
     return {"out": str(out), "run": args.run, "kind": run.kind, "bytes": len(html.encode("utf-8"))}

@@ -19,7 +19,12 @@ from core.models.forward import batches
 from core.models.reference import REFERENCE_BUDGET_BYTES, Reference, ReferenceBatch
 from core.progress import check_stop
 
-__all__ = ["REFERENCE_BUDGET_BYTES", "EvalResult", "Reference", "ReferenceBatch", "evaluate", "evaluate_reference"]
+__all__ = ["QUICK_EVAL", "REFERENCE_BUDGET_BYTES", "EvalResult", "Reference", "ReferenceBatch", "evaluate",
+           "evaluate_reference"]
+
+# held-out windows × tokens per window of the quick quality check: the dashboard's "quality at a glance"
+# after Prune and the HTML report of a prune run (a few seconds on a CPU); perplexity on other windows differs
+QUICK_EVAL = (4, 64)
 
 
 @dataclass

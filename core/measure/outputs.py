@@ -12,6 +12,28 @@ from torch import nn
 from core.errors import DataError
 from core.metrics import entropy, log_probs, per_token_kl
 
+# whitespace a bar label would otherwise show as nothing (or as a gap that looks like nothing)
+VISIBLE_WHITESPACE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍", "\u00a0": "⍽"}
+
+
+def shown_token(token: str) -> str:
+    """A token as a label people can see: spaces as '␣', newlines as '⏎', tabs as '⇥', other control
+    characters escaped ('\\x00'), the empty string as '∅'. ' Paris' → '␣Paris', ' ' → '␣'."""
+    out = "".join(VISIBLE_WHITESPACE.get(ch) or (repr(ch)[1:-1] if not ch.isprintable() else ch) for ch in token)
+    return out or "∅"
+
+
+def shown_tokens(tokens: list[str]) -> list[str]:
+    """:func:`shown_token` of each, kept apart: a token that would read like another one already shown
+    (a literal '␣' next to a space token) gets a trailing ' ·2', so no two bars share a label."""
+    seen: dict[str, int] = {}
+    out = []
+    for token in tokens:
+        label = shown_token(token)
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ·{seen[label]}")
+    return out
+
 
 @dataclass
 class GenerationSettings:

@@ -31,13 +31,14 @@ from core.data.text import evaluation_windows
 from core.errors import HFPruneError
 from core.files import write_text
 from core.importance.stats import histogram, layer_summaries, shared_range
-from core.measure.evaluate import evaluate
-from core.measure.outputs import next_token_menus
+from core.measure.evaluate import QUICK_EVAL, evaluate
+from core.measure.outputs import next_token_menus, shown_tokens
 from core.methods.gates import DDPPlan
-from core.methods.oneshot import apply_compensation
+from core.methods.oneshot import ScoreResult, apply_compensation
 from core.methods.recover import LoraOptions, apply_lora_state
 from core.models.loading import LoadedModel
 from core.models.slicing import pruned_view
+from core.paths import ASSETS
 from core.runs import Run, RunStore
 
 DEFAULT_CONTEXTS = ("The history of the city begins in", "In mathematics, a function is")
@@ -93,7 +94,7 @@ def widths_figure(before: Sequence[int], after: Sequence[int]) -> dict:
 
 def menu_figure(menu) -> dict:
     """Grouped bars: each model's probability of the same candidate next tokens (a TokenMenu)."""
-    labels = [repr(t)[1:-1] or "∅" for t in menu.tokens]
+    labels = shown_tokens(list(menu.tokens))  # ' ' → '␣', '\n' → '⏎': no blank bar labels
     traces = [{"type": "bar", "x": labels, "y": list(p), "name": f"{name} (H={menu.entropy[name]:.2f} nats)",
                "marker": {"color": PALETTE[i % len(PALETTE)]}} for i, (name, p) in enumerate(menu.probs.items())]
     short = menu.context if len(menu.context) <= 60 else "…" + menu.context[-59:]
@@ -132,6 +133,47 @@ def _settings_rows(run: Run) -> list[dict]:
     return rows
 
 
+def _precomputed_scores(name: str | bool) -> tuple[list[torch.Tensor] | None, str]:
+    """(scores, sentence) for a pruning made from the Tour's shipped precomputed scores (``name``: their
+    file in assets/tour, or True when an older run did not record it); None when the file is not here."""
+    where = f"assets/tour/{name}" if isinstance(name, str) else "assets/tour"
+    said = (f"These are the shipped precomputed scores ({where}) the Tour reads instead of scoring on this "
+            "machine; no score run is stored for them.")
+    path = ASSETS / "tour" / name if isinstance(name, str) else None
+    if path is None or not path.is_file():
+        return None, said.replace("These are", "This pruning used") + " The file is not in this checkout."
+    try:
+        return ScoreResult.load(path).scores, said
+    except HFPruneError:
+        return None, said.replace("These are", "This pruning used") + " The file could not be read."
+
+
+def _with_windows(row: dict) -> dict:
+    """A metrics row with the held-out text it was measured on beside its numbers ('4 × 64 tokens of
+    wiki'), in place of the bare windows / seq_len / source fields."""
+    if not (row.get("windows") and row.get("seq_len")):
+        return row
+    text = f"{row['windows']} × {row['seq_len']} tokens" + (f" of {row['source']}" if row.get("source") else "")
+    rest = {k: v for k, v in row.items() if k not in ("model", "windows", "seq_len", "source")}
+    return {"model": row.get("model", ""), "held-out text": text, **rest}
+
+
+def metrics_note(rows: list[dict]) -> str:
+    """One sentence under the Metrics heading: which held-out windows the numbers come from and whether
+    the dashboard's quality at a glance (``QUICK_EVAL``) used the same ones."""
+    shapes = sorted({(r["windows"], r["seq_len"]) for r in rows if r.get("windows") and r.get("seq_len")})
+    if not shapes:
+        return '<p class="note">The held-out windows these metrics were measured on are not recorded.</p>'
+    shown = " and ".join(f"{w} × {t}" for w, t in shapes)
+    quick = f"{QUICK_EVAL[0]} × {QUICK_EVAL[1]}"
+    same = ("the same windows as the dashboard's quality at a glance after Prune, so the numbers agree with it"
+            if shapes == [QUICK_EVAL] else
+            f"the dashboard's quality at a glance after Prune uses {quick} tokens, so its perplexity differs from "
+            "these")
+    return (f'<p class="note">Measured on {shown} held-out tokens (the column <i>held-out text</i>). Perplexity '
+            f"depends on the windows it is measured on: these are {same}.</p>")
+
+
 def pick_layers(count: int) -> list[int]:
     """First, middle and last layer."""
     return sorted({0, count // 2, count - 1})
@@ -149,14 +191,19 @@ def report_sections(run: Run, store: RunStore, *, metrics: list[dict] | None = N
             scores = store.load(run.config["scores_run"]).scores()
         except HFPruneError:
             scores = None  # the score run was deleted; the rest of the report still stands
+    origin = ""
+    if scores is None and run.config.get("scores_precomputed"):
+        scores, origin = _precomputed_scores(run.config["scores_precomputed"])
     if scores is not None:
         summaries = [{k: v for k, v in row.items()} for row in layer_summaries(scores)]
-        sections.append(("Importance scores", [histogram_figure(scores, criterion or "scores",
+        sections.append(("Importance scores", [*([f'<p class="note">{html.escape(origin)}</p>'] if origin else []),
+                                               histogram_figure(scores, criterion or "scores",
                                                                 pick_layers(len(scores))),
                                                table_html(summaries)]))
     elif run.kind == "prune":
-        sections.append(("Importance scores", [('<p class="note">The score run behind this pruning is no longer '
-                                               "stored.</p>")]))
+        note = origin or ("The score run behind this pruning is no longer stored." if run.config.get("scores_run")
+                          else "This pruning names no stored score run.")
+        sections.append(("Importance scores", [f'<p class="note">{html.escape(note)}</p>']))
     meta = run.results.get("meta") or {}
     before = meta.get("original_intermediate_sizes")
     after = run.results.get("widths") or meta.get("intermediate_sizes")
@@ -167,7 +214,7 @@ def report_sections(run: Run, store: RunStore, *, metrics: list[dict] | None = N
     stored = run.results.get("metrics")
     rows = list(metrics or ([{"model": run.config.get("name") or run.run_id, **stored}] if stored else []))
     if rows:
-        sections.append(("Metrics", [table_html(rows)]))
+        sections.append(("Metrics", [metrics_note(rows), table_html([_with_windows(row) for row in rows])]))
     if menus:
         sections.append(("Next-token menus (original vs pruned)", [menu_figure(m) for m in menus]))
     return sections
@@ -241,10 +288,12 @@ def render_html(title: str, sections: list[tuple[str, list]], subtitle: str = ""
 
 def build_report(run_id: str, *, store: RunStore | None = None, loaded=None, model=None,
                  contexts: Sequence[str] = DEFAULT_CONTEXTS, menu_k: int = 8, eval_windows: int = 0,
-                 eval_seq_len: int = 128, progress: bool = False) -> str:
+                 eval_seq_len: int = QUICK_EVAL[1], progress: bool = False) -> str:
     """HTML report of a stored run. For a prune run and a ``loaded`` base model, the pruned model is
     rebuilt from the run's kept indices (or ``model`` is used) to draw the next-token menus for
-    ``contexts``, and — when the run has no stored metrics and ``eval_windows`` > 0 — to evaluate it."""
+    ``contexts``, and — when the run has no stored metrics and ``eval_windows`` > 0 — to evaluate it
+    on ``eval_windows`` × ``eval_seq_len`` held-out tokens of the run's corpus (wiki for an upload;
+    the dashboard's quality at a glance uses ``QUICK_EVAL``, 4 × 64). The report names the windows."""
     store = store or RunStore()
     run = store.load(run_id)
     if run.kind not in ("score", "prune"):
@@ -259,9 +308,12 @@ def build_report(run_id: str, *, store: RunStore | None = None, loaded=None, mod
         menus = [next_token_menus({"original": loaded.model, name: model}, loaded.tokenizer, c, menu_k)
                  for c in contexts if c.strip()]
         if not run.results.get("metrics") and eval_windows > 0:
-            ids = evaluation_windows(loaded.tokenizer, "wiki", eval_windows, eval_seq_len, max_length=loaded.max_length)
-            metrics = [{"model": "original", **evaluate(loaded.model, ids, progress=progress).to_dict()},
-                       {"model": name, **evaluate(model, ids, loaded.model, progress=progress).to_dict()}]
+            source = run.config.get("source") if run.config.get("source") in ("wiki", "news") else "wiki"
+            ids = evaluation_windows(loaded.tokenizer, source, eval_windows, eval_seq_len, max_length=loaded.max_length)
+            original = evaluate(loaded.model, ids, progress=progress).to_dict()
+            pruned = evaluate(model, ids, loaded.model, progress=progress).to_dict()
+            metrics = [{"model": "original", "source": source, **original},
+                       {"model": name, "source": source, **pruned}]
     title = f"HFPrune Studio report — {run.kind} run {run.run_id}"
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = (f"model {run.config.get('model')}; criterion {run.config.get('criterion')}; created "

@@ -24,13 +24,18 @@ from ..state import Session
 DISAGREEMENTS = 12
 
 
+def disagree_columns(a: str, b: str) -> list[str]:
+    """The disagreement table's columns for criteria ``a`` and ``b`` (also its headers before a run)."""
+    return ["layer", "neuron", f"{a} rank", f"{b} rank", "gap", "removed by"]
+
+
 def draw(session: Session, a: str, b: str, layer: float, ratio: float):
     """(status, rank scatter, Spearman bars, overlap bars, disagreement table) from session scores."""
     missing = [c for c in (a, b) if c not in session.scores]
     if missing:
         message = f"Press Compare to score {' and '.join(missing)} first."
         blank = figures.empty(message)
-        return message, blank, blank, blank, pd.DataFrame()
+        return message, blank, blank, blank, pd.DataFrame(columns=disagree_columns(a, b))
     sa, sb = session.scores[a].scores, session.scores[b].scores
     if not 0 <= int(layer) < len(sa):
         raise SelectionError(f"Layer {int(layer)} does not exist: this model's layers are 0–{len(sa) - 1}.")
@@ -51,7 +56,7 @@ def draw(session: Session, a: str, b: str, layer: float, ratio: float):
                            f"{b} rank": round(r["rank_b"], 3), "gap": round(r["gap"], 3),
                            "removed by": a if r["rank_a"] < removed_fraction <= r["rank_b"] else
                            b if r["rank_b"] < removed_fraction <= r["rank_a"] else "—"}
-                          for r in disagreements(sa, sb, DISAGREEMENTS)])
+                          for r in disagreements(sa, sb, DISAGREEMENTS)], columns=disagree_columns(a, b))
     mean_rho = sum(rho) / len(rho)
     mean_overlap = sum(r["overlap"] for r in overlap) / len(overlap)
     status = (f"Mean Spearman ρ = **{mean_rho:.3f}**; at ratio {ratio:.2f} the two criteria agree on "
@@ -119,7 +124,7 @@ def build(ctx: Ctx) -> None:
             rho = gr.Plot(label="Spearman ρ per layer", elem_id="rho-plot")
         overlap = gr.Plot(label="Removal overlap per layer", elem_id="overlap-plot")
         table = gr.Dataframe(label="Neurons the two criteria disagree on most", interactive=False,
-                             elem_id="disagree-table")
+                             headers=disagree_columns(a.value, b.value), elem_id="disagree-table")
     outputs = [status, scatter, rho, overlap, table]
     ctx.add(agree_a=a, agree_b=b, agree_layer=layer, agree_ratio=ratio, agree_outputs=outputs)
     event = go.click(make_compare(services), [a, b, layer, ratio, *ctx.data_inputs, *ctx.criterion_inputs],

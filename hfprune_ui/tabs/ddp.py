@@ -20,6 +20,7 @@ from ..context import Ctx, model_events
 from ..guard import session_id, user_errors
 from ..progress import stream_worker
 from ..services import Services
+from ..status import number
 
 TEACHING = (
     "One-shot pruning scores every neuron once and cuts; methods that *learn* the cut usually sample random "
@@ -175,13 +176,13 @@ def make_start(services: Services):
         head_text = (f" Heads kept per layer: {heads['layer_num_attention_heads']} ({heads['granularity']} "
                      f"granularity, {heads['achieved_ratio']:.1%} removed).") if heads else ""
         note = f" '{evicted}' was dropped from memory to make room (its run stays on disk)." if evicted else ""
+        before, after = record.get("heldout_kl_hardened_before"), record.get("heldout_kl_hardened_after")
         message = (f"**Done**: variant **{variant.name}** (run `{variant.run_id}`) removes "
                    f"{meta['achieved_ratio']:.1%} of MLP neurons ({meta['params_removed_share']:.1%} of all "
                    f"parameters) after {record.get('steps', 0)} steps, {record.get('tokens_seen', 0):,} tokens, "
                    f"{record.get('seconds', 0):.0f} s; held-out KL of the hardened model "
-                   f"{record.get('heldout_kl_hardened_before') or float('nan'):.4f} → "
-                   f"{record.get('heldout_kl_hardened_after') or float('nan'):.4f}.{head_text} Compare it on the Side "
-                   f"by side and Quantize & measure tabs; it exports like any variant (head-pruned ones as "
+                   f"{number(before, [after])} → {number(after, [before])}.{head_text} Compare it on the "
+                   f"Compare and Quantize & measure tabs; it exports like any variant (head-pruned ones as "
                    f"hf-remote-code).{note}")
         slider = gr.update(minimum=0, maximum=max(1, len(snapshots) - 1), value=len(snapshots) - 1, step=1,
                            interactive=True)

@@ -58,7 +58,7 @@ def draw(session: Session, layers: list | None, shown: list | None, log: bool, h
     """(histogram figure, heatmap figure, summary table, message) from the session's scores; no model."""
     if not session.scores:
         message = "Press Score to compute importance scores."
-        return figures.empty(message), figures.empty(message), pd.DataFrame(), ""
+        return figures.empty(message), figures.empty(message), pd.DataFrame(columns=list(SUMMARY_COLUMNS.values())), ""
     names = [c for c in (shown or []) if c in session.scores] or list(session.scores)
     count = len(next(iter(session.scores.values())).scores)
     chosen, message = pick_layers(layers, count)
@@ -197,7 +197,7 @@ def build(ctx: Ctx) -> None:
         hist = gr.Plot(label="Histogram", elem_id="hist-plot")
         heat = gr.Plot(label="Layer × neuron heatmap", elem_id="heat-plot")
         table = gr.Dataframe(label="Per-layer summary (see the glossary for max ÷ mean and top-10 % share)",
-                             interactive=False, max_height=320)
+                             headers=list(SUMMARY_COLUMNS.values()), interactive=False, max_height=320)
     views = [layers, shown, log, heat_criterion, together]
     ctx.add(**knob_controls)
     ctx.add(hist=hist, heat=heat, summary=table,

@@ -26,6 +26,9 @@ from ..services import Services, criteria
 from ..state import Session
 
 OVERLAP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+RANK_COLUMNS = ["criterion", "score", "rank in layer (1 = most important)", "percentile (0 = least important)"]
+# core.stability's summary rows without their "kind" (one overlap column per ratio of the overlap)
+SUMMARY_COLUMNS = ["comparison", "pairs", "mean_rho", "min_layer_rho", *(f"overlap@{r:g}" for r in OVERLAP_RATIOS)]
 TEACH = ("**Neuron inspector.** Pick a neuron — type its layer and index, click a dot of the rank scatter, a cell "
          "of the heatmap or a row of the *disagree most* table — to see its score and rank under every scored "
          "criterion, the calibration tokens where it fires hardest (shaded by its activation), and what removing "
@@ -69,7 +72,8 @@ def make_inspect(services: Services):
         data_out = report.to_dict()
         ranks = pd.DataFrame([{"criterion": r.criterion, "score": float(f"{r.score:.4g}"),
                                "rank in layer (1 = most important)": f"{r.rank} of {r.width}",
-                               "percentile (0 = least important)": round(r.percentile, 3)} for r in report.criteria])
+                               "percentile (0 = least important)": round(r.percentile, 3)} for r in report.criteria],
+                             columns=RANK_COLUMNS)
         status = (f"**Layer {layer}, neuron {index}** of {report.width}: mean a = {report.activation['mean']:+.3g}, "
                   f"mean |a| = {report.activation['mean_abs']:.3g}, positive on "
                   f"{100 * report.activation['positive_share']:.0f} % of {report.tokens} calibration tokens. "
@@ -158,7 +162,7 @@ def draw_stability(result: dict | None, ratio: str):
     """(status, ρ figure, overlap figure, summary table) from a stored stability result dict."""
     if not result:
         blank = figures.empty("Press Measure to score the criteria on disjoint calibration draws.")
-        return "", blank, blank, pd.DataFrame()
+        return "", blank, blank, pd.DataFrame(columns=SUMMARY_COLUMNS)
     parsed = StabilityResult.from_dict(result)
     key = f"{float(ratio):g}"
     rows = parsed.layer_rows(float(ratio))
@@ -210,7 +214,7 @@ def build(ctx: Ctx):
             stop_button = gr.Button("Stop", variant="stop", min_width=100)
         status = gr.Markdown("", elem_id="inspect-status")
         ranks = gr.Dataframe(label="Score and rank under every scored criterion", interactive=False,
-                             elem_id="inspect-ranks")
+                             headers=RANK_COLUMNS, elem_id="inspect-ranks")
         contexts = gr.HTML(elem_id="inspect-contexts")
         choice = gr.Dropdown([], label="Next-token menu at context", allow_custom_value=True)
         menu = gr.Plot(label="Menu change when this neuron alone is removed", elem_id="inspect-menu-plot")
@@ -229,7 +233,7 @@ def build(ctx: Ctx):
             with gr.Row():
                 rho_plot = gr.Plot(label="Spearman ρ per layer", elem_id="stability-plot")
                 overlap_plot = gr.Plot(label="Removal overlap per layer", elem_id="stability-overlap-plot")
-            summary = gr.Dataframe(label="Agreement summary", interactive=False)
+            summary = gr.Dataframe(label="Agreement summary", headers=SUMMARY_COLUMNS, interactive=False)
             stability_state = gr.State(None)
         with gr.Accordion("Report: a stored run as one HTML file (opens offline)", open=False):
             with gr.Row(equal_height=True):

@@ -22,11 +22,14 @@ from ..guard import session_id, user_errors
 from ..progress import JobProgress, duration
 from ..services import BASELINE, SEQUENTIAL, Services, allocations, criteria
 from ..state import MAX_VARIANTS_PER_SESSION, Session
-from ..status import count
+from ..status import count, distinct, number, readable
 
 PREVIEW_SEQ_LEN = 128
 OLDEST = "the oldest"
 KNOBS = ADAPTIVE_KNOBS
+VARIANT_COLUMNS = ["name", "criterion", "ratio", "allocation", "compensation", "quantized", "MLP widths",
+                   "KL to original", "run"]
+SWEEP_COLUMNS = ["criterion", "ratio", "allocation", "perplexity", "kl_to_dense", "top1_agreement", "params"]
 
 
 def adaptive_knobs(halvings: float, heldout_samples: float, heldout_seq_len: float, fidelity: str) -> dict:
@@ -43,15 +46,15 @@ def variant_rows(session: Session) -> pd.DataFrame:
     for v in session.variants.values():
         compensation = (v.meta.get("compensation") or {}).get("method", "none")
         quality = v.metrics or {}
-        kl = quality.get("kl", quality.get("kl_to_reference"))
         rows.append({"name": v.name, "criterion": v.meta.get("criterion") or "—", "ratio": v.meta.get("ratio"),
                      "allocation": v.meta.get("allocation") or "—", "compensation": compensation,
                      "quantized": v.meta.get("quantization") or "—",
                      "MLP widths": f"{min(v.widths)}–{max(v.widths)}" if v.widths else "—",
-                     "KL to original": round(kl, 4) if kl is not None else "",
-                     "run": v.run_id or ""})
-    return pd.DataFrame(rows, columns=["name", "criterion", "ratio", "allocation", "compensation", "quantized",
-                                       "MLP widths", "KL to original", "run"])
+                     "KL to original": quality.get("kl", quality.get("kl_to_reference")), "run": v.run_id or ""})
+    kls = distinct([r["KL to original"] for r in rows])  # variants that differ never read the same
+    for row, kl in zip(rows, kls, strict=True):
+        row["KL to original"] = "" if kl is None else kl
+    return pd.DataFrame(rows, columns=VARIANT_COLUMNS)
 
 
 def variant_controls(session: Session):
@@ -96,8 +99,30 @@ def make_preview(services: Services):
                        f"{PREVIEW_SEQ_LEN} tokens **{count(p['flops_before'])} → {count(p['flops_after'])}** "
                        f"(−{100 * (1 - p['flops_after'] / p['flops_before']):.1f} %); MLP width "
                        f"{min(widths)}–{max(widths)} of {max(p['widths_before'])}.")
-        return text, figures.widths(p["widths_before"], widths)
+        what = "uniform widths shown until Prune runs the search" if note else f"{allocation} allocation"
+        return text, figures.widths(p["widths_before"], widths, f"Preview: MLP width per layer at ratio {ratio:.2f}",
+                                    what)
     return preview
+
+
+def kept_widths_figure(variant):
+    """The widths variant ``variant`` really kept per layer (its allocation's, adaptive included),
+    against the original widths."""
+    meta = variant.meta or {}
+    full = meta.get("original_intermediate_sizes") or variant.widths
+    how = [f"{meta['criterion']} scores" if meta.get("criterion") else "",
+           f"{meta['allocation']} allocation" if meta.get("allocation") else "",
+           f"widths {min(variant.widths)}–{max(variant.widths)} of {max(full)}"]
+    return figures.widths(full, variant.widths, f"Kept MLP width per layer: {variant.name}",
+                          ", ".join(h for h in how if h))
+
+
+def make_variant_widths(services: Services):
+    def variant_widths(name: str | None, request: gr.Request = None):
+        """Picking a held variant shows the widths it kept; anything else leaves the plot alone."""
+        variant = services.sessions.get(session_id(request)).variants.get(name or "")
+        return gr.update() if variant is None or not variant.widths else kept_widths_figure(variant)
+    return variant_widths
 
 
 def adaptive_estimate(services: Services, model: str, halvings: float, heldout_samples: float,
@@ -135,7 +160,7 @@ def quality_text(quality: dict) -> str:
     return (f"  \nQuality at a glance ({quality['windows']} × {quality['seq_len']} held-out tokens): perplexity "
             f"**{quality['original_perplexity']:.1f} → {quality['perplexity']:.1f}**, KL to the original "
             f"**{quality['kl']:.3f}** nats/token, top-1 agreement {100 * quality['top1']:.0f} %. "
-            "Side by side shows what that means for the model's next-token menus.")
+            "The Compare tab shows what that means for the model's next-token menus.")
 
 
 def make_prune(services: Services):
@@ -175,7 +200,7 @@ def make_prune(services: Services):
         figure = (figures.adaptive_trace(trace, trace_layers(len(trace))) if trace else
                   figures.empty("Choose the adaptive allocation to see its per-layer search here."))
         return (status, gr.update(choices=list(session.variants), value=variant.name), figure,
-                *variant_controls(session))
+                *variant_controls(session), kept_widths_figure(variant))
     return prune
 
 
@@ -270,22 +295,22 @@ def sweep_table(rows: list[dict]) -> pd.DataFrame:
     the means of perplexity and top-1."""
     if rows and "kl_std" in rows[0]:
         return draws_table(rows)
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=SWEEP_COLUMNS)
     frame["ratio"] = frame["ratio"].map(lambda r: f"{r:.2f}")
-    if "params" in frame:
-        frame["params"] = frame["params"].map(count)
-    return frame.round({"perplexity": 2, "kl_to_dense": 4, "top1_agreement": 4})
+    frame["params"] = frame["params"].map(count)
+    return readable(frame)
 
 
 def draws_table(rows: list[dict]) -> pd.DataFrame:
     """Rows over K calibration draws → criterion, ratio, allocation, draws, KL mean ± std, KL per draw
     (draw order; their spread is the min–max), mean perplexity, mean top-1, params."""
+    means = [r["kl_mean"] for r in rows]
     out = [{"criterion": r["criterion"], "ratio": f"{r['ratio']:.2f}", "allocation": r["allocation"],
-            "draws": r["draws"], "KL to dense (mean ± std)": f"{r['kl_mean']:.4f} ± {r['kl_std']:.4f}",
-            "KL per draw": ", ".join(f"{v:.4f}" for v in r["kl_draws"]),
-            "perplexity (mean)": round(r["perplexity"], 2), "top-1 (mean)": round(r["top1_agreement"], 4),
+            "draws": r["draws"], "KL to dense (mean ± std)": f"{number(r['kl_mean'], means)} ± {number(r['kl_std'])}",
+            "KL per draw": ", ".join(number(v, r["kl_draws"]) for v in r["kl_draws"]),
+            "perplexity (mean)": r["perplexity"], "top-1 (mean)": r["top1_agreement"],
             "params": count(r["params"])} for r in rows]
-    return pd.DataFrame(out)
+    return readable(pd.DataFrame(out))
 
 
 def make_scored(services: Services):
@@ -427,7 +452,7 @@ def build(ctx: Ctx) -> None:
         status = gr.Markdown("", elem_id="prune-status")
         with gr.Accordion("Variants held in this session", open=True, elem_id="variants-held"):
             held_header = gr.Markdown(f"**0 of {MAX_VARIANTS_PER_SESSION} variants held.**")
-            held = gr.Dataframe(interactive=False, elem_id="variants-table")
+            held = gr.Dataframe(headers=VARIANT_COLUMNS, interactive=False, elem_id="variants-table")
             with gr.Row(equal_height=True):
                 replace = gr.Dropdown([OLDEST], value=OLDEST, label="When the session is full, replace",
                                       elem_id="replace-choice", scale=2)
@@ -451,7 +476,7 @@ def build(ctx: Ctx) -> None:
                                              info="seeded random scores: the floor every criterion must beat")
                 sweep_draws = gr.Slider(1, SWEEP_DRAWS_MAX, value=1, step=1,
                                         label="Error bars over K calibration draws (1 = off)",
-                                        info="K ≥ 2 re-scores each criterion on K disjoint calibration draws "
+                                        info="2 or more re-scores each criterion on K disjoint calibration draws "
                                              "(K − 1 extra scoring passes each) and shows KL as mean ± std",
                                         elem_id="sweep-draws")
             with gr.Row(equal_height=True):
@@ -459,8 +484,8 @@ def build(ctx: Ctx) -> None:
                 sweep_stop = gr.Button("Stop sweep", variant="stop", elem_id="sweep-stop")
             sweep_estimate = gr.Markdown("", elem_id="sweep-estimate")
             sweep_note = gr.Markdown("", elem_id="sweep-note")
-            sweep_frame = gr.Dataframe(label="Fidelity per criterion and ratio", interactive=False,
-                                       elem_id="sweep-table")
+            sweep_frame = gr.Dataframe(label="Fidelity per criterion and ratio", headers=SWEEP_COLUMNS,
+                                       interactive=False, elem_id="sweep-table")
             sweep_plot = gr.Plot(label="Fidelity vs ratio", elem_id="sweep-plot")
         with gr.Accordion("Export", open=False, elem_id="export-accordion"):
             with gr.Row():
@@ -512,7 +537,8 @@ def build(ctx: Ctx) -> None:
     prune_event = prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, compensate,
                                                             compensate_windows, name, *ctx.data_inputs,
                                                             *ctx.criterion_inputs, *knobs],
-                                     [status, export_variant, trace_plot, *panel_outputs], api_name="prune",
+                                     [status, export_variant, trace_plot, *panel_outputs, preview_plot],
+                                     api_name="prune",
                                      **model_events())
     ctx.after(prune_event)
     stop_on_click(services, stop_button, status, [prune_event], what="pruning")
@@ -522,6 +548,7 @@ def build(ctx: Ctx) -> None:
         make_variants_panel(services), None, panel_outputs, api_visibility="private")
     export_variant.change(make_default_format(services), export_variant, [mode, export_why],
                           api_name="export_default")
+    export_variant.change(make_variant_widths(services), export_variant, preview_plot, api_visibility="private")
     mode.input(make_format_note(services), [export_variant, mode, gguf_type], [export_why, gguf_type],
                api_name="export_format_note")
     gguf_type.input(make_format_note(services), [export_variant, mode, gguf_type], [export_why, gguf_type],

@@ -16,7 +16,7 @@ from ..context import PLAIN, TRACK, Ctx, model_events, stop_on_click
 from ..guard import ACTIVITY, session_id, user_errors
 from ..progress import JobProgress, duration, stream_worker
 from ..services import Services
-from ..status import count
+from ..status import count, readable
 from .llamacpp import build_panel
 from .side_by_side import chosen_variants
 
@@ -142,7 +142,7 @@ def speed_frame(rows: list[dict]) -> pd.DataFrame:
                 notes.append(f"{phase}: {value['verdict']}")
         cells["speedup_note"] = "; ".join(notes)
         out.append(cells)
-    return pd.DataFrame(out)[list(SPEED_COLUMNS)].rename(columns=SPEED_COLUMNS).round(3)
+    return readable(pd.DataFrame(out)[list(SPEED_COLUMNS)].rename(columns=SPEED_COLUMNS), digits=3)
 
 
 def speedup_bars(rows: list[dict]):
@@ -280,6 +280,8 @@ def build(ctx: Ctx) -> None:
             zeroshot_estimate = gr.Markdown("", elem_id="zeroshot-estimate")
             zeroshot_note = gr.Markdown("", elem_id="zeroshot-note")
             zeroshot_table = gr.Dataframe(label="acc / acc_norm ± standard error (lm-eval's names), n and chance",
+                                          headers=["variant", *(f"{task} {column}" for task in SHIPPED_TASKS
+                                                                for column in ("acc", "acc_norm", "n", "chance"))],
                                           interactive=False, elem_id="zeroshot-table")
         with gr.Accordion("Speed, memory and size (measured)", open=True):
             with gr.Row(equal_height=True):
@@ -294,7 +296,7 @@ def build(ctx: Ctx) -> None:
             bench_estimate = gr.Markdown("", elem_id="bench-estimate")
             bench_status = gr.Markdown("", elem_id="bench-note")
             bench_table = gr.Dataframe(label="Measured on this machine (speed-ups: median× (quartile interval))",
-                                       interactive=False, elem_id="bench-table")
+                                       headers=list(SPEED_COLUMNS.values()), interactive=False, elem_id="bench-table")
             speedup_plot = gr.Plot(label="Prefill and decode speed-ups", elem_id="speedup-plot")
             pareto_plot = gr.Plot(label="Size vs quality", elem_id="pareto-plot")
         build_panel(services, variants)  # llama.cpp: the variants as GGUF files, measured in llama.cpp itself

@@ -23,6 +23,7 @@ from ..context import Ctx, model_events
 from ..guard import session_id, user_errors
 from ..progress import stream_worker
 from ..services import Services
+from ..status import number
 
 TEACHING = (
     "A pruned model has lost neurons, not knowledge of what the original would say: the original still "
@@ -108,8 +109,8 @@ def make_start(services: Services):
         after = recovery.get("heldout_kl_after") or float("nan")
         message = (f"**Recovered** into variant **{variant.name}** (run `{variant.run_id}`): "
                    f"{recovery.get('tokens_seen', 0):,} tokens in {recovery.get('seconds', 0):.0f} s, held-out KL "
-                   f"{before:.4f} → {after:.4f} (best at step {recovery.get('best_step')}). Compare it on the Side by "
-                   f"side and Quantize & measure tabs.{note}")
+                   f"{number(before, [after])} → {number(after, [before])} (best at step "
+                   f"{recovery.get('best_step')}). Compare it on the Compare and Quantize & measure tabs.{note}")
         yield message, curves(points), gr.update(choices=list(session.variants), value=variant.name)
     return start
 

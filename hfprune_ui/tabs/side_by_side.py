@@ -13,7 +13,7 @@ from ..guard import session_id, user_errors
 from ..progress import JobProgress
 from ..services import Services
 from ..state import Session
-from ..status import count
+from ..status import count, readable
 
 METRIC_COLUMNS = {"variant": "variant", "params": "params", "mlp_params": "MLP params", "perplexity": "perplexity",
                   "kl_to_reference": "KL to original", "top1_agreement": "top-1 agreement",
@@ -83,7 +83,7 @@ def make_evaluate(services: Services):
         picked = chosen_variants(session, names)
         JobProgress(progress, f"Evaluate {1 + len(picked)} models on {int(windows)} × {int(seq_len)} held-out tokens")
         rows = services.evaluate_variants(session, picked, int(windows), int(seq_len))
-        table = pd.DataFrame(rows)[list(METRIC_COLUMNS)].round(4)
+        table = readable(pd.DataFrame(rows)[list(METRIC_COLUMNS)])
         for column in ("params", "mlp_params"):
             table[column] = table[column].map(count)
         table = table.rename(columns=METRIC_COLUMNS)
@@ -129,7 +129,7 @@ def build(ctx: Ctx) -> None:
                 windows = gr.Slider(1, 64, value=4, step=1, label="Evaluation windows (held-out text)")
                 eval_len = gr.Slider(16, 1024, value=64, step=16, label="Tokens per window")
                 eval_button = gr.Button("Evaluate", variant="primary")
-            metrics = gr.Dataframe(label="Metrics", interactive=False)
+            metrics = gr.Dataframe(label="Metrics", headers=list(METRIC_COLUMNS.values()), interactive=False)
             metrics_plot = gr.Plot(label="Parameters vs perplexity")
     ctx.add(compare_variants=variants, menu_context=context, menu_k=k, menu_plot=menu_plot, menu_text=menu_text,
             kl_variant=kl_variant)

@@ -108,6 +108,10 @@ def make_step3(services: Services):
     return step3
 
 
+CUT_COLUMNS = ["variant", "criterion", "parameters", "perplexity (original → cut)", "KL to original (nats/token)",
+               "top-1 agreement", "scores from"]
+
+
 def make_step4(services: Services):
     @user_errors
     def step4(request: gr.Request = None, progress=TRACK):
@@ -134,7 +138,7 @@ def make_step4(services: Services):
                          "top-1 agreement": f"{100 * quality['top1']:.0f} %" if quality else "—"})
             rows[-1]["scores from"] = LIVE_LABEL
             live[criterion] = quality
-        frame = pd.DataFrame(rows)
+        frame = pd.DataFrame(rows, columns=CUT_COLUMNS)
         status = (f"Made **{', '.join(names.values())}** (30 % of the MLP neurons removed, uniform), measured on "
                   f"{services.QUICK_WINDOWS} × {services.QUICK_SEQ_LEN} held-out tokens. They are in the Prune tab's "
                   "variant list and in Compare.")
@@ -203,6 +207,9 @@ def heal_names() -> dict[str, str]:
     return {"cut": cut, "refit": f"{cut}+lsq", "recovered": f"{cut}+lsq+kd"}
 
 
+HEAL_COLUMNS = ["model", "variant", "KL to original (nats/token)", "perplexity", "top-1 agreement", "parameters"]
+
+
 def heal_table(services: Services, session: Session, quality: dict[str, dict]) -> pd.DataFrame:
     """Step 6's table: the original and each model measured so far, on step 4's held-out text."""
     labels = {"cut": "the cut (step 4)", "refit": "+ least-squares refit", "recovered": "+ recovery"}
@@ -220,8 +227,7 @@ def heal_table(services: Services, session: Session, quality: dict[str, dict]) -
                      "KL to original (nats/token)": float(f"{q['kl']:.4g}"),
                      "perplexity": round(q["perplexity"], 1), "top-1 agreement": f"{100 * q['top1']:.0f} %",
                      "parameters": count(sum(p.numel() for p in variant.model.parameters())) if variant else "—"})
-    return pd.DataFrame(rows, columns=["model", "variant", "KL to original (nats/token)", "perplexity",
-                                       "top-1 agreement", "parameters"])
+    return pd.DataFrame(rows, columns=HEAL_COLUMNS)
 
 
 def criterion_gap(services: Services) -> float | None:
@@ -339,11 +345,11 @@ def build(ctx: Ctx):
         out3_text = gr.Markdown("", elem_id="tour-3-out")
         out3_plot = gr.Plot(label="Removal overlap per layer", elem_id="tour-3-plot")
         out3_table = gr.Dataframe(label="Neurons the two criteria disagree on most", interactive=False,
-                                  elem_id="tour-3-table")
+                                  headers=agreement.disagree_columns(*CRITERIA), elem_id="tour-3-table")
         gr.Markdown(f"### 4 · {steps[3][0]}\n{steps[3][1]}")
         b4 = gr.Button("4 · Prune 30 % with each criterion", variant="primary", elem_id="tour-4")
         out4 = gr.Dataframe(label=f"The price of each cut from {LIVE_LABEL} calibration tokens, measured on held-out "
-                                  "text", interactive=False, elem_id="tour-4-table")
+                                  "text", headers=CUT_COLUMNS, interactive=False, elem_id="tour-4-table")
         out4_live = gr.Markdown("", elem_id="tour-4-live")
         plot, table, sentences = draws_view(services)  # precomputed: shown before any click
         out4_plot = gr.Plot(plot, label="The same cuts from several larger calibration draws (precomputed)",
@@ -362,7 +368,7 @@ def build(ctx: Ctx):
             stop6 = gr.Button("Stop", variant="stop", elem_id="tour-6-stop")
         out6_text = gr.Markdown("", elem_id="tour-6-out")
         out6_table = gr.Dataframe(label="What heals the cut, measured on step 4's held-out text", interactive=False,
-                                  elem_id="tour-6-table")
+                                  headers=HEAL_COLUMNS, elem_id="tour-6-table")
         out6_plot = gr.Plot(label="Next-token menus: original, cut, refit, recovered", elem_id="tour-6-plot")
 
     def wire() -> None:
