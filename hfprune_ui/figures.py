@@ -26,8 +26,59 @@ def color(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
-def _finish(fig: go.Figure, **layout) -> go.Figure:
-    fig.update_layout(**{**LAYOUT, **layout})
+# legend and title geometry (px): a half-width plot at 1500 px has about this much room for a legend row
+LEGEND_ROW_WIDTH = 480
+WIDE = 1000  # the same for a plot across the whole page (the narrowest screen it is shown on)
+LEGEND_ROW_HEIGHT = 22
+TITLE_LINE_HEIGHT = 24
+CHAR_WIDTH = 7.5  # a 13 px font's average character, rounded up
+
+
+def legend_rows(fig: go.Figure, width: float = LEGEND_ROW_WIDTH) -> int:
+    """How many rows a horizontal legend of ``fig`` takes in ``width`` px (0 when it shows none), the
+    way plotly.js lays it out: one row when every entry (symbol 40 px + name) fits side by side, else
+    a grid whose columns are as wide as the widest entry."""
+    shown = [t for t in fig.data if t.name and t.showlegend is not False]
+    if fig.layout.showlegend is False or (fig.layout.showlegend is None and len(shown) < 2):
+        return 0
+    entries = [40 + CHAR_WIDTH * len(html.unescape(str(t.name))) for t in shown]
+    if sum(entries) <= width:
+        return 1
+    columns = max(1, int(width // max(entries)))
+    return -(-len(entries) // columns)
+
+
+def _title_lines(title) -> int:
+    text = title.get("text", "") if isinstance(title, dict) else str(title or "")
+    return (1 + text.count("<br>")) if text else 0
+
+
+def _finish(fig: go.Figure, legend_width: float = LEGEND_ROW_WIDTH, **layout) -> go.Figure:
+    """The shared look, with room at the top for the title and a legend of any length above the plot:
+    the title sits at the figure's top edge, the legend just above the plotting area, and the top
+    margin (and the height, so the plot keeps its size) grows with the legend's rows, so the two never
+    overlap. ``legend_width``: the px a legend row has at the least (a plot across the whole page: wider).
+    A legend placed elsewhere (below the plot) is left where it is."""
+    merged = {**LAYOUT, **layout}
+    fig.update_layout(**merged)
+    legend = merged.get("legend", {})
+    if legend.get("yanchor") == "bottom" and legend.get("y", 0) >= 1:
+        title = merged.get("title")
+        lines = _title_lines(title)
+        rows = legend_rows(fig, legend_width)
+        top = 16 + TITLE_LINE_HEIGHT * lines + 14 * max(0, lines - 1) + LEGEND_ROW_HEIGHT * rows
+        base = merged["margin"]["t"]
+        if top > base:
+            fig.update_layout(margin={**merged["margin"], "t": top}, height=merged["height"] + top - base)
+        if lines:
+            fig.update_layout(title={**(title if isinstance(title, dict) else {"text": title}), "yref": "container",
+                                     "y": 1, "yanchor": "top", "pad": {"t": 10 + 14 * (lines - 1)}})
+        # subplot titles sit just above their panels: lift the legend over them
+        above = any(a.yref == "paper" and (a.y or 0) >= 1 for a in fig.layout.annotations or ())
+        if above and rows:
+            plot_px = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+            fig.update_layout(legend_y=1 + 26 / max(plot_px, 1), margin_t=fig.layout.margin.t + 26,
+                              height=fig.layout.height + 26)
     fig.update_xaxes(**AXES)
     fig.update_yaxes(**AXES)
     return fig
@@ -50,7 +101,7 @@ def _bars(edges: Sequence[float], counts: Sequence[int], name: str, colour: str,
 def histograms(series: Sequence[tuple[str, Sequence[float], Sequence[int]]], log: bool, note: str = "") -> go.Figure:
     """All (name, bin edges, counts) series overlaid in one chart (the 'overlay' view)."""
     fig = go.Figure([_bars(edges, counts, name, color(i), 0.5) for i, (name, edges, counts) in enumerate(series)])
-    return _finish(fig, barmode="overlay", title=_title("Neuron importance per layer (overlay)", note),
+    return _finish(fig, WIDE, barmode="overlay", title=_title("Neuron importance per layer (overlay)", note),
                    xaxis_title="log10(score)" if log else "score", yaxis_title="neurons")
 
 
@@ -68,7 +119,7 @@ def histogram_facets(facets: dict[str, Sequence[tuple[int, Sequence[float], Sequ
                                 group=f"layer {layer}"), row=row, col=1)
         fig.update_yaxes(title_text="neurons", row=row, col=1)
     fig.update_xaxes(title_text="log10(score)" if log else "score", row=len(names), col=1)
-    return _finish(fig, barmode="overlay", height=max(380, 250 * len(names) + 80),
+    return _finish(fig, WIDE, barmode="overlay", height=max(380, 250 * len(names) + 80),
                    title=_title("Neuron importance per layer, one panel per criterion", note))
 
 
@@ -135,12 +186,67 @@ def token_menu(tokens: Sequence[str], probs: dict[str, Sequence[float]], entropy
                    xaxis_title="candidate next token", yaxis_title="probability")
 
 
+# where a point's name may go, in order of preference: (plotly textposition, (dx, dy) of the label's
+# centre from the point in px, with the label's own half width added sideways for left / right)
+LABEL_SPOTS = (("top center", (0, 1)), ("bottom center", (0, -1)), ("middle right", (1, 0)),
+               ("middle left", (-1, 0)), ("top right", (1, 1)), ("bottom left", (-1, -1)),
+               ("top left", (-1, 1)), ("bottom right", (1, -1)))
+PLOT_PX = (480, 260)  # the plotting area a label is placed in (a half-width plot), px
+
+
+def label_spots(names: Sequence[str], xs: Sequence[float], ys: Sequence[float],
+                plot_px: tuple[float, float] = PLOT_PX) -> list[str]:
+    """A plotly textposition for each point's name so no two names' boxes overlap where that can be
+    helped: points are placed in order, each at the first spot of :data:`LABEL_SPOTS` whose box (the
+    name's width × one line, beside its 12 px marker) is clear of the names and markers placed so far."""
+    def norm(values: Sequence[float], px: float) -> list[float]:
+        low, high = min(values), max(values)
+        return [px * ((v - low) / (high - low) if high > low else 0.5) for v in values]
+
+    px, py = norm(xs, plot_px[0]), norm(ys, plot_px[1])
+    markers = [(x - 7, y - 7, x + 7, y + 7) for x, y in zip(px, py, strict=True)]
+    placed: list[tuple[float, float, float, float]] = []
+    spots = []
+    for i, (name, x, y) in enumerate(zip(names, px, py, strict=True)):
+        w, h = CHAR_WIDTH * len(name) / 2 + 2, 9
+        taken = [b for j, b in enumerate(markers) if j != i] + placed
+        options = [(spot, (x + dx * (w + 8) - w, y + dy * (h + 8) - h, x + dx * (w + 8) + w, y + dy * (h + 8) + h))
+                   for spot, (dx, dy) in LABEL_SPOTS]
+        spot, box = next(((spot, box) for spot, box in options if not any(_overlap(box, b) for b in taken)),
+                         options[0])
+        spots.append(spot)
+        placed.append(box)
+    return spots
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    """Whether two (left, bottom, right, top) boxes overlap."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _padded(values: Sequence[float], share: float = 0.18) -> list[float]:
+    """An axis range with ``share`` of the span (or of the value, for a single one) free on each side,
+    so names written beside the outermost points stay inside the plot."""
+    low, high = min(values), max(values)
+    pad = share * ((high - low) or abs(high) or 1.0)
+    return [low - pad, high + pad]
+
+
+def labelled_points(names: Sequence[str], xs: Sequence[float], ys: Sequence[float]) -> list[go.Scatter]:
+    """One marker per point with its name beside it (placed by :func:`label_spots`, never clipped by the
+    axes)."""
+    return [go.Scatter(x=[x], y=[y], mode="markers+text", text=[name], textposition=spot, cliponaxis=False,
+                       marker={"size": 12, "color": color(i)}, name=name)
+            for i, (name, x, y, spot) in enumerate(zip(names, xs, ys, label_spots(names, xs, ys), strict=True))]
+
+
 def params_vs_perplexity(names: Sequence[str], params: Sequence[int], ppl: Sequence[float]) -> go.Figure:
-    fig = go.Figure([go.Scatter(x=[params[i] / 1e6], y=[ppl[i]], mode="markers+text", text=[names[i]],
-                                textposition="top center", marker={"size": 12, "color": color(i)}, name=names[i])
-                     for i in range(len(names))])
-    return _finish(fig, title="Parameters vs perplexity", xaxis_title="parameters (M)", yaxis_title="perplexity",
-                   showlegend=False)
+    """Parameters (M) against perplexity, one named marker per model."""
+    xs = [p / 1e6 for p in params]
+    fig = go.Figure(labelled_points(names, xs, ppl))
+    fig = _finish(fig, title="Parameters vs perplexity", xaxis_title="parameters (M)", yaxis_title="perplexity",
+                  showlegend=False)
+    return fig.update_layout(xaxis_range=_padded(xs), yaxis_range=_padded(ppl))
 
 
 def kl_text(tokens: Sequence[str], kl: Sequence[float | None], scale: float) -> str:
@@ -218,7 +324,7 @@ def sweep_lines(rows: Sequence[dict], metric: str = "kl_to_dense") -> go.Figure:
     title = f"{label} vs ratio"
     if spread:
         title += f" (mean; error bars ± 1 std over {max(r['draws'] for r in rows)} calibration draws)"
-    _finish(fig, title=title, xaxis_title="ratio of MLP neurons removed", yaxis_title=label)
+    _finish(fig, WIDE, title=title, xaxis_title="ratio of MLP neurons removed", yaxis_title=label)
     if metric in ("kl_to_dense", "perplexity"):
         fig.update_yaxes(type="log")  # the random baseline is often 10× worse: a log axis keeps both readable
     return fig
@@ -231,11 +337,10 @@ def pareto(names: Sequence[str], size_mb: Sequence[float], quality: Sequence[flo
     front = [(size_mb[i], quality[i]) for i in pareto_front(list(size_mb), list(quality), lower_is_better)]
     fig = go.Figure([go.Scatter(x=[s for s, _ in front], y=[v for _, v in front], mode="lines", name="Pareto front",
                                 line={"color": "#adb5bd", "dash": "dot"})])
-    for i, (name, size, value) in enumerate(zip(names, size_mb, quality, strict=True)):
-        fig.add_trace(go.Scatter(x=[size], y=[value], mode="markers+text", text=[name], textposition="top center",
-                                 marker={"size": 12, "color": color(i)}, name=name))
-    return _finish(fig, title=f"Weight size vs {quality_label}", xaxis_title="weights in memory (MB)",
-                   yaxis_title=quality_label, showlegend=False)
+    fig.add_traces(labelled_points(names, size_mb, quality))
+    _finish(fig, title=f"Weight size vs {quality_label}", xaxis_title="weights in memory (MB)",
+            yaxis_title=quality_label, showlegend=False)
+    return fig.update_layout(xaxis_range=_padded(size_mb), yaxis_range=_padded(quality))
 
 
 def speedups(names: Sequence[str], prefill: Sequence[dict | None], decode: Sequence[dict | None],
@@ -254,7 +359,8 @@ def speedups(names: Sequence[str], prefill: Sequence[dict | None], decode: Seque
                              name="FLOP ideal", marker={"symbol": "line-ew-open", "size": 28, "color": "#212529",
                                                         "line": {"width": 3}}))
     fig.add_hline(y=1.0, line=CHANCE_STYLE)
-    return _finish(fig, barmode="group", title="Measured speed-up vs the original (bars: median, whiskers: quartiles)",
+    return _finish(fig, WIDE, barmode="group",
+                   title="Measured speed-up vs the original (bars: median, whiskers: quartiles)",
                    xaxis_title="variant", yaxis_title="× faster than the original")
 
 
@@ -297,4 +403,4 @@ def draw_spread(rows: Sequence[dict], overlap: dict[str, dict], criteria: Sequen
                       row=1, col=2)
     fig.update_xaxes(title_text="% of MLP neurons removed", tickvals=x or None)
     fig.update_yaxes(title_text="% in common", row=1, col=2)
-    return _finish(fig, height=440, title=_title("The same cut from several calibration draws", note))
+    return _finish(fig, WIDE, height=440, title=_title("The same cut from several calibration draws", note))

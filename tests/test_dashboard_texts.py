@@ -203,3 +203,48 @@ def test_runs_table_says_what_each_run_is(tmp_path):
     assert label.startswith("entropy-30% · prune · m · ") and value == prune.run_id  # not a bare id
     mine = runs_table(SimpleNamespace(runs=store), True, "me")
     assert sorted(mine["kind"]) == ["prune", "score"]
+
+
+def _legend_clear_of_title(fig) -> bool:
+    """The top margin holds the title's lines and every legend row (the legend sits above the plot)."""
+    from hfprune_ui import figures
+
+    text = fig.layout.title.text or ""
+    lines = 1 + text.count("<br>") if text else 0
+    need = figures.TITLE_LINE_HEIGHT * lines + figures.LEGEND_ROW_HEIGHT * figures.legend_rows(fig)
+    return fig.layout.margin.t >= need and (not lines or fig.layout.title.yref == "container")
+
+
+def test_legends_never_run_into_titles():
+    from hfprune_ui import figures
+    from hfprune_ui.tabs import ddp
+
+    point = {"m": 0.1, "tokens": 1, "elapsed": 1, "heldout": 0.5,
+             **{k: {"expected_sparsity": 0.1, "open": 0.9, "target": 0.2, "lambdas": [1, 2, 3]}
+                for k in ("mlp", "heads")}}
+    sparsity = ddp.sparsity_figure([{**point, "step": i} for i in range(3)])
+    assert figures.legend_rows(sparsity) == 7  # seven long names: one a row in a half-width plot
+    trace = figures.adaptive_trace([{"layer": i, "tried": [(10, 0.1), (20, 0.05)], "width": 20} for i in range(12)])
+    assert figures.legend_rows(trace) >= 3  # the Vision tab's search over 12 layers
+    widths = figures.widths([64, 64], [30, 40], "Kept MLP width per layer: a", "entropy scores")
+    for fig in (sparsity, ddp.lambda_figure([{**point, "step": 1}]), trace, widths):
+        assert _legend_clear_of_title(fig), fig.layout.title.text
+    assert sparsity.layout.height - sparsity.layout.margin.t == 380 - 60  # the plot keeps its size
+    assert figures.legend_rows(figures.per_layer_bars([0.1, 0.2], "t", "y")) == 0  # one trace: no legend
+
+
+def test_point_names_do_not_overlap_or_leave_the_plot():
+    from hfprune_ui import figures
+
+    names = ["original", "entropy-30%", "entropy-30%+lsq", "entropy-30%+lsq+kd"]
+    params, perplexity = [134.5e6, 110.6e6, 110.6e6, 110.6e6], [20.1, 91.6, 60.2, 58.0]
+    spots = figures.label_spots(names, [p / 1e6 for p in params], perplexity)
+    assert spots[2] != spots[3]  # the refit and the recovered one sit almost on one spot
+    fig = figures.params_vs_perplexity(names, params, perplexity)
+    assert [t.textposition for t in fig.data] == spots and all(t.cliponaxis is False for t in fig.data)
+    low, high = fig.layout.yaxis.range
+    assert low < 20.1 - 10 and high > 91.6 + 10  # room for the names above the top and below the bottom point
+    low, high = fig.layout.xaxis.range
+    assert low < 110.6 - 3 and high > 134.5 + 3
+    pareto = figures.pareto(names, [538, 442, 442, 442], perplexity, "perplexity")
+    assert pareto.layout.yaxis.range[1] > 91.6 and all(t.cliponaxis is False for t in pareto.data[1:])

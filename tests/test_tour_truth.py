@@ -281,7 +281,7 @@ def check_step6_output(text: str, table, plot) -> dict:
     top1 = {}
     for name, bar in bars.items():
         best = max(range(len(bar["y"])), key=lambda i: bar["y"][i])
-        top1[name] = (bar["x"][best], bar["y"][best])
+        top1[name] = (bar["x"][best].replace("␣", " ").replace("⏎", "\n"), bar["y"][best])  # bars show ' ' as ␣
     names = tuple(rows)  # original, cut, refit, recovered
     lines = [line[2:] for line in text.splitlines() if line.startswith("- ")]
     refit_line = next(line for line in lines if line.startswith("The least-squares refit"))

@@ -320,8 +320,29 @@ def test_dashboard_vision_handlers_on_a_tiny_folder(tmp_path):
     status, widths, trace, rows = tab.run_prune(state, 0.4, "adaptive", "independent", 8)
     assert status.startswith("Pruned 39.8%")  # 77 of 128 neurons kept
     assert [list(bar.y) for bar in widths.data][1] and sum(widths.data[1].y) == round(0.6 * 128)
-    assert len(trace.data) == 2 and rows[1][2] < rows[1][1]  # MLP parameters went down
-    assert 0 < rows[3][2] <= 1.0001  # embedding cosine to the dense encoder
+    table = {row[0].split(" (")[0].split(",")[0]: row[1:] for row in rows}
+    assert len(trace.data) == 2 and table["MLP parameters"][1] < table["MLP parameters"][0]
+    assert 0 < table["embedding cosine to dense"][1] <= 1.0001
+    # a quality number beside the dense one: kNN accuracy on held-out digits, the dense one computed once
+    assert rows[0][0] == "kNN accuracy, digits (90 test images of 28 px, chance 0.10)"
+    assert all(0 <= v <= 1 for v in table["kNN accuracy"]) and "**kNN accuracy** on 90 held-out digits" in status
+    assert str(folder) in tab._DENSE_KNN
+
+
+def test_quick_knn_reads_a_pruned_encoder_beside_the_dense_one():
+    from core.measure.encoders import quick_knn
+    from hfprune_ui.tabs import vision as tab
+
+    enc = loaded("dinov2")
+    out = quick_knn({"dense": enc.model, "same": enc.model}, enc.preprocess, per_class=6)
+    assert out["size"] == 56 and out["test"] == 20 and out["examples"] == 60 and out["chance"] == 0.1
+    assert out["accuracy"]["dense"] == out["accuracy"]["same"] and 0 <= out["accuracy"]["dense"] <= 1
+    assert out["stderr"]["dense"] == pytest.approx((out["accuracy"]["dense"] * (1 - out["accuracy"]["dense"]) /
+                                                    20) ** 0.5)
+    text = loaded("bert")  # a text encoder: how many of each window's 5 nearest neighbours survive
+    windows = batch_for(text, n=8)
+    quality = tab._quality("tiny-bert", text, text.model, windows)
+    assert quality["pruned"] == 1.0 and quality["label"] == "top-5 neighbours kept (held-out, 8 windows)"
 
 
 def test_encoder_specs_and_errors(tmp_path):

@@ -7,10 +7,13 @@ FLOPs and measured throughput.
   (scikit-learn logistic regression) on a labelled set's held-out split, features of the encoder
   under test; train and test examples never come from the calibration crops;
 - text encoders: cosine of sentence embeddings and top-k retrieval agreement with the dense model;
-- images (or texts) per second measured with ``core.speed.repeat_until_known`` (median, quartiles).
+- images (or texts) per second measured with ``core.speed.repeat_until_known`` (median, quartiles);
+- ``quick_knn``: the kNN accuracy on a small labelled subset, seconds on a CPU, so the dashboard shows a
+  pruned encoder's quality beside the dense one's right after a prune.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.data.images import labelled_images, stratified_split
 from core.measure.speed import repeat_until_known, spread
 from core.models.counts import count_params, encoder_flops
 from core.models.encoders import embed, encoder_forward
@@ -115,6 +119,44 @@ def throughput(model: nn.Module, batch: torch.Tensor, *, min_repeats: int = 5, m
     s = spread(repeat_until_known(once, min_repeats=min_repeats, max_repeats=max_repeats, stop=stop))
     return {"examples_per_second": batch.shape[0] / s.median, "seconds_median": s.median, "seconds_q1": s.q1,
             "seconds_q3": s.q3, "repeats": s.n, "batch": int(batch.shape[0]), "threads": torch.get_num_threads()}
+
+
+# the quick accuracy check after a prune: per_class labelled images of each class at size px (seconds on a CPU)
+QUICK_KNN = {"dataset": "digits", "per_class": 30, "size": 56}
+
+
+def eval_size(model: nn.Module, wanted: int) -> int:
+    """The image side to evaluate ``model`` at: ``wanted`` for DINOv2 (it interpolates its position
+    embeddings), the configured ``image_size`` for ViT / CLIP (their position table is fixed)."""
+    if model.config.model_type == "dinov2":
+        return int(wanted)
+    return int(getattr(model.config, "image_size", wanted))
+
+
+@torch.no_grad()
+def quick_knn(models: dict[str, nn.Module], preprocess, *, dataset: str = QUICK_KNN["dataset"],
+              per_class: int = QUICK_KNN["per_class"], size: int = QUICK_KNN["size"], seed: int = 0, k: int = 10,
+              batch_size: int = 64, stop: Callable[[], bool] | None = None) -> dict:
+    """kNN top-1 accuracy (:func:`knn_accuracy`) of each image encoder in ``models`` on a small seeded
+    subset of a labelled set (``per_class`` images of every class, 30 % of them the test side), so a
+    pruned encoder's quality reads beside the dense one's in seconds. Returns {"accuracy": {name: acc},
+    "stderr": {name: binomial SE}, "chance", "examples", "test", "dataset", "size"}. The images were
+    never calibrated on; small upsampled digits are a coarse yardstick, not a benchmark."""
+    images, labels = labelled_images(dataset, eval_size(next(iter(models.values())), size))
+    rng = torch.Generator().manual_seed(int(seed))
+    picked = torch.cat([members[torch.randperm(members.numel(), generator=rng)[:per_class]]
+                        for members in (torch.nonzero(labels == c).flatten() for c in labels.unique().tolist())])
+    images, labels = images[picked], labels[picked]
+    train, test = stratified_split(labels, seed=seed)
+    pixels = preprocess.normalize(images)
+    accuracy = {}
+    for name, model in models.items():
+        features = embeddings(model, pixels, batch_size, stop=stop)
+        accuracy[name] = knn_accuracy(features[train], labels[train], features[test], labels[test], k)
+    n = int(test.numel())
+    return {"accuracy": accuracy, "stderr": {m: math.sqrt(a * (1 - a) / n) for m, a in accuracy.items()},
+            "chance": 1.0 / int(labels.unique().numel()), "examples": int(labels.numel()), "test": n,
+            "dataset": dataset, "size": int(images.shape[-1])}
 
 
 def size_report(model: nn.Module, tokens: int) -> dict:

@@ -26,7 +26,7 @@ from ..guard import session_id, user_errors
 from ..progress import JobProgress, duration, stream_worker
 from ..services import Services
 from ..state import DataSpec, Session
-from ..status import count
+from ..status import count, readable
 from . import agreement, importance
 from .prune import variant_controls
 from .recover import status_text as recovery_status
@@ -134,11 +134,11 @@ def make_step4(services: Services):
                          "parameters": count(sum(p.numel() for p in variant.model.parameters())),
                          "perplexity (original → cut)": f"{quality['original_perplexity']:.1f} → "
                                                         f"{quality['perplexity']:.1f}" if quality else "—",
-                         "KL to original (nats/token)": round(quality["kl"], 4) if quality else None,
+                         "KL to original (nats/token)": quality["kl"] if quality else None,
                          "top-1 agreement": f"{100 * quality['top1']:.0f} %" if quality else "—"})
             rows[-1]["scores from"] = LIVE_LABEL
             live[criterion] = quality
-        frame = pd.DataFrame(rows, columns=CUT_COLUMNS)
+        frame = readable(pd.DataFrame(rows, columns=CUT_COLUMNS))  # two cuts never read the same
         status = (f"Made **{', '.join(names.values())}** (30 % of the MLP neurons removed, uniform), measured on "
                   f"{services.QUICK_WINDOWS} × {services.QUICK_SEQ_LEN} held-out tokens. They are in the Prune tab's "
                   "variant list and in Compare.")
@@ -219,15 +219,15 @@ def heal_table(services: Services, session: Session, quality: dict[str, dict]) -
         first = next(iter(quality.values()))
         original = services.model(session.model_spec).model
         rows.append({"model": "original", "variant": "original", "KL to original (nats/token)": 0.0,
-                     "perplexity": round(first["original_perplexity"], 1), "top-1 agreement": "100 %",
+                     "perplexity": first["original_perplexity"], "top-1 agreement": "100 %",
                      "parameters": count(sum(p.numel() for p in original.parameters()))})
     for role, q in quality.items():
         variant = session.variants.get(names[role])
         rows.append({"model": labels[role], "variant": names[role],
-                     "KL to original (nats/token)": float(f"{q['kl']:.4g}"),
-                     "perplexity": round(q["perplexity"], 1), "top-1 agreement": f"{100 * q['top1']:.0f} %",
+                     "KL to original (nats/token)": q["kl"],
+                     "perplexity": q["perplexity"], "top-1 agreement": f"{100 * q['top1']:.0f} %",
                      "parameters": count(sum(p.numel() for p in variant.model.parameters())) if variant else "—"})
-    return pd.DataFrame(rows, columns=HEAL_COLUMNS)
+    return readable(pd.DataFrame(rows, columns=HEAL_COLUMNS))  # models that differ never read the same
 
 
 def criterion_gap(services: Services) -> float | None:

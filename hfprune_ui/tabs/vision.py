@@ -16,7 +16,14 @@ import torch
 from core.importance.criteria import (
     ENCODER_CRITERIA,
 )
-from core.measure.encoders import feature_fidelity, size_report
+from core.measure.encoders import (
+    QUICK_KNN,
+    embeddings,
+    feature_fidelity,
+    quick_knn,
+    retrieval_agreement,
+    size_report,
+)
 from core.methods.encoders import (
     ALLOCATIONS,
     EncoderOptions,
@@ -30,6 +37,7 @@ from core.models.encoders import ENCODERS, LoadedEncoder, load_encoder
 from .. import figures
 from ..context import Ctx
 from ..guard import user_errors
+from ..status import distinct
 
 TEACHING = (
     "**AMP for encoders.** An image (or sentence) encoder has no next-token distribution, so AMP asks a different "
@@ -40,6 +48,11 @@ TEACHING = (
     "under a threshold, tuning the threshold until the requested share of MLP neurons is gone.")
 _LOCK = threading.Lock()
 _LOADED: dict[str, LoadedEncoder] = {}
+_DENSE_KNN: dict[str, dict] = {}  # encoder spec → the dense encoder's quick kNN result (computed once)
+QUALITY_NOTE = ("The kNN accuracy classifies small labelled images (scikit-learn's digits, upsampled) by their "
+                "nearest neighbours in the encoder's embedding space: a quick check that the pruned encoder still "
+                "separates classes, coarse enough that a pruned encoder can match the dense one while its "
+                "features moved; read it with the cosines.")
 _MAX_COLUMNS = 256
 
 
@@ -76,6 +89,28 @@ def run_score(spec: str, criterion: str, samples: int, image_size: int, batch_si
     return status, _heatmap(result.scores, criterion), {"spec": spec, "result": result, "options": options}
 
 
+def _quality(spec: str, loaded: LoadedEncoder, pruned, heldout) -> dict:
+    """The quality number shown beside the dense one after a prune: {label, dense, pruned, sentence}.
+    Image encoders: kNN accuracy on a small labelled set (the dense encoder's once per encoder); text
+    encoders: how many of each held-out window's 5 nearest neighbours the pruned encoder keeps."""
+    if loaded.kind == "text":
+        agreement = retrieval_agreement(embeddings(loaded.model, heldout), embeddings(pruned, heldout))
+        return {"label": f"top-5 neighbours kept (held-out, {heldout.shape[0]} windows)", "dense": 1.0,
+                "pruned": agreement, "sentence": f"Top-5 neighbours kept among {heldout.shape[0]} held-out windows: "
+                                                 f"{100 * agreement:.0f} % (the dense encoder: 100 %)."}
+    if spec not in _DENSE_KNN:
+        _DENSE_KNN[spec] = quick_knn({"dense": loaded.model}, loaded.preprocess)
+    dense = _DENSE_KNN[spec]
+    mine = quick_knn({"pruned": pruned}, loaded.preprocess)
+    a, b, se = dense["accuracy"]["dense"], mine["accuracy"]["pruned"], mine["stderr"]["pruned"]
+    label = (f"kNN accuracy, {QUICK_KNN['dataset']} ({mine['test']} test images of {mine['size']} px, "
+             f"chance {mine['chance']:.2f})")
+    return {"label": label, "dense": a, "pruned": b,
+            "sentence": (f"**kNN accuracy** on {mine['test']} held-out {QUICK_KNN['dataset']} images: dense "
+                         f"**{100 * a:.1f} %** → pruned **{100 * b:.1f} %** (± {100 * se:.1f} points SE; chance "
+                         f"{100 * mine['chance']:.0f} %). {QUALITY_NOTE}")}
+
+
 @user_errors
 def run_prune(state: dict | None, ratio: float, allocation: str, mode: str, heldout: int):
     """Prune at ``ratio`` → (status, widths figure, adaptive trace figure, metrics table)."""
@@ -88,18 +123,20 @@ def run_prune(state: dict | None, ratio: float, allocation: str, mode: str, held
         pruned = prune_encoder(loaded, state["result"], float(ratio), allocation, options, plan=plan)
         data = heldout_data(loaded, options.replace(seed=options.seed + 1))
         fidelity = feature_fidelity(loaded.model, pruned.model, data)
+        quality = _quality(state["spec"], loaded, pruned.model, data)
         patch = int(getattr(loaded.model.config, "patch_size", 14))
         tokens = options.seq_len if loaded.kind == "text" else (options.image_size // patch) ** 2 + 1
         before, after = size_report(loaded.model, tokens), size_report(pruned.model, tokens)
-    rows = [["parameters (M)", round(before["params"] / 1e6, 3), round(after["params"] / 1e6, 3)],
-            ["MLP parameters (M)", round(before["mlp_params"] / 1e6, 3), round(after["mlp_params"] / 1e6, 3)],
-            ["GFLOPs per example", round(before["gflops"], 3), round(after["gflops"], 3)],
-            ["embedding cosine to dense (held-out)", 1.0, round(fidelity["embedding_cosine"], 4)],
-            ["token cosine to dense (held-out)", 1.0, round(fidelity["token_cosine"], 4)]]
+    rows = [[quality["label"], *distinct([quality["dense"], quality["pruned"]])],
+            ["parameters (M)", *distinct([before["params"] / 1e6, after["params"] / 1e6])],
+            ["MLP parameters (M)", *distinct([before["mlp_params"] / 1e6, after["mlp_params"] / 1e6])],
+            ["GFLOPs per example", *distinct([before["gflops"], after["gflops"]])],
+            ["embedding cosine to dense (held-out)", 1.0, *distinct([fidelity["embedding_cosine"]])],
+            ["token cosine to dense (held-out)", 1.0, *distinct([fidelity["token_cosine"]])]]
     trace = figures.adaptive_trace(pruned.meta["adaptive"]["trace"]) if "adaptive" in pruned.meta else \
         figures.empty("The adaptive allocation shows its search here.")
     status = (f"Pruned {pruned.meta['achieved_ratio']:.1%} of the MLP neurons ({allocation}); widths "
-              f"{min(pruned.widths)}–{max(pruned.widths)} of {max(plan.full_widths)}.")
+              f"{min(pruned.widths)}–{max(pruned.widths)} of {max(plan.full_widths)}. {quality['sentence']}")
     return status, figures.widths(plan.full_widths, pruned.widths), trace, rows
 
 
