@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    quiet_third_party()
+    quiet_third_party(progress_bars=False)  # the server's log holds no progress bars: the page shows them
     if args.export_root:
         print(f"Exports saved to a folder stay inside {args.export_root}")
     demo = queue(build_demo(Services(export_root=args.export_root)))

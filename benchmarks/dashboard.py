@@ -9,9 +9,14 @@
    beside the estimate the dashboard shows before it starts; ``--thorough`` also times the
    thorough preset (the command line's default) one click away.
 
+Each estimate the dashboard shows (Recompute's, the adaptive search's) is recorded beside the time the
+job took, with whether the progress bar ever went back. ``--burners N`` runs N busy-loop processes
+beside the app (a machine busy with other work); its rows are kept beside the quiet ones.
+
     python benchmarks/dashboard.py                       # everything
     python benchmarks/dashboard.py --only tour,adaptive  # keep the stored responsiveness rows
     python benchmarks/dashboard.py --write-tour-scores   # (re)make assets/tour's precomputed scores
+    python benchmarks/dashboard.py --only tour,adaptive --burners 2  # the same beside two CPU burners
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -86,6 +92,41 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def seconds_of(text: str) -> float | None:
+    """'about 2 min 19 s' / '45 s' / '1 h 05 min' (hfprune_ui.progress.duration's words) → seconds."""
+    match = re.search(r"(?:(\d+) h )?(?:(\d+) min)?\s*(?:(\d+) s)?", text.split("about", 1)[-1].strip())
+    if not match or not any(match.groups()):
+        return None
+    h, m, sec = (int(g or 0) for g in match.groups())
+    return 3600 * h + 60 * m + sec
+
+
+def watched(c, *args, api_name: str) -> tuple[float, object, bool]:
+    """(seconds, result, whether the progress fraction the page was sent never went back)."""
+    started = time.perf_counter()
+    job = c.submit(*args, api_name=api_name)
+    fractions: list[float] = []
+    while not job.done():
+        units = job.status().progress_data or []
+        if units and units[0].progress is not None:
+            fractions.append(float(units[0].progress))
+        time.sleep(0.1)
+    out = job.result()
+    return time.perf_counter() - started, out, fractions == sorted(fractions)
+
+
+@contextlib.contextmanager
+def burning(count: int):
+    """``count`` processes spinning on a CPU core each while the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def client(url: str):
     from gradio_client import Client
 
@@ -134,12 +175,14 @@ def tour(env: dict[str, str]) -> dict:
         steps = {}
         for label, api in TOUR_STEPS:
             steps[label], out = timed(c.predict, api_name=api)
-        assert "precomputed" in c.predict(api_name="/tour_score"), "the shipped scores were not used"
-        recompute, out = timed(c.predict, api_name="/tour_recompute")
+        text, estimate = c.predict(api_name="/tour_score")
+        assert "precomputed" in text, "the shipped scores were not used"
+        recompute, (out, _), monotone = watched(c, api_name="/tour_recompute")
         assert "computed on this machine" in out, out
     result = {"kind": "tour", "scenario": "fresh app, model converted", "launch_s": launch, "steps_s": steps,
               "five_clicks_s": sum(steps.values()), "with_launch_s": launch + sum(steps.values()),
-              "recompute_s": recompute, "load": load()}
+              "recompute_s": recompute, "recompute_estimate_s": seconds_of(estimate), "monotone": monotone,
+              "load": load()}
     print(json.dumps(result), flush=True)
     return result
 
@@ -154,16 +197,18 @@ def adaptive(env: dict[str, str], presets: list[str]) -> list[dict]:
         for preset in presets:
             knobs = ADAPTIVE_PRESETS[preset]
             *_, estimate = c.predict(preset, "adaptive", MODEL, api_name="/adaptive_preset")
-            seconds, out = timed(c.predict, "entropy", ADAPTIVE_RATIO, "adaptive", "1", False, 64, f"ad-{preset}",
-                                 MODEL, *DATA, *CRIT, knobs["halvings"], knobs["heldout_samples"],
-                                 knobs["heldout_seq_len"], knobs["fidelity"], api_name="/prune")
+            seconds, out, monotone = watched(c, "entropy", ADAPTIVE_RATIO, "adaptive", "1", False, 64,
+                                             f"ad-{preset}", MODEL, *DATA, *CRIT, knobs["halvings"],
+                                             knobs["heldout_samples"], knobs["heldout_seq_len"], knobs["fidelity"],
+                                             api_name="/prune")
             status = out[0]
             assert f"ad-{preset}" in status, status
             glance = status.split("Quality at a glance")
             quality = glance[1].split("top-1")[0] if len(glance) > 1 else ""
             result = {"kind": "adaptive", "preset": preset, **knobs, "ratio": ADAPTIVE_RATIO, "criterion": "entropy",
                       "seconds": seconds, "estimate": estimate.split("**")[1] if "**" in estimate else estimate,
-                      "quality": quality.strip(" :."), "load": load()}
+                      "estimate_s": seconds_of(estimate.split("**")[1] if "**" in estimate else estimate),
+                      "monotone": monotone, "quality": quality.strip(" :."), "load": load()}
             print(json.dumps(result), flush=True)
             results.append(result)
     return results
@@ -206,18 +251,35 @@ def tables(results: list[dict]) -> str:
         step_rows += [["**five clicks**", f"**{r['five_clicks_s']:.1f}** (≤ 120)"],
                       ["launch + five clicks", f"{r['with_launch_s']:.1f}"],
                       ["step 1 *Recompute* (scores on this machine instead of the shipped ones)",
-                       f"{r['recompute_s']:.1f}"], ["machine load average at the end", f"{r.get('load', '—')}"]]
-        parts += [f"#### Tour end to end ({r['scenario']})", markdown_table(["step", "seconds"], step_rows)]
+                       f"{r['recompute_s']:.1f}"]]
+        if r.get("recompute_estimate_s") is not None:
+            step_rows += [["… its estimate, shown after step 1 (probe timed then)",
+                           f"{r['recompute_estimate_s']:.0f} ({vs(r['recompute_s'], r['recompute_estimate_s'])})"],
+                          ["… its progress bar never went back", "yes" if r.get("monotone") else "**no**"]]
+        step_rows += [["machine load average at the end", f"{r.get('load', '—')}"]]
+        parts += [f"#### Tour end to end ({r['scenario']}{beside(r)})", markdown_table(["step", "seconds"], step_rows)]
     rows = [[r["preset"], f"{r['halvings']}", f"{r['heldout_samples']} × {r['heldout_seq_len']}", r["fidelity"],
-             f"**{r['seconds']:.0f}**" + (" (≤ 180)" if r["preset"] == "quick" else ""), r["estimate"], r["quality"],
+             f"**{r['seconds']:.0f}**" + (" (≤ 180)" if r["preset"] == "quick" and not r.get("burners") else ""),
+             r["estimate"] + (f" ({vs(r['seconds'], r['estimate_s'])})" if r.get("estimate_s") else ""),
+             {True: "yes", False: "**no**"}.get(r.get("monotone"), "—"), r["quality"], r.get("burners", 0),
              r.get("load", "—")]
             for r in results if r.get("kind") == "adaptive"]
     if rows:
         parts += [(f"#### Adaptive allocation from the dashboard (entropy scores of the Tour, ratio {ADAPTIVE_RATIO}, "
                   "independent mode; Prune → done, quality check included)"),
                   markdown_table(["preset", "halvings", "held-out windows × tokens", "fidelity", "seconds",
-                                  "estimate shown before", "quality at a glance", "load avg"], rows)]
+                                  "estimate shown before (took ÷ estimate)", "bar never went back",
+                                  "quality at a glance", "CPU burners beside", "load avg"], rows)]
     return "\n\n".join(parts) + "\n"
+
+
+def vs(actual: float, estimate: float | None) -> str:
+    """'took 1.3× the estimate'."""
+    return f"took {actual / estimate:.1f}× the estimate" if estimate else "no estimate"
+
+
+def beside(r: dict) -> str:
+    return f", {r['burners']} CPU burners beside" if r.get("burners") else ""
 
 
 def main() -> None:
@@ -228,6 +290,8 @@ def main() -> None:
     parser.add_argument("--skip-fresh", action="store_true", help="skip the fresh-cache scenario (GGUF conversion)")
     parser.add_argument("--thorough", action="store_true", help="also time the thorough adaptive preset")
     parser.add_argument("--write-tour-scores", action="store_true", help="(re)make assets/tour and exit")
+    parser.add_argument("--burners", type=int, default=0,
+                        help="run the scenarios beside this many busy-loop processes (a loaded machine)")
     args = parser.parse_args()
     if args.write_tour_scores:
         write_tour_scores()
@@ -238,8 +302,10 @@ def main() -> None:
     previous = json.loads(stored.read_text()) if stored.exists() else []
     presets = ["quick", "thorough"] if args.thorough else ["quick"]
     results = [r for r in previous if r.get("kind", "responsiveness") not in only
+               or r.get("burners", 0) != args.burners  # the rows measured beside another number of burners stay
                or (r.get("kind") == "adaptive" and r.get("preset") not in presets)]  # a preset not re-run stays
-    with tempfile.TemporaryDirectory(prefix="hfprune-bench-") as tmp:
+    fresh_rows = len(results)
+    with tempfile.TemporaryDirectory(prefix="hfprune-bench-") as tmp, burning(args.burners):
         def env(tag: str) -> dict[str, str]:  # the user's converted model, a fresh run store
             return {**base, "HFPRUNE_RUNS": str(Path(tmp) / tag)}
 
@@ -252,8 +318,11 @@ def main() -> None:
             results.append(tour(env("tour")))
         if "adaptive" in only:
             results += adaptive(env("adaptive"), presets)
+    for r in results[fresh_rows:]:
+        r["burners"] = args.burners
     order = {"responsiveness": 0, "tour": 1, "adaptive": 2}
-    results.sort(key=lambda r: (order.get(r.get("kind", "responsiveness"), 3), r.get("preset") != "quick"))
+    results.sort(key=lambda r: (order.get(r.get("kind", "responsiveness"), 3), r.get("burners", 0),
+                                r.get("preset") != "quick"))
     text = tables(results)
     print(text)
     write_result("dashboard.md", text)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import gradio as gr
+from gradio.context import LocalContext
 from gradio.helpers import TrackedIterable
 
 MIN_FRACTION_FOR_ETA = 0.03  # below this, "time left" would be a guess
@@ -64,17 +65,31 @@ def time_left(done: float, elapsed: float, estimate_s: float | None = None) -> f
     return trust * measured + (1.0 - trust) * estimate_s * (1.0 - done)
 
 
-class JobProgress:
-    """Progress of a job made of ``stages`` equal parts (e.g. one per model or per criterion).
+def engine_bars() -> bool:
+    """Whether the engine's tqdm bars have somewhere to go: True inside a Gradio event whose handler
+    follows them (a ``gr.Progress(track_tqdm=True)``, which sends them to the page and their text to
+    /dev/null). Services pass this as the engine's ``progress`` flag, so an engine call from any other
+    handler, a worker without that context, a test or a benchmark draws no bar in the server's log."""
+    tracker = LocalContext.progress.get(None)
+    return tracker is not None and tracker._progress_callback() is not None
 
+
+class JobProgress:
+    """Progress of a job made of ``stages`` parts (e.g. one per model or per criterion).
+
+    ``weights``: each stage's share of the work, e.g. its estimated seconds (then ``stages`` is their
+    number); without them the stages are equal. A stage weighted by its cost moves the bar as evenly as
+    the work does — a cached scoring pass weighs nothing, an adaptive search most of a Prune.
     ``progress`` is the handler's ``gr.Progress`` (created with ``track_tqdm=True`` so the engine's
     tqdm bars reach it); outside a Gradio event every call here does nothing. ``estimate_s``: the
     up-front estimate shown before the job started (see :func:`time_left`); ``clock``: seconds
     (``time.monotonic``; tests pass a fake). Safe to call from the handler and a worker thread."""
 
     def __init__(self, progress: gr.Progress | None, title: str, stages: int = 1, unit: str = "model",
-                 estimate_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.progress, self.title, self.stages, self.unit = progress, title, max(1, int(stages)), unit
+                 estimate_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 weights: Sequence[float] | None = None) -> None:
+        self.progress, self.title, self.unit = progress, title, unit
+        self._weigh(weights if weights is not None and len(weights) else [1.0] * max(1, int(stages)), 0.0)
         self.stage_index, self.stage_label = 0, ""
         self.detail: tuple[str, float] | None = None  # (what, fraction of the current stage) set by hand
         self.estimate_s, self.clock = estimate_s, clock
@@ -84,7 +99,26 @@ class JobProgress:
         if progress is not None:
             progress._progress_callback = self._callback  # type: ignore[method-assign]  # see module docstring
 
+    def _weigh(self, weights: Sequence[float], base: float) -> None:
+        """Stage k spans [starts[k], starts[k + 1]) of the bar: ``base`` plus its share of what is left."""
+        self.weights = [max(0.0, float(w)) for w in weights] or [1.0]
+        if not sum(self.weights):
+            self.weights = [1.0] * len(self.weights)
+        self.stages, total = len(self.weights), sum(self.weights)
+        self._starts = [base + (1.0 - base) * sum(self.weights[:k]) / total for k in range(self.stages)] + [1.0]
+
     # -- what the handler says --------------------------------------------------------------------
+    def replan(self, weights: Sequence[float], estimate_s: float | None = None) -> None:
+        """From here on the job is ``weights``' stages (e.g. their estimated seconds, known once the model
+        is loaded and probed): the bar keeps the point it reached and they share the rest, starting at
+        stage 0; ``estimate_s``: the seconds they should take (the time left blends it in)."""
+        with self._lock:
+            base = self.reached
+        self._weigh(weights, base)
+        self.stage_index, self.stage_label, self.detail = 0, "", None
+        if estimate_s is not None:
+            self.estimate_s = (self.clock() - self.started) + estimate_s
+
     def stage(self, index: int, label: str = "") -> None:
         """Start stage ``index`` (0-based) called ``label``; pushes an update."""
         self.stage_index, self.stage_label, self.detail = min(index, self.stages - 1), label, None
@@ -94,12 +128,20 @@ class JobProgress:
         """Report progress inside the current stage by hand (for work without a tqdm bar): ``what
         done/total``, at ``fraction`` of the stage when given (else done / total)."""
         share = fraction if fraction is not None else (done / total if total else 0.0)
-        self.detail = (f"{what} {int(done)}/{int(total)}", share)
+        self.detail = (f"{what} {int(done)} of {int(total)}", share)
+        self._push([])
+
+    def report(self, what: str, fraction: float) -> None:
+        """What the current stage is doing now, in words, with ``fraction`` of it done (an engine callback
+        that is not a tqdm bar); pushes an update."""
+        self.detail = (what, fraction)
         self._push([])
 
     def fraction(self, inner: float = 0.0) -> float:
         """Done over the whole job with ``inner`` of the current stage done — never less than before."""
-        now = min(1.0, (self.stage_index + max(0.0, min(1.0, inner))) / self.stages)
+        k = self.stage_index
+        share = self._starts[k + 1] - self._starts[k]
+        now = min(1.0, self._starts[k] + share * max(0.0, min(1.0, inner)))
         with self._lock:
             self.reached = max(self.reached, now)
             return self.reached
@@ -142,13 +184,21 @@ class JobProgress:
         """Fraction of the current stage and its description, from the innermost bar with a length."""
         for item in reversed(list(iterables)):
             if item.length and item.index is not None:
-                label = f"{item.desc or 'step'} {int(item.index)}/{int(item.length)}"
-                return float(item.index) / float(item.length), label
+                return float(item.index) / float(item.length), bar_words(item)
             if item.progress is not None:
                 return float(item.progress), item.desc or ""
         if self.detail is not None:
             return self.detail[1], self.detail[0]
         return 0.0, ""
+
+
+def bar_words(item: TrackedIterable) -> str:
+    """An engine bar in words: 'scoring: 3 of 8 windows'; a bar of one item is just its name."""
+    what, done, total = item.desc or "working", int(item.index or 0), int(item.length or 0)
+    if total <= 1:
+        return what
+    unit = item.unit if item.unit and item.unit not in ("it", "steps") else "step"
+    return f"{what}: {done} of {total} {unit}s"
 
 
 def stream_worker(work: Callable[[Callable[[Any], None]], Any], draw: Callable[[list, bool], Any],

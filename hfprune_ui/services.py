@@ -41,7 +41,13 @@ from core.measure.outputs import (
     per_token_kl_text,
 )
 from core.measure.speed import add_measured_speedups, ideal_speedup, measure_speed
-from core.measure.timing import adaptive_seconds, seconds_per_token
+from core.measure.timing import (
+    adaptive_seconds,
+    evaluation_seconds,
+    refit_seconds,
+    scoring_seconds,
+    seconds_per_token,
+)
 from core.measure.zeroshot import check_tasks, run_zeroshot
 from core.methods import oneshot as engine
 from core.methods.gates import TRAIN_DEFAULTS, DDPOptions, ddp
@@ -78,6 +84,7 @@ from core.studies.stability import (
 from core.studies.sweep import fidelity_sweep
 from core.train.loop import DistillOptions, TrainOptions
 
+from .progress import engine_bars
 from .state import DataSpec, ModelCache, ScoreCache, Session, SessionStore, Variant
 
 T = TypeVar("T")
@@ -209,24 +216,17 @@ class Services:
         (result, run id, where it came from: 'memory' | 'disk' | 'computed')."""
         resolved = resolve_params(criterion, params)  # unknown criterion / bad value: a clear error
         session.set_context(model_spec, data)
-        held = session.scores.get(criterion)
-        if held is not None and held.config.get("precomputed") and held.config.get("criterion_params", {}) == resolved:
-            return held, session.score_runs.get(criterion, ""), "precomputed"  # the Tour's shipped scores
+        stored = self.stored_scores(session, model_spec, data, criterion, resolved)
+        if stored is not None and stored[2] == "precomputed":
+            return stored  # the Tour's shipped scores
         key = ScoreCache.key(model_spec, data, criterion, resolved)
-        origin = "memory"
-        hit = self.scores.get(key)
-        if hit is None:
-            run = self.runs.find("score", {"model": model_spec, "criterion": criterion, "criterion_params": resolved,
-                                           **data.match()})
-            if run is not None:
-                hit, origin = (engine.ScoreResult(run.scores(), run.config, float(run.results.get("seconds", 0))),
-                               run.run_id), "disk"
+        hit, origin = (stored[:2], stored[2]) if stored is not None else (None, "")
         if hit is None:
             loaded = self.model(model_spec)
             with self.model_lock:
                 result = engine.score_model(loaded, criterion, source=data.source, samples=data.samples,
                                               seq_len=data.seq_len, seed=data.seed, batch_size=batch_size,
-                                              progress=True, stop=stop, criterion_params=resolved)
+                                              progress=engine_bars(), stop=stop, criterion_params=resolved)
             config = {**result.config, "source": data.label, "source_path": data.source, "session": session.session_id}
             run = self.runs.create("score", config, results={"seconds": result.seconds,
                                                              "tokens": result.config.get("tokens")},
@@ -235,6 +235,24 @@ class Services:
         self.scores.put(key, *hit)
         session.scores[criterion], session.score_runs[criterion] = hit
         return hit[0], hit[1], origin
+
+    def stored_scores(self, session: Session, model_spec: str, data: DataSpec, criterion: str,
+                      params: dict | None = None) -> tuple[engine.ScoreResult, str, str] | None:
+        """What :meth:`score` would return without computing — (result, run id, 'precomputed' | 'memory' |
+        'disk') — or None when it would score; changes nothing (an estimate asks before the work)."""
+        resolved = resolve_params(criterion, params)
+        held = session.scores.get(criterion)
+        if (held is not None and held.config.get("precomputed") and session.model_spec == model_spec
+                and session.data == data and held.config.get("criterion_params", {}) == resolved):
+            return held, session.score_runs.get(criterion, ""), "precomputed"
+        hit = self.scores.get(ScoreCache.key(model_spec, data, criterion, resolved))
+        if hit is not None:
+            return hit[0], hit[1], "memory"
+        run = self.runs.find("score", {"model": model_spec, "criterion": criterion, "criterion_params": resolved,
+                                       **data.match()})
+        if run is None:
+            return None
+        return engine.ScoreResult(run.scores(), run.config, float(run.results.get("seconds", 0))), run.run_id, "disk"
 
     # -- pruning ---------------------------------------------------------------------------
     def plan(self, loaded: LoadedModel, ratio: float, allocation: str, round_to: int,
@@ -248,14 +266,16 @@ class Services:
     def prune(self, session: Session, criterion: str, ratio: float, allocation: str, round_to: int,
               name: str, stop: Callable[[], bool] | None = None,
               compensate_windows: int = 0, adaptive: dict | None = None,
-              replace: bool = False, keep: Collection[str] = ()) -> tuple[Variant, str | None]:
+              replace: bool = False, keep: Collection[str] = (),
+              on_phase: Callable[[str], None] | None = None) -> tuple[Variant, str | None]:
         """Prune the session's model with its scores for ``criterion``; store the run and the variant.
         ``compensate_windows`` > 0 refits every down_proj by least squares on that many calibration
         windows (of the session's data source and window length); ``adaptive`` holds the adaptive
         search's knobs (see :func:`engine_allocation`). An empty ``name`` gets :func:`prune_name`
         (with '-2', '-3'… when taken); a typed name the session holds is refused, unless ``replace``
         (the Tour remakes its own variants), which replaces it with a notice. A full session makes room
-        with any variant but those in ``keep``."""
+        with any variant but those in ``keep``. ``on_phase(phase)`` is called as each part of the work
+        starts: 'widths' (the allocation; the adaptive search), then 'refit' when compensating."""
         if not session.model_spec or criterion not in session.scores:
             raise PruneConfigError(f"Score the model with '{criterion}' first (Importance tab).")
         typed = (name or "").strip()
@@ -268,10 +288,18 @@ class Services:
         loaded = self.model(session.model_spec)
         scores = session.scores[criterion]
         compensation = self.compensation(session, [criterion], compensate_windows)
+        phase = on_phase or (lambda _phase: None)
+        bars = engine_bars()
         with self.model_lock:
             engine_name, options = engine_allocation(allocation, adaptive)
+            phase("widths")
+            plan = engine.preview_widths(loaded, float(ratio), engine_name, scores=scores, round_to=int(round_to),
+                                         options=options, progress=bars, stop=stop)
+            if compensation.method != "none":
+                phase("refit")
             result = engine.prune_with_scores(loaded, scores, float(ratio), allocation=engine_name, options=options,
-                                                round_to=int(round_to), stop=stop, compensation=compensation)
+                                                round_to=int(round_to), plan=plan, progress=bars, stop=stop,
+                                                compensation=compensation)
             model = pruned_view(loaded.model, result.kept, weights_from=result.model)  # shares non-MLP tensors
             del result.model
         config = {"model": session.model_spec, "name": name, "criterion": criterion, "ratio": float(ratio),
@@ -296,11 +324,11 @@ class Services:
         rows = []
         with self.model_lock:
             reference = Reference(loaded.model, ids)  # the original runs once, not once per variant
-            base = evaluate_reference(reference, progress=True).to_dict()
+            base = evaluate_reference(reference, progress=engine_bars()).to_dict()
             rows.append({"variant": "original", **base})
             for name in names:
                 variant = self.variant(session, name)
-                metrics = evaluate(variant.model, ids, reference, progress=True).to_dict()
+                metrics = evaluate(variant.model, ids, reference, progress=engine_bars()).to_dict()
                 variant.metrics = metrics
                 if variant.run_id:
                     try:
@@ -331,14 +359,14 @@ class Services:
         if draws > 1:
             scored_draws = self.draw_scores(session, names, draws, baseline=baseline, stop=stop, on_draw=on_draw)
             rows = sweep_over_draws(loaded, scored_draws, ratios, ids, allocation=allocation, round_to=int(round_to),
-                                    compensation=compensation, progress=True, stop=stop)
+                                    compensation=compensation, progress=engine_bars(), stop=stop)
             yield from locked_steps(self.model_lock, rows)
             return
         scored = {n: session.scores[n] for n in names}
         if baseline:
             scored[BASELINE] = self.random_scores(session)
         rows = fidelity_sweep(loaded, scored, ratios, ids,
-                              allocation=allocation, round_to=int(round_to), progress=True,
+                              allocation=allocation, round_to=int(round_to), progress=engine_bars(),
                               stop=stop, compensation=compensation)
         yield from locked_steps(self.model_lock, rows)
 
@@ -377,7 +405,8 @@ class Services:
                     with self.model_lock:
                         start = time.perf_counter()
                         scores = score_draws(loaded, [name], [windows[k]], params={name: params},
-                                             batch_size=batch_size, seed=data.seed, progress=True, stop=stop)[name][0]
+                                             batch_size=batch_size, seed=data.seed, progress=engine_bars(),
+                                             stop=stop)[name][0]
                         seconds = time.perf_counter() - start
                     hit = (engine.ScoreResult(scores, {**config, "draw": k}, seconds), "")
                     self.scores.put(key, *hit)
@@ -424,7 +453,7 @@ class Services:
             if on_model is not None:
                 on_model(index, len(chosen), name)
             with self.model_lock:
-                result = run_zeroshot(model, tokenizer, tasks, limit=int(limit), progress=True)
+                result = run_zeroshot(model, tokenizer, tasks, limit=int(limit), progress=engine_bars())
             row = {"variant": name}
             for task, entry in result["tasks"].items():
                 for metric in ("acc", "acc_norm"):
@@ -533,6 +562,7 @@ class Services:
                 "perplexity": metrics.perplexity, "kl": metrics.kl_to_reference, "top1": metrics.top1_agreement}
 
     PROBE_MAX_AGE_S = 10.0  # an estimate re-times the model when its last probe is older than this
+    PROBE_SECONDS = 0.5  # … for about this long: a burst of other work is averaged in, not hit or missed
 
     def seconds_per_token(self, spec: str) -> float:
         """The model's forward time per token on this machine, timed on the spot (a short probe, at
@@ -544,8 +574,9 @@ class Services:
             return last[0]
         if not self.model_lock.acquire(blocking=last is None):
             return last[0]
-        try:  # a warm model needs no warm-up forward: two timed forwards of 2 × 64 tokens
-            value = seconds_per_token(loaded.model, repeats=2, warmup=1 if last is None else 0)
+        try:  # a warm model needs no warm-up forward: forwards of 2 × 64 tokens for PROBE_SECONDS, at least two
+            value = seconds_per_token(loaded.model, repeats=2, warmup=1 if last is None else 0,
+                                      min_seconds=self.PROBE_SECONDS)
         finally:
             self.model_lock.release()
         self._per_token[spec] = (value, time.monotonic())
@@ -558,16 +589,55 @@ class Services:
         return adaptive_seconds(self.seconds_per_token(spec), layers, halvings, heldout_samples * heldout_seq_len,
                                 sequential)
 
+    PRUNE_PHASES = ("scores", "widths", "refit", "quality")  # the parts of a Prune, in order (see prune_seconds)
+
+    def prune_seconds(self, session: Session, model_spec: str, data: DataSpec, criterion: str, allocation: str, *,
+                      params: dict | None = None, adaptive: dict | None = None,
+                      compensate_windows: int = 0) -> dict[str, float]:
+        """About how long each part of a Prune takes on this machine now, in :attr:`PRUNE_PHASES` order:
+        scoring (0 when the scores are stored), the widths (the adaptive search; others are instant), the
+        least-squares refit and the quality at a glance — scaled from a probe timed on the spot."""
+        per_token = self.seconds_per_token(model_spec)
+        stored = self.stored_scores(session, model_spec, data, criterion, params)
+        scores = 0.0 if stored else scoring_seconds(per_token, data.samples * data.seq_len, REGISTRY[criterion].cost)
+        widths = 0.0
+        if allocation in ("adaptive", SEQUENTIAL):
+            _, options = engine_allocation(allocation, adaptive)
+            widths = self.adaptive_seconds(model_spec, options.halvings, options.heldout_samples,
+                                           options.heldout_seq_len, sequential=allocation == SEQUENTIAL)
+        refit = refit_seconds(per_token, int(compensate_windows) * data.seq_len)
+        quality = evaluation_seconds(per_token, self.QUICK_WINDOWS * self.QUICK_SEQ_LEN, models=2)
+        return dict(zip(self.PRUNE_PHASES, (scores, widths, refit, quality)))
+
     # -- the Tour's precomputed default scores (assets/tour; recomputable with one click) ------------
+    def tour_seconds(self, session: Session, model_spec: str, data: DataSpec, criteria: list[str], folder: Path,
+                     recompute: bool = False) -> list[float]:
+        """About how long :meth:`tour_scores` takes for each criterion on this machine now: 0 for shipped or
+        stored scores, else a scoring pass scaled from a probe timed on the spot."""
+        out = []
+        for criterion in criteria:
+            shipped = not recompute and (folder / tour_file(model_spec, data, criterion)).is_file()
+            stored = self.stored_scores(session, model_spec, data, criterion)
+            if shipped or (stored is not None and stored[2] != "precomputed"):
+                out.append(0.0)
+            else:
+                out.append(scoring_seconds(self.seconds_per_token(model_spec), data.samples * data.seq_len,
+                                           REGISTRY[criterion].cost))
+        return out
+
     def tour_scores(self, session: Session, model_spec: str, data: DataSpec, criteria: list[str], folder: Path,
-                    recompute: bool = False, stop: Callable[[], bool] | None = None) -> dict[str, str]:
+                    recompute: bool = False, stop: Callable[[], bool] | None = None,
+                    on_criterion: Callable[[int, str], None] | None = None) -> dict[str, str]:
         """Make ``criteria``'s scores for (model, data) the session's: read from ``folder`` (shipped,
         computed with exactly these settings; marked ``precomputed`` in their config) unless ``recompute``
         or a file is missing or does not fit the model, else computed here (cached / stored like any
-        scoring). Returns {criterion: 'precomputed' | 'memory' | 'disk' | 'computed'}."""
+        scoring). ``on_criterion(k, name)`` is called before criterion k. Returns {criterion:
+        'precomputed' | 'memory' | 'disk' | 'computed'}."""
         widths = mlp_widths(self.model(model_spec).model)
         origins = {}
-        for criterion in criteria:
+        for index, criterion in enumerate(criteria):
+            if on_criterion is not None:
+                on_criterion(index, criterion)
             path = folder / tour_file(model_spec, data, criterion)
             result = None
             if not recompute and path.is_file():
@@ -656,15 +726,16 @@ class Services:
 
     # -- neuron inspector, rank stability, reports -------------------------------------------
     def neuron(self, session: Session, spec: str, data: DataSpec, layer: int, index: int, *, top_k: int,
-               stop: Callable[[], bool] | None = None) -> NeuronReport:
+               stop: Callable[[], bool] | None = None,
+               on_progress: Callable[[str, float], None] | None = None) -> NeuronReport:
         """One neuron of ``spec`` up close (core.neuron) on ``data``'s calibration windows, with its ranks
-        under the session's scores."""
+        under the session's scores; ``on_progress(what, fraction)`` as its two passes go."""
         loaded = self.model(spec)
         windows = calibration_windows(loaded.tokenizer, data.source, data.samples, data.seq_len, data.seed,
                                       max_length=loaded.max_length)
         with self.model_lock:
             return inspect_neuron(loaded, windows, int(layer), int(index), scores=session.scores, stop=stop,
-                                  options=InspectOptions(top_k=int(top_k)))
+                                  options=InspectOptions(top_k=int(top_k)), on_progress=on_progress)
 
     def stability(self, session: Session, spec: str, data: DataSpec, criteria: list[str], options: StabilityOptions,
                   *, ratios: list[float], params: dict | None = None, stop: Callable[[], bool] | None = None,
@@ -674,24 +745,26 @@ class Services:
         loaded = self.model(spec)
         with self.model_lock:
             result, _scores = measure_stability(loaded, criteria, options, ratios=ratios, params=params,
-                                                progress=True, stop=stop, on_draw=on_draw)
+                                                progress=engine_bars(), stop=stop, on_draw=on_draw)
         out = result.to_dict()
         run = self.runs.create("stability", {**result.config, "model": spec, "source": data.label,
                                              "criteria": criteria, "session": session.session_id},
                                results={"stability": out, "summary": result.summary()})
         return {**out, "run_id": run.run_id}
 
-    def export_report(self, run_id: str, contexts: list[str]) -> tuple[str, Path]:
+    def export_report(self, run_id: str, contexts: list[str],
+                      on_step: Callable[[int, str], None] | None = None) -> tuple[str, Path]:
         """A stored score or prune run as one HTML file (core.report) in a fresh temporary folder: (html, path).
         A prune run's model is rebuilt to draw the menus after ``contexts`` and, without stored metrics,
         to evaluate it on the held-out windows of the quality at a glance (4 × 64 tokens), so the
-        report's perplexity is the number the Prune tab showed; the report says which windows."""
+        report's perplexity is the number the Prune tab showed; the report says which windows.
+        ``on_step(k, what)`` as each of core.studies.report's REPORT_STEPS starts (its only progress)."""
         run = self.runs.load(run_id)
         loaded = self.model(run.config["model"]) if run.kind == "prune" else None
         with self.model_lock:
             html = build_report(run_id, store=self.runs, loaded=loaded, contexts=contexts,
                                 eval_windows=self.QUICK_WINDOWS, eval_seq_len=self.QUICK_SEQ_LEN,
-                                progress=True)
+                                progress=False, on_step=on_step)
         folder = Path(tempfile.mkdtemp(prefix="hfprune-report-"))
         return html, write_report(html, folder / f"report-{run_id}.html")
 
@@ -856,7 +929,7 @@ class Services:
     def rebuild_variant_model(self, run) -> torch.nn.Module:
         """The model of a stored prune, ddp or recover run (core.report.rebuild_run_model on its base model).
         Callers hold ``model_lock``."""
-        return rebuild_run_model(run, self.model(run.config.get("model")), self.runs)
+        return rebuild_run_model(run, self.model(run.config.get("model")), self.runs, progress=engine_bars())
 
     def load_recover_run(self, session: Session, run) -> str:
         """A stored recover run → a session variant (rebuilt from the prune run it started from)."""

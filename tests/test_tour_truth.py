@@ -309,7 +309,8 @@ def test_the_tour_steps_4_and_6_say_what_their_tables_show(real, tmp_path, monke
     monkeypatch.setattr(tour, "HEAL_WINDOWS", 16)
     services = Services(runs_root=tmp_path / "runs")
     services.models._models["smollm2-135m"] = real  # the session's loaded model, not a second copy
-    assert "**precomputed**" in tour.make_step1(services).__wrapped__()
+    text, estimate = tour.make_step1(services).__wrapped__()
+    assert "**precomputed**" in text and "*Recompute* scores both criteria here: **about " in estimate
     check_step4_output(tour.make_step4(services).__wrapped__(), services)
     outputs = list(tour.make_step6(services).__wrapped__())
     assert outputs[0][0].startswith("Estimated time: **about ")

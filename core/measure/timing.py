@@ -28,23 +28,25 @@ PARTIAL_FORWARD = 0.6  # an adaptive probe restarts at its layer: on average abo
 
 @torch.no_grad()
 def seconds_per_token(model: nn.Module, seq_len: int = 64, batch: int = 2, repeats: int = 3,
-                      warmup: int = 1) -> float:
-    """Forward time per token (no grad), the median of ``repeats`` forwards of ``batch`` × ``seq_len``
-    random token ids after ``warmup`` untimed ones: measured now, so it includes the machine's load."""
+                      warmup: int = 1, min_seconds: float = 0.0, max_repeats: int = 20) -> float:
+    """Forward time per token (no grad): the mean of at least ``repeats`` timed forwards of ``batch`` ×
+    ``seq_len`` random token ids — more, up to ``max_repeats``, until ``min_seconds`` have been timed —
+    after ``warmup`` untimed ones. Measured now, so it includes the machine's load; the mean rather than
+    the median because a job on a machine whose load comes in bursts runs at its average pace."""
     model.eval()
     device = next(model.parameters()).device
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     for _ in range(warmup):
         model(input_ids=ids, use_cache=False)
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_repeats):
         start = time.perf_counter()
         model(input_ids=ids, use_cache=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) / (batch * seq_len)
+    return statistics.mean(times) / (batch * seq_len)
 
 
 def scoring_seconds(per_token: float, tokens: int, cost: str) -> float:
@@ -58,6 +60,17 @@ def adaptive_seconds(per_token: float, layers: int, halvings: int, heldout_token
     on the held-out slice."""
     probes = expected_probes(layers, halvings, "sequential" if sequential else "independent")
     return per_token * heldout_tokens * (1.0 + probes * PARTIAL_FORWARD)
+
+
+def refit_seconds(per_token: float, compensation_tokens: int) -> float:
+    """The least-squares refit of every down_proj: the dense model over its calibration tokens while the
+    statistics are gathered (about two forwards' worth), then a small solve per layer."""
+    return per_token * 2 * compensation_tokens
+
+
+def evaluation_seconds(per_token: float, eval_tokens: int, models: int = 1) -> float:
+    """``models`` models (a variant and its dense reference: 2) over ``eval_tokens`` held-out tokens."""
+    return per_token * models * eval_tokens
 
 
 def sweep_seconds(per_token: float, rows: int, eval_tokens: int, compensation_tokens: int = 0) -> float:
@@ -95,4 +108,5 @@ def heal_seconds(per_token: float, compensation_tokens: int, minutes: float, eva
     """The Tour's healing step: a least-squares refit (the dense model over its calibration tokens,
     about twice a forward with the statistics), a recovery of ``minutes`` plus its held-out checks, and
     ``models`` models measured on ``eval_tokens`` held-out tokens."""
-    return per_token * (2 * compensation_tokens + RECOVERY_OVERHEAD_TOKENS + models * eval_tokens) + 60 * minutes
+    return (refit_seconds(per_token, compensation_tokens) + per_token * RECOVERY_OVERHEAD_TOKENS
+            + evaluation_seconds(per_token, eval_tokens, models) + 60 * minutes)

@@ -120,9 +120,10 @@ def ablate_neuron(model: nn.Module, layer: int, index: int,
 
 @torch.no_grad()
 def neuron_activations(model: nn.Module, windows: torch.Tensor, layer: int, index: int, *, batch_size: int = 4,
-                       stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                       stop: Callable[[], bool] | None = None,
+                       on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """a_j at every calibration token: (N, T) windows → (N, T) fp32, one forward pass of the decoder
-    stack with one hook on ``layer``'s down_proj."""
+    stack with one hook on ``layer``'s down_proj; ``on_batch(windows done)`` after each batch."""
     check_neuron(model, layer, index)
     out: list[torch.Tensor] = []
 
@@ -134,6 +135,8 @@ def neuron_activations(model: nn.Module, windows: torch.Tensor, layer: int, inde
         for batch in batches(windows, batch_size):
             check_stop(stop, "The neuron inspection was stopped.")
             base_forward(model, batch.to(device))
+            if on_batch is not None:
+                on_batch(sum(int(o.shape[0]) for o in out))
     return torch.cat(out)
 
 
@@ -182,20 +185,27 @@ def _menu(dense: torch.Tensor, removed: torch.Tensor, k: int, decode: Callable[[
 @torch.no_grad()
 def inspect_neuron(loaded, windows: torch.Tensor, layer: int, index: int, *,
                    scores: Mapping[str, object] | None = None, options: InspectOptions | None = None,
-                   stop: Callable[[], bool] | None = None) -> NeuronReport:
+                   stop: Callable[[], bool] | None = None,
+                   on_progress: Callable[[str, float], None] | None = None) -> NeuronReport:
     """Everything about neuron ``index`` of ``layer``: ranks under ``scores`` (criterion → scores),
     its top-activating tokens in ``windows`` (N, T) with their text, and the next-token menu and KL
     at each of them when this neuron alone is removed.
 
     Cost: one forward pass of the decoder stack over ``windows``, then one of the full model over the
     (≤ top_k) windows that hold the shown tokens, dense and ablated rows in one batch, each cut after
-    its last shown token."""
+    its last shown token. ``on_progress(what, fraction)``: after each batch, with the share of those
+    tokens done (never decreasing; the second pass is counted at its largest until its size is known)."""
     options = options or InspectOptions()
     model, tokenizer = loaded.model, loaded.tokenizer
     check_neuron(model, layer, index)
     widths = [h.width for h in mlp_handles(model)]
     ranked = criterion_ranks(scores or {}, layer, index, widths)
-    acts = neuron_activations(model, windows, layer, index, batch_size=options.batch_size, stop=stop)  # (N, T)
+    n, T = int(windows.shape[0]), int(windows.shape[1])
+    first, second = n * T, 2 * min(options.top_k, n) * T  # tokens through the model: pass 1, pass 2 at most
+    report = on_progress or (lambda _what, _fraction: None)
+    acts = neuron_activations(model, windows, layer, index, batch_size=options.batch_size, stop=stop,
+                              on_batch=lambda done: report(f"activations over {done} of {n} calibration windows",
+                                                           done * T / (first + second)))  # (N, T)
     has_bos = bos_token(tokenizer) is not None and bool((windows[:, 0] == bos_token(tokenizer)).all())
     picks = top_positions(acts, options.top_k, options.by, skip_first=has_bos)
 
@@ -208,6 +218,8 @@ def inspect_neuron(loaded, windows: torch.Tensor, layer: int, index: int, *,
     logp: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     device = next(model.parameters()).device
     step = max(1, options.batch_size // 2)
+    second = 2 * sum(last[w] + 1 for w in chosen)  # its real size: each shown window up to its last shown token
+    done = 0
     for start in range(0, len(chosen), step):
         check_stop(stop, "The neuron inspection was stopped.")
         group = chosen[start:start + step]
@@ -215,6 +227,9 @@ def inspect_neuron(loaded, windows: torch.Tensor, layer: int, index: int, *,
         ids = windows[group, :length].to(device)  # (G, t)
         with ablate_neuron(model, layer, index, rows=slice(len(group), None)):
             hidden = base_forward(model, torch.cat([ids, ids]))  # (2G, t, H)
+        done += 2 * sum(last[w] + 1 for w in group)
+        report(f"removing the neuron: {min(start + step, len(chosen))} of {len(chosen)} windows",
+               (first + done) / (first + second))
         for row, w in enumerate(group):
             for ww, p in picks:
                 if ww == w:

@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -286,14 +286,22 @@ def render_html(title: str, sections: list[tuple[str, list]], subtitle: str = ""
             + f"<script>{chr(10).join(scripts)}</script></body></html>\n")
 
 
+# what build_report does, in order, as its on_step callback names it
+REPORT_STEPS = ("rebuilding the pruned model", "drawing the next-token menus", "measuring it on held-out text",
+                "writing the page")
+
+
 def build_report(run_id: str, *, store: RunStore | None = None, loaded=None, model=None,
                  contexts: Sequence[str] = DEFAULT_CONTEXTS, menu_k: int = 8, eval_windows: int = 0,
-                 eval_seq_len: int = QUICK_EVAL[1], progress: bool = False) -> str:
+                 eval_seq_len: int = QUICK_EVAL[1], progress: bool = False,
+                 on_step: Callable[[int, str], None] | None = None) -> str:
     """HTML report of a stored run. For a prune run and a ``loaded`` base model, the pruned model is
     rebuilt from the run's kept indices (or ``model`` is used) to draw the next-token menus for
     ``contexts``, and — when the run has no stored metrics and ``eval_windows`` > 0 — to evaluate it
     on ``eval_windows`` × ``eval_seq_len`` held-out tokens of the run's corpus (wiki for an upload;
-    the dashboard's quality at a glance uses ``QUICK_EVAL``, 4 × 64). The report names the windows."""
+    the dashboard's quality at a glance uses ``QUICK_EVAL``, 4 × 64). The report names the windows.
+    ``on_step(k, what)`` as each of :data:`REPORT_STEPS` starts (a score run has only the last)."""
+    step = on_step or (lambda _k, _what: None)
     store = store or RunStore()
     run = store.load(run_id)
     if run.kind not in ("score", "prune"):
@@ -303,17 +311,21 @@ def build_report(run_id: str, *, store: RunStore | None = None, loaded=None, mod
         if loaded.spec != run.config.get("model"):
             raise HFPruneError(f"Run {run_id} pruned {run.config.get('model')}, not {loaded.spec}.")
         if model is None:
+            step(0, REPORT_STEPS[0])
             model = rebuild_run_model(run, loaded, store, progress=progress)
         name = run.config.get("name") or "pruned"
+        step(1, REPORT_STEPS[1])
         menus = [next_token_menus({"original": loaded.model, name: model}, loaded.tokenizer, c, menu_k)
                  for c in contexts if c.strip()]
         if not run.results.get("metrics") and eval_windows > 0:
+            step(2, REPORT_STEPS[2])
             source = run.config.get("source") if run.config.get("source") in ("wiki", "news") else "wiki"
             ids = evaluation_windows(loaded.tokenizer, source, eval_windows, eval_seq_len, max_length=loaded.max_length)
             original = evaluate(loaded.model, ids, progress=progress).to_dict()
             pruned = evaluate(model, ids, loaded.model, progress=progress).to_dict()
             metrics = [{"model": "original", "source": source, **original},
                        {"model": name, "source": source, **pruned}]
+    step(3, REPORT_STEPS[3])
     title = f"HFPrune Studio report — {run.kind} run {run.run_id}"
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = (f"model {run.config.get('model')}; criterion {run.config.get('criterion')}; created "

@@ -128,7 +128,8 @@ def build(ctx: Ctx) -> None:
     outputs = [status, scatter, rho, overlap, table]
     ctx.add(agree_a=a, agree_b=b, agree_layer=layer, agree_ratio=ratio, agree_outputs=outputs)
     event = go.click(make_compare(services), [a, b, layer, ratio, *ctx.data_inputs, *ctx.criterion_inputs],
-                     [*outputs, layer], api_name="compare_criteria", **model_events())
+                     [*outputs, layer], api_name="compare_criteria", show_progress_on=status,
+                     **model_events())
     ctx.after(event)
     stop_on_click(services, stop_button, status, [event], what="scoring")
     redraw = make_redraw(services)

@@ -246,7 +246,7 @@ def build(ctx: Ctx) -> None:
     start_event = start_button.click(make_start(services), [ratio, units, head_ratio, minutes, steps, lr, warm_start,
                                                             name, batch_size, seq_len, eval_every, kd_weight],
                                      [status, sparsity_plot, lambda_plot, hist_plot, snapshot, widths_plot, snapshots],
-                                     api_name="ddp", **model_events())
+                                     api_name="ddp", show_progress_on=status, **model_events())
     ctx.after(start_event)  # the status line counts the new variant (and shows what made room)
     stop_button.click(make_stop(services), None, status, queue=False, api_name="ddp_stop")
     snapshot.change(show_snapshot, [snapshot, snapshots], hist_plot, api_visibility="private")

@@ -205,7 +205,7 @@ def build(ctx: Ctx) -> None:
             score_status=status)
     event = score_button.click(make_score(services), [chosen, *ctx.data_inputs, *ctx.criterion_inputs, *views],
                                [status, hist, heat, table, layers, shown, heat_criterion],
-                               api_name="score", **model_events())
+                               api_name="score", show_progress_on=status, **model_events())
     ctx.after(event)
     stop_on_click(services, stop_button, status, [event], api_name="stop", what="scoring")
     redraw = make_redraw(services)

@@ -26,6 +26,7 @@ from ..services import Services, criteria
 from ..state import Session
 
 OVERLAP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+REPORT_WEIGHTS = (2, 1, 2, 1)  # the report's steps (core.studies.report.REPORT_STEPS), by their rough cost
 RANK_COLUMNS = ["criterion", "score", "rank in layer (1 = most important)", "percentile (0 = least important)"]
 # core.stability's summary rows without their "kind" (one overlap column per ratio of the overlap)
 SUMMARY_COLUMNS = ["comparison", "pairs", "mean_rho", "min_layer_rho", *(f"overlap@{r:g}" for r in OVERLAP_RATIOS)]
@@ -62,13 +63,15 @@ def make_inspect(services: Services):
         """Inspect one neuron on the session's calibration windows (one forward pass + the ablation)."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
-        tracker = JobProgress(progress, "Inspect", stages=1, unit="neuron")
         spec, data = _context(services, session, (model, source, upload, samples, seq_len, seed))
+        # a model already loaded weighs nothing; otherwise loading takes about a third of the bar
+        tracker = JobProgress(progress, "Inspect", unit="step", weights=[0 if services.models.cached(spec) else 1, 2])
         tracker.stage(0, f"loading {spec}")
         services.model(spec)
         layer, index = _int(layer, "layer"), _int(index, "neuron index")
-        tracker.stage(0, f"layer {layer}, neuron {index}")
-        report = services.neuron(session, spec, data, layer, index, top_k=int(top_k), stop=job.is_set)
+        tracker.stage(1, f"layer {layer}, neuron {index}")
+        report = services.neuron(session, spec, data, layer, index, top_k=int(top_k), stop=job.is_set,
+                                 on_progress=tracker.report)
         data_out = report.to_dict()
         ranks = pd.DataFrame([{"criterion": r.criterion, "score": float(f"{r.score:.4g}"),
                                "rank in layer (1 = most important)": f"{r.rank} of {r.width}",
@@ -193,7 +196,9 @@ def make_report(services: Services):
         if not run_id:
             raise SelectionError("Choose a stored run first (refresh the list if it is empty).")
         texts_ = [line for line in (contexts or "").splitlines() if line.strip()] or list(DEFAULT_CONTEXTS)
-        html, path = services.export_report(run_id, texts_)
+        # rebuilding (a refit redone), the menus, the held-out check, the page: about 2 : 1 : 2 : 1
+        tracker = JobProgress(progress, "Report", unit="step", weights=REPORT_WEIGHTS)
+        html, path = services.export_report(run_id, texts_, on_step=tracker.stage)
         return f"Report of run `{run_id}` written ({len(html) / 1e6:.1f} MB, plotly.js inlined: opens offline).", \
             str(path)
     return report
@@ -247,7 +252,7 @@ def build(ctx: Ctx):
 
     inspect_event = go.click(make_inspect(services), [layer, index, top_k, *ctx.data_inputs],
                              [status, ranks, contexts, choice, menu, report_state], api_name="inspect_neuron",
-                             **model_events())
+                             show_progress_on=status, **model_events())
     stop_on_click(services, stop_button, status, [inspect_event], what="inspection")
     choice.input(show_menu, [choice, report_state], menu, api_visibility="private")
     outputs = [status, ranks, contexts, choice, menu, report_state]
@@ -255,7 +260,7 @@ def build(ctx: Ctx):
     stability_event = measure.click(make_stability(services), [chosen, draws, ratio, *ctx.data_inputs,
                                                                *ctx.criterion_inputs],
                                     [stability_status, rho_plot, overlap_plot, summary, stability_state],
-                                    api_name="rank_stability", **model_events())
+                                    api_name="rank_stability", show_progress_on=stability_status, **model_events())
     stop_on_click(services, stop_stability, stability_status, [stability_event], what="stability run")
     ratio.input(draw_stability, [stability_state, ratio], [stability_status, rho_plot, overlap_plot, summary],
                 api_visibility="private")
@@ -267,7 +272,7 @@ def build(ctx: Ctx):
     refresh.click(refresh_runs, None, run_id, api_visibility="private")
     tab.select(refresh_runs, None, run_id, api_visibility="private")
     export.click(make_report(services), [run_id, contexts_box], [report_status, report_file], api_name="export_report",
-                 **model_events())
+                 show_progress_on=report_status, **model_events())
     for event in (inspect_event, stability_event):
         ctx.after(event)
 
@@ -279,9 +284,11 @@ def build(ctx: Ctx):
                        ctx["heat_criterion"] if "heat_criterion" in ctx.components else pick_box]
         pick_box.change(make_pick(services), pick_inputs, [ctx["tabs"], layer, index],
                        api_visibility="private").then(make_inspect(services), inputs, outputs,
-                                                      api_visibility="private", **model_events())
+                                                      api_visibility="private", show_progress_on=status,
+                                                      **model_events())
         if "agree_outputs" in ctx.components:
             ctx["agree_outputs"][4].select(pick_row, None, [ctx["tabs"], layer, index],
                                            api_visibility="private").then(make_inspect(services), inputs, outputs,
-                                                                          api_visibility="private", **model_events())
+                                                                          api_visibility="private",
+                                                                          show_progress_on=status, **model_events())
     return wire

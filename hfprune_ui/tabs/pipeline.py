@@ -188,9 +188,9 @@ def build(ctx: Ctx) -> None:
         plot = gr.Plot(label="Fidelity and speed per order", elem_id="pipeline-plot")
     inputs = [ctx["model"], order, ratio, criterion, allocation, quant, params, minutes, steps, lr, zeroshot]
     one = run_button.click(make_start(services, False), inputs, [status, table, plot], api_name="pipeline",
-                           **model_events())
+                           show_progress_on=status, **model_events())
     many = ablation_button.click(make_start(services, True), inputs, [status, table, plot],
-                                 api_name="pipeline_ablation", **model_events())
+                                 api_name="pipeline_ablation", show_progress_on=status, **model_events())
     stop_on_click(services, stop_button, status, [one, many], api_name="pipeline_stop", what="pipeline")
     ctx.after(one)
     ctx.after(many)

@@ -177,15 +177,24 @@ def make_prune(services: Services):
         knobs = adaptive_knobs(halvings, heldout_samples, heldout_seq_len, fidelity)
         data = services.data_spec(source, upload, samples, seq_len, seed)
         spec = (model or "").strip()
-        tracker = JobProgress(progress, "Prune", stages=3, unit="step")
+        windows = int(compensate_windows) if compensate else 0
+        tracker = JobProgress(progress, "Prune", stages=1, unit="step")
+        tracker.stage(0, f"loading {spec}")
+        services.model(spec)
+        # each part weighs what it should cost on this machine now, so the bar moves as evenly as the work
+        seconds = services.prune_seconds(session, spec, data, criterion, allocation, adaptive=knobs,
+                                         params=criterion_knobs.get(criterion), compensate_windows=windows)
+        tracker.replan(list(seconds.values()), estimate_s=sum(seconds.values()))
+        labels = {"widths": "adaptive search" if allocation in ("adaptive", SEQUENTIAL) else "pruning",
+                  "refit": "least-squares refit"}
+        phases = list(seconds)
         tracker.stage(0, f"scores for {criterion}")
         services.score(session, spec, data, criterion, stop=job.is_set,
                        params=criterion_knobs.get(criterion))
-        tracker.stage(1, "adaptive search" if allocation in ("adaptive", SEQUENTIAL) else "pruning")
         variant, evicted = services.prune(session, criterion, ratio, allocation, int(round_to), name, stop=job.is_set,
-                                          compensate_windows=int(compensate_windows) if compensate else 0,
-                                          adaptive=knobs)
-        tracker.stage(2, "quality at a glance")
+                                          compensate_windows=windows, adaptive=knobs,
+                                          on_phase=lambda phase: tracker.stage(phases.index(phase), labels[phase]))
+        tracker.stage(phases.index("quality"), "quality at a glance")
         quality = services.quick_quality(session, variant.name, stop=job.is_set)
         if quality:
             variant.metrics = {**(variant.metrics or {}), "kl": quality["kl"], "quick": quality}
@@ -531,14 +540,15 @@ def build(ctx: Ctx) -> None:
     sweep_event = sweep_button.click(make_sweep(services), [sweep_criteria, sweep_ratios, sweep_allocation, round_to,
                                                             sweep_windows, sweep_len, sweep_metric,
                                                             compensate_windows, sweep_baseline, sweep_draws],
-                                     [sweep_frame, sweep_plot, sweep_note], api_name="sweep", **model_events())
+                                     [sweep_frame, sweep_plot, sweep_note], api_name="sweep",
+                                     show_progress_on=sweep_frame, **model_events())
     ctx.after(sweep_event)
     stop_on_click(services, sweep_stop, sweep_note, [sweep_event], api_name="sweep_stop", what="sweep")
     prune_event = prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, compensate,
                                                             compensate_windows, name, *ctx.data_inputs,
                                                             *ctx.criterion_inputs, *knobs],
                                      [status, export_variant, trace_plot, *panel_outputs, preview_plot],
-                                     api_name="prune",
+                                     api_name="prune", show_progress_on=status,
                                      **model_events())
     ctx.after(prune_event)
     stop_on_click(services, stop_button, status, [prune_event], what="pruning")
@@ -554,6 +564,6 @@ def build(ctx: Ctx) -> None:
     gguf_type.input(make_format_note(services), [export_variant, mode, gguf_type], [export_why, gguf_type],
                     api_visibility="private")
     zip_button.click(make_export_zip(services), [export_variant, mode, gguf_type], [export_file, export_status],
-                     api_name="export_zip", **model_events())
+                     api_name="export_zip", show_progress_on=export_status, **model_events())
     save_button.click(make_export_save(services), [export_variant, mode, folder, gguf_type], export_status,
                       api_name="export_save", **model_events())

@@ -308,7 +308,8 @@ def build(ctx: Ctx) -> None:
         component.input(make_estimates(services), estimate_inputs, [zeroshot_estimate, bench_estimate],
                         api_visibility="private")
     quantize_event = quantize_button.click(make_quantize(services), [source, method],
-                                           [quantize_status, source, variants], api_name="quantize", **model_events())
+                                           [quantize_status, source, variants], api_name="quantize",
+                                           show_progress_on=quantize_status, **model_events())
     ctx.after(quantize_event)
     # one progress bar per job: Gradio draws one on every output unless told where (show_progress_on)
     zeroshot_event = zeroshot_button.click(make_zeroshot(services), [variants, tasks, limit],

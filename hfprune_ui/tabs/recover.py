@@ -162,6 +162,7 @@ def build(ctx: Ctx) -> None:
     tab.select(make_variants(services), source, source, api_visibility="private")
     start_event = start_button.click(make_start(services), [source, params, minutes, steps, lr, name, tau, alpha,
                                                             lora_rank, batch_size, seq_len, eval_every],
-                                     [status, plot, source], api_name="recover", **model_events())
+                                     [status, plot, source], api_name="recover", show_progress_on=status,
+                                     **model_events())
     ctx.after(start_event)  # the status line counts the new variant (and shows what made room)
     stop_button.click(make_stop(services), None, status, queue=False, api_name="recover_stop")

@@ -172,4 +172,4 @@ def build(ctx: Ctx) -> None:
     run_id.change(make_details(services), run_id, details, api_name="run_details")
     ctx.after(load_button.click(make_load(services), run_id, status, api_name="run_load", **model_events()))
     ctx.after(delete_button.click(make_delete(services), [run_id, mine_only], [status, table, run_id],
-                                  api_name="run_delete", **model_events()))
+                                  api_name="run_delete", show_progress_on=status, **model_events()))

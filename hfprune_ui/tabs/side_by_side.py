@@ -137,8 +137,8 @@ def build(ctx: Ctx) -> None:
     generate_button.click(make_generate(services), [variants, prompt, max_new, temperature, top_k, top_p, seed],
                           generations, api_name="generate", **model_events())
     menu_button.click(make_menu(services), [variants, context, k], [menu_plot, menu_text], api_name="menu",
-                      **model_events())
+                      show_progress_on=menu_plot, **model_events())
     kl_button.click(make_kl(services), [kl_variant, kl_input], [kl_html, kl_text], api_name="token_kl",
-                    **model_events())
+                    show_progress_on=kl_html, **model_events())
     eval_button.click(make_evaluate(services), [variants, windows, eval_len], [metrics, metrics_plot],
-                      api_name="evaluate", **model_events())
+                      api_name="evaluate", show_progress_on=metrics, **model_events())

@@ -64,12 +64,14 @@ def make_step1(services: Services, recompute: bool = False):
         """Scores for entropy and cross-entropy on the defaults: shipped (precomputed) or computed here."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
-        tracker = JobProgress(progress, "Tour step 1", stages=2, unit="step")
+        tracker = JobProgress(progress, "Tour step 1", stages=1, unit="criterion")
         tracker.stage(0, f"loading {DEFAULT_MODEL}")
         services.model(DEFAULT_MODEL)
-        tracker.stage(1, "scores")
+        seconds = services.tour_seconds(session, DEFAULT_MODEL, DEFAULT_DATA, list(CRITERIA), ASSETS, recompute)
+        tracker.replan(seconds, estimate_s=sum(seconds))  # shipped scores weigh nothing, a scoring pass its cost
         origins = services.tour_scores(session, DEFAULT_MODEL, DEFAULT_DATA, list(CRITERIA), ASSETS,
-                                       recompute=recompute, stop=job.is_set)
+                                       recompute=recompute, stop=job.is_set,
+                                       on_criterion=lambda k, c: tracker.stage(k, f"scores for {c}"))
         lines = []
         for criterion, origin in origins.items():
             result = session.scores[criterion]
@@ -80,8 +82,20 @@ def make_step1(services: Services, recompute: bool = False):
             lines.append(f"**{criterion}**: {how}")
         neurons = sum(s.numel() for s in session.scores[CRITERIA[0]].scores)
         return (f"Scored all {count(neurons)} MLP neurons of {DEFAULT_MODEL} on {DEFAULT_DATA.short()}.  \n"
-                + "  \n".join(lines))
+                + "  \n".join(lines)), recompute_estimate(services, session)
     return step1
+
+
+def recompute_estimate(services: Services, session: Session) -> str:
+    """What "Recompute" would take, from a probe of the loaded model timed now (nothing before step 1 has
+    loaded it: the button claims no time it has not measured)."""
+    if not services.models.cached(DEFAULT_MODEL):
+        return "Step 1 loads the model; then the time a recompute takes is measured here."
+    seconds = services.tour_seconds(session, DEFAULT_MODEL, DEFAULT_DATA, list(CRITERIA), ASSETS, recompute=True)
+    if not sum(seconds):
+        return "*Recompute*: both scores were computed on this machine already (cached), so it is instant."
+    return (f"*Recompute* scores both criteria here: **about {duration(sum(seconds))}** on this machine now "
+            f"(from a probe of the model timed just now, so a busy machine shows a longer time).")
 
 
 def make_step2(services: Services):
@@ -335,8 +349,10 @@ def build(ctx: Ctx):
         gr.Markdown(f"### 1 · {steps[0][0]}\n{steps[0][1]}")
         with gr.Row():
             b1 = gr.Button("1 · Score with entropy and cross-entropy", variant="primary", elem_id="tour-1")
-            recompute = gr.Button("Recompute the scores on this machine (~20 s)", elem_id="tour-1-recompute")
+            recompute = gr.Button("Recompute the scores on this machine", elem_id="tour-1-recompute")
         out1 = gr.Markdown("", elem_id="tour-1-out")
+        recompute_time = gr.Markdown("Step 1 loads the model; then the time a recompute takes is measured here.",
+                                     elem_id="tour-1-estimate")
         gr.Markdown(f"### 2 · {steps[1][0]}\n{steps[1][1]}")
         b2 = gr.Button("2 · Show the histograms", variant="primary", elem_id="tour-2")
         out2 = gr.Plot(label="Importance per layer, one panel per criterion", elem_id="tour-2-plot")
@@ -375,22 +391,25 @@ def build(ctx: Ctx):
         c = ctx
         for button, handler, name in ((b1, make_step1(services), "tour_score"),
                                       (recompute, make_step1(services, recompute=True), "tour_recompute")):
-            c.after(button.click(handler, None, out1, api_name=name, **model_events()))
+            c.after(button.click(handler, None, [out1, recompute_time], api_name=name, show_progress_on=out1,
+                                 **model_events()))
         c.after(b2.click(make_step2(services), None,
                          [out2, c["hist"], c["heat"], c["summary"], c["layers"], c["shown"], c["heat_criterion"]],
-                         api_name="tour_histograms"))
+                         api_name="tour_histograms", show_progress_on=out2))
         c.after(b3.click(make_step3(services), None,
                          [out3_text, out3_plot, out3_table, *c["agree_outputs"], c["agree_a"], c["agree_b"],
-                          c["agree_layer"], c["agree_ratio"]], api_name="tour_disagreements"))
+                          c["agree_layer"], c["agree_ratio"]], api_name="tour_disagreements",
+                         show_progress_on=out3_text))
         c.after(b4.click(make_step4(services), None,
                          [out4, c["prune_status"], c["export_variant"], c["held"], c["drop_pick"], c["replace"],
                           c["held_header"], out4_live, out4_plot, out4_table, out4_text], api_name="tour_prune",
-                         **model_events()))
+                         show_progress_on=out4, **model_events()))
         c.after(b5.click(make_step5(services), None,
                          [out5_plot, out5_text, c["menu_plot"], c["menu_text"], c["compare_variants"],
-                          c["menu_context"]], api_name="tour_menus", **model_events()))
+                          c["menu_context"]], api_name="tour_menus", show_progress_on=out5_plot,
+                         **model_events()))
         heal = b6.click(make_step6(services), None, [out6_text, out6_table, out6_plot], api_name="tour_heal",
-                        **model_events())
+                        show_progress_on=out6_text, **model_events())
         c.after(heal)
         stop_on_click(services, stop6, out6_text, [heal], api_name="tour_stop", what="Tour's step 6")
     return wire

@@ -169,6 +169,7 @@ def build(ctx: Ctx) -> None:
         metrics = gr.Dataframe(headers=["metric", "dense", "pruned"], label="size and fidelity", interactive=False)
         state = gr.State(None)
         score_button.click(run_score, [spec, criterion, samples, image_size, batch_size, seed],
-                           [score_status, heat, state], api_name="vision_score")
+                           [score_status, heat, state], api_name="vision_score", show_progress_on=score_status)
         prune_button.click(run_prune, [state, ratio, allocation, mode, heldout],
-                           [prune_status, widths_plot, trace_plot, metrics], api_name="vision_prune")
+                           [prune_status, widths_plot, trace_plot, metrics], api_name="vision_prune",
+                           show_progress_on=prune_status)
