@@ -6,6 +6,7 @@ nothing the dashboard runs draws a tqdm bar in the server's log. Tiny models onl
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import socket
@@ -19,6 +20,7 @@ import torch
 
 from conftest import ROOT, make_tiny
 
+from core.data.text import HELD_OUT_EVERY, MIN_PART_CHARS
 from core.importance.criteria import parameter_knobs
 
 DATA = ["wiki", None, 2, 32, 0]
@@ -212,6 +214,31 @@ def test_the_inspector_and_the_report_say_what_they_do(app):
     assert path.suffix == ".html" and steps == list(enumerate(REPORT_STEPS))  # rebuilt, menus, measured, written
     assert [line.split(" · ")[1] for line in shown] == [f"step {k + 1} of 4 ({w})" for k, w in steps]
     assert [int(line.split(" · ")[2].rstrip(" %")) for line in shown] == [0, 33, 50, 83]
+
+
+# -- uploads -----------------------------------------------------------------------------------------------
+def test_uploads_state_the_rule_name_the_users_file_and_clear_a_refused_one(app, tmp_path):
+    from gradio_client import handle_file
+
+    from hfprune_ui import build_demo
+
+    c, services, spec = app
+    minimum = f"{HELD_OUT_EVERY * MIN_PART_CHARS:,} characters"
+    notes = [b for b in build_demo(services).blocks.values() if getattr(b, "elem_id", None) == "upload-note"]
+    assert notes and minimum in notes[0].value  # stated before any file is refused
+    short = tmp_path / "my-short-notes.txt"
+    short.write_text("Too short to split. " * 20)
+    kept, note = c.predict(handle_file(str(short)), api_name="/check_upload")
+    assert kept is None  # the refused file's name leaves the widget
+    assert note.startswith("**my-short-notes.txt was not kept**") and "too short" in note and minimum in note
+    good = tmp_path / "class-notes.jsonl"
+    good.write_text("\n".join(json.dumps({"text": f"Note {i}: " + "the river runs past the old mill. " * 12})
+                              for i in range(12)))
+    kept, note = c.predict(handle_file(str(good)), api_name="/check_upload")
+    assert kept is not None and note.startswith("**class-notes.jsonl, split by document: 9 documents")
+    status = c.predict(spec, "upload", handle_file(str(good)), 2, 32, 0, api_name="/load_model")
+    digest = re.compile(r"\b[0-9a-f]{16}\.jsonl")
+    assert "Text: class-notes.jsonl, split by document" in status and not digest.search(status), status
 
 
 # -- no tqdm bars in the server's log ------------------------------------------------------------------

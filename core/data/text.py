@@ -277,13 +277,24 @@ def split_text_file(path: str | os.PathLike) -> TextSplit:
     return _split_file(str(file), stat.st_mtime, stat.st_size)
 
 
-def describe_source(source: str) -> str:
-    """How a source's calibration and evaluation text are kept apart, in one phrase."""
+def describe_source(source: str, name: str | None = None) -> str:
+    """How a source's calibration and evaluation text are kept apart, in one phrase; a file is called
+    ``name`` when given (the name its user gave it, not the name it is stored under)."""
     if source == "wiki":
         return "Wikipedia excerpt, split by article: one article in four (by title hash) is held out for evaluation"
     if source == "news":
         return "news paragraphs, split by paragraph: every 4th paragraph is held out for evaluation"
-    return f"{Path(source).name}, {split_text_file(source).describe()}"
+    return f"{name or Path(source).name}, {split_text_file(source).describe()}"
+
+
+def upload_rule() -> str:
+    """What a user's text file must hold, in one sentence (the checks :func:`store_text_file` and
+    :func:`split_documents` make)."""
+    return (f"A .txt (documents separated by blank lines) or .jsonl (a \"text\" field per line), UTF-8, at most "
+            f"{MAX_UPLOAD_BYTES // 2**20} MiB and at least {HELD_OUT_EVERY * MIN_PART_CHARS:,} characters: one "
+            f"document in {HELD_OUT_EVERY} (or the last quarter of one long text) is held out for evaluation and "
+            f"each part needs {MIN_PART_CHARS} characters; the calibration part must also hold the windows × tokens "
+            "per window chosen below.")
 
 
 def documents(source: str, split: str) -> list[str]:

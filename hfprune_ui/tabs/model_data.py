@@ -1,9 +1,12 @@
 """Tab 1 — Model & data: which model to prune and which text calibrates the scores."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
-from core.data.text import CalibrationOptions, calibration_windows, describe_source, window_capacity
+from core.data.text import CalibrationOptions, calibration_windows, describe_source, upload_rule, window_capacity
+from core.errors import HFPruneError
 from core.models.adapters import mlp_widths
 from core.models.counts import count_params
 from core.models.loading import DEFAULT_MODEL, EMBEDDED
@@ -32,8 +35,8 @@ def describe(services: Services, spec: str, data: DataSpec) -> str:
             f"{count(params['params'])} parameters ({count(params['mlp_params'])} in MLPs).  \n"
             f"Calibration: **{data.name}**, {data.samples} windows × {data.seq_len} tokens "
             f"({count(data.samples * data.seq_len)} tokens), seed {data.seed}.  \n"
-            f"Text: {describe_source(data.source)}; the held-out part has room for {held_out} evaluation windows "
-            f"of {data.seq_len} tokens. Quality is only ever measured on the held-out part.")
+            f"Text: {describe_source(data.source, data.name)}; the held-out part has room for {held_out} "
+            f"evaluation windows of {data.seq_len} tokens. Quality is only ever measured on the held-out part.")
 
 
 def make_load(services: Services):
@@ -55,6 +58,23 @@ def make_load(services: Services):
     return load
 
 
+def make_check_upload(services: Services):
+    def check(upload: str | None):
+        """Check a file the moment it is uploaded: a refused one is cleared from the widget, with one
+        notice that names the user's file and the rule; an accepted one says how it will be split."""
+        if not upload:
+            return gr.update(), upload_rule()
+        name = Path(upload).name  # Gradio keeps the user's file name inside its upload folder
+        try:
+            data = services.data_spec("upload", upload, 1, 8, 0)
+        except HFPruneError as exc:
+            gr.Warning(f"{exc} The file was not kept.")
+            return None, f"**{name} was not kept**: {exc}  \n{upload_rule()}"
+        return gr.update(), (f"**{describe_source(data.source, data.name)}**. Choose *Uploaded file* above and press "
+                             "**Load model** to use it.")
+    return check
+
+
 def build(ctx: Ctx) -> None:
     services = ctx.services
     with gr.Tab("Model & data", id="model"):
@@ -66,6 +86,7 @@ def build(ctx: Ctx) -> None:
                               label="Calibration text", scale=2, info=texts.SPLIT_INFO)
         upload = gr.File(label="Upload .txt or .jsonl (used when 'Uploaded file' is chosen)",
                          file_types=[".txt", ".jsonl"], type="filepath", elem_id="upload")
+        upload_note = gr.Markdown(upload_rule(), elem_id="upload-note", elem_classes="teach")
         with gr.Row():
             # ranges from the engine's CalibrationOptions; the dashboard's defaults are smaller (a laptop CPU)
             samples = gr.Slider(label="Calibration windows", **{**CalibrationOptions.ui("samples"),
@@ -79,5 +100,9 @@ def build(ctx: Ctx) -> None:
                              elem_id="model-status")
     ctx.add(model=model, source=source, upload=upload, samples=samples, seq_len=seq_len, seed=seed,
             model_status=status)
+    upload.upload(make_check_upload(services), upload, [upload, upload_note], api_name="check_upload",
+                  show_progress="hidden")
+    upload.clear(make_check_upload(services), upload, [upload, upload_note], api_visibility="private",
+                 show_progress="hidden")
     event = load_button.click(make_load(services), ctx.data_inputs, status, api_name="load_model", **model_events())
     ctx.after(event)
