@@ -203,7 +203,7 @@ def test_bench_bad_input_is_one_sentence(tmp_path):
 
 
 @needs_llama
-def test_cli_kquant_export_and_llamacpp_bench(tmp_path, real_tokenizer):
+def test_cli_kquant_export_and_llamacpp_bench(tmp_path, real_tokenizer, monkeypatch):
     folder = tmp_path / "tiny"
     make_tiny("llama", intermediate_size=512).save_pretrained(folder)  # hidden 32: not a K super-block
     real_tokenizer.save_pretrained(folder)
@@ -219,13 +219,21 @@ def test_cli_kquant_export_and_llamacpp_bench(tmp_path, real_tokenizer):
     # a 32-block type is reported, not hidden
     assert {types[f"blk.{i}.ffn_down.weight"] for i in range(2)} <= {"Q4_K", "Q6_K"}
     assert types["blk.0.ffn_up.weight"] == "Q5_0" and "Q5_0" in result["gguf_tensor_types"]
-    bench = run_cli("bench", "--engine", "llama.cpp", "--model", str(out / "model-Q4_K_M.gguf"), "--prefill", "16",
-                    "--decode", "2", "--repeats", "1", "--threads", "1", "--eval-windows", "1", "--eval-seq-len", "16",
-                    "--json")
+    quick = ("--prefill", "16", "--decode", "2", "--repeats", "1", "--threads", "1", "--eval-windows", "1",
+             "--eval-seq-len", "16", "--json")
+    bench = run_cli("bench", "--engine", "llama.cpp", "--model", str(out / "model-Q4_K_M.gguf"), *quick)
     assert bench.returncode == 0, bench.stderr[-2000:]
     measured = json.loads(bench.stdout)
     assert measured["engine"] == "llama.cpp" and measured["baseline"] is None and len(measured["rows"]) == 1
     assert measured["rows"][0]["widths"] == [256, 256] and measured["rows"][0]["perplexity"] > 1
+    monkeypatch.setenv("HFPRUNE_CACHE", str(tmp_path / "cache"))  # where the dense baseline is written once
+    bench = run_cli("bench", "--engine", "llama.cpp", "--model", str(out), "--baseline", "auto", *quick)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    base, row = json.loads(bench.stdout)["rows"]
+    dense = list((tmp_path / "cache" / "gguf").glob("*-Q4_K_M.gguf"))
+    assert len(dense) == 1 and base["file"] == str(dense[0]) and base["widths"] == [512, 512]  # the same type
+    assert row["widths"] == [256, 256] and row["param_ratio"] < 1 and row["kl_to_reference"] > 0
+    assert row["prompt_ideal"] > 1 and row["same_format"]
 
 
 def test_bench_refuses_method_with_llamacpp(tmp_path):

@@ -27,7 +27,7 @@ K_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"})
 BLOCK_TYPES = K_TYPES | {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
 INSTALL = ("llama.cpp is reached through llama-cpp-python, which is not installed here: run `pip install "
            "llama-cpp-python==0.3.36` (it builds llama.cpp from source, about {minutes} on 2 cores).")
-BUILD_MINUTES = "12 minutes"  # the first source build of 0.3.36 on a 2-core CPU, measured (README)
+BUILD_MINUTES = "5–10 minutes"  # the source build of 0.3.36 on a 2-core CPU: 4.5 min quiet, 10.5 min shared (README)
 
 
 class LlamaCppMissing(HFPruneError):
@@ -35,9 +35,9 @@ class LlamaCppMissing(HFPruneError):
 
 
 def llama_cpp_binding():
-    """The ``llama_cpp`` module, imported on first use: it is an optional deploy requirement (a ~12-minute
-    source build), so the engine, the dashboard and the tests import and run without it; a missing binding
-    is :class:`LlamaCppMissing` with the install sentence."""
+    """The ``llama_cpp`` module, imported on first use: it is built from source when installed (minutes of
+    compiling) and may be missing, so the engine, the dashboard and the tests import and run without it; a
+    missing binding is :class:`LlamaCppMissing` with the install sentence."""
     try:
         import llama_cpp  # optional backend, imported only when llama.cpp is asked for (see above)
     except ImportError as exc:

@@ -298,11 +298,14 @@ def measure_llamacpp(models: dict[str, str | os.PathLike], options: LlamaCppOpti
         tokenizer = tokenizer or gguf_tokenizer(paths[reference])
         ids = evaluation_windows(tokenizer, options.text, options.windows, options.seq_len)
         quality = measure_quality_llamacpp(paths, reference, ids, options.threads, stop=stop)
-    return [_row(name, paths[name], counts, times, quality, reference, options) for name in paths]
+    return [llamacpp_row(name, paths[name], counts, times, quality, reference, options) for name in paths]
 
 
-def _row(name: str, path: Path, counts: dict[str, GGUFCounts], times: dict, quality: dict, reference: str,
-         options: LlamaCppOptions) -> dict:
+def llamacpp_row(name: str, path: Path, counts: dict[str, GGUFCounts], times: dict, quality: dict, reference: str,
+                 options: LlamaCppOptions) -> dict:
+    """One model's row of :func:`measure_llamacpp` from its parts: ``counts`` (:func:`gguf_counts` per name),
+    ``times`` (:func:`measure_speed_llamacpp`), ``quality`` (:func:`measure_quality_llamacpp`, may be {}),
+    speed-ups over ``reference``."""
     mine, base = counts[name], counts[reference]
     prompt, gen = spread(times[name]["prompt_s"]), spread(times[name]["gen_s"])
     row = {"model": name, "file": str(path), "architecture": mine.architecture, "widths": mine.widths,
