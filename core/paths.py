@@ -6,6 +6,8 @@ from pathlib import Path
 
 # The checkout's assets/ folder: shipped task files, the Tour's precomputed numbers, CSS, logo, page script.
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# The checkout's benchmark results (benchmarks/*.py write them): the dashboard's recommendations cite them.
+BENCHMARK_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def cache_dir() -> Path:

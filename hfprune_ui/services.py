@@ -70,6 +70,7 @@ from core.paths import cache_dir
 from core.progress import check_stop
 from core.quantize.backends import check_method, quantize_model
 from core.runs import RunStore
+from core.studies.claims import adaptive_claim, load_recipe_evidence, refit_claim
 from core.studies.neuron import InspectOptions, NeuronReport, inspect_neuron
 from core.studies.report import build_report, rebuild_run_model, write_report
 from core.studies.stability import (
@@ -104,10 +105,20 @@ SEQUENTIAL = "adaptive-sequential"
 
 
 def allocations() -> list[tuple[str, str]]:
-    """(label, value) pairs for the allocation dropdown."""
-    labels = {"adaptive": "adaptive (each layer vs the dense model)"}
+    """(label, value) pairs for the allocation dropdown (adaptive carries the recommendation that
+    :func:`recipe_advice` explains beside it)."""
+    labels = {"adaptive": "adaptive — recommended (each layer vs the dense model)"}
     return [(labels.get(a, a), a) for a in engine.ALLOCATIONS] + [("adaptive (AMP: last to first, sequential)",
                                                                        SEQUENTIAL)]
+
+
+def recipe_advice() -> dict[str, str]:
+    """The Prune tab's two recipe sentences, generated from the stored criteria benchmark
+    (core.studies.claims): ``refit`` (what the default refit buys and costs) and ``adaptive`` (its gain
+    over uniform widths and its export consequence); empty strings when the result file is missing."""
+    evidence = load_recipe_evidence()
+    refit, adaptive = refit_claim(evidence), adaptive_claim(evidence)
+    return {"refit": refit.text if refit else "", "adaptive": adaptive.text if adaptive else ""}
 
 
 def engine_allocation(choice: str, knobs: dict | None = None) -> tuple[str, engine.AllocationOptions]:

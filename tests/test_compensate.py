@@ -61,7 +61,7 @@ def test_prune_with_compensation_reloads_and_rebuilds_identically(tiny_loaded, t
     loaded = tiny_loaded("qwen3", intermediate_size=64)
     result = score_model(loaded, "entropy", samples=2, seq_len=16, progress=False)
     options = CompensationOptions("lsq", samples=6, seq_len=32, damping=0.1)
-    plain = prune_with_scores(loaded, result, 0.5, progress=False)
+    plain = prune_with_scores(loaded, result, 0.5, progress=False, compensation=CompensationOptions("none"))
     refit = prune_with_scores(loaded, result, 0.5, progress=False, compensation=options)
     assert refit.widths == plain.widths == [32, 32]
     assert refit.meta["compensation"] == options.to_dict() and plain.meta["compensation"] == {"method": "none"}

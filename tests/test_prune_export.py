@@ -9,7 +9,7 @@ from conftest import ARCHS, make_tiny
 from core.errors import PruneConfigError
 from core.export.hf import save_pruned
 from core.importance.stats import top_k_indices
-from core.methods.oneshot import ScoreResult, prune_with_scores
+from core.methods.oneshot import CompensationOptions, ScoreResult, prune_with_scores
 from core.models.adapters import mlp_handles, mlp_widths
 from core.models.slicing import prune_mlp_neurons
 from core.prune.allocate import check_ratio, uniform_widths
@@ -36,7 +36,7 @@ def test_slicing_equals_masking_and_reload(arch, tmp_path, tiny_loaded):
     ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
     scores = [torch.rand(w, generator=torch.Generator().manual_seed(i)) for i, w in enumerate(mlp_widths(model))]
     result = ScoreResult(scores, {"criterion": "random", "source": "wiki", "samples": 1, "seq_len": 8, "seed": 0}, 0.0)
-    pruned = prune_with_scores(loaded, result, 0.25)
+    pruned = prune_with_scores(loaded, result, 0.25, compensation=CompensationOptions("none"))  # plain slicing
     assert mlp_widths(pruned.model) == [48, 48] and pruned.model.config.intermediate_size == 48
     assert mlp_widths(model) == [64, 64]  # the original is untouched
     with torch.no_grad():

@@ -38,9 +38,10 @@ class CompensationOptions(Options):
     error = PruneConfigError
     cli_prefix = "compensate-"
 
-    method: str = knob("none", "lsq: refit each down_proj by least squares so the MLP output on calibration "
-                       "text stays close to the dense one (forward passes only)", choices=COMPENSATIONS,
-                       flag="compensate")
+    method: str = knob("lsq", "lsq (default): refit each down_proj by least squares so the MLP output on "
+                       "calibration text stays close to the dense one (forward passes only, same shapes as plain "
+                       "pruning); region: lsq, then each MLP reconstructed layer by layer (region_*); none: plain "
+                       "slicing", choices=COMPENSATIONS, flag="compensate")
     samples: int = knob(128, "lsq: calibration windows for the statistics", low=1, ui_low=4, ui_high=256, step=4)
     seq_len: int = knob(128, "lsq: tokens per window", low=2, ui_low=16, ui_high=1024, step=16)
     damping: float = knob(0.1, "lsq: ridge damping, a fraction of the mean kept-neuron activation energy",

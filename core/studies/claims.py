@@ -8,7 +8,11 @@ the calibration-draw sentences live next to the stability verdict (:mod:`core.st
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.paths import BENCHMARK_RESULTS
 
 
 @dataclass(frozen=True)
@@ -121,3 +125,84 @@ def menu_claim(top1: dict[str, tuple[str, float]],
         text += f" {labels[shown[0]].capitalize()} already keeps {favourite!r} first."
     return Claim(text, "menu", values={"favourite": favourite, "top1": {n: top1[n] for n in [original, *shown]},
                                        "back": back})
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipe the Prune tab recommends, in sentences made from a stored benchmark result
+# ----------------------------------------------------------------------------------------------
+
+RECIPE_RESULT = "criteria_smollm2-135m.json"  # benchmarks/criteria.py's table on the embedded model
+
+
+def recipe_evidence(rows: list[dict], setup: dict, criterion: str = "entropy") -> dict:
+    """The numbers the recipe sentences cite, from a criteria-benchmark result (``rows`` with criterion,
+    allocation, ratio, kl, alloc_s; ``setup`` with model, evaluation, compensation_statistics_s):
+    ``{"model", "evaluation", "refit_seconds", "ratios": {ratio: {"uniform", "uniform+lsq", "adaptive+lsq",
+    "adaptive_seconds"}}}`` for every ratio that has all three KL values."""
+    cells: dict[float, dict] = {}
+    for row in rows:
+        if row.get("criterion") == criterion and row.get("allocation") in ("uniform", "uniform+lsq", "adaptive+lsq"):
+            cell = cells.setdefault(round(float(row["ratio"]), 4), {})
+            cell[row["allocation"]] = float(row["kl"])
+            if row["allocation"] == "adaptive+lsq":
+                cell["adaptive_seconds"] = float(row.get("alloc_s") or 0.0)
+    ratios = {r: c for r, c in sorted(cells.items()) if {"uniform", "uniform+lsq", "adaptive+lsq"} <= set(c)}
+    return {"model": setup.get("model", "?"), "evaluation": setup.get("evaluation", "?"), "criterion": criterion,
+            "refit_seconds": setup.get("compensation_statistics_s"), "refit_text": setup.get("compensation", ""),
+            "ratios": ratios}
+
+
+def refit_claim(evidence: dict, source: str = RECIPE_RESULT) -> Claim | None:
+    """What the default least-squares refit bought and cost on the benchmark's model (None without numbers)."""
+    ratios = evidence.get("ratios") or {}
+    if not ratios:
+        return None
+    gains = ", ".join(f"{c['uniform']:.3f} → {c['uniform+lsq']:.3f} at {percent(r)} "
+                      f"({percent(c['uniform+lsq'] / c['uniform'] - 1)})" for r, c in ratios.items())
+    cost = (f"Its statistics took {evidence['refit_seconds']:.0f} s of forward passes there "
+            f"({evidence['refit_text'].split(': ', 1)[-1]}); " if evidence.get("refit_seconds") else "")
+    text = (f"The least-squares refit is on by default. Measured on {evidence['model']} ({source}, KL to the "
+            f"original on {evidence['evaluation']}, {words(evidence['criterion'])} scores, uniform widths): "
+            f"{gains}. {cost}it costs nothing at deployment — same shapes, every export format reloads it.")
+    better = all(c["uniform+lsq"] < c["uniform"] for c in ratios.values())
+    return Claim(text, "recipe", better="uniform+lsq" if better else None, worse="uniform" if better else None,
+                 values={"kl": {r: {"uniform": c["uniform"], "uniform+lsq": c["uniform+lsq"]}
+                                for r, c in ratios.items()}, "refit_seconds": evidence.get("refit_seconds")})
+
+
+def adaptive_claim(evidence: dict, source: str = RECIPE_RESULT) -> Claim | None:
+    """The adaptive allocation as the recommended choice: its measured gain over uniform widths (both with
+    the refit), what its search cost there, and what per-layer widths mean for the export."""
+    ratios = evidence.get("ratios") or {}
+    if not ratios:
+        return None
+    better = all(c["adaptive+lsq"] < c["uniform+lsq"] for c in ratios.values())
+    gains = ", ".join(f"{c['uniform+lsq']:.3f} → {c['adaptive+lsq']:.3f} at {percent(r)} "
+                      f"({percent(c['adaptive+lsq'] / c['uniform+lsq'] - 1)})" for r, c in ratios.items())
+    searches = ", ".join(f"{c['adaptive_seconds']:.0f} s at {percent(r)}" for r, c in ratios.items()
+                         if c.get("adaptive_seconds"))
+    verdict = "Recommended: the **adaptive** allocation." if better else \
+        "The adaptive allocation did not beat uniform widths at every measured ratio."
+    text = (f"{verdict} Measured on {evidence['model']} ({source}, KL to the original on "
+            f"{evidence['evaluation']}, {words(evidence['criterion'])} scores, both with the refit): uniform → "
+            f"adaptive {gains}. Its price: a search on held-out calibration text before the cut"
+            f"{f' ({searches} there, thorough settings)' if searches else ''}, and every layer gets its own "
+            "width, so it cannot be saved as hf-native: export as hf-remote-code (reload with "
+            "trust_remote_code=True), hf-padded (plain from_pretrained, but padded back to the widest layer: no "
+            "size or speed gain) or GGUF (llama.cpp's per-layer 'deci' layout, Llama-family models). Uniform "
+            "widths stay the default because they export everywhere.")
+    return Claim(text, "recipe", better="adaptive+lsq" if better else None, worse="uniform+lsq" if better else None,
+                 values={"kl": {r: {"uniform+lsq": c["uniform+lsq"], "adaptive+lsq": c["adaptive+lsq"]}
+                                for r, c in ratios.items()},
+                         "search_seconds": {r: c.get("adaptive_seconds") for r, c in ratios.items()}})
+
+
+def load_recipe_evidence(path: str | Path | None = None, criterion: str = "entropy") -> dict:
+    """:func:`recipe_evidence` from the stored criteria benchmark (default
+    ``benchmarks/results/criteria_smollm2-135m.json``); empty ratios when the file is missing or unreadable."""
+    target = Path(path) if path is not None else BENCHMARK_RESULTS / RECIPE_RESULT
+    try:
+        stored = json.loads(target.read_text())
+    except (OSError, ValueError):
+        return {"ratios": {}}
+    return recipe_evidence(stored.get("rows", []), stored.get("setup", {}), criterion)

@@ -20,12 +20,14 @@ from .. import figures, texts
 from ..context import PLAIN, TRACK, Ctx, model_events, stop_on_click, with_criterion_knobs
 from ..guard import session_id, user_errors
 from ..progress import JobProgress, duration
-from ..services import BASELINE, SEQUENTIAL, Services, allocations, criteria
+from ..services import BASELINE, SEQUENTIAL, Services, allocations, criteria, recipe_advice
 from ..state import MAX_VARIANTS_PER_SESSION, Session
 from ..status import count, distinct, number, readable
 
 PREVIEW_SEQ_LEN = 128
 OLDEST = "the oldest"
+# The refit is on by default, as on the command line and in Python (CompensationOptions' default, 128 windows).
+COMPENSATE_DEFAULT = CompensationOptions().method == "lsq"
 KNOBS = ADAPTIVE_KNOBS
 VARIANT_COLUMNS = ["name", "criterion", "ratio", "allocation", "compensation", "quantized", "MLP widths",
                    "KL to original", "run"]
@@ -445,12 +447,14 @@ def build(ctx: Ctx) -> None:
                                             **{**AllocationOptions.ui("heldout_seq_len"),
                                                "value": quick["heldout_seq_len"]})
             estimate = gr.Markdown("", elem_id="adaptive-estimate")
+        advice = recipe_advice()  # generated from the stored benchmark result, shown before anything is picked
+        gr.Markdown(advice["adaptive"], elem_id="adaptive-advice")
         with gr.Row():
-            compensate = gr.Checkbox(False, label="Least-squares compensation (refit down_proj after pruning)",
-                                     info=texts.COMPENSATION, elem_id="compensate")
+            compensate = gr.Checkbox(COMPENSATE_DEFAULT, label="Least-squares compensation (refit down_proj after "
+                                     "pruning)", info=texts.COMPENSATION, elem_id="compensate")
             compensate_windows = gr.Slider(label="Compensation windows (× the data tab's tokens per window; "
-                                           "forward passes only)",
-                                           **{**CompensationOptions.ui("samples"), "value": 64})
+                                           "forward passes only)", **CompensationOptions.ui("samples"))
+        gr.Markdown(advice["refit"], elem_id="refit-advice")
         preview_text = gr.Markdown("", elem_id="prune-preview")
         preview_plot = gr.Plot(label="Kept width per layer", elem_id="widths-plot")
         with gr.Row(equal_height=True):

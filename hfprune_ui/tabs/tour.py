@@ -42,7 +42,7 @@ TOUR_LAYERS = ["0", "15", "29"]
 LIVE_LABEL = f"this one draw, {DEFAULT_DATA.samples} × {DEFAULT_DATA.seq_len}"
 HEAL_CRITERION = "entropy"  # step 6 heals this criterion's cut from step 4
 HEAL_MINUTES = 1.0  # step 6's recovery budget
-HEAL_WINDOWS = 64  # calibration windows of the least-squares refit (the Prune tab's default)
+HEAL_WINDOWS = 64  # calibration windows of the Tour's least-squares refit (half the Prune tab's 128: its time)
 REDRAW_S = 1.0
 
 
