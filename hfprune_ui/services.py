@@ -84,6 +84,7 @@ from core.studies.stability import (
 )
 from core.studies.sweep import fidelity_sweep
 from core.train.loop import DistillOptions, TrainOptions
+from core.train.teacher_cache import TeacherOptions
 
 from .progress import engine_bars
 from .state import DataSpec, ModelCache, ScoreCache, Session, SessionStore, Variant
@@ -895,13 +896,17 @@ class Services:
                 alpha: float = 1.0, batch_size: int = 4, seq_len: int = 128,
                 eval_every: int = RECOVER_TRAIN["eval_every"], keep: Collection[str] = (),
                 stop: Callable[[], bool] | None = None,
-                on_step: Callable[[object], None] | None = None) -> tuple[Variant, str | None]:
+                on_step: Callable[[object], None] | None = None,
+                teacher_logits: str = TeacherOptions.logits) -> tuple[Variant, str | None]:
         """Train a copy of variant ``source`` against the session's original (core.recover) for the
         budget, store it as a ``recover`` run (its trained tensors, or its LoRA adapters) and add it as
         a new variant. Takes ``model_lock`` for the whole run: call it from a worker thread, never
         from a generator that yields while it runs. Stop leaves ``source`` untouched, stores nothing. A
-        full session makes room with any variant but ``source`` and those in ``keep``."""
+        full session makes room with any variant but ``source`` and those in ``keep``. ``teacher_logits``
+        "cached": the original runs once over a subset of the training windows (or that pass is read
+        from the disk cache) and each step runs only the student (core.train.teacher_cache)."""
         variant = self.variant(session, source)
+        teacher = TeacherOptions(logits=teacher_logits)
         name = self.recover_name(session, source, params, name, keep)
         options = RecoverOptions(params=params, seq_len=int(seq_len),
                                  source=session.source)
@@ -914,11 +919,12 @@ class Services:
         with self.model_lock:
             student = LoadedModel(copy.deepcopy(variant.model), loaded.tokenizer, f"{variant.base_spec}:{source}", "")
             result = recover(student, loaded, options, train_options, distill, lora, meta=variant.meta, stop=stop,
-                             on_step=on_step)
+                             on_step=on_step, teacher_options=teacher)
         weights = result.lora_state if params == "lora" else _trained_tensors(result.model, params)
         config = {"model": variant.base_spec, "name": name, "source_variant": source, "source_run": variant.run_id,
                   "params": params, "recover_options": options.to_dict(), "train": train_options.to_dict(),
-                  "distill": distill.to_dict(), "lora": lora.to_dict(), "session": session.session_id}
+                  "distill": distill.to_dict(), "lora": lora.to_dict(), "teacher": teacher.to_dict(),
+                  "session": session.session_id}
         widths = mlp_widths_any(result.model)
         run = self.runs.create("recover", config, results={"widths": widths, "meta": result.meta}, weights=weights)
         recovered = Variant(name, variant.base_spec, result.model, widths, result.meta, run.run_id)

@@ -2,6 +2,7 @@
 
     python -m core recover --model pruned30 --params mlp --minutes 10 --lr 3e-4 --out recovered30
     python -m core recover --model pruned30 --teacher smollm2-135m --params lora --lora-rank 16 --steps 200 --out r30
+    python -m core recover --model pruned30 --teacher-logits cached --minutes 10 --out recovered30
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from core.methods.recover import (
 )
 from core.models.loading import load_model
 from core.train.loop import DistillOptions, TrainOptions
+from core.train.teacher_cache import TeacherOptions
 
 
 def register(sub) -> None:
@@ -29,6 +31,7 @@ def register(sub) -> None:
     TrainOptions.add_arguments(parser, defaults=TRAIN_DEFAULTS)
     DistillOptions.add_arguments(parser)
     LoraOptions.add_arguments(parser)
+    TeacherOptions.add_arguments(parser)
     add_model_out_arguments(parser, "export mode (default: the student's own; else hf-native for uniform widths, "
                                     "hf-remote-code otherwise)")
     parser.set_defaults(handler=cmd_recover)
@@ -40,6 +43,7 @@ def cmd_recover(args) -> dict:
     train_options = TrainOptions.from_args(args)
     distill = DistillOptions.from_args(args)
     lora = LoraOptions.from_args(args)
+    teacher_options = TeacherOptions.from_args(args)
     if options.params == "lora":
         lora.target_list()
     check_output_dir(args.out)
@@ -48,7 +52,8 @@ def cmd_recover(args) -> dict:
     teacher = load_model(teacher_spec)
     distributed.to_rank_device(student.model, teacher.model)  # torchrun on GPUs: one GPU per rank
     meta = read_meta(student.path) if student.path else None
-    result = recover(student, teacher, options, train_options, distill, lora, meta=meta, progress=not args.quiet)
+    result = recover(student, teacher, options, train_options, distill, lora, meta=meta, progress=not args.quiet,
+                     teacher_options=teacher_options)
     if not distributed.is_main():  # data-parallel training ends with the same weights on every rank
         return None
     target = save_recovered(result, student.tokenizer, args.out, args.export)
@@ -58,6 +63,7 @@ def cmd_recover(args) -> dict:
             "tokens_seen": record["tokens_seen"], "seconds": record["seconds"], "ended_by": record["ended_by"],
             "tokens_per_second": record["tokens_per_second"], "heldout_kl_before": record["heldout_kl_before"],
             "heldout_kl_after": record["heldout_kl_after"], "best_step": record["best_step"],
+            "cpu_seconds": record["cpu_seconds"], "teacher_logits": record["teacher_logits"],
             "intermediate_sizes": result.meta["intermediate_sizes"], **_shares(result.meta),
             "timing": record["timing"]}
 

@@ -31,17 +31,20 @@ from core.errors import ModelLoadError
 from core.export.hf import read_meta, save_pruned
 from core.models.adapters import mlp_handles, mlp_widths
 from core.options import Options, knob
+from core.paths import cache_dir
 from core.quantize.backends import quantization_of
 from core.train.loop import (
     DistillOptions,
     LogitDistillation,
     ParamSet,
+    SparseLogitDistillation,
     StepRecord,
     TrainConfigError,
     TrainOptions,
     TrainResult,
     train,
 )
+from core.train.teacher_cache import TeacherOptions, cached_sparse_targets
 
 if TYPE_CHECKING:
     from core.models.loading import LoadedModel
@@ -207,14 +210,19 @@ def apply_lora_state(model: nn.Module, options: LoraOptions, state: dict[str, to
 def recover(student: LoadedModel, teacher: LoadedModel, options: RecoverOptions | None = None,
             train_options: TrainOptions | None = None, distill: DistillOptions | None = None,
             lora: LoraOptions | None = None, *, meta: dict | None = None, stop: Callable[[], bool] | None = None,
-            on_step: Callable[[StepRecord], None] | None = None, progress: bool = False) -> RecoverResult:
+            on_step: Callable[[StepRecord], None] | None = None, progress: bool = False,
+            teacher_options: TeacherOptions | None = None) -> RecoverResult:
     """Distil ``teacher`` into ``student`` (trained in place) and return the recovered model with
     its metadata (``meta``: the student's own pruning_meta.json, extended with a ``recovery`` entry).
 
     Raises one-sentence errors (nothing trained) for a quantized student, a teacher with another
     vocabulary, a LoRA target that matches nothing, or too little text for one batch; on Stop
-    (:class:`core.train.Stopped`) the student is back at its state from before the call."""
+    (:class:`core.train.Stopped`) the student is back at its state from before the call.
+    ``teacher_options``: ``TeacherOptions(logits="cached")`` runs the teacher once over a seeded subset
+    of the training windows (or reads that pass from the disk cache) and trains on its sparse targets,
+    so each step runs only the student (:mod:`core.train.teacher_cache`)."""
     options = options or RecoverOptions()
+    teacher_options = teacher_options or TeacherOptions()
     train_options = train_options or TrainOptions(minutes=10)
     distill = distill or DistillOptions()
     lora = lora or LoraOptions()
@@ -233,10 +241,14 @@ def recover(student: LoadedModel, teacher: LoadedModel, options: RecoverOptions 
     else:
         params = param_set(model, options.params)
         target = model
-    objective = LogitDistillation(distill)
+    objective, data, cache_record = LogitDistillation(distill), windows, None
     try:
+        if teacher_options.cached:
+            objective, cache_record = cached_objective(teacher, windows, teacher_options, distill, train_options,
+                                                       progress=progress, stop=stop)
+            data = objective.examples()
         result = train(target, teacher.model if distill.alpha > 0 or options.heldout_windows else None, objective,
-                       windows, params, train_options, heldout=heldout if options.heldout_windows else None,
+                       data, params, train_options, heldout=heldout if options.heldout_windows else None,
                        stop=stop, on_step=on_step, progress=progress)
     except BaseException:
         if wrapped is not None:
@@ -254,9 +266,11 @@ def recover(student: LoadedModel, teacher: LoadedModel, options: RecoverOptions 
         "teacher": teacher.spec, "params": options.params, "trainable_params": result.trainable_params,
         "options": options.to_dict(), "train": train_options.to_dict(), "distill": distill.to_dict(),
         **({"lora": lora.to_dict()} if options.params == "lora" else {}),
-        "training_windows": int(windows.shape[0]), "heldout_tokens": int(heldout.numel()),
+        "teacher_logits": {**teacher_options.to_dict(), **(cache_record or {})},
+        "training_windows": int(data.shape[0]), "heldout_tokens": int(heldout.numel()),
         "tokens_seen": result.tokens, "steps": result.steps, "seconds": round(result.seconds, 2),
         "ended_by": result.ended_by, "tokens_per_second": round(result.tokens_per_second, 2),
+        "cpu_seconds": round(result.cpu_seconds, 2),
         "heldout_kl_before": result.initial_heldout, "heldout_kl_after": result.final_heldout,
         "best_step": result.best_step, "timing": result.timing,
         "curve": [{k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in point.items()}
@@ -270,6 +284,32 @@ def recover(student: LoadedModel, teacher: LoadedModel, options: RecoverOptions 
     base_meta["intermediate_sizes"] = mlp_widths(model)
     base_meta["recovery"] = recovery
     return RecoverResult(model, base_meta, result, adapters)
+
+
+def cached_objective(teacher: LoadedModel, windows: torch.Tensor, options: TeacherOptions, distill: DistillOptions,
+                     train_options: TrainOptions, *, progress: bool = False,
+                     stop: Callable[[], bool] | None = None) -> tuple[SparseLogitDistillation, dict]:
+    """The sparse-target objective on ``options.windows`` of the training ``windows`` (a subset drawn by
+    the training seed, kept in their text order), the teacher pass read from the disk cache when this
+    teacher already ran on exactly those windows with these settings. Returns it with a record of what
+    the cache cost (seconds, CPU seconds, reused or built, bytes, mean tail mass)."""
+    count = min(options.windows, windows.shape[0])
+    pick = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(train_options.seed))[:count]
+    subset = windows[pick.sort().values]
+    spec = f"{teacher.spec}|{teacher_fingerprint(teacher.model)}"
+    targets = cached_sparse_targets(teacher.model, spec, subset, options, cache_dir() / "teacher-cache",
+                                    tau=distill.tau, batch_size=train_options.batch_size, progress=progress, stop=stop)
+    record = {"cache_windows": count, "cache_tokens": targets.tokens, "cache_bytes": targets.nbytes(),
+              "cache_reused": targets.loaded_from is not None, "cache_seconds": round(targets.seconds, 2),
+              "cache_cpu_seconds": round(targets.cpu_seconds, 2), "tail_mass": round(targets.tail_mass(), 4)}
+    return SparseLogitDistillation(targets, distill), record
+
+
+def teacher_fingerprint(model: nn.Module) -> str:
+    """A short digest of a model's weights (sums per tensor): a cache built for other weights is not reused."""
+    with torch.no_grad():
+        sums = [float(p.detach().double().sum()) for p in model.parameters()]
+    return f"{len(sums)}:{sum(sums):.10e}:{sum(abs(v) for v in sums):.10e}"
 
 
 def _restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:

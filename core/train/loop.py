@@ -44,8 +44,10 @@ from core.models.forward import LOGIT_CHUNK_BYTES, base_forward, lm_logits
 from core.models.reference import Reference, head_logits
 from core.options import Options, knob
 from core.progress import check_stop
+from core.train.teacher_cache import SparseTargets, sparse_distill_loss
 
-__all__ = ["DistillOptions", "LogitDistillation", "Objective", "ParamSet", "Stopped", "TrainOptions", "train"]
+__all__ = ["DistillOptions", "LogitDistillation", "Objective", "ParamSet", "SparseLogitDistillation", "Stopped",
+           "TrainOptions", "train"]
 
 
 class TrainConfigError(HFPruneError):
@@ -328,6 +330,61 @@ class LogitDistillation:
         return ref
 
 
+class SparseLogitDistillation(LogitDistillation):
+    """:class:`LogitDistillation` against the teacher cached once (:mod:`core.train.teacher_cache`):
+    each step runs only the student. The training data handed to :func:`train` are window indices
+    into the cache (``targets.examples()``, shape (N,)); the loss is the unbiased sparse estimate
+    ``α·τ²·(−Σ w log softmax(z/τ)[ids] − H) + (1−α)·CE`` whose expectation over the cache's tail draws
+    is the dense objective's. The held-out KL is the dense one, against the live teacher's reference
+    (computed once per run), so the curves of both teacher kinds are comparable."""
+
+    name = "sparse-logit-distillation"
+
+    def __init__(self, targets: SparseTargets, options: DistillOptions | None = None) -> None:
+        super().__init__(options)
+        if abs(targets.tau - self.options.tau) > 1e-12:
+            raise TrainConfigError(f"The teacher cache was built at temperature {targets.tau:g}, the objective "
+                                   f"asks for {self.options.tau:g}; rebuild the cache at τ = {self.options.tau:g}.")
+        self.targets = targets
+
+    def needs_teacher(self) -> bool:
+        return False  # the cache stands for it during training; the held-out KL still asks for one
+
+    def examples(self) -> torch.Tensor:
+        """The training data for :func:`train`: (N,) indices of the cached windows."""
+        return torch.arange(self.targets.windows.shape[0])
+
+    def forward_backward(self, student, teacher, batch, state):
+        tau, alpha = self.options.tau, self.options.alpha
+        t0 = time.perf_counter()
+        index = batch.cpu()
+        device = _device(student)
+        ids = self.targets.windows[index].to(device)  # (B, T)
+        slots = self.targets.ids[index].flatten(0, 1).to(device)  # (B·T, S)
+        weights = self.targets.weights[index].flatten(0, 1).to(device)  # (B·T, S)
+        entropy = self.targets.entropy[index].flatten().to(device)  # (B·T,)
+        t1 = time.perf_counter()
+        hidden = base_forward(student, ids)  # (B, T, H)
+        detached = hidden.detach().requires_grad_(True)
+        flat = detached.reshape(-1, hidden.shape[-1])  # (B·T, H)
+        targets = next_token_targets(ids).reshape(-1)
+        rows = flat.shape[0]
+        total = 0.0
+        for chunk in metrics.row_chunks(rows, student.config.vocab_size, LOGIT_CHUNK_BYTES):
+            logits = lm_logits(student, flat[chunk]).float()  # (r, V)
+            per_row = sparse_distill_loss(logits, slots[chunk], weights[chunk], entropy[chunk], targets[chunk],
+                                          tau, alpha)  # (r,)
+            chunk_loss = per_row.sum() / rows
+            (chunk_loss * state.scale).backward()
+            total += float(chunk_loss.detach())
+        t2 = time.perf_counter()
+        if hidden.requires_grad:
+            hidden.backward(detached.grad)
+        t3 = time.perf_counter()
+        return LossReport(total, int(ids.numel()), {},
+                          {"teacher": t1 - t0, "student_and_loss": t2 - t1, "backward_stack": t3 - t2})
+
+
 def _hidden_size(model: nn.Module) -> int:
     return int(model.config.hidden_size)
 
@@ -351,6 +408,7 @@ class StepRecord:
     heldout: float | None
     lr: float
     elapsed: float  # seconds of the training loop so far (the initial evaluation excluded)
+    cpu: float = 0.0  # this process's CPU seconds over the same span (all threads; divide by them for CPU time)
 
 
 @dataclass
@@ -371,6 +429,7 @@ class TrainResult:
     param_set: str
     curve: list[dict]
     timing: dict[str, float]
+    cpu_seconds: float = 0.0  # this process's CPU seconds over ``seconds`` (all threads together)
 
     @property
     def tokens_per_second(self) -> float:
@@ -634,7 +693,7 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
             record(StepRecord(0, 0, None, initial_value, 0.0, 0.0))
             optimizer = _optimizer(params, options, device)
             parallel.attach([p for _n, p in params.named])  # DistributedDataParallel gradient averaging
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step_seconds = 0.0
             while True:
                 ended_by, used = parallel.agree(budget_used(options, step, tokens, time.perf_counter() - start))
@@ -666,8 +725,9 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                     bar.set_postfix(loss=f"{loss:.4f}", heldout="" if value is None else f"{value:.4f}")
                 if not math.isfinite(loss):
                     raise TrainConfigError(f"The loss became {loss} at step {step}; lower the learning rate.")
-                record(StepRecord(step, tokens, loss, value, options.lr * factor, time.perf_counter() - start))
-            seconds = time.perf_counter() - start
+                record(StepRecord(step, tokens, loss, value, options.lr * factor, time.perf_counter() - start,
+                                  time.process_time() - cpu_start))
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             with _timed(timing, "final_heldout_and_restore"):
                 if heldout is not None and (not options.eval_every or step % options.eval_every):
                     last_value = evaluate()
@@ -689,4 +749,4 @@ def train(student: nn.Module, teacher: nn.Module | None, objective: Objective, d
                        final_heldout=final_value, best_heldout=best.value if options.keep_best else None,
                        best_step=best.step if options.keep_best else None, last_heldout=last_value,
                        trainable_params=params.count, param_set=params.name, curve=curve,
-                       timing={k: round(v, 4) for k, v in timing.items()})
+                       timing={k: round(v, 4) for k, v in timing.items()}, cpu_seconds=cpu_seconds)

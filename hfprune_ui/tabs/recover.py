@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from core.errors import HFPruneError, Stopped
 from core.methods.recover import TRAIN_DEFAULTS
 from core.train.loop import TrainOptions
+from core.train.teacher_cache import TeacherOptions
 
 from .. import figures
 from ..context import Ctx, model_events
@@ -34,6 +35,8 @@ TEACHING = (
     "model back toward the original's behaviour — its hedges, its runner-up words — instead of toward a new "
     "model of the training text."
 )
+TEACHER_CHOICES = [("live: the original runs on every batch", "live"),
+                   ("cached once: top-k + sampled tail of its logits, each step runs only the student", "cached")]
 PARAM_CHOICES = [("MLP projections only (fast, the pruned part)", "mlp"),
                  ("LoRA adapters, merged at the end", "lora"),
                  ("every parameter (full)", "full")]
@@ -57,7 +60,7 @@ def curves(points: list[dict]) -> go.Figure:
 
 def status_text(points: list[dict], minutes: float, steps: int, state: str) -> str:
     if not points:
-        return f"{state}: preparing the training text and the held-out slice…"
+        return f"{state}: preparing the training text, the held-out slice and (when cached) the teacher's logits…"
     last = points[-1]
     held = [p["heldout"] for p in points if p["heldout"] is not None]
     budget = f" of {minutes:g} min" if minutes else (f" of {steps} steps" if steps else "")
@@ -73,7 +76,8 @@ def status_text(points: list[dict], minutes: float, steps: int, state: str) -> s
 def make_start(services: Services):
     @user_errors
     def start(source: str, params: str, minutes: float, steps: float, lr: float, name: str, tau: float, alpha: float,
-              lora_rank: float, batch_size: float, seq_len: float, eval_every: float, request: gr.Request = None):
+              lora_rank: float, batch_size: float, seq_len: float, eval_every: float,
+              teacher_logits: str = TeacherOptions.logits, request: gr.Request = None):
         """Run Services.recover in a worker thread and stream its curves; yields (status, plot, variants)."""
         session = services.sessions.get(session_id(request))
         if not source:
@@ -89,7 +93,7 @@ def make_start(services: Services):
                 session, source, params=params, minutes=0.0 if steps else minutes, steps=steps, lr=float(lr),
                 name=name, lora_rank=int(lora_rank), tau=float(tau), alpha=float(alpha),
                 batch_size=int(batch_size), seq_len=int(seq_len), eval_every=int(eval_every), stop=job.is_set,
-                on_step=lambda record: emit(asdict(record)))
+                on_step=lambda record: emit(asdict(record)), teacher_logits=teacher_logits)
 
         def draw(new: list[dict], finished: bool) -> tuple:
             points.extend(new)
@@ -108,11 +112,21 @@ def make_start(services: Services):
         before = recovery.get("heldout_kl_before") or float("nan")
         after = recovery.get("heldout_kl_after") or float("nan")
         message = (f"**Recovered** into variant **{variant.name}** (run `{variant.run_id}`): "
-                   f"{recovery.get('tokens_seen', 0):,} tokens in {recovery.get('seconds', 0):.0f} s, held-out KL "
+                   f"{recovery.get('tokens_seen', 0):,} tokens in {recovery.get('seconds', 0):.0f} s "
+                   f"({recovery.get('tokens_per_second', 0):.0f} tokens/s, {teacher_words(recovery)}), held-out KL "
                    f"{number(before, [after])} → {number(after, [before])} (best at step "
                    f"{recovery.get('best_step')}). Compare it on the Compare and Quantize & measure tabs.{note}")
         yield message, curves(points), gr.update(choices=list(session.variants), value=variant.name)
     return start
+
+
+def teacher_words(recovery: dict) -> str:
+    """'live teacher', or 'cached teacher, built in N s' / '…, read from the disk cache' for the status line."""
+    cache = recovery.get("teacher_logits") or {}
+    if cache.get("logits") != "cached":
+        return "live teacher"
+    how = "read from the disk cache" if cache.get("cache_reused") else f"built in {cache.get('cache_seconds', 0):.0f} s"
+    return f"cached teacher, {how}"
 
 
 def make_stop(services: Services):
@@ -138,6 +152,8 @@ def build(ctx: Ctx) -> None:
             source = gr.Dropdown([], value=None, label="Pruned variant to recover", allow_custom_value=True,
                                  elem_id="recover-variant")
             params = gr.Radio(PARAM_CHOICES, value="mlp", label="What trains")
+            teacher_logits = gr.Radio(TEACHER_CHOICES, label="Teacher's logits", elem_id="recover-teacher",
+                                      **{k: v for k, v in TeacherOptions.ui("logits").items() if k != "choices"})
         with gr.Row():
             minutes = gr.Slider(0.25, 30, value=2, step=0.25, label="Budget: minutes", elem_id="recover-minutes")
             steps = gr.Number(0, precision=0, minimum=0, label="…or steps (0 = use the minutes)")
@@ -161,7 +177,8 @@ def build(ctx: Ctx) -> None:
         plot = gr.Plot(label="Training curves", elem_id="recover-plot")
     tab.select(make_variants(services), source, source, api_visibility="private")
     start_event = start_button.click(make_start(services), [source, params, minutes, steps, lr, name, tau, alpha,
-                                                            lora_rank, batch_size, seq_len, eval_every],
+                                                            lora_rank, batch_size, seq_len, eval_every,
+                                                            teacher_logits],
                                      [status, plot, source], api_name="recover", show_progress_on=status,
                                      **model_events())
     ctx.after(start_event)  # the status line counts the new variant (and shows what made room)
