@@ -303,7 +303,7 @@ def build(ctx: Ctx) -> None:
     tab.select(make_sources(services), None, [source, variants], api_name="evaluate_refresh")
     estimate_inputs = [variants, limit, prefill, decode, repeats, budget]
     tab.select(make_estimates(services), estimate_inputs, [zeroshot_estimate, bench_estimate],
-               api_visibility="private")
+               api_name="measure_estimates")  # public: benchmarks/dashboard.py records the estimate the tab shows
     for component in estimate_inputs:
         component.input(make_estimates(services), estimate_inputs, [zeroshot_estimate, bench_estimate],
                         api_visibility="private")
