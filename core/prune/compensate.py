@@ -55,6 +55,11 @@ class CompensationOptions(Options):
     region_lr: float = knob(1e-3, "region: Adam learning rate of those steps", low=0.0, low_open=True, ui_low=1e-5,
                             ui_high=1e-2, step=1e-5)
     region_batch: int = knob(1024, "region: tokens per Adam step", low=1, ui_low=128, ui_high=8192, step=128)
+    region_target: str = knob("local", "region: what each MLP is fitted to — local: the dense MLP's output on the "
+                              "same input; stream: the dense residual stream after the layer (also corrects the error "
+                              "arriving from below; not for layers that normalise the MLP output)",
+                              choices=("local", "stream"))
+
 
     def to_dict(self) -> dict:
         """Every field, less the ``region_*`` knobs unless the method is ``region`` (what a run records)."""
