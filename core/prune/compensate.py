@@ -60,7 +60,6 @@ class CompensationOptions(Options):
                               "arriving from below; not for layers that normalise the MLP output)",
                               choices=("local", "stream"))
 
-
     def to_dict(self) -> dict:
         """Every field, less the ``region_*`` knobs unless the method is ``region`` (what a run records)."""
         out = super().to_dict()
