@@ -2,6 +2,7 @@
 pruned model's own inputs (core.prune.region)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -29,7 +30,7 @@ def test_layer_by_layer_propagation_is_the_models_own_forward(arch):
     hidden, kwargs = _layer_inputs(model, WINDOWS, batch_size=4, stop=None)
     assert [h.shape for h in hidden] == [(4, 16, 32), (2, 16, 32)]
     for index, (layer, handle) in enumerate(zip(decoder_layers(model), mlp_handles(model))):
-        hidden, x = _run_layer(layer, handle.mlp, hidden, [kw[index] for kw in kwargs])
+        hidden, x, _made = _run_layer(layer, handle.mlp, hidden, [kw[index] for kw in kwargs])
         assert x.shape == (6 * 16, 32)
     with torch.no_grad():
         want = base_forward(model, WINDOWS)
@@ -46,18 +47,18 @@ def _pruned(arch: str = "llama"):
 def test_reconstruction_lowers_the_error_it_optimises_and_the_kl():
     dense, pruned = _pruned()
     before = evaluate(pruned, WINDOWS, dense, progress=False).kl_to_reference
-    closed = reconstruct_regions(pruned, dense, WINDOWS, steps=0, damping=1e-3, progress=False)
+    closed = reconstruct_regions(pruned, dense, WINDOWS, steps=0, damping=1e-3, holdout=0, progress=False)
     assert len(closed.start) == len(closed.end) == 2 and closed.tokens == 96
     assert all(r < 0.9 * s for s, r in zip(closed.start, closed.refit))  # the closed-form down refit
     assert closed.end == closed.refit
     trained = reconstruct_regions(pruned, dense, WINDOWS, steps=40, lr=3e-3, batch_tokens=64, refit=False,
-                                  progress=False)
+                                  holdout=0, progress=False)
     assert all(e < s for s, e in zip(trained.start, trained.end))  # Adam on gate/up/down lowers it further
     after = evaluate(pruned, WINDOWS, dense, progress=False).kl_to_reference
     assert after < 0.8 * before, (before, after)
     # a step that would raise the error is not kept: an absurd learning rate leaves the weights as they were
     saved = [h.down.weight.clone() for h in mlp_handles(pruned)]
-    wild = reconstruct_regions(pruned, dense, WINDOWS, steps=3, lr=10.0, refit=False, progress=False)
+    wild = reconstruct_regions(pruned, dense, WINDOWS, steps=3, lr=10.0, refit=False, holdout=0, progress=False)
     assert wild.end == wild.start and all(torch.equal(s, h.down.weight) for s, h in zip(saved, mlp_handles(pruned)))
 
 
@@ -78,14 +79,14 @@ def test_region_compensation_through_prune_records_and_rebuilds(tiny_loaded):
     loaded = tiny_loaded("qwen3", intermediate_size=64)
     result = score_model(loaded, "entropy", samples=2, seq_len=16, progress=False)
     lsq = CompensationOptions("lsq", samples=6, seq_len=32)
-    region = CompensationOptions("region", samples=6, seq_len=32, region_samples=4, region_steps=5, region_batch=64)
+    region = CompensationOptions("region", samples=6, seq_len=32, region_samples=16, region_steps=5, region_batch=64)
     assert "region_steps" not in lsq.to_dict() and region.to_dict()["region_steps"] == 5
     a = prune_with_scores(loaded, result, 0.5, progress=False, compensation=lsq)
     b = prune_with_scores(loaded, result, 0.5, progress=False, compensation=region)
-    assert b.meta["compensation"] == region.to_dict() and b.meta["region"]["tokens"] == 4 * 32
+    assert b.meta["compensation"] == region.to_dict() and b.meta["region"]["tokens"] == 16 * 32
     assert b.meta["region"]["mean_error_end"] <= b.meta["region"]["mean_error_start"]
     assert "region" not in a.meta
-    windows = calibration_windows(loaded.tokenizer, "wiki", 4, 32, 0)  # the tokens it was fitted on
+    windows = calibration_windows(loaded.tokenizer, "wiki", 16, 32, 0)  # the tokens it was fitted on
     kl = {name: evaluate(p.model, windows, loaded.model, progress=False).kl_to_reference for name, p in
           (("lsq", a), ("region", b))}
     assert kl["region"] < kl["lsq"], kl
@@ -115,3 +116,26 @@ def test_bad_region_options_are_one_sentence(tmp_path, real_tokenizer):
     assert done.returncode == 0, done.stderr
     meta = json.loads((tmp_path / "ok" / "pruning_meta.json").read_text())
     assert meta["compensation"]["method"] == "region" and meta["region"]["tokens"] == 32
+
+
+def test_stream_target_corrects_the_residual_stream_and_stages_are_judged_on_held_out_windows():
+    dense, pruned = _pruned()
+    before = evaluate(pruned, WINDOWS, dense, progress=False).kl_to_reference
+    # the errors are measured on the held-out windows: layer 0 sees the dense model's own inputs there
+    x = []
+    hook = dense.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: x.append(args[0].reshape(-1, 32)))
+    with torch.no_grad():
+        dense(input_ids=WINDOWS[3:])
+        hook.remove()
+        y = dense.model.layers[0].mlp(x[0])
+        want = float((pruned.model.layers[0].mlp(x[0]) - y).pow(2).sum() / y.pow(2).sum())
+    judged = reconstruct_regions(copy.deepcopy(pruned), dense, WINDOWS, steps=0, target="stream", holdout=0.5,
+                                 progress=False)
+    assert judged.start[0] == pytest.approx(want, rel=1e-4)  # at layer 0 both targets are the dense MLP
+    stream = reconstruct_regions(pruned, dense, WINDOWS, steps=0, damping=1e-3, target="stream", holdout=0,
+                                 progress=False)
+    assert all(e < 0.9 * s for s, e in zip(stream.start, stream.end))
+    assert evaluate(pruned, WINDOWS, dense, progress=False).kl_to_reference < 0.8 * before
+    gemma_dense, gemma = _pruned("gemma3_text")
+    with pytest.raises(PruneConfigError, match="normalises it first: use the local target"):
+        reconstruct_regions(gemma, gemma_dense, WINDOWS, target="stream", progress=False)

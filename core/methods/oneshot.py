@@ -212,7 +212,8 @@ def reconstruct_mlps(loaded: LoadedModel, pruned: nn.Module, options: Compensati
     windows = calibration_windows(loaded.tokenizer, source, options.region_samples, options.seq_len, seed,
                                   max_length=loaded.max_length)
     return reconstruct_regions(pruned, loaded.model, windows, steps=options.region_steps, lr=options.region_lr,
-                               batch_tokens=options.region_batch, damping=options.damping, seed=seed,
+                               batch_tokens=options.region_batch, damping=options.damping,
+                               target=options.region_target, seed=seed,
                                batch_size=batch_size, progress=progress, stop=stop)
 
 

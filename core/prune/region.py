@@ -6,8 +6,8 @@ that MLP — its layers below already reconstructed — so the fit sees the inpu
 inference and errors do not compound. Per layer, on the calibration tokens (n = windows × T rows):
 
 1. ``refit``: a closed-form step — down_proj solved by ridge least squares on the pruned MLP's own
-   activations A (n, k), a = act(gate x) ⊙ up x:  W_down = argmin ‖A Wᵀ − Y‖² + λ‖W‖²,
-   λ = damping · mean diag(AᵀA), with Y (n, H) the dense MLP's output on the same x;
+   activations A (n, k), a = act(gate x) ⊙ up x:  W_down = argmin ‖A Wᵀ − Y‖² + λ‖W − W₀‖², shrunk
+   toward the lsq refit W₀ with λ = damping · mean diag(AᵀA), Y (n, H) the dense MLP's output on the same x;
 2. ``steps`` Adam steps on gate, up and down together, each on ``batch_tokens`` rows drawn (seeded)
    from the n, minimising ‖mlp(x) − Y‖² / ‖Y‖² (the relative error reported per layer).
 
@@ -77,15 +77,18 @@ def _layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int,
 
 @torch.no_grad()
 def _run_layer(layer: nn.Module, mlp: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]
-               ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Run one decoder layer over every batch: (its outputs per batch, the MLP inputs (n, H) it saw)."""
+               ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Run one decoder layer over every batch: its outputs per batch (B, T, H), and the MLP's inputs and
+    outputs it saw, each (n, H) in window-major order."""
     seen: list[torch.Tensor] = []
-    handle = mlp.register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
-    with hooks([handle]):
+    made: list[torch.Tensor] = []
+    rows = (lambda t: t.detach().reshape(-1, t.shape[-1]))  # noqa: E731
+    handles = [mlp.register_forward_pre_hook(lambda _m, args: seen.append(rows(args[0]))),
+               mlp.register_forward_hook(lambda _m, _a, out: made.append(rows(out)))]
+    with hooks(handles):
         outs = [layer(h, **kw) for h, kw in zip(hidden, kwargs)]
     outs = [o[0] if isinstance(o, tuple) else o for o in outs]
-    return outs, torch.cat(seen)
+    return outs, torch.cat(seen), torch.cat(made)
 
 
 def _chunks(x: torch.Tensor, rows: int = 4096) -> list[torch.Tensor]:
@@ -100,8 +103,9 @@ def _relative_error(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, y_energy: 
 
 @torch.no_grad()
 def refit_down(handle, x: torch.Tensor, y: torch.Tensor, damping: float) -> None:
-    """Closed-form step: down_proj ← argmin ‖A Wᵀ − Y‖² + λ‖W‖² on the MLP's own activations A (n, k)
-    for inputs x (n, H) and targets y (n, H); λ = damping · mean diag(AᵀA). In place."""
+    """Closed-form step: down_proj ← argmin ‖A Wᵀ − Y‖² + λ‖W − W₀‖² on the MLP's own activations A (n, k)
+    for inputs x (n, H) and targets y (n, H), shrunk toward its current weight W₀ (the lsq refit);
+    λ = damping · mean diag(AᵀA). In place."""
     k = handle.width
     gram = torch.zeros(k, k, dtype=torch.float64)
     cross = torch.zeros(k, y.shape[1], dtype=torch.float64)
@@ -116,7 +120,8 @@ def refit_down(handle, x: torch.Tensor, y: torch.Tensor, damping: float) -> None
             cross += (a.T @ cy.float()).double().cpu()
     lam = damping * max(float(gram.diagonal().mean()), 1e-12)
     chol = torch.linalg.cholesky(gram + lam * torch.eye(k, dtype=torch.float64))
-    solved = torch.cholesky_solve(cross, chol)  # (k, H)
+    current = handle.down.weight.detach().double().cpu().T  # W₀ᵀ (k, H)
+    solved = torch.cholesky_solve(cross + lam * current, chol)  # (k, H)
     handle.down.weight.copy_(solved.T.to(handle.down.weight.dtype))
 
 
@@ -159,56 +164,93 @@ def _restore(handle, saved: dict[str, torch.Tensor]) -> None:
     handle.mlp.load_state_dict(saved)
 
 
-def _fit_layer(p, d, x: torch.Tensor, report: RegionReport, *, steps: int, lr: float, batch_tokens: int,
-               refit: bool, damping: float, generator: torch.Generator, stop: Callable[[], bool] | None, bar) -> None:
-    """Fit one pruned MLP ``p`` to the dense ``d`` on inputs x (n, H); each stage is kept only if it
-    lowers the relative error (appended to ``report`` after each stage)."""
-    with torch.no_grad():
-        y = torch.cat([d.mlp(cx) for cx in _chunks(x)])  # the dense MLP on the same inputs (n, H)
-    energy = max(float(y.float().pow(2).sum()), 1e-30)
-    error = _relative_error(p.mlp, x, y, energy)
+TARGETS = ("local", "stream")
+
+
+def _fit_layer(p, x: torch.Tensor, y: torch.Tensor, held: int, report: RegionReport, *, steps: int, lr: float,
+               batch_tokens: int, refit: bool, damping: float, generator: torch.Generator,
+               stop: Callable[[], bool] | None, bar) -> None:
+    """Fit one pruned MLP ``p`` to targets y (n, H) on inputs x (n, H). The last ``held`` rows are held
+    out: the fit uses the others, and each stage (closed-form refit, Adam steps) is kept only if it
+    lowers the relative error on the held-out rows (all rows when ``held`` is 0), which ``report`` gets."""
+    fit = slice(0, x.shape[0] - held) if held else slice(None)
+    judge = slice(x.shape[0] - held, None) if held else slice(None)
+    x_fit, y_fit, x_judge, y_judge = x[fit], y[fit], x[judge], y[judge]
+    energy = max(float(y_judge.float().pow(2).sum()), 1e-30)
+    error = _relative_error(p.mlp, x_judge, y_judge, energy)
     report.start.append(error)
     if refit:
         before = _snapshot(p)
-        refit_down(p, x, y, damping)
-        after = _relative_error(p.mlp, x, y, energy)
+        refit_down(p, x_fit, y_fit, damping)
+        after = _relative_error(p.mlp, x_judge, y_judge, energy)
         error = after if after <= error else (_restore(p, before) or error)
     report.refit.append(error)
     if steps:
         before = _snapshot(p)
-        _train_mlp(p, x, y, energy / x.shape[0], steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
+        fit_energy = max(float(y_fit.float().pow(2).sum()), 1e-30) / x_fit.shape[0]
+        _train_mlp(p, x_fit, y_fit, fit_energy, steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
                    stop=stop, bar=bar)
-        after = _relative_error(p.mlp, x, y, energy)
+        after = _relative_error(p.mlp, x_judge, y_judge, energy)
         error = after if after <= error else (_restore(p, before) or error)
     report.end.append(error)
 
 
+def _check_stream(layer: nn.Module) -> None:
+    if hasattr(layer, "post_feedforward_layernorm"):
+        raise PruneConfigError(f"The stream target needs layers that add the MLP output to the residual stream "
+                               f"directly; {type(layer).__name__} normalises it first: use the local target.")
+
+
 def reconstruct_regions(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, *, steps: int = 0,
                         lr: float = 1e-3, batch_tokens: int = 1024, refit: bool = True, damping: float = 0.01,
-                        seed: int = 0, batch_size: int = 4, progress: bool = True,
-                        stop: Callable[[], bool] | None = None) -> RegionReport:
-    """Fit every pruned MLP to the dense one on the pruned model's own inputs, bottom layer first (see
-    the module docstring). windows: (N, T) calibration ids. ``pruned`` is changed in place (MLP weights
-    only); a Stop leaves it partly reconstructed, so callers work on a copy. Returns the per-layer errors."""
-    if steps < 0 or batch_tokens < 1 or not lr > 0:
-        raise PruneConfigError("Region reconstruction needs steps ≥ 0, batch_tokens ≥ 1 and a positive lr.")
+                        target: str = "local", holdout: float = 0.125, seed: int = 0, batch_size: int = 4,
+                        progress: bool = True, stop: Callable[[], bool] | None = None) -> RegionReport:
+    """Fit every pruned MLP on the pruned model's own inputs, bottom layer first (see the module
+    docstring). windows: (N, T) calibration ids. ``target``: ``local`` = the dense MLP's output on the same
+    input; ``stream`` = what this MLP must add for the layer's output to equal the dense model's residual
+    stream there (it also corrects the error that reaches it from below; layers without a norm after the
+    MLP only). ``holdout``: share of the windows (at least one when N > 1) held out to judge each stage.
+    ``pruned`` is changed in place (MLP weights only); a Stop leaves it partly reconstructed, so callers
+    work on a copy. Returns the per-layer held-out errors."""
+    if steps < 0 or batch_tokens < 1 or not lr > 0 or not 0 <= holdout < 1 or target not in TARGETS:
+        raise PruneConfigError("Region reconstruction needs steps ≥ 0, batch_tokens ≥ 1, a positive lr, a holdout "
+                               f"share in [0, 1) and a target in {', '.join(TARGETS)}.")
     start_time = time.perf_counter()
     d_handles, p_handles = mlp_handles(dense), mlp_handles(pruned)
-    layers = decoder_layers(pruned)
+    p_layers, d_layers = decoder_layers(pruned), decoder_layers(dense)
     if len(d_handles) != len(p_handles):
         raise PruneConfigError("The pruned and the dense model have a different number of layers.")
+    if target == "stream":
+        _check_stream(p_layers[0])
     report = RegionReport(tokens=int(windows.numel()))
+    n_windows = windows.shape[0]
+    held = (max(1, round(holdout * n_windows)) if holdout > 0 and n_windows > 1 else 0) * windows.shape[1]
     generator = torch.Generator().manual_seed(seed)
     hidden, kwargs = _layer_inputs(pruned, windows, batch_size, stop)
-    bar = tqdm(total=len(layers) * (steps + 1), desc="region reconstruction", unit="step", disable=not progress)
+    dense_hidden = hidden
+    bar = tqdm(total=len(p_layers) * (steps + 1), desc="region reconstruction", unit="step", disable=not progress)
     with bar:
-        for index, (layer, p, d) in enumerate(zip(layers, p_handles, d_handles)):
+        for index, (p, d) in enumerate(zip(p_handles, d_handles)):
             check_stop(stop, "Region reconstruction was stopped.")
-            _outs, x = _run_layer(layer, p.mlp, hidden, [kw[index] for kw in kwargs])
-            _fit_layer(p, d, x, report, steps=steps, lr=lr, batch_tokens=batch_tokens, refit=refit, damping=damping,
-                       generator=generator, stop=stop, bar=bar)
-            del x
+            calls = [kw[index] for kw in kwargs]
+            outs, x, made = _run_layer(p_layers[index], p.mlp, hidden, calls)
+            if target == "stream":
+                dense_hidden, _dx, _dm = _run_layer(d_layers[index], d.mlp, dense_hidden, calls)
+                residual = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]) - made  # (n, H) before the MLP
+                y = torch.cat([o.reshape(-1, o.shape[-1]) for o in dense_hidden]) - residual
+            else:
+                with torch.no_grad():
+                    y = torch.cat([d.mlp(cx) for cx in _chunks(x)])  # the dense MLP on the same inputs (n, H)
+            _fit_layer(p, x, y, held, report, steps=steps, lr=lr, batch_tokens=batch_tokens, refit=refit,
+                       damping=damping, generator=generator, stop=stop, bar=bar)
             bar.update(1)
-            hidden, _x = _run_layer(layer, p.mlp, hidden, [kw[index] for kw in kwargs])  # the next layer's inputs
+            if target == "stream":  # the layer's new output without running its attention again
+                with torch.no_grad():
+                    rows = residual + torch.cat([p.mlp(cx) for cx in _chunks(x)])
+                hidden = list(rows.split([o.shape[0] * o.shape[1] for o in outs]))
+                hidden = [h.reshape(o.shape) for h, o in zip(hidden, outs)]
+            else:
+                hidden, _x, _m = _run_layer(p_layers[index], p.mlp, hidden, calls)  # the next layer's inputs
+            del x, y, made
     report.seconds = time.perf_counter() - start_time
     return report
