@@ -131,13 +131,14 @@ def engine_allocation(choice: str, knobs: dict | None = None) -> tuple[str, engi
     return choice, engine.AllocationOptions(**knobs)
 
 
-def prune_name(criterion: str, ratio: float, allocation: str, refit: bool) -> str:
+def prune_name(criterion: str, ratio: float, allocation: str, refit: bool | str) -> str:
     """The default name of a pruned variant, saying what sets it apart: criterion and ratio, the
-    allocation when it is not uniform, '+lsq' when down_proj was refitted ('entropy-30%',
-    'entropy-30%-global', 'entropy-30%-adaptive+lsq')."""
+    allocation when it is not uniform, '+lsq' when down_proj was refitted, or '+<method>' for another
+    compensation method ('entropy-30%', 'entropy-30%-global', 'entropy-30%-adaptive+lsq', 'entropy-30%+region')."""
     percent = f"{100 * float(ratio):.1f}".rstrip("0").rstrip(".")
     spread = "" if allocation == "uniform" else f"-{allocation}"
-    return f"{criterion}-{percent}%{spread}{'+lsq' if refit else ''}"
+    suffix = f"+{refit}" if isinstance(refit, str) and refit != "none" else ("+lsq" if refit is True else "")
+    return f"{criterion}-{percent}%{spread}{suffix}"
 
 
 def locked_steps(lock: threading.RLock, steps: Iterator[T]) -> Iterator[T]:
@@ -279,10 +280,13 @@ class Services:
               name: str, stop: Callable[[], bool] | None = None,
               compensate_windows: int = 0, adaptive: dict | None = None,
               replace: bool = False, keep: Collection[str] = (),
-              on_phase: Callable[[str], None] | None = None) -> tuple[Variant, str | None]:
+              on_phase: Callable[[str], None] | None = None,
+              region: dict | None = None) -> tuple[Variant, str | None]:
         """Prune the session's model with its scores for ``criterion``; store the run and the variant.
         ``compensate_windows`` > 0 refits every down_proj by least squares on that many calibration
-        windows (of the session's data source and window length); ``adaptive`` holds the adaptive
+        windows (of the session's data source and window length); ``region`` (CompensationOptions'
+        ``region_*`` knobs without the prefix: samples, steps, lr, batch, target) then also reconstructs every
+        MLP layer by layer (within the 'refit' phase; needs the refit's windows > 0); ``adaptive`` holds the adaptive
         search's knobs (see :func:`engine_allocation`). An empty ``name`` gets :func:`prune_name`
         (with '-2', '-3'… when taken); a typed name the session holds is refused, unless ``replace``
         (the Tour remakes its own variants), which replaces it with a notice. A full session makes room
@@ -293,13 +297,13 @@ class Services:
         typed = (name or "").strip()
         if typed == "original":
             raise PruneConfigError("'original' names the unpruned model; choose another variant name.")
-        default = prune_name(criterion, ratio, allocation, compensate_windows > 0)
+        compensation = self.compensation(session, [criterion], compensate_windows, region)
+        default = prune_name(criterion, ratio, allocation, compensation.method)
         name = typed if replace and typed else session.new_name(typed, default)
         if name not in session.variants:
             session.room_for(keep)  # a full session that cannot make room refuses before the work
         loaded = self.model(session.model_spec)
         scores = session.scores[criterion]
-        compensation = self.compensation(session, [criterion], compensate_windows)
         phase = on_phase or (lambda _phase: None)
         bars = engine_bars()
         with self.model_lock:
@@ -605,10 +609,11 @@ class Services:
 
     def prune_seconds(self, session: Session, model_spec: str, data: DataSpec, criterion: str, allocation: str, *,
                       params: dict | None = None, adaptive: dict | None = None,
-                      compensate_windows: int = 0) -> dict[str, float]:
+                      compensate_windows: int = 0, region: dict | None = None) -> dict[str, float]:
         """About how long each part of a Prune takes on this machine now, in :attr:`PRUNE_PHASES` order:
         scoring (0 when the scores are stored), the widths (the adaptive search; others are instant), the
-        least-squares refit and the quality at a glance — scaled from a probe timed on the spot."""
+        least-squares refit (with ``region``: and the whole-MLP reconstruction, about 2.5 forward passes
+        over its tokens plus its Adam steps) and the quality at a glance — scaled from a probe timed on the spot."""
         per_token = self.seconds_per_token(model_spec)
         stored = self.stored_scores(session, model_spec, data, criterion, params)
         scores = 0.0 if stored else scoring_seconds(per_token, data.samples * data.seq_len, REGISTRY[criterion].cost)
@@ -618,6 +623,10 @@ class Services:
             widths = self.adaptive_seconds(model_spec, options.halvings, options.heldout_samples,
                                            options.heldout_seq_len, sequential=allocation == SEQUENTIAL)
         refit = refit_seconds(per_token, int(compensate_windows) * data.seq_len)
+        if region:
+            knobs = engine.CompensationOptions("region", **{f"region_{k}": v for k, v in region.items()})
+            refit += (2.5 * refit_seconds(per_token, knobs.region_samples * data.seq_len)
+                      + 2 * per_token * knobs.region_steps * knobs.region_batch)
         quality = evaluation_seconds(per_token, self.QUICK_WINDOWS * self.QUICK_SEQ_LEN, models=2)
         return dict(zip(self.PRUNE_PHASES, (scores, widths, refit, quality)))
 
@@ -687,12 +696,19 @@ class Services:
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
-    def compensation(session: Session, criteria: list[str], windows: int) -> engine.CompensationOptions:
+    def compensation(session: Session, criteria: list[str], windows: int,
+                     region: dict | None = None) -> engine.CompensationOptions:
         """Least-squares compensation on ``windows`` calibration windows of the scores' window length
-        (``windows`` 0 = none)."""
+        (``windows`` 0 = none); with ``region`` ({samples, steps, lr, batch, target}: the ``region_*`` knobs)
+        the whole-MLP reconstruction after it."""
         config = session.scores[criteria[0]].config if criteria and criteria[0] in session.scores else {}
-        return engine.CompensationOptions("lsq" if windows > 0 else "none", samples=max(1, int(windows)),
-                                            seq_len=int(config.get("seq_len") or 128))
+        if region and windows <= 0:
+            raise PruneConfigError("The whole-MLP reconstruction starts from the least-squares refit: turn the "
+                                   "refit on too.")
+        knobs = {f"region_{k}": v for k, v in (region or {}).items() if v is not None}
+        method = ("region" if region else "lsq") if windows > 0 else "none"
+        return engine.CompensationOptions(method, samples=max(1, int(windows)),
+                                          seq_len=int(config.get("seq_len") or 128), **knobs)
 
     def require_model(self, session: Session) -> str:
         if not session.model_spec:

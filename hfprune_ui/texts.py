@@ -36,6 +36,13 @@ COMPENSATION = (
     "most of that lost output back. Same size, same speed, usually much closer to the original."
 )
 
+REGION = (
+    "After the refit, go one step further: starting from the bottom layer, fit each shortened MLP (all three of "
+    "its projections) so it gives what the original MLP gave for the very inputs the pruned model now feeds it. "
+    "It costs about two more passes over its windows (plus the Adam steps, if any); each layer keeps the new "
+    "weights only if they do better on text held back from the fit. Same size and speed as the refit alone."
+)
+
 COMPARE = (
     "A pruned model can keep the same favourite word while its confidence in every other candidate drifts, so the "
     "bars put the full next-token menus of the original and each variant side by side. The coloured text marks, "

@@ -139,3 +139,20 @@ def test_stream_target_corrects_the_residual_stream_and_stages_are_judged_on_hel
     gemma_dense, gemma = _pruned("gemma3_text")
     with pytest.raises(PruneConfigError, match="normalises it first: use the local target"):
         reconstruct_regions(gemma, gemma_dense, WINDOWS, target="stream", progress=False)
+
+
+def test_the_dashboard_reaches_region_through_services(tiny_services):
+    from hfprune_ui.services import prune_name
+
+    services, session, folder = tiny_services
+    knobs = {"samples": 4, "steps": 2, "target": "local"}
+    seconds = services.prune_seconds(session, str(folder), session.data, "entropy", "uniform", compensate_windows=2)
+    more = services.prune_seconds(session, str(folder), session.data, "entropy", "uniform", compensate_windows=2,
+                                  region=knobs)
+    assert more["refit"] > seconds["refit"] > 0
+    variant, _ = services.prune(session, "entropy", 0.25, "uniform", 1, "", compensate_windows=2, region=knobs)
+    assert variant.name == prune_name("entropy", 0.25, "uniform", "region") == "entropy-25%+region"
+    assert variant.meta["compensation"]["method"] == "region" and variant.meta["compensation"]["region_steps"] == 2
+    assert variant.meta["region"]["tokens"] == 4 * 16
+    with pytest.raises(PruneConfigError, match="starts from the least-squares refit: turn the refit on too"):
+        services.prune(session, "entropy", 0.25, "uniform", 1, "x", compensate_windows=0, region=knobs)

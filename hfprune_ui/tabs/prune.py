@@ -172,7 +172,8 @@ def make_prune(services: Services):
               compensate_windows: float, name: str, model: str, source: str,
               upload: str | None, samples: float, seq_len: float, seed: float, criterion_knobs: dict,
               halvings: float = 4, heldout_samples: float = 2, heldout_seq_len: float = 64,
-              fidelity: str = "kl", request: gr.Request = None, progress=TRACK):
+              fidelity: str = "kl", region: bool = False, region_windows: float = 32, region_steps: float = 0,
+              region_target: str = "local", request: gr.Request = None, progress=TRACK):
         """Score if needed (cached), prune into a new variant, store the run, measure it at a glance."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
@@ -180,21 +181,24 @@ def make_prune(services: Services):
         data = services.data_spec(source, upload, samples, seq_len, seed)
         spec = (model or "").strip()
         windows = int(compensate_windows) if compensate else 0
+        rebuild = ({"samples": int(region_windows), "steps": int(region_steps), "target": region_target}
+                   if region else None)  # whole-MLP reconstruction after the refit
         tracker = JobProgress(progress, "Prune", stages=1, unit="step")
         tracker.stage(0, f"loading {spec}")
         services.model(spec)
         # each part weighs what it should cost on this machine now, so the bar moves as evenly as the work
         seconds = services.prune_seconds(session, spec, data, criterion, allocation, adaptive=knobs,
-                                         params=criterion_knobs.get(criterion), compensate_windows=windows)
+                                         params=criterion_knobs.get(criterion), compensate_windows=windows,
+                                         region=rebuild)
         tracker.replan(list(seconds.values()), estimate_s=sum(seconds.values()))
         labels = {"widths": "adaptive search" if allocation in ("adaptive", SEQUENTIAL) else "pruning",
-                  "refit": "least-squares refit"}
+                  "refit": "least-squares refit" + (" and whole-MLP reconstruction" if rebuild else "")}
         phases = list(seconds)
         tracker.stage(0, f"scores for {criterion}")
         services.score(session, spec, data, criterion, stop=job.is_set,
                        params=criterion_knobs.get(criterion))
         variant, evicted = services.prune(session, criterion, ratio, allocation, int(round_to), name, stop=job.is_set,
-                                          compensate_windows=windows, adaptive=knobs,
+                                          compensate_windows=windows, adaptive=knobs, region=rebuild,
                                           on_phase=lambda phase: tracker.stage(phases.index(phase), labels[phase]))
         tracker.stage(phases.index("quality"), "quality at a glance")
         quality = services.quick_quality(session, variant.name, stop=job.is_set)
@@ -203,7 +207,11 @@ def make_prune(services: Services):
         note = f" '{evicted}' was dropped to make room (its run stays on disk)." if evicted else ""
         refit = (" Every down_proj was refitted by least squares on "
                  f"{variant.meta['compensation']['samples']} calibration windows."
-                 if variant.meta.get("compensation", {}).get("method") == "lsq" else "")
+                 if variant.meta.get("compensation", {}).get("method") in ("lsq", "region") else "")
+        if "region" in variant.meta:
+            done = variant.meta["region"]
+            refit += (f" Then every MLP was fitted to the original's, layer by layer, on {done['tokens']} tokens "
+                      f"(held-out error {done['mean_error_start']:.3f} → {done['mean_error_end']:.3f}).")
         params = sum(p.numel() for p in variant.model.parameters())
         status = (f"Pruned **{variant.name}**: MLP widths {min(variant.widths)}–{max(variant.widths)}, "
                   f"{count(params)} parameters, stored as run `{variant.run_id}`.{refit}{note}" + quality_text(quality))
@@ -455,6 +463,12 @@ def build(ctx: Ctx) -> None:
             compensate_windows = gr.Slider(label="Compensation windows (× the data tab's tokens per window; "
                                            "forward passes only)", **CompensationOptions.ui("samples"))
         gr.Markdown(advice["refit"], elem_id="refit-advice")
+        with gr.Row():
+            region = gr.Checkbox(False, label="Whole-MLP reconstruction after the refit", info=texts.REGION,
+                                 elem_id="region")
+            region_windows = gr.Slider(label="Reconstruction windows", **CompensationOptions.ui("region_samples"))
+            region_steps = gr.Slider(label="Adam steps per layer", **CompensationOptions.ui("region_steps"))
+            region_target = gr.Dropdown(label="Fit each MLP to", **CompensationOptions.ui("region_target"))
         preview_text = gr.Markdown("", elem_id="prune-preview")
         preview_plot = gr.Plot(label="Kept width per layer", elem_id="widths-plot")
         with gr.Row(equal_height=True):
@@ -550,7 +564,8 @@ def build(ctx: Ctx) -> None:
     stop_on_click(services, sweep_stop, sweep_note, [sweep_event], api_name="sweep_stop", what="sweep")
     prune_event = prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, compensate,
                                                             compensate_windows, name, *ctx.data_inputs,
-                                                            *ctx.criterion_inputs, *knobs],
+                                                            *ctx.criterion_inputs, *knobs, region, region_windows,
+                                                            region_steps, region_target],
                                      [status, export_variant, trace_plot, *panel_outputs, preview_plot],
                                      api_name="prune", show_progress_on=status,
                                      **model_events())
