@@ -64,11 +64,41 @@ def rendered_plot(page, elem_id: str):
 
 
 def open_tab(page, name: str) -> None:
-    """Click a tab; tabs that do not fit the row sit in Gradio's overflow menu."""
-    tab = page.get_by_role("tab", name=name, exact=True)
-    if not tab.is_visible():
-        page.locator(".overflow-menu button, button.overflow-menu, [aria-label*='more' i]").first.click()
-    tab.click()
+    """Click a tab; a tab inside a group (``hfprune_ui.layout.TAB_GROUPS``) opens its group first."""
+    from hfprune_ui.layout import TAB_GROUPS
+
+    group = next((g for g, names in TAB_GROUPS.items() if name in names), None)
+    if group is not None:
+        page.get_by_role("tab", name=group, exact=True).click()
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def overflowed(page) -> list[str]:
+    """Visible tab buttons of Gradio's '⋯' overflow menus (none when every tab fits its row)."""
+    return [b.inner_text() for b in page.locator(".overflow-menu").all() if b.is_visible()]
+
+
+def test_every_tab_fits_its_row_at_1500_px(page, shots):
+    """Issue 20: twelve tabs in one row hid three behind '⋯' at 1500 px. The Tour, three groups and the run
+    list fit one row, each group's tabs another; every tab opens from its group without an overflow menu."""
+    from hfprune_ui.layout import TAB_GROUPS
+
+    for width in (1500, 1280):
+        page.set_viewport_size({"width": width, "height": 1000})
+        for name in ("Tour", *TAB_GROUPS, "Runs"):
+            expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
+        for group, names in TAB_GROUPS.items():
+            page.get_by_role("tab", name=group, exact=True).click()
+            for name in names:
+                tab = page.get_by_role("tab", name=name, exact=True)
+                expect(tab).to_be_visible()
+                tab.click()
+                expect(tab).to_have_attribute("aria-selected", "true")
+            assert overflowed(page) == [], (width, group)
+        if width == 1500:
+            page.screenshot(path=str(shots / "tab-groups.png"))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    open_tab(page, "Tour")
 
 
 def set_number(page, label: str, value: float) -> None:

@@ -111,6 +111,47 @@ def test_every_action_draws_one_progress_bar(tiny_services):
     assert where["evaluate"] == next(fn for fn in several if fn.api_name == "evaluate").outputs[0].elem_id
 
 
+# -- the tabs, grouped --------------------------------------------------------------------------------------
+def test_the_tabs_sit_in_groups_that_fit_one_row(tiny_services):
+    """Tour first, then three groups of tabs and the run list: no row holds more than five tabs (twelve in
+    one row overflowed into '⋯' at 1500 px). Showing a group re-runs the select handlers of its tabs, so
+    the tab last open inside it is fresh (the Prune tab's variant table, Compare's variant list)."""
+    from hfprune_ui import build_demo
+    from hfprune_ui.layout import TAB_GROUPS
+
+    services, _session, _folder = tiny_services
+    demo = build_demo(services)
+    config = demo.config
+    by_id = {c["id"]: c for c in config["components"]}
+    children = {}
+
+    def walk(node: dict) -> None:
+        children[node["id"]] = [child["id"] for child in node.get("children", [])]
+        for child in node.get("children", []):
+            walk(child)
+    walk(config["layout"])
+    top = next(i for i, c in by_id.items() if c["props"].get("elem_id") == "tab-groups")
+    labels = [by_id[i]["props"]["label"] for i in children[top]]
+    assert labels == ["Tour", *TAB_GROUPS, "Runs"]
+    for group_id in children[top][1:-1]:
+        inner = children[children[group_id][0]]  # the group's own row of tabs
+        names = [by_id[i]["props"]["label"] for i in inner]
+        assert names == list(TAB_GROUPS[by_id[group_id]["props"]["label"]]) and len(names) <= 5
+    every = [label for row in TAB_GROUPS.values() for label in row]
+    assert len(every) + 2 >= 13 and len(set(every)) == len(every)
+
+    outputs_on = {}
+    for dep in config["dependencies"]:
+        for block, event in dep["targets"]:
+            if event == "select":
+                outputs_on.setdefault(block, set()).update(dep["outputs"])
+    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"] if c["props"].get("elem_id")}
+    cut, measure = ids["group-cut"], ids["group-measure"]
+    assert ids["variants-table"] in outputs_on[cut] and ids["compare-variants"] in outputs_on[measure]
+    prune_tab = next(i for i, c in by_id.items() if c["type"] == "tabitem" and c["props"].get("id") == "prune")
+    assert outputs_on[prune_tab] <= outputs_on[cut]
+
+
 # -- Prune: parts weighed by their cost --------------------------------------------------------------------
 def test_job_progress_weighs_its_stages_and_replans_without_going_back():
     from hfprune_ui.progress import JobProgress
