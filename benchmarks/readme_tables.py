@@ -40,6 +40,8 @@ SECTIONS = [
     ("INT8 backends on this CPU", "int8_backends_cpu.md", "python benchmarks/int8_backends.py"),
     ("Vision: AMP on DINOv2-small", "vision.md", None),
     ("Scale on the CPU: 2-process scoring, checkpointing, GGUF export", "scale_cpu.md", "python benchmarks/scale.py"),
+    ("Pruned where it runs: dense vs pruned in llama.cpp, same GGUF format", "llamacpp.md",
+     "flock /tmp/heavy.lock python benchmarks/llamacpp.py"),
     ("Rank stability over calibration draws", "stability.md", None),
 ]
 
