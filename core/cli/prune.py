@@ -54,7 +54,8 @@ def register(sub) -> None:
                             "--gguf-type's block (32 for q8_0 / q5_0 / q4_0, 256 for the K-quants), which an "
                             "explicit value must be a multiple of")
     AllocationOptions.add_arguments(prune)
-    CompensationOptions.add_arguments(prune)
+    # only typed flags: the encoder path (core.cli.vision) refuses a refit the user asked for, not the default
+    CompensationOptions.add_arguments(prune, only_given=True)
     prune.add_argument("--export", default=None, choices=EXPORT_MODES,
                        help="hf-native (uniform widths; default for uniform), hf-remote-code (default otherwise), "
                             "hf-padded, gguf (one .gguf file for llama.cpp / Ollama, tokenizer inside)")

@@ -125,7 +125,7 @@ def cmd_prune(args) -> dict:
         raise PruneConfigError("Give --ratio (fraction of MLP neurons removed); --param-ratio is for LLMs.")
     check_ratio(args.ratio)
     check_output_dir(args.out)
-    if getattr(args, "compensate", "none") not in (None, "none"):
+    if getattr(args, "compensate", "none") != "none":  # present only when typed (only_given)
         raise PruneConfigError("--compensate is for LLMs; encoders recover by distillation (benchmarks/vision.py).")
     if args.export == "gguf":
         raise PruneConfigError("--export gguf is for LLMs; encoders export as hf-native, hf-remote-code or hf-padded.")
