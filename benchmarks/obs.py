@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--allocation", default="uniform", choices=("uniform", "adaptive"),
+                        help="widths of every row (adaptive: the engine's search, per selection and ratio)")
     parser.add_argument("--resume", action="store_true", help="keep finished rows of an earlier run")
     parser.add_argument("--tag", default="")
     CompensationOptions.add_arguments(parser.add_argument_group("least-squares refit"), skip=("method",))
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         earlier = json.loads(json_path.read_text())
         rows, setup["commands"] = earlier.get("rows", []), earlier.get("setup", {}).get("commands", [])
     setup["commands"].append(command)
-    done = {(r["selection"], r["ratio"]) for r in rows}
+    done = {(r["selection"], r["ratio"], r.get("allocation", "uniform")) for r in rows}
 
     def save() -> None:
         write_json(json_path, {"setup": setup, "rows": rows}, indent=1)
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
     entropy_kept: dict[float, list[torch.Tensor]] = {}
     full = mlp_widths(loaded.model)
     for spec, name, params, samples in selections:
-        todo = [r for r in ratios if (spec, r) not in done]
+        todo = [r for r in ratios if (spec, r, args.allocation) not in done]
         if not todo and not (name == "entropy" and not params and samples == args.samples):
             continue
         print(f"[obs] scoring {spec} on {samples} x {args.seq_len}", flush=True)
@@ -117,9 +119,11 @@ def main(argv=None) -> int:
                              batch_size=args.batch_size, progress=False, criterion_params=params)
         if name == "entropy" and not params and samples == args.samples:
             entropy_kept = {r: top_k_indices(result.scores, uniform_widths(full, r)) for r in ratios}
+        widths: dict[float, dict] = {}
         for ratio in todo:
             row = {"selection": spec, "criterion": name, "params": result.config["criterion_params"],
-                   "samples": samples, "ratio": ratio, "score_s": round(result.seconds, 1),
+                   "samples": samples, "ratio": ratio, "allocation": args.allocation,
+                   "score_s": round(result.seconds, 1),
                    "cost": result.config["cost"]}
             if spec.endswith("+wlsq") and weighted["wiki"].grams is None:
                 start = time.perf_counter()
@@ -133,13 +137,14 @@ def main(argv=None) -> int:
                 if sweep.grams is None and sweeps["wiki"].grams is not None:
                     sweep.grams = sweeps["wiki"].grams  # one set of refit statistics (wiki calibration)
                 start = time.perf_counter()
-                got = sweep.row(spec, result, "uniform+lsq", ratio)
+                got = sweep.row(spec, result, f"{args.allocation}+lsq", ratio, reuse=widths.get(ratio))
+                widths.setdefault(ratio, got)  # the second text reuses the first one's widths (no second search)
                 row[f"kl_{text}"], row[f"top1_{text}"] = got["kl_to_dense"], got["top1_agreement"]
                 row[f"eval_s_{text}"] = round(time.perf_counter() - start, 1)
             if sweeps["wiki"].grams_seconds is not None:
                 setup["refit_statistics_s"] = round(sweeps["wiki"].grams_seconds, 1)
-            kept = top_k_indices(result.scores, uniform_widths(full, ratio))
-            if ratio in entropy_kept:
+            kept = top_k_indices(result.scores, widths[ratio]["widths"])
+            if ratio in entropy_kept and args.allocation == "uniform":
                 shared = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(kept, entropy_kept[ratio]))
                 row["overlap_with_entropy"] = round(shared / sum(len(k) for k in kept), 4)
             rows.append(row)
@@ -149,6 +154,16 @@ def main(argv=None) -> int:
     save()
     print(md_path.read_text())
     return 0
+
+
+def label(row: dict) -> str:
+    """A row's selection in words: obs rows name their weighting and power as recorded."""
+    refit = " + weighted refit" if row["selection"].endswith("+wlsq") else ""
+    if row["criterion"] != "obs":
+        return row["criterion"] + refit
+    p = row["params"]
+    weights = "unweighted" if p["weighting"] == "none" else f"{p['weighting']}-weighted, power {p['power']:g}"
+    return f"obs ({weights}){refit}"
 
 
 def sweep_text(sweeps: dict, sweep: FidelitySweep) -> str:
@@ -164,20 +179,23 @@ def render(setup: dict, rows: list[dict], ratios: list[float]) -> str:
              f"- evaluation: {setup['evaluation']}; KL(p_dense ‖ p_pruned) per token, nats",
              f"- machine: {setup['machine']}", "- commands:", "",
              *[f"      {c}" for c in setup["commands"]], ""]
-    base = {(r["ratio"], t): r[f"kl_{t}"] for r in rows if r["selection"] == "entropy" for t in ("wiki", "news")}
+    base = {(r["ratio"], t, r.get("allocation", "uniform")): r[f"kl_{t}"] for r in rows if r["selection"] == "entropy"
+            for t in ("wiki", "news")}
     table = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r.get("allocation", "uniform") != "uniform", r["ratio"], r["samples"],
+                                         label(r))):
         cells = []
         for text in ("wiki", "news"):
-            ref = base.get((r["ratio"], text))
+            ref = base.get((r["ratio"], text, r.get("allocation", "uniform")))
             change = f" ({r[f'kl_{text}'] / ref - 1:+.1%})" if ref and r["selection"] != "entropy" else ""
             cells.append(f"{r[f'kl_{text}']:.4f}{change}")
-        table.append([r["selection"], f"{r['ratio']:.0%}", r["samples"], *cells,
-                      f"{r['top1_wiki']:.3f}", f"{r.get('overlap_with_entropy', float('nan')):.1%}",
-                      r["score_s"]])
-    table.sort(key=lambda c: (c[1], c[0]))
-    lines += [markdown_table(["selection", "ratio", "windows", "KL wiki (vs entropy)", "KL news (vs entropy)",
-                              "top-1 wiki", "kept ∩ entropy", "scoring s"], table), ""]
+        table.append([label(r), r.get("allocation", "uniform"), f"{r['ratio']:.0%}", r["samples"], *cells,
+                      f"{(r['kl_wiki'] + r['kl_news']) / 2:.4f}", f"{r['top1_wiki']:.3f}",
+                      f"{r.get('overlap_with_entropy', float('nan')):.1%}", r["score_s"]])
+    lines += ["Change in brackets: against entropy on 16 windows with the same widths rule + the same refit (the "
+              "criteria table's rows).", "",
+              markdown_table(["selection (+ lsq refit)", "widths", "ratio", "windows", "KL wiki", "KL news",
+                              "mean of both", "top-1 wiki", "kept ∩ entropy", "scoring s"], table), ""]
     return "\n".join(lines)
 
 

@@ -347,7 +347,7 @@ class ObsParams(Options):
     weighting: str = knob("entropy", "obs: weight each token's share of the Gram by ‖∂L/∂y_t‖^power at the down_proj "
                           "output for this loss (none = plain OBS, forward only)",
                           choices=("entropy", "cross_entropy", "none"), flag="obs-weighting")
-    power: float = knob(1.0, "obs: exponent of the gradient norm in the token weights (0 = unweighted)", low=0.0,
+    power: float = knob(2.0, "obs: exponent of the gradient norm in the token weights (0 = unweighted)", low=0.0,
                         ui_high=2.0, step=0.25, flag="obs-power")
     damping: float = knob(0.01, "obs: ridge added to the Gram, a fraction of its mean diagonal", low=0.0,
                           low_open=True, ui_low=0.001, ui_high=0.5, step=0.001, flag="obs-damping")
@@ -359,16 +359,19 @@ class ObsCriterion(Criterion):
     """Greedy structured OBS (:mod:`core.importance.obs`): neurons ranked by the error of reconstructing
     the down_proj output from the kept ones, on a Gram whose tokens are weighted by how much the model's
     output entropy depends on the layer's output there. Compose it with the least-squares refit
-    (``--compensate lsq``), whose solution the selection's error assumes."""
+    (``--compensate lsq``), whose solution the selection's error assumes. The Gram needs many more tokens
+    than the d_ff neurons: score it on ~128 windows of 128 tokens (benchmarks/obs.py: on 16 it loses to
+    entropy on the in-domain text). Power 2 (the default) weighs tokens by ‖∂H/∂y_t‖², a Fisher-like
+    weight; power 1 measured a little better on out-of-domain text and worse in-domain."""
 
     name = "obs"
     cost = "forward+backward"
-    summary = ("Greedy structured OBS on the down_proj-input Gram, each token weighted by ‖∂entropy/∂y_t‖ at the "
-               "layer's output (weighting none: plain OBS, forward only); pair with the lsq refit.")
+    summary = ("Greedy structured OBS on the down_proj-input Gram, each token weighted by ‖∂entropy/∂y_t‖² at the "
+               "layer's output (weighting none: plain OBS, forward only); pair with the lsq refit; ~128 windows.")
 
     Params = ObsParams
 
-    def __init__(self, weighting: str = "entropy", power: float = 1.0, damping: float = 0.01, block: int = 16):
+    def __init__(self, weighting: str = "entropy", power: float = 2.0, damping: float = 0.01, block: int = 16):
         super().__init__(weighting=weighting, power=power, damping=damping, block=block)
         if self.p.weighting == "none" or self.p.power == 0.0:
             self.cost, self.passes = "forward", (1, 0)  # no backward: the instance says so in its record
