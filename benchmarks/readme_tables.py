@@ -35,6 +35,9 @@ SECTIONS = [
     ("Dashboard: responsiveness, Tour and adaptive default", "dashboard.md",
      "python benchmarks/dashboard.py --thorough"),
     ("Recovery: one-shot vs KD (full / MLP / LoRA) at equal wall-clock budgets", "recovery.md", None),
+    ("Heal without a GPU: recipes in CPU minutes, SmolLM2-135M, wiki", "heal_smollm2-135m_wiki.md", None),
+    ("Heal without a GPU: SmolLM2-135M, news", "heal_smollm2-135m_news.md", None),
+    ("Heal without a GPU: Gemma-3-270M, wiki", "heal_gemma3-270m_wiki.md", None),
     ("DDP vs one-shot at equal wall-clock budgets", "ddp.md", None),
     ("Prune → quantize → distil: the six orders", "pipeline.md", None),
     ("INT8 backends on this CPU", "int8_backends_cpu.md", "python benchmarks/int8_backends.py"),
@@ -47,6 +50,7 @@ SECTIONS = [
 
 
 PLOTS = {"recovery.md": ("recovery.png", "KL to dense vs training minutes"),
+         "heal_smollm2-135m_wiki.md": ("heal_smollm2-135m_wiki.png", "KL to dense vs CPU minutes from dense to saved"),
          "pipeline.md": ("pipeline.png", "The six orders: speed-up vs KL to dense")}
 
 
