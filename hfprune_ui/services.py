@@ -40,12 +40,14 @@ from core.measure.outputs import (
     next_token_menus,
     per_token_kl_text,
 )
-from core.measure.speed import add_measured_speedups, ideal_speedup, measure_speed
+from core.measure.speed import MIN_SPREAD_REPEATS, add_measured_speedups, ideal_speedup, measure_speed
 from core.measure.timing import (
     adaptive_seconds,
+    budgeted_speed_seconds,
     evaluation_seconds,
     refit_seconds,
     scoring_seconds,
+    seconds_per_decode_step,
     seconds_per_token,
 )
 from core.measure.zeroshot import check_tasks, run_zeroshot
@@ -198,6 +200,7 @@ class Services:
         self.sessions = SessionStore()
         self._quick_originals: dict[tuple, tuple] = {}  # (model, source, windows, seq_len) → (Reference, perplexity)
         self._per_token: dict[str, tuple[float, float]] = {}  # model spec → (forward s/token, when probed)
+        self._per_step: dict[str, tuple[float, float]] = {}  # model spec → (decode s/step, when probed)
         self._tour_draws: dict[Path, dict] = {}  # assets/tour/draws.json, read once
         self.model_lock = threading.RLock()
 
@@ -584,19 +587,46 @@ class Services:
         """The model's forward time per token on this machine, timed on the spot (a short probe, at
         most every :attr:`PROBE_MAX_AGE_S`), so the estimates built on it include the machine's current
         load; while a job holds the model the last probe is used rather than waiting for the job."""
+        # a warm model needs no warm-up forward: forwards of 2 × 64 tokens for PROBE_SECONDS, at least two
+        return self._probe(spec, self._per_token, lambda model, warm: seconds_per_token(
+            model, repeats=2, warmup=0 if warm else 1, min_seconds=self.PROBE_SECONDS))
+
+    def decode_step_seconds(self, spec: str) -> float:
+        """The model's one-token KV-cached decode step on this machine, timed on the spot like
+        :meth:`seconds_per_token` (same age and lock rules): on a CPU it is not a fixed multiple of a
+        batched forward's time per token, and the ratio changes with the load."""
+        return self._probe(spec, self._per_step, lambda model, warm: seconds_per_decode_step(
+            model, warmup=0 if warm else 1, min_seconds=self.PROBE_SECONDS / 2))
+
+    def _probe(self, spec: str, store: dict[str, tuple[float, float]],
+               measure: Callable[[torch.nn.Module, bool], float]) -> float:
+        """``measure(model, warm)`` for ``spec``'s model, kept in ``store`` for :attr:`PROBE_MAX_AGE_S`; while
+        a job holds the model lock the last value is used (only a first probe waits for the lock)."""
         loaded = self.model(spec)
-        last = self._per_token.get(spec)
+        last = store.get(spec)
         if last is not None and time.monotonic() - last[1] <= self.PROBE_MAX_AGE_S:
             return last[0]
         if not self.model_lock.acquire(blocking=last is None):
             return last[0]
-        try:  # a warm model needs no warm-up forward: forwards of 2 × 64 tokens for PROBE_SECONDS, at least two
-            value = seconds_per_token(loaded.model, repeats=2, warmup=1 if last is None else 0,
-                                      min_seconds=self.PROBE_SECONDS)
+        try:
+            value = measure(loaded.model, last is not None)
         finally:
             self.model_lock.release()
-        self._per_token[spec] = (value, time.monotonic())
+        store[spec] = (value, time.monotonic())
         return value
+
+    def bench_seconds(self, spec: str, models: int, prefill_tokens: int, decode_tokens: int, repeats: int,
+                      budget_s: float, eval_tokens: int = 0) -> tuple[float, float]:
+        """(seconds per model, seconds in all) of a :meth:`bench` of ``models`` models on this machine now:
+        each model's budget, or what the warm-up and the fewest repeats every timing runs need
+        (:data:`core.measure.speed.MIN_SPREAD_REPEATS`) when that is more (core.measure.timing's
+        budgeted_speed_seconds with both probes); in all, with the models and their reference over
+        ``eval_tokens`` held-out tokens afterwards (the size-vs-quality plot's perplexity)."""
+        fewest = min(int(repeats), MIN_SPREAD_REPEATS)
+        per_token = self.seconds_per_token(spec)
+        each = budgeted_speed_seconds(per_token, int(prefill_tokens), int(decode_tokens), float(budget_s or 0),
+                                      fewest, per_step=self.decode_step_seconds(spec))
+        return each, models * each + evaluation_seconds(per_token, int(eval_tokens), models + 1)
 
     def adaptive_seconds(self, spec: str, halvings: int, heldout_samples: int, heldout_seq_len: int,
                          sequential: bool = False) -> float:

@@ -1,9 +1,10 @@
 """Rough wall-time estimates for the long jobs, shown before they start.
 
-Everything is scaled from one measured number, the forward time per token of the model on this
-machine (:func:`seconds_per_token`), timed on the spot — a short probe, re-run when the estimate is
-asked for again (``Services.seconds_per_token`` keeps it a few seconds), so a machine busy with other
-work shows a longer estimate; the job-specific factors (how many forwards a job runs, how
+Everything is scaled from the forward time per token of the model on this machine
+(:func:`seconds_per_token`) and, for decoding, the time of one KV-cached one-token step
+(:func:`seconds_per_decode_step`), both timed on the spot — short probes, re-run when the estimate is
+asked for again (``Services`` keeps each a few seconds), so a machine busy with other work shows a
+longer estimate; the job-specific factors (how many forwards a job runs, how
 much of the model each runs through) come from the algorithms and were checked against measured
 runs on SmolLM2-135M (``benchmarks/dashboard.py``). Estimates are "about" figures, typically within
 a factor of 1.5; the running job's progress line then shows the real time left.
@@ -49,6 +50,34 @@ def seconds_per_token(model: nn.Module, seq_len: int = 64, batch: int = 2, repea
     return statistics.mean(times) / (batch * seq_len)
 
 
+@torch.no_grad()
+def seconds_per_decode_step(model: nn.Module, prompt_tokens: int = 32, steps: int = 3, warmup: int = 1,
+                            min_seconds: float = 0.0, max_steps: int = 64) -> float:
+    """Time of one greedy KV-cached decode step of one token (no grad) after a ``prompt_tokens`` prompt:
+    the mean of at least ``steps`` timed steps — more, up to ``max_steps``, until ``min_seconds`` have been
+    timed — after ``warmup`` untimed ones. A step reads every weight for one token, so on a CPU it costs
+    many tokens' worth of a batched forward (:func:`seconds_per_token`), and that ratio moves with the
+    machine's load; measured now, like it."""
+    model.eval()
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    out = model(input_ids=ids, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+    times: list[float] = []
+    done = 0
+    while done < warmup + steps or (sum(times) < min_seconds and len(times) < max_steps):
+        start = time.perf_counter()
+        step = model(input_ids=token, past_key_values=cache, use_cache=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if done >= warmup:
+            times.append(time.perf_counter() - start)
+        cache, token = step.past_key_values, step.logits[:, -1].argmax(-1, keepdim=True)
+        done += 1
+    return statistics.mean(times)
+
+
 def scoring_seconds(per_token: float, tokens: int, cost: str) -> float:
     """One criterion on ``tokens`` calibration tokens (``cost``: the criterion's cost label)."""
     return per_token * tokens * PASS_COST.get(cost, 3.0)
@@ -80,19 +109,20 @@ def sweep_seconds(per_token: float, rows: int, eval_tokens: int, compensation_to
 
 
 def speed_seconds(per_token: float, models: int, prefill_tokens: int, decode_tokens: int, repeats: int,
-                  prompt_tokens: int = 128) -> float:
+                  prompt_tokens: int = 128, per_step: float | None = None) -> float:
     """Timing ``models`` models: (warm-up + repeats) × (one prefill + a prompt + ``decode_tokens`` single-token
-    steps, each about as slow as 8 batched tokens on a CPU)."""
-    per_round = prefill_tokens + prompt_tokens + 8 * decode_tokens
-    return per_token * models * (1 + repeats) * per_round
+    steps of ``per_step`` seconds each (:func:`seconds_per_decode_step`; unknown: 8 batched tokens' worth))."""
+    step = per_step if per_step is not None else 8 * per_token
+    per_round = per_token * (prefill_tokens + prompt_tokens) + step * decode_tokens
+    return models * (1 + repeats) * per_round
 
 
 def budgeted_speed_seconds(per_token: float, prefill_tokens: int, decode_tokens: int, budget_s: float,
-                           min_repeats: int = 3, prompt_tokens: int = 128) -> float:
+                           min_repeats: int = 3, prompt_tokens: int = 128, per_step: float | None = None) -> float:
     """One model's budgeted speed measurement (``core.measure.speed``): its ``budget_s``, or longer when
     the warm-up and the ``min_repeats`` repeats every timing runs take more; with no budget (0) that
     least time (the repeats may go on past it until the spread is known)."""
-    floor = speed_seconds(per_token, 1, prefill_tokens, decode_tokens, min_repeats, prompt_tokens)
+    floor = speed_seconds(per_token, 1, prefill_tokens, decode_tokens, min_repeats, prompt_tokens, per_step)
     return max(float(budget_s), floor)
 
 

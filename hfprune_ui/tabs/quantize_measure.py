@@ -6,7 +6,7 @@ import pandas as pd
 
 from core.errors import HFPruneError, Stopped
 from core.measure.speed import MIN_SPREAD_REPEATS, TARGET_SPREAD, SpeedBudget, SpeedUp
-from core.measure.timing import budgeted_speed_seconds, zeroshot_seconds
+from core.measure.timing import zeroshot_seconds
 from core.measure.zeroshot import resolvable_difference, separates
 from core.measure.zeroshot_tasks import SHIPPED_TASKS
 from core.quantize.backends import METHODS
@@ -178,7 +178,11 @@ def make_bench(services: Services, measured: dict[str, tuple[int, int]] | None =
         job = session.new_job()
         picked = chosen_variants(session, names)
         models = 1 + len(picked)
-        tracker = JobProgress(progress, "Measure", stages=models + 1, estimate_s=models * budget)
+        spec = session.model_spec
+        total = (services.bench_seconds(spec, models, int(prefill), int(decode), int(repeats), budget,
+                                        PERPLEXITY_WINDOWS * PERPLEXITY_LEN)[1]
+                 if spec and services.models.cached(spec) else None)  # what the tab showed: the time left starts here
+        tracker = JobProgress(progress, "Measure", stages=models + 1, estimate_s=total)
         rows: list[dict] = []
         measured[sid] = (0, models)
 
@@ -228,18 +232,19 @@ def bench_kept(measured: dict[str, tuple[int, int]]):
     return kept
 
 
-def bench_estimate(per_token: float, models: int, prefill: int, decode: int, repeats: int, budget: float) -> str:
-    """'About 3 models × 5 s ≈ 15 s …' before Start: the budget, or longer where the fewest repeats need more."""
+def bench_estimate(each: float, total: float, models: int, repeats: int, budget: float) -> str:
+    """'About 3 models × 5 s, with the perplexity ≈ 17 s …' before Start: each model's budget, or longer where
+    the fewest repeats need more (``each``), and the whole (``total``, the perplexity included)."""
     fewest = min(repeats, MIN_SPREAD_REPEATS)
-    each = budgeted_speed_seconds(per_token, prefill, decode, budget, fewest)
     if not budget:
-        return (f"At least {models} models × {duration(each)} ≈ **{duration(models * each)}** with no time budget: "
-                f"the repeats go on, up to {MAX_REPEATS}, until the spread is within {100 * TARGET_SPREAD:.0f} %.")
-    over = (f" (on this machine {fewest} repeats of each timing need more than the {budget:g} s budget)"
-            if each > budget * 1.05 else "")
-    return (f"About {models} models × {duration(each)} ≈ **{duration(models * each)}**{over}, then a few seconds "
-            f"of perplexity: each model's repeats stop once the spread is within {100 * TARGET_SPREAD:.0f} % "
-            f"of the median (at least {int(repeats)}, at most {MAX_REPEATS}) or its {budget:g} s are spent.")
+        return (f"At least {models} models × {duration(each)}, with the perplexity ≈ **{duration(total)}** with no "
+                f"time budget: the repeats go on, up to {MAX_REPEATS}, until the spread is within "
+                f"{100 * TARGET_SPREAD:.0f} %.")
+    over = (f" (on this machine the warm-up and {fewest} repeats of each timing need more than the {budget:g} s "
+            "budget)" if each > budget * 1.05 else "")
+    return (f"About {models} models × {duration(each)}, with the perplexity ≈ **{duration(total)}**{over}: each "
+            f"model's repeats stop once the spread is within {100 * TARGET_SPREAD:.0f} % of the median (at least "
+            f"{fewest}, at most {MAX_REPEATS}) or its {budget:g} s are spent.")
 
 
 def make_estimates(services: Services):
@@ -252,8 +257,10 @@ def make_estimates(services: Services):
         per_token = services.seconds_per_token(session.model_spec)
         models = 1 + len([n for n in (names or []) if n in session.variants] or session.variants)
         zs = zeroshot_seconds(per_token, models, int(limit) * 2)
+        each, total = services.bench_seconds(session.model_spec, models, int(prefill), int(decode), int(repeats),
+                                             float(budget or 0), PERPLEXITY_WINDOWS * PERPLEXITY_LEN)
         return (f"About {duration(zs)} for {models} models × {int(limit)} items per task on this machine.",
-                bench_estimate(per_token, models, int(prefill), int(decode), int(repeats), float(budget or 0)))
+                bench_estimate(each, total, models, int(repeats), float(budget or 0)))
     return estimates
 
 
