@@ -120,7 +120,7 @@ def test_compensation_lowers_kl_to_dense_on_the_real_model(real):
     options = CompensationOptions("lsq", samples=48, seq_len=96, damping=0.1)
     windows = evaluation_windows(real.tokenizer, "wiki", 4, 64)
     kl = {}
-    for label, compensation in (("plain", None), ("lsq", options)):
+    for label, compensation in (("plain", CompensationOptions("none")), ("lsq", options)):
         pruned = prune_with_scores(real, result, 0.3, progress=False, compensation=compensation)
         kl[label] = evaluate(pruned.model, windows, real.model, progress=False).kl_to_reference
     assert kl["lsq"] < 0.92 * kl["plain"], kl
