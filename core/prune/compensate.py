@@ -57,7 +57,7 @@ class CompensationOptions(Options):
     region_batch: int = knob(1024, "region: tokens per Adam step", low=1, ui_low=128, ui_high=8192, step=128)
     region_target: str = knob("local", "region: what each MLP is fitted to — local: the dense MLP's output on the "
                               "same input; stream: the dense residual stream after the layer (also corrects the error "
-                              "arriving from below; not for layers that normalise the MLP output)",
+                              "arriving from below)",
                               choices=("local", "stream"))
 
     def to_dict(self) -> dict:

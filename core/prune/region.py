@@ -95,9 +95,24 @@ def _chunks(x: torch.Tensor, rows: int = 4096) -> list[torch.Tensor]:
     return list(torch.split(x, rows))
 
 
+class _Block:
+    """What a layer adds to the residual stream from its MLP input x: ``post(mlp(x))``, where ``post`` is
+    the norm some families apply to the MLP output (Gemma's post_feedforward_layernorm), else nothing."""
+
+    def __init__(self, layer: nn.Module, handle) -> None:
+        self.handle, self.post = handle, getattr(layer, "post_feedforward_layernorm", None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.handle.mlp(x)
+        return self.post(out) if self.post is not None else out
+
+    def modules(self) -> list[nn.Module]:
+        return [self.handle.mlp] + ([self.post] if self.post is not None else [])
+
+
 @torch.no_grad()
-def _relative_error(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, y_energy: float) -> float:
-    err = sum(float((mlp(cx) - cy).float().pow(2).sum()) for cx, cy in zip(_chunks(x), _chunks(y)))
+def _relative_error(block: Callable, x: torch.Tensor, y: torch.Tensor, y_energy: float) -> float:
+    err = sum(float((block(cx) - cy).float().pow(2).sum()) for cx, cy in zip(_chunks(x), _chunks(y)))
     return err / y_energy
 
 
@@ -125,17 +140,18 @@ def refit_down(handle, x: torch.Tensor, y: torch.Tensor, damping: float) -> None
     handle.down.weight.copy_(solved.T.to(handle.down.weight.dtype))
 
 
-def _train_mlp(handle, x: torch.Tensor, y: torch.Tensor, y_energy_per_row: float, *, steps: int, lr: float,
+def _train_mlp(block: _Block, x: torch.Tensor, y: torch.Tensor, y_energy_per_row: float, *, steps: int, lr: float,
                batch_tokens: int, generator: torch.Generator, stop: Callable[[], bool] | None, bar) -> None:
     """``steps`` Adam steps on the MLP's gate / up / down (fp32 while training) on random rows of (x, y)."""
-    mlp = handle.mlp
+    handle = block.handle
     dtype = handle.down.weight.dtype
     params = [linear.weight for linear in handle.linears.values()] + [
         linear.bias for linear in handle.linears.values() if linear.bias is not None]
-    saved = [(p, p.requires_grad) for p in mlp.parameters()]
-    for p in mlp.parameters():
+    saved = [(p, p.requires_grad) for m in block.modules() for p in m.parameters()]
+    for p, _flag in saved:
         p.requires_grad_(False)
-    mlp.float()
+    for m in block.modules():
+        m.float()
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -145,13 +161,14 @@ def _train_mlp(handle, x: torch.Tensor, y: torch.Tensor, y_energy_per_row: float
                 check_stop(stop, "Region reconstruction was stopped.")
                 rows = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=generator)
                 rows = rows.to(x.device)
-                loss = (mlp(x[rows].float()) - y[rows].float()).pow(2).sum(-1).mean() / y_energy_per_row
+                loss = (block(x[rows].float()) - y[rows].float()).pow(2).sum(-1).mean() / y_energy_per_row
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 bar.update(1)
     finally:
-        mlp.to(dtype)
+        for m in block.modules():
+            m.to(dtype)
         for p, flag in saved:
             p.requires_grad_(flag)
 
@@ -167,38 +184,34 @@ def _restore(handle, saved: dict[str, torch.Tensor]) -> None:
 TARGETS = ("local", "stream")
 
 
-def _fit_layer(p, x: torch.Tensor, y: torch.Tensor, held: int, report: RegionReport, *, steps: int, lr: float,
-               batch_tokens: int, refit: bool, damping: float, generator: torch.Generator,
+def _fit_layer(block: _Block, x: torch.Tensor, y: torch.Tensor, held: int, report: RegionReport, *, steps: int,
+               lr: float, batch_tokens: int, refit: bool, damping: float, generator: torch.Generator,
                stop: Callable[[], bool] | None, bar) -> None:
-    """Fit one pruned MLP ``p`` to targets y (n, H) on inputs x (n, H). The last ``held`` rows are held
-    out: the fit uses the others, and each stage (closed-form refit, Adam steps) is kept only if it
-    lowers the relative error on the held-out rows (all rows when ``held`` is 0), which ``report`` gets."""
+    """Fit one pruned MLP so ``block(x)`` matches targets y (n, H) on inputs x (n, H). The last ``held`` rows
+    are held out: the fit uses the others, and each stage (the closed-form refit, only where the block is
+    linear in down_proj, i.e. no norm after the MLP; the Adam steps) is kept only if it lowers the
+    relative error on the held-out rows (all rows when ``held`` is 0), which ``report`` gets."""
+    p = block.handle
     fit = slice(0, x.shape[0] - held) if held else slice(None)
     judge = slice(x.shape[0] - held, None) if held else slice(None)
     x_fit, y_fit, x_judge, y_judge = x[fit], y[fit], x[judge], y[judge]
     energy = max(float(y_judge.float().pow(2).sum()), 1e-30)
-    error = _relative_error(p.mlp, x_judge, y_judge, energy)
+    error = _relative_error(block, x_judge, y_judge, energy)
     report.start.append(error)
-    if refit:
+    if refit and block.post is None:
         before = _snapshot(p)
         refit_down(p, x_fit, y_fit, damping)
-        after = _relative_error(p.mlp, x_judge, y_judge, energy)
+        after = _relative_error(block, x_judge, y_judge, energy)
         error = after if after <= error else (_restore(p, before) or error)
     report.refit.append(error)
     if steps:
         before = _snapshot(p)
         fit_energy = max(float(y_fit.float().pow(2).sum()), 1e-30) / x_fit.shape[0]
-        _train_mlp(p, x_fit, y_fit, fit_energy, steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
-                   stop=stop, bar=bar)
-        after = _relative_error(p.mlp, x_judge, y_judge, energy)
+        _train_mlp(block, x_fit, y_fit, fit_energy, steps=steps, lr=lr, batch_tokens=batch_tokens,
+                   generator=generator, stop=stop, bar=bar)
+        after = _relative_error(block, x_judge, y_judge, energy)
         error = after if after <= error else (_restore(p, before) or error)
     report.end.append(error)
-
-
-def _check_stream(layer: nn.Module) -> None:
-    if hasattr(layer, "post_feedforward_layernorm"):
-        raise PruneConfigError(f"The stream target needs layers that add the MLP output to the residual stream "
-                               f"directly; {type(layer).__name__} normalises it first: use the local target.")
 
 
 def reconstruct_regions(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, *, steps: int = 0,
@@ -208,10 +221,11 @@ def reconstruct_regions(pruned: nn.Module, dense: nn.Module, windows: torch.Tens
     """Fit every pruned MLP on the pruned model's own inputs, bottom layer first (see the module
     docstring). windows: (N, T) calibration ids. ``target``: ``local`` = the dense MLP's output on the same
     input; ``stream`` = what this MLP must add for the layer's output to equal the dense model's residual
-    stream there (it also corrects the error that reaches it from below; layers without a norm after the
-    MLP only). ``holdout``: share of the windows (at least one when N > 1) held out to judge each stage.
-    ``pruned`` is changed in place (MLP weights only); a Stop leaves it partly reconstructed, so callers
-    work on a copy. Returns the per-layer held-out errors."""
+    stream there (it also corrects the error that reaches it from below). With a norm after the MLP
+    (Gemma) the fit goes through that norm and there is no closed-form step. ``holdout``: share of the
+    windows (at least one when N > 1) held out to judge each stage. ``pruned`` is changed in place (MLP
+    weights only); a Stop leaves it partly reconstructed, so callers work on a copy. Returns the per-layer
+    held-out errors."""
     if steps < 0 or batch_tokens < 1 or not lr > 0 or not 0 <= holdout < 1 or target not in TARGETS:
         raise PruneConfigError("Region reconstruction needs steps ≥ 0, batch_tokens ≥ 1, a positive lr, a holdout "
                                f"share in [0, 1) and a target in {', '.join(TARGETS)}.")
@@ -220,8 +234,6 @@ def reconstruct_regions(pruned: nn.Module, dense: nn.Module, windows: torch.Tens
     p_layers, d_layers = decoder_layers(pruned), decoder_layers(dense)
     if len(d_handles) != len(p_handles):
         raise PruneConfigError("The pruned and the dense model have a different number of layers.")
-    if target == "stream":
-        _check_stream(p_layers[0])
     report = RegionReport(tokens=int(windows.numel()))
     n_windows = windows.shape[0]
     held = (max(1, round(holdout * n_windows)) if holdout > 0 and n_windows > 1 else 0) * windows.shape[1]
@@ -233,20 +245,22 @@ def reconstruct_regions(pruned: nn.Module, dense: nn.Module, windows: torch.Tens
         for index, (p, d) in enumerate(zip(p_handles, d_handles)):
             check_stop(stop, "Region reconstruction was stopped.")
             calls = [kw[index] for kw in kwargs]
+            block, dense_block = _Block(p_layers[index], p), _Block(d_layers[index], d)
             outs, x, made = _run_layer(p_layers[index], p.mlp, hidden, calls)
-            if target == "stream":
-                dense_hidden, _dx, _dm = _run_layer(d_layers[index], d.mlp, dense_hidden, calls)
-                residual = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]) - made  # (n, H) before the MLP
-                y = torch.cat([o.reshape(-1, o.shape[-1]) for o in dense_hidden]) - residual
-            else:
-                with torch.no_grad():
-                    y = torch.cat([d.mlp(cx) for cx in _chunks(x)])  # the dense MLP on the same inputs (n, H)
-            _fit_layer(p, x, y, held, report, steps=steps, lr=lr, batch_tokens=batch_tokens, refit=refit,
+            with torch.no_grad():
+                if target == "stream":
+                    dense_hidden, _dx, _dm = _run_layer(d_layers[index], d.mlp, dense_hidden, calls)
+                    added = torch.cat([block.post(c) for c in _chunks(made)]) if block.post is not None else made
+                    residual = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]) - added  # (n, H) before it
+                    y = torch.cat([o.reshape(-1, o.shape[-1]) for o in dense_hidden]) - residual
+                else:
+                    y = torch.cat([dense_block(cx) for cx in _chunks(x)])  # the dense block on the same inputs
+            _fit_layer(block, x, y, held, report, steps=steps, lr=lr, batch_tokens=batch_tokens, refit=refit,
                        damping=damping, generator=generator, stop=stop, bar=bar)
             bar.update(1)
             if target == "stream":  # the layer's new output without running its attention again
                 with torch.no_grad():
-                    rows = residual + torch.cat([p.mlp(cx) for cx in _chunks(x)])
+                    rows = residual + torch.cat([block(cx) for cx in _chunks(x)])
                 hidden = list(rows.split([o.shape[0] * o.shape[1] for o in outs]))
                 hidden = [h.reshape(o.shape) for h, o in zip(hidden, outs)]
             else:
