@@ -4,6 +4,11 @@ all six orders at the same settings and budget.
     python -m core pipeline --model smollm2-135m --order pqd --ratio 0.2 --criterion entropy \
         --quant int8-dynamic --minutes 2 --out runs/pqd20
     python -m core pipeline --ratio 0.2 --quant int8-dynamic --steps 40 --out runs/ablation20 --ablation
+    python -m core pipeline --order pqd --ratio 0.2 --quant gguf-q4_0 --steps 12 --out runs/pqd20-q4
+
+With a GGUF format (gguf-q8_0 / gguf-q5_0 / gguf-q4_0) the export is one .gguf file of that type (plus
+pruning_meta.json) and the row is measured in llama.cpp against the dense model written F16 and in the
+same type (llama-cpp-python must be installed); widths are rounded to the format's block of 32.
 
 A single run writes the exported model (weights + tokenizer + pruning_meta.json with the pipeline
 record + quantization.json) and ``pipeline_result.json`` (the measured row) to ``--out``. The ablation
@@ -20,6 +25,7 @@ import torch
 
 from core.data.text import CalibrationOptions
 from core.export.hf import EXPORT_MODES, check_output_dir
+from core.export.kquant import llama_cpp_binding
 from core.files import write_json, write_text
 from core.methods.pipeline import (
     ALL_ORDERS,
@@ -35,6 +41,7 @@ from core.methods.pipeline import (
 )
 from core.prune.allocate import AllocationOptions
 from core.prune.compensate import CompensationOptions
+from core.quantize.fake import FORMATS
 from core.quantize.store import load_on
 from core.train.loop import DistillOptions, TrainOptions
 
@@ -86,6 +93,8 @@ def cmd_pipeline(args) -> dict:
         raise PipelineError("--device cuda was asked for but this machine has no CUDA GPU; use --device cpu.")
     if args.ablation or "q" in options.order:
         check_format(options.quant, device)
+    if FORMATS[options.quant].gguf:  # every row of a GGUF format is measured in llama.cpp: missing, one sentence
+        llama_cpp_binding()
     out = Path(args.out).expanduser()
     if args.ablation:
         if out.exists() and not out.is_dir():

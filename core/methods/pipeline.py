@@ -39,7 +39,18 @@ is allowed for baselines; the six full orders are :data:`ALL_ORDERS`.
 **Formats** (:data:`FORMATS`): ``int8-dynamic`` (INT8 activations quantised per call × per-channel INT8
 weights on the CPU's fbgemm kernels — the fast one on CPUs without AVX-512 VNNI, see
 benchmarks/results/int8_backends_cpu.md), ``int8-weight`` (torchao per-channel INT8 weights, fp32
-compute) and ``nf4`` (bitsandbytes 4-bit NormalFloat weights; CUDA only).
+compute), ``nf4`` (bitsandbytes 4-bit NormalFloat weights; CUDA only) and the GGUF block formats
+``gguf-q8_0`` / ``gguf-q5_0`` / ``gguf-q4_0`` (llama.cpp's CPU formats: the ``q`` stage fake-quantises
+every matrix exactly as the file will store it, blocks of 32 along the input; kept widths must be
+multiples of 32).
+
+**GGUF formats run where they are deployed**: the export is a folder with one ``.gguf`` file of the
+format's type (``core.export.hf.save_pruned`` mode ``gguf``, written from the trained float weights) and
+the row is measured in llama.cpp (:func:`measure_gguf`: prompt / generation tokens/s, interleaved with the
+dense model written as F16 and in the same type; KL and perplexity from llama.cpp's logits, KL to the
+dense F16 file). An order without ``q`` is written F16 then. The model a run returns is the
+fake-quantised torch model, which computes what the file holds (weights exactly; llama.cpp's own kernels
+round differently in the last bits).
 
 Export (:func:`core.quant_store.save_quantized`): tokenizer + ``pruning_meta.json`` (with this pipeline's
 record) + ``quantization.json`` + the weights — for the INT8 formats the quantized layers as INT8
@@ -56,6 +67,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,10 +79,13 @@ from torch import nn
 from core import __version__
 from core.data.text import CalibrationOptions, HeldoutWindows, TrainingText, evaluation_windows
 from core.errors import HFPruneError, Stopped
+from core.export.gguf import ARCHITECTURES, GGUFOptions, check_block_rows, save_gguf
 from core.export.hf import check_output_dir, default_export_mode, save_pruned
+from core.export.kquant import llama_cpp_binding
 from core.files import atomic_file, write_json
 from core.importance.criteria import REGISTRY
 from core.measure.evaluate import Reference, evaluate
+from core.measure.llamacpp import LlamaCppOptions, gguf_counts, measure_llamacpp
 from core.measure.speed import SpeedUp, measure_speed, speedup, spread
 from core.measure.zeroshot import DEFAULT_TASKS, run_zeroshot
 from core.methods.oneshot import ALLOCATIONS, ScoreResult, prune_with_scores, score_model
@@ -144,6 +159,8 @@ def check_format(name: str, device: str | torch.device = "cpu") -> Format:
     if name not in FORMATS:
         raise PipelineError(f"Unknown format '{name}'; choose one of: {', '.join(FORMATS)}.")
     fmt = FORMATS[name]
+    if fmt.gguf:  # fake quantisation runs anywhere; the file is measured by llama.cpp (checked when measuring)
+        return fmt
     if fmt.cuda_only and not (torch.device(device).type == "cuda" and torch.cuda.is_available()):
         raise PipelineError(f"The {name} format needs a CUDA GPU (bitsandbytes' NF4 kernels), and this run is on "
                             f"{'a machine without one' if not torch.cuda.is_available() else 'the CPU'}; "
@@ -168,8 +185,8 @@ class PipelineOptions(Options):
     ratio: float = knob(0.2, "fraction of MLP neurons removed", low=0.0, high=1.0, high_open=True, ui_high=0.9)
     criterion: str = knob("entropy", "importance criterion", choices=tuple(REGISTRY))
     allocation: str = knob("uniform", "how widths are spread over layers", choices=ALLOCATIONS)
-    round_to: int = knob(16, "round kept widths to a multiple of this (INT8 kernels like multiples of 16)", low=1,
-                         ui_high=128)
+    round_to: int = knob(32, "round kept widths to a multiple of this (INT8 kernels like multiples of 16; the GGUF "
+                         "formats need multiples of their block of 32)", low=1, ui_high=128)
     quant: str = knob("int8-dynamic", f"final number format: {', '.join(FORMATS)}")
     params: str = knob("full", "what trains in the distil stage: full (every parameter) or mlp (MLP projections)",
                        choices=("full", "mlp"))
@@ -181,6 +198,11 @@ class PipelineOptions(Options):
         check_ratio(self.ratio)
         if self.quant not in FORMATS:  # not argparse choices: a bad format is one sentence like a bad order
             raise PipelineError(f"Unknown format '{self.quant}'; choose one of: {', '.join(FORMATS)}.")
+        block = FORMATS[self.quant].block
+        if "p" in self.order and self.round_to % block:
+            raise PipelineError(f"The {self.quant} format stores rows in blocks of {block}, so pruned widths must be "
+                                f"multiples of {block}, and --round-to {self.round_to} is not: use --round-to {block} "
+                                "(or a multiple).")
 
 
 @dataclass
@@ -225,6 +247,8 @@ class Shared:
     reference: Reference | None = None
     dense_row: dict | None = None
     scores: dict[str, ScoreResult] = field(default_factory=dict)
+    gguf_dir: Path | None = None  # where the dense GGUF baselines are written (GGUF formats); None: a temporary one
+    gguf_dense: dict[str, Path] = field(default_factory=dict)  # GGUF type → the dense model's file
 
 
 def settings_key(record: dict) -> str:
@@ -267,21 +291,97 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
     options = (options or PipelineOptions()).replace(**fields) if fields else (options or PipelineOptions())
     calibration, allocation, compensation, train_options, distill, measure = _with_defaults(
         calibration, allocation, compensation, train_options, distill, measure)
+    own_shared = shared is None
     shared = shared or Shared()
     device = next(loaded.model.parameters()).device
     fmt = check_format(options.quant, device) if "q" in options.order else None
+    gguf_type = gguf_type_of(options)
     if quantization_of(loaded.model) or fake_format(loaded.model):
         raise PipelineError("The pipeline starts from an unquantized model; load the fp32 (or pruned fp32) model.")
+    if gguf_type:
+        check_gguf_model(loaded, gguf_type, measure_result)
     if measure_result:
         check_lengths(loaded, measure)
     if out is not None:
         check_output_dir(out)
+    try:
+        return _run(loaded, options, fmt, gguf_type, calibration, allocation, compensation, train_options, distill,
+                    measure, out, export_mode, measure_result, shared, stop, on_event, on_step, progress)
+    finally:
+        if own_shared and shared.gguf_dir is not None:  # this call's dense GGUF baselines
+            shutil.rmtree(shared.gguf_dir, ignore_errors=True)
+
+
+def _run(loaded: LoadedModel, options: PipelineOptions, fmt: Format | None, gguf_type: str | None,
+         calibration: CalibrationOptions, allocation: AllocationOptions, compensation: CompensationOptions,
+         train_options: TrainOptions, distill: DistillOptions, measure: MeasureOptions, out, export_mode: str | None,
+         measure_result: bool, shared: Shared, stop, on_event: Event | None, on_step, progress: bool
+         ) -> PipelineResult:
+    """:func:`run_pipeline` after its checks: the stages, the conversion, the export and the measurement."""
     emit = on_event or (lambda _event: None)
+    device = next(loaded.model.parameters()).device
     record: dict = {"settings": _settings(loaded, options, calibration, allocation, compensation, train_options,
                                           distill, measure), "stages": [], "tool_version": __version__}
     record["settings_key"] = settings_key(record["settings"])
     record["order"] = options.order
     record["format"] = fmt.name if fmt else "fp32"
+    if gguf_type:
+        record["gguf_type"] = gguf_type
+    student, prune_meta = _stages(loaded, options, fmt, calibration, allocation, compensation, train_options, distill,
+                                  shared, record, emit, stop, on_step, progress)
+    check_stop(stop, "The pipeline was stopped before the export; nothing was written.")
+    unfake(student)  # the trained floating-point weights: what is exported and what the backend converts
+    student.eval()
+    record["widths"] = mlp_widths(student)
+    final = student
+    target = None
+    scratch = None  # a GGUF format measured without --out: the file lives in a temporary folder
+    if out is not None:
+        emit({"stage": "export", "state": "start", "order": options.order})
+        target = export(student, loaded, fmt, out, prune_meta, record, mode=export_mode, gguf_type=gguf_type)
+        if fmt is not None and not fmt.gguf:
+            final = load_on(str(target), device).model  # the reload applies the recipe: the export is what is measured
+    elif gguf_type and measure_result:
+        scratch = tempfile.TemporaryDirectory(prefix="hfprune-pipeline-")
+    elif fmt is not None and not fmt.gguf:
+        final = quantize_model(student, fmt.method)
+    row: dict = {}
+    try:
+        measured = target if scratch is None else export(student, loaded, fmt, Path(scratch.name) / "run", prune_meta,
+                                                         record, gguf_type=gguf_type)
+        if fmt is not None and fmt.gguf:
+            final = fake_quantize(student, fmt)  # computes what the file holds
+        if measure_result:
+            emit({"stage": "measure", "state": "start", "order": options.order})
+            if gguf_type:
+                rows = measure_gguf({"run": gguf_path(measured)}, loaded, measure, shared, stop=stop)
+                row = rows["run"]
+                if shared.dense_row is None:
+                    shared.dense_row = rows["dense F16"]
+            else:
+                row = measure_model(final, loaded, measure, shared, disk_folder=target, stop=stop,
+                                    dense_widths=mlp_widths(loaded.model))
+            row.update(order=options.order, label=row_label(options.order), format=record["format"],
+                       stages=[{k: v for k, v in s.items() if k not in ("curve", "widths")} for s in record["stages"]])
+            if target is not None:
+                write_json(target / RESULT_FILE, {"record": record, "row": row}, default=str)
+    except BaseException:
+        if target is not None:  # a measurement that did not finish leaves no half-described export
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    emit({"stage": "measure", "state": "done", "order": options.order, "row": row})
+    return PipelineResult(final, record, row, target)
+
+
+def _stages(loaded: LoadedModel, options: PipelineOptions, fmt: Format | None, calibration: CalibrationOptions,
+            allocation: AllocationOptions, compensation: CompensationOptions, train_options: TrainOptions,
+            distill: DistillOptions, shared: Shared, record: dict, emit: Event, stop, on_step, progress: bool
+            ) -> tuple[nn.Module, dict | None]:
+    """Run the order's stages on a copy of the dense model (each stage's entry appended to ``record``);
+    returns (the student, the prune stage's meta or None)."""
     student = copy.deepcopy(loaded.model)
     student.eval()
     touched = False  # the student differs from the dense model
@@ -313,35 +413,7 @@ def run_pipeline(loaded: LoadedModel, options: PipelineOptions | None = None, *,
         record["stages"].append(entry)
         prefix += stage if not entry.get("skipped") else ""
         emit({"stage": STAGES[stage], "state": "done", "order": options.order, "entry": entry})
-    check_stop(stop, "The pipeline was stopped before the export; nothing was written.")
-    unfake(student)  # the trained floating-point weights: what is exported and what the backend converts
-    student.eval()
-    record["widths"] = mlp_widths(student)
-    final = student
-    target = None
-    if out is not None:
-        emit({"stage": "export", "state": "start", "order": options.order})
-        target = export(student, loaded, fmt, out, prune_meta, record, mode=export_mode)
-        if fmt is not None:
-            final = load_on(str(target), device).model  # the reload applies the recipe: the export is what is measured
-    elif fmt is not None:
-        final = quantize_model(student, fmt.method)
-    row: dict = {}
-    try:
-        if measure_result:
-            emit({"stage": "measure", "state": "start", "order": options.order})
-            row = measure_model(final, loaded, measure, shared, disk_folder=target, stop=stop,
-                                dense_widths=mlp_widths(loaded.model))
-            row.update(order=options.order, label=row_label(options.order), format=record["format"],
-                       stages=[{k: v for k, v in s.items() if k not in ("curve", "widths")} for s in record["stages"]])
-            if target is not None:
-                write_json(target / RESULT_FILE, {"record": record, "row": row}, default=str)
-    except BaseException:
-        if target is not None:  # a measurement that did not finish leaves no half-described export
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    emit({"stage": "measure", "state": "done", "order": options.order, "row": row})
-    return PipelineResult(final, record, row, target)
+    return student, prune_meta
 
 
 RESULT_FILE = "pipeline_result.json"
@@ -393,11 +465,14 @@ def _distill(loaded: LoadedModel, student: nn.Module, options: PipelineOptions, 
 
 
 def export(model: nn.Module, loaded: LoadedModel, fmt: Format | None, out: str | Path, prune_meta: dict | None,
-           record: dict, mode: str | None = None) -> Path:
+           record: dict, mode: str | None = None, gguf_type: str | None = None) -> Path:
     """Write the (unfaked, floating-point) model: weights + tokenizer + pruning_meta.json with the pipeline
-    record, plus the format's recipe (``core.quant_store.save_quantized``) when there is one."""
+    record, plus the format's recipe (``core.quant_store.save_quantized``) when there is one; with
+    ``gguf_type`` one .gguf file of that type (+ pruning_meta.json) instead, quantised from these weights."""
     meta = dict(prune_meta or {"model": loaded.spec, "original_intermediate_sizes": mlp_widths(loaded.model)})
     meta["pipeline"] = {k: v for k, v in record.items()}
+    if gguf_type:
+        return save_pruned(model, loaded.tokenizer, out, meta, mode="gguf", gguf=GGUFOptions(type=gguf_type))
     mode = mode or default_export_mode(mlp_widths(model))[0]
     if fmt is None:
         return save_pruned(model, loaded.tokenizer, out, meta, mode=mode)
@@ -454,6 +529,108 @@ def measure_model(model: nn.Module, loaded: LoadedModel, options: MeasureOptions
             row[f"{task}_acc"] = entry.get("acc")
             row[f"{task}_n"] = entry.get("n")
     return row
+
+
+def gguf_type_of(options: PipelineOptions) -> str | None:
+    """The GGUF type a run writes: its format's for a GGUF format with a ``q`` stage, F16 for a GGUF format's
+    order without ``q`` (its float baseline in llama.cpp), None for the torch formats."""
+    fmt = FORMATS[options.quant]
+    if not fmt.gguf:
+        return None
+    return fmt.gguf if "q" in options.order else "f16"
+
+
+def check_gguf_model(loaded: LoadedModel, gguf_type: str, measuring: bool) -> None:
+    """Before any work, one sentence if the model cannot become a GGUF file of ``gguf_type`` (architecture,
+    a row that does not fill the blocks) or, when ``measuring``, llama.cpp is missing."""
+    kind = getattr(loaded.model.config, "model_type", "")
+    if kind not in ARCHITECTURES:
+        raise PipelineError(f"The GGUF formats write llama.cpp files for {', '.join(sorted(ARCHITECTURES))} models; "
+                            f"this one is '{kind}': choose int8-dynamic or int8-weight.")
+    check_block_rows(loaded.model, gguf_type)
+    if measuring:
+        llama_cpp_binding()  # missing: the install sentence (LlamaCppMissing)
+
+
+def gguf_path(folder: Path) -> Path:
+    """The .gguf file of a GGUF export folder."""
+    return next(Path(folder).glob("*.gguf"))
+
+
+def dense_gguf_file(loaded: LoadedModel, gguf_type: str, shared: Shared) -> Path:
+    """The dense model as a GGUF of ``gguf_type``, written once into ``shared.gguf_dir`` (a temporary folder
+    when None) and reused."""
+    if gguf_type not in shared.gguf_dense:
+        if shared.gguf_dir is None:
+            shared.gguf_dir = Path(tempfile.mkdtemp(prefix="hfprune-dense-gguf-"))
+        shared.gguf_dir.mkdir(parents=True, exist_ok=True)
+        path = shared.gguf_dir / f"dense-{gguf_type.upper()}.gguf"
+        if not path.is_file():
+            save_gguf(loaded.model, loaded.tokenizer, path, GGUFOptions(type=gguf_type), source=loaded.spec,
+                      name="dense")
+        shared.gguf_dense[gguf_type] = path
+    return shared.gguf_dense[gguf_type]
+
+
+def llamacpp_options(options: MeasureOptions) -> LlamaCppOptions:
+    """The llama.cpp measurement that matches ``options``: prompt = prefill tokens, generation = decode tokens,
+    the same repeats, evaluation windows and window length."""
+    return LlamaCppOptions(prompt_tokens=options.prefill_tokens, gen_tokens=options.decode_tokens,
+                           repeats=options.speed_repeats, windows=options.eval_windows, seq_len=options.eval_seq_len)
+
+
+def measure_gguf(files: dict[str, Path], loaded: LoadedModel, options: MeasureOptions, shared: Shared, *,
+                 stop=None) -> dict[str, dict]:
+    """Rows of GGUF ``files`` (name → .gguf) measured in llama.cpp in one interleaved run beside the dense
+    model written as F16 ('dense F16', the reference for speed-ups and KL) and in each other type the files
+    hold ('dense Q4_0' …): name → row with the ablation table's keys (prefill = prompt of
+    ``prefill_tokens``, decode = generated tokens/s, speed-ups over dense F16, ``ideal_speedup`` = the
+    pruning's FLOP ratio from the files) and ``*_speedup_same_format`` over the dense file of the row's
+    own type."""
+    types = {str(read_gguf_type(path)) for path in files.values()} | {"f16"}
+    dense = {f"dense {t.upper()}": dense_gguf_file(loaded, t, shared) for t in ["f16", *sorted(types - {"f16"})]}
+    paths = {**dense, **files}
+    counts = {name: gguf_counts(path) for name, path in paths.items()}
+    rows = measure_llamacpp(paths, llamacpp_options(options), reference="dense F16", tokenizer=loaded.tokenizer,
+                            stop=stop)
+    by = {r["model"]: r for r in rows}
+    context = options.prefill_tokens // 2
+    out = {}
+    for name, r in by.items():
+        kind = read_gguf_type(paths[name])
+        same = by[f"dense {kind.upper()}"]
+        row = {"engine": "llama.cpp", "gguf_file": str(paths[name]), "gguf_type": kind, "widths": r["widths"],
+               "tensor_types": r["tensor_types"], "params": r["params"], "disk_bytes": r["file_bytes"],
+               "weight_bytes": r["file_bytes"], "storage": f"gguf {kind.upper()}",
+               "prompt_tokens_per_s": r["prompt_tokens_per_s"], "gen_tokens_per_s": r["gen_tokens_per_s"],
+               "prefill_ms": 1000 * options.prefill_tokens / r["prompt_tokens_per_s"],
+               "prefill_ms_all": [1000 * t for t in r["prompt_s_all"]],
+               "decode_tokens_per_s": r["gen_tokens_per_s"], "decode_ms_all": [1000 * t for t in r["gen_s_all"]],
+               "ideal_speedup": counts["dense F16"].flops_per_token(context) / counts[name].flops_per_token(context),
+               "perplexity": r.get("perplexity"), "kl_to_dense": r.get("kl_to_reference"),
+               "top1_agreement": r.get("top1_agreement"), "eval_tokens": r.get("tokens"),
+               "threads": r["threads"], "load_average": round(os.getloadavg()[0], 2)}
+        for phase, key in (("prefill", "prompt_s_all"), ("decode", "gen_s_all")):
+            if name != "dense F16":
+                up = speedup(spread(by["dense F16"][key]), spread(r[key]))
+                row[f"{phase}_speedup"], row[f"{phase}_speedup_interval"] = up.median, [up.low, up.high]
+            if same is not r:
+                up = speedup(spread(same[key]), spread(r[key]))
+                row[f"{phase}_speedup_same_format"] = up.median
+                row[f"{phase}_speedup_same_format_interval"] = [up.low, up.high]
+        out[name] = row
+    out["dense F16"].update(order="", label="dense F16 (llama.cpp)", format="f16")
+    return out
+
+
+def read_gguf_type(path: Path) -> str:
+    """The GGUF type a file was written as ('f16', 'q4_0' …), from its ``general.file_type``."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.file_type")
+    kind = gguf.LlamaFileType(int(field.contents())).name if field is not None else "MOSTLY_F16"
+    return {"ALL_F32": "f32", "MOSTLY_F16": "f16"}.get(kind, kind.removeprefix("MOSTLY_").lower())
 
 
 def _storage(folder: Path | None) -> str | None:
@@ -520,7 +697,8 @@ def run_ablation(loaded: LoadedModel, options: PipelineOptions | None = None, *,
     root.mkdir(exist_ok=True)
     settings = _settings(loaded, options, calibration, allocation, compensation, train_options, distill, measure)
     key = settings_key(settings)
-    shared = Shared()
+    gguf = bool(FORMATS[options.quant].gguf)
+    shared = Shared(gguf_dir=root / "dense-gguf" if gguf else None)
     rows: list[dict] = []
     emit = on_event or (lambda _event: None)
 
@@ -544,11 +722,16 @@ def run_ablation(loaded: LoadedModel, options: PipelineOptions | None = None, *,
             add(row)
             continue
         emit({"stage": "row", "state": "start", "order": order or "dense"})
-        if order == "":
+        if order == "" and gguf:  # llama.cpp: the dense model written F16 (and in the format, for the file)
+            check_gguf_model(loaded, FORMATS[options.quant].gguf, True)
+            row = measure_gguf({}, loaded, measure, shared, stop=stop)["dense F16"]
+            shared.dense_row = row
+            record: dict = {"order": "", "stages": []}
+        elif order == "":
             row = measure_model(loaded.model, loaded, measure, shared, stop=stop)
             row.update(order="", label="dense fp32", format="fp32")
             shared.dense_row = row
-            record: dict = {"order": "", "stages": []}
+            record = {"order": "", "stages": []}
         else:
             folder = root / f"{order}-{key[:8]}"
             if folder.exists():
@@ -597,7 +780,8 @@ def ablation_table(rows: list[dict]) -> str:
             _fmt(r["disk_bytes"] / 1e6 if r.get("disk_bytes") else None, ".0f"),
             _fmt(r.get("weight_bytes", 0) / 1e6, ".0f"), _fmt(r.get("prefill_ms"), ".0f"), up(r, "prefill"),
             _fmt(r.get("decode_tokens_per_s"), ".1f"), up(r, "decode"), _fmt(r.get("ideal_speedup"), ".2f"),
-            _fmt(r.get("peak_memory_bytes", 0) / 1e6, ".0f"), _fmt(r.get("perplexity"), ".2f"),
+            _fmt(r["peak_memory_bytes"] / 1e6 if r.get("peak_memory_bytes") else None, ".0f"),
+            _fmt(r.get("perplexity"), ".2f"),
             _fmt(r.get("kl_to_dense"), ".4f"), _fmt(r.get("wiki_cloze_acc"), ".2f"),
             _fmt(r.get("wiki_nextsent_acc"), ".2f")]) + " |")
     return "\n".join(lines)
