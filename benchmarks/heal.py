@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,8 @@ CONFIGS: list[dict] = [
     {"name": "uniform", "criterion": "entropy", "allocation": "uniform", "compensation": "none"},
     {"name": "uniform+lsq", "criterion": "entropy", "allocation": "uniform", "compensation": "lsq"},
     {"name": "adaptive+lsq", "criterion": "entropy", "allocation": "adaptive", "compensation": "lsq"},
+    {"name": "adaptive-quick+lsq", "criterion": "entropy", "allocation": "adaptive", "preset": "quick",
+     "compensation": "lsq"},
     {"name": "ce-adaptive+lsq", "criterion": "cross_entropy", "allocation": "adaptive", "compensation": "lsq"},
     {"name": "ce-adaptive-quick+lsq", "criterion": "cross_entropy", "allocation": "adaptive", "preset": "quick",
      "compensation": "lsq"},
@@ -80,9 +83,18 @@ REFERENCE = ("adaptive+lsq", "ce-adaptive+lsq")  # today's best one-shot recipes
 ISSUE_TARGETS = {0.2: 0.344, 0.3: 0.513}  # issue 21: −30 % from uniform + refit in benchmarks/recovery.py
 
 
+RECOVERY_NAME = re.compile(r"^(?P<base>.+)\+kd-(?P<teacher>live|cached)(?:-(?P<minutes>\d+(?:\.\d+)?)m)?$")
+
+
 def config(name: str) -> dict:
-    """A configuration with its base's one-shot keys filled in."""
+    """A configuration with its base's one-shot keys filled in. Besides the listed names,
+    ``<one-shot name>+kd-<live|cached>`` fills the 15 CPU-minute budget from that start and
+    ``<one-shot name>+kd-<live|cached>-<M>m`` trains for a fixed M wall minutes."""
     found = next((c for c in CONFIGS if c["name"] == name), None)
+    match = RECOVERY_NAME.match(name)
+    if found is None and match and any(c["name"] == match["base"] and "base" not in c for c in CONFIGS):
+        budget = {"minutes": float(match["minutes"])} if match["minutes"] else {"total": 15}
+        found = {"name": name, "base": match["base"], "recovery": {"teacher": match["teacher"], **budget}}
     if found is None:
         raise SystemExit(f"unknown configuration '{name}'; known: {', '.join(c['name'] for c in CONFIGS)}")
     if "base" in found:
