@@ -146,3 +146,24 @@ def test_cli_pipeline_gguf_in_a_fresh_process(tmp_path):
     result = run_cli("pipeline", "--quant", "gguf-q4_0", "--round-to", "16", "--out", str(out), fresh=True)
     assert result.returncode != 0 and "error: The gguf-q4_0 format stores rows in blocks of 32" in result.stderr
     assert not out.exists()
+
+
+@needs_llama
+def test_ablation_in_q8_0_measures_every_row_in_llama_cpp(tmp_path):
+    from core.methods.pipeline import PipelineOptions, run_ablation
+    from core.models.loading import LoadedModel
+    from core.runs import RunStore
+
+    dense = LoadedModel(tiny(intermediate_size=128), small_tokenizer(), "tiny-llama", "")
+    kw = dict(out_root=tmp_path / "abl", orders=("qpd",), baselines=("p",), store=RunStore(tmp_path / "runs"),
+              **_groups())
+    result = run_ablation(dense, PipelineOptions(quant="gguf-q8_0", ratio=0.25), **kw)
+    by = {r["order"]: r for r in result.rows}
+    assert list(by) == ["", "p", "qpd"] and all(r["engine"] == "llama.cpp" for r in result.rows)
+    assert by[""]["gguf_type"] == "f16" and by[""]["kl_to_dense"] == 0 and by[""].get("prefill_speedup") is None
+    assert by["p"]["gguf_type"] == "f16" and by["qpd"]["gguf_type"] == "q8_0"  # no q stage: the float file
+    assert by["qpd"]["widths"] == [96, 96] and by["qpd"]["kl_to_dense"] > 0
+    assert "dense F16 (llama.cpp)" in result.table and "| gguf-q8_0 |" in result.table
+    assert sorted(p.name for p in (tmp_path / "abl" / "dense-gguf").iterdir()) == ["dense-F16.gguf", "dense-Q8_0.gguf"]
+    again = run_ablation(dense, PipelineOptions(quant="gguf-q8_0", ratio=0.25), **kw)
+    assert all(r["resumed"] for r in again.rows)

@@ -775,7 +775,7 @@ def ablation_table(rows: list[dict]) -> str:
 
     for r in rows:
         lines.append("| " + " | ".join([
-            row_label(r.get("order") or ""),
+            row_label(r.get("order") or "") if r.get("order") else r.get("label") or row_label(""),
             r.get("format", ""), _fmt(r.get("params", 0) / 1e6, ".1f"),
             _fmt(r["disk_bytes"] / 1e6 if r.get("disk_bytes") else None, ".0f"),
             _fmt(r.get("weight_bytes", 0) / 1e6, ".0f"), _fmt(r.get("prefill_ms"), ".0f"), up(r, "prefill"),
