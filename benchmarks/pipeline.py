@@ -12,17 +12,44 @@ where it stopped when run again with the same flags.
     flock /tmp/heavy.lock python benchmarks/pipeline.py --ratio 0.2 --steps 40 --zeroshot-limit 40
 
 Writes benchmarks/results/pipeline{tag}.{json,md} and pipeline{tag}.png.
+
+With a GGUF format (``--quant gguf-q4_0``, issue 22 §4) every order is exported as a .gguf file of that type
+(an order without ``q`` as F16) and all files are measured together in llama.cpp (``core.pipeline.measure_gguf``:
+prompt / generation tokens/s, interleaved repeats, KL to dense F16 from llama.cpp's logits) beside the dense
+model as F16, Q8_0 and the format; the composition target of the issue is read off the rows. Exports are kept
+under ``--out``/gguf-…, so a second call with more ``--orders`` only runs the new ones (and measures all):
+
+    flock /tmp/heavy.lock python benchmarks/pipeline.py --quant gguf-q4_0 --round-to 32 --compensate lsq \
+        --steps 12 --orders pqd,pdq,pq,p
+
+Writes benchmarks/results/pipeline_gguf-q4_0{tag}.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
+from pathlib import Path
 
 from _common import RESULTS, machine, markdown_table, write_json, write_text
 
-from core.data.text import CalibrationOptions
-from core.methods.pipeline import ALL_ORDERS, MeasureOptions, PipelineOptions, ablation_plot, run_ablation
+from core.data.text import CalibrationOptions, evaluation_windows
+from core.measure.evaluate import Reference, evaluate
+from core.methods.pipeline import (
+    ALL_ORDERS,
+    MeasureOptions,
+    PipelineOptions,
+    Shared,
+    ablation_plot,
+    dense_gguf_file,
+    gguf_path,
+    measure_gguf,
+    parse_order,
+    row_label,
+    run_ablation,
+    run_pipeline,
+)
 from core.models.loading import load_model
 from core.paths import cache_dir
 from core.prune.allocate import AllocationOptions
@@ -103,7 +130,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(cache_dir() / "bench" / "pipeline"))
     parser.add_argument("--runs", default=str(cache_dir() / "bench" / "pipeline_runs"))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--eval-seq-len", type=int, default=128, help="tokens per evaluation window")
+    parser.add_argument("--prefill-tokens", type=int, default=512)
     args = parser.parse_args()
+    if FORMATS[args.quant].gguf:
+        return main_gguf(args)
 
     started = time.time()
     loaded = load_model(args.model)
@@ -160,6 +191,151 @@ def main() -> None:
                       "it; speed-ups read across rows timed at different loads are less certain): " + ", ".join(
                           f"{r.get('order') or 'dense'} {r.get('load_average', float('nan')):.1f}"
                           for r in result.rows) + ".", "", *[f"- {n}" for n in notes]]) + "\n"
+    write_text(RESULTS / f"{name}.md", text)
+    print(text)
+
+
+COMPOSE = 0.9  # issue 22: P→Q→D speed-up over dense F16 ≥ 90 % of (dense format ÷ dense F16) × the FLOP ideal
+
+
+def gguf_verdicts(rows: dict[str, dict], kind: str, torch_kl: dict[str, float]) -> list[str]:
+    """The issue's composition target read off the llama.cpp rows: P→Q→D in the format against dense F16, in
+    prompt and in generation, against COMPOSE × (dense format ÷ dense F16) × FLOP ideal; its KL against the
+    pruned fp32 model's (with the refit)."""
+    out = []
+    dense_fmt, pqd = rows.get(f"dense {kind.upper()}"), rows.get("pqd")
+    if dense_fmt is None or pqd is None:
+        return ["P→Q→D or the dense model in the format was not measured: no verdict."]
+    for phase, word in (("prefill", "prompt"), ("decode", "generation")):
+        fmt_up, got, ideal = dense_fmt[f"{phase}_speedup"], pqd[f"{phase}_speedup"], pqd["ideal_speedup"]
+        bar = COMPOSE * fmt_up * ideal
+        out.append(f"Composition, {word}: P→Q→D {kind.upper()} runs {got:.3f}× dense F16; dense {kind.upper()} "
+                   f"{fmt_up:.3f}× × FLOP ideal {ideal:.3f}× = {fmt_up * ideal:.3f}×, 90 % of it {bar:.3f}× — "
+                   f"**{'met' if got >= bar else 'missed'}** ({100 * got / (fmt_up * ideal):.0f} % of the product).")
+    if "p" in rows:
+        ref = rows["p"]["kl_to_dense"]
+        kl = pqd["kl_to_dense"]
+        fp32 = torch_kl.get("p")
+        out.append(f"Quality: P→Q→D {kind.upper()} KL to dense F16 (llama.cpp) {kl:.4f} vs the pruned model with the "
+                   f"refit {ref:.4f} (its F16 file in llama.cpp; torch fp32 {fp32:.4f}) — "
+                   f"**{'met' if kl <= ref else 'missed'}**"
+                   + (f"; the same cut without distillation (pq) {rows['pq']['kl_to_dense']:.4f}" if "pq" in rows
+                      else "") + ".")
+    return out
+
+
+def gguf_table(names: list[str], rows: dict[str, dict], torch_kl: dict[str, float]) -> str:
+    """Markdown: one row per file, speed-ups over dense F16 and over the dense file of the same type."""
+    def up(r: dict, phase: str, suffix: str = "") -> str:
+        value = r.get(f"{phase}_speedup{suffix}")
+        if value is None:
+            return "—"
+        low, high = r[f"{phase}_speedup{suffix}_interval"]
+        return f"{value:.2f}× ({low:.2f}–{high:.2f})"
+
+    head = ["row", "file", "MLP widths", "file MiB", "prompt tok/s", "prompt vs dense F16", "prompt vs dense same type",
+            "gen tok/s", "gen vs dense F16", "gen vs dense same type", "FLOP ideal", "KL to dense F16 (llama.cpp)",
+            "perplexity", "KL torch (fp32 / fake-quantised)"]
+    out = []
+    for name in names:
+        r = rows[name]
+        widths = r["widths"]
+        shown = f"{min(widths)}–{max(widths)}" if len(set(widths)) > 1 else str(widths[0])
+        label = name if name.startswith("dense") else row_label(name)
+        out.append([label, r["gguf_type"].upper(), shown, f"{r['disk_bytes'] / 2**20:.1f}",
+                    f"{r['prompt_tokens_per_s']:.0f}", up(r, "prefill"), up(r, "prefill", "_same_format"),
+                    f"{r['gen_tokens_per_s']:.0f}", up(r, "decode"), up(r, "decode", "_same_format"),
+                    f"{r['ideal_speedup']:.3f}×", f"{r['kl_to_dense']:.4f}", f"{r['perplexity']:.2f}",
+                    "—" if name not in torch_kl else f"{torch_kl[name]:.4f}"])
+    return markdown_table(head, out)
+
+
+def main_gguf(args) -> None:
+    """The orders in a GGUF block format, each exported as a .gguf file, all measured together in llama.cpp."""
+    started = time.time()
+    kind = FORMATS[args.quant].gguf
+    loaded = load_model(args.model)
+    options = PipelineOptions(ratio=args.ratio, quant=args.quant, criterion=args.criterion, round_to=args.round_to,
+                              params=args.params)
+    train = TrainOptions(steps=args.steps, minutes=args.minutes, lr=args.lr, warmup_steps=max(1, args.steps // 10),
+                         eval_every=max(1, args.steps // 4) if args.steps else 20, batch_size=4)
+    measure = MeasureOptions(eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
+                             prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
+                             speed_repeats=args.speed_repeats, zeroshot_limit=0)
+    calibration = CalibrationOptions(samples=args.samples, seq_len=args.seq_len)
+    compensation = CompensationOptions(method=args.compensate)
+    root = Path(args.out) / f"gguf-{kind}-{args.ratio}-{args.compensate}-{args.steps}-{args.lr}-{args.params}"
+    root.mkdir(parents=True, exist_ok=True)
+    shared = Shared(gguf_dir=root / "dense")
+    records, torch_kl, files = {}, {}, {}
+    reference = None
+    for order in [parse_order(o) for o in args.orders.split(",")]:
+        folder = root / order
+        record_file = folder / "bench_record.json"
+        if record_file.is_file():  # done in an earlier call: reuse
+            saved = json.loads(record_file.read_text())
+            records[order], files[order] = saved["record"], gguf_path(folder)
+            if saved.get("torch_kl") is not None:
+                torch_kl[order] = saved["torch_kl"]
+            print(f"[{time.strftime('%H:%M:%S')}] {order}: reused", flush=True)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)  # a half-written one from a killed call
+        print(f"[{time.strftime('%H:%M:%S')}] {order}: start", flush=True)
+        began = time.time()
+        result = run_pipeline(loaded, options.replace(order=order), calibration=calibration,
+                              allocation=AllocationOptions(), compensation=compensation, train_options=train,
+                              distill=DistillOptions(), measure=measure, out=folder, measure_result=False,
+                              shared=shared)
+        if reference is None:
+            windows = evaluation_windows(loaded.tokenizer, "wiki", args.eval_windows, args.eval_seq_len)
+            reference = Reference(loaded.model, windows)
+        kl = evaluate(result.model, reference.windows, reference, progress=False).kl_to_reference
+        torch_kl[order] = kl
+        records[order] = {k: v for k, v in result.record.items() if k != "settings"}
+        records[order]["seconds"] = round(time.time() - began, 1)
+        files[order] = gguf_path(folder)
+        write_json(record_file, {"record": records[order], "torch_kl": kl}, default=str)
+        print(f"[{time.strftime('%H:%M:%S')}] {order}: exported in {time.time() - began:.0f} s, torch KL {kl:.4f}",
+              flush=True)
+    dense_gguf_file(loaded, "q8_0", shared)  # the dense Q8_0 baseline too
+    extra = {"dense Q8_0": shared.gguf_dense["q8_0"]} if kind != "q8_0" else {}
+    print(f"[{time.strftime('%H:%M:%S')}] measuring {len(files) + 2 + len(extra)} files in llama.cpp…", flush=True)
+    rows = measure_gguf({**extra, **files}, loaded, measure, shared)
+    minutes = round((time.time() - started) / 60, 1)
+    dense_names = ["dense F16", "dense Q8_0", f"dense {kind.upper()}"]
+    names = [n for n in dict.fromkeys(dense_names) if n in rows] + [o for o in files]
+    notes = gguf_verdicts(rows, kind, torch_kl)
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                     if k not in ("out", "runs", "tag", "zeroshot_limit") and v not in (None, ""))
+    command = f"python benchmarks/pipeline.py {flags}"
+    name = f"pipeline_{args.quant}{args.tag}"
+    write_json(RESULTS / f"{name}.json", {"machine": machine(), "command": command, "minutes_this_call": minutes,
+                                          "rows": {n: rows[n] for n in names}, "records": records,
+                                          "torch_kl": torch_kl, "verdicts": notes}, indent=2, default=str)
+    distil = [[o, "QAT (fake-quantised student)" if st.get("qat") else "fp32", st.get("steps"),
+               st.get("train_seconds"),
+               f"{st.get('heldout_kl_before', float('nan')):.4f} → {st.get('heldout_kl_after', float('nan')):.4f}"]
+              for o, rec in records.items() for st in rec["stages"]
+              if st["stage"] == "distill" and not st.get("skipped")]
+    header = (f"Machine: {machine()}; llama.cpp through llama-cpp-python, {rows['dense F16']['threads']} threads. "
+              f"Model: {args.model}; {args.ratio:.0%} of MLP neurons removed ({args.criterion}, uniform widths rounded "
+              f"to {args.round_to}, refit {args.compensate}); format {args.quant} (the q stage fake-quantises "
+              "every matrix, LM head and embedding included, as the GGUF file stores it, and the activations as "
+              f"llama.cpp's Q8_0 blocks); distil budget {args.steps} steps per order (batch 4 × {args.seq_len} tokens, "
+              f"lr {args.lr}, {args.params} parameters, KL τ = 1). Each order is exported as a {kind.upper()} .gguf "
+              "(orders without q as F16) from its trained float weights; every file is measured in one llama.cpp run: "
+              "prompt "
+              f"{args.prefill_tokens} tokens in one batch, {args.decode_tokens} generated tokens one decode each, "
+              f"{args.speed_repeats} interleaved rounds (median, quartile interval); KL to the dense F16 file and "
+              f"perplexity from llama.cpp's logits on {args.eval_windows} × {args.eval_seq_len} held-out wiki tokens. "
+              "FLOP ideal = the pruning's, from the files. Last column: the torch model's KL to dense fp32 on the "
+              "same windows (fp32 for p, the fake-quantised model otherwise). "
+              f"Command: `{command}` ({minutes} min this call, exports of earlier calls reused).")
+    text = "\n".join([f"# P→Q→D in {kind.upper()}, measured in llama.cpp", "", header, "",
+                      gguf_table(names, rows, torch_kl), "", "Distil stage of each order (held-out KL on "
+                      "calibration-split windows, before → after):", "",
+                      markdown_table(["order", "distil stage", "steps", "seconds", "held-out KL"], distil), "",
+                      "## Targets (issue 22: speed-ups compose)", "", *[f"- {n}" for n in notes]]) + "\n"
     write_text(RESULTS / f"{name}.md", text)
     print(text)
 
