@@ -3,20 +3,26 @@
 1. responsiveness: launch → page served (≤ 20 s); press Score with the default settings → first
    histogram (≤ 60 s with the model converted, ≤ 120 s on a fresh cache that converts the GGUF);
    redraw from cached scores (≤ 2 s);
-2. the Tour: its five one-click steps end to end on a fresh app (≤ 2 min), and step 1's
-   "Recompute" (scoring on this machine instead of the shipped scores);
+2. the Tour: its five one-click steps end to end on a fresh app (≤ 2 min), step 6 "Heal the cut"
+   (the least-squares refit and a one-minute recovery, live), and step 1's "Recompute" (scoring on
+   this machine instead of the shipped scores);
 3. the adaptive allocation with the dashboard's default (quick) settings: Prune → done (≤ 3 min),
    beside the estimate the dashboard shows before it starts; ``--thorough`` also times the
-   thorough preset (the command line's default) one click away.
+   thorough preset (the command line's default) one click away;
+4. the criteria × ratio sweep with the Prune tab's defaults, after the Tour's scores;
+5. Measure (Quantize & measure) with its defaults on the Tour's two cuts: the original and two
+   variants, each within its time budget.
 
-Each estimate the dashboard shows (Recompute's, the adaptive search's) is recorded beside the time the
-job took, with whether the progress bar ever went back. ``--burners N`` runs N busy-loop processes
-beside the app (a machine busy with other work); its rows are kept beside the quiet ones.
+Each estimate the dashboard shows (Recompute's, step 6's, the adaptive search's, the sweep's,
+Measure's) is recorded beside the time the job took, with whether the progress bar ever went back.
+``--burners N`` runs N busy-loop processes beside the app (a machine busy with other work); its rows
+are kept beside the quiet ones, and a table sets each job alone beside the same job under load.
 
     python benchmarks/dashboard.py                       # everything
     python benchmarks/dashboard.py --only tour,adaptive  # keep the stored responsiveness rows
     python benchmarks/dashboard.py --write-tour-scores   # (re)make assets/tour's precomputed scores
     python benchmarks/dashboard.py --only tour,adaptive --burners 2  # the same beside two CPU burners
+    python benchmarks/dashboard.py --only tour,adaptive,sweep,measure --burners 1  # issue 20's "under load"
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from core.importance.criteria import parameter_knobs
 from core.prune.allocate import ADAPTIVE_PRESETS
 from hfprune_ui.tabs.importance import DEFAULT_CRITERIA
 from hfprune_ui.tabs.model_data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+from hfprune_ui.tabs.quantize_measure import MAX_REPEATS
 
 MODEL = "smollm2-135m"
 CRIT = [cls.ui(field)["value"] for _c, cls, field in parameter_knobs()]  # every criterion knob at its default
@@ -48,6 +55,11 @@ TOUR_STEPS = (("1 · score (precomputed)", "/tour_score"), ("2 · histograms", "
               ("3 · disagreements", "/tour_disagreements"), ("4 · prune 30 % both ways", "/tour_prune"),
               ("5 · next-token menus", "/tour_menus"))
 ADAPTIVE_RATIO = 0.3
+# the sweep's and Measure's form defaults (hfprune_ui/tabs/prune.py, quantize_measure.py), in their API order
+SWEEP = {"ratios": "0.2, 0.3, 0.4", "allocation": "uniform", "round_to": "1", "windows": 4, "seq_len": 64,
+         "metric": "kl_to_dense", "compensate_windows": 64, "baseline": True, "draws": 1}
+MEASURE = {"prefill": 512, "decode": 32, "repeats": 5, "budget": 5.0}
+ZEROSHOT_ITEMS = 100  # the zero-shot slider's default; the estimate endpoint also answers for it
 
 
 def free_port() -> int:
@@ -101,8 +113,9 @@ def seconds_of(text: str) -> float | None:
     return 3600 * h + 60 * m + sec
 
 
-def watched(c, *args, api_name: str) -> tuple[float, object, bool]:
-    """(seconds, result, whether the progress fraction the page was sent never went back)."""
+def watched(c, *args, api_name: str, first: list | None = None) -> tuple[float, object, bool]:
+    """(seconds, result, whether the progress fraction the page was sent never went back); a generator's
+    first output is appended to ``first`` when given (where step 6 shows its estimate)."""
     started = time.perf_counter()
     job = c.submit(*args, api_name=api_name)
     fractions: list[float] = []
@@ -112,6 +125,8 @@ def watched(c, *args, api_name: str) -> tuple[float, object, bool]:
             fractions.append(float(units[0].progress))
         time.sleep(0.1)
     out = job.result()
+    if first is not None and job.outputs():
+        first.append(job.outputs()[0])
     return time.perf_counter() - started, out, fractions == sorted(fractions)
 
 
@@ -179,10 +194,14 @@ def tour(env: dict[str, str]) -> dict:
         assert "precomputed" in text, "the shipped scores were not used"
         recompute, (out, _), monotone = watched(c, api_name="/tour_recompute")
         assert "computed on this machine" in out, out
+        first: list = []
+        heal, (text, table, _plot), heal_monotone = watched(c, api_name="/tour_heal", first=first)
+        assert "Measured on the same" in text and len(table["data"]) == 4, text
     result = {"kind": "tour", "scenario": "fresh app, model converted", "launch_s": launch, "steps_s": steps,
               "five_clicks_s": sum(steps.values()), "with_launch_s": launch + sum(steps.values()),
               "recompute_s": recompute, "recompute_estimate_s": seconds_of(estimate), "monotone": monotone,
-              "load": load()}
+              "heal_s": heal, "heal_estimate_s": seconds_of(first[0][0].split("**")[1]), "heal_monotone": heal_monotone,
+              "heal_kl": [row[2] for row in table["data"]], "load": load()}
     print(json.dumps(result), flush=True)
     return result
 
@@ -212,6 +231,45 @@ def adaptive(env: dict[str, str], presets: list[str]) -> list[dict]:
             print(json.dumps(result), flush=True)
             results.append(result)
     return results
+
+
+def sweep(env: dict[str, str]) -> dict:
+    """The sweep with the Prune tab's defaults (the Tour's two criteria and the random baseline × three
+    ratios = 9 rows), after the Tour's scores; the estimate the tab showed beside the time it took."""
+    with running_app(env) as (url, _launch):
+        c = client(url)
+        c.predict(api_name="/tour_score")
+        names = ["entropy", "cross_entropy"]
+        estimate = c.predict(names, SWEEP["ratios"], SWEEP["allocation"], SWEEP["windows"], SWEEP["seq_len"],
+                             SWEEP["compensate_windows"], SWEEP["baseline"], SWEEP["draws"], api_name="/sweep_estimate")
+        seconds, (table, _plot, note), monotone = watched(c, names, *SWEEP.values(), api_name="/sweep")
+        assert "9 of 9 rows" in note, note
+    shown = estimate.split("**")[1]
+    result = {"kind": "sweep", "rows": len(table["data"]), "eval": f"{SWEEP['windows']} × {SWEEP['seq_len']}",
+              "seconds": seconds, "estimate": shown, "estimate_s": seconds_of(shown), "monotone": monotone,
+              "load": load()}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def measure(env: dict[str, str]) -> dict:
+    """Measure with its defaults after the Tour's step 4: the original and the two cuts, each within its
+    time budget; the estimate the tab showed beside the time it took."""
+    with running_app(env) as (url, _launch):
+        c = client(url)
+        c.predict(api_name="/tour_score")
+        c.predict(api_name="/tour_prune")
+        _zeroshot, estimate = c.predict([], ZEROSHOT_ITEMS, *MEASURE.values(), api_name="/measure_estimates")
+        seconds, (table, _bars, _pareto, note), monotone = watched(c, [], *MEASURE.values(), api_name="/bench")
+        rows = table["data"]
+        repeats = [row[table["headers"].index("repeats")] for row in rows]
+        assert "3 of 3 models measured" in note, note
+    shown = estimate.split("**")[1]
+    result = {"kind": "measure", "models": len(rows), "budget_s": MEASURE["budget"], "seconds": seconds,
+              "estimate": shown, "estimate_s": seconds_of(shown), "monotone": monotone, "repeats": repeats,
+              "most_repeats": MAX_REPEATS, "note": note, "load": load()}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def write_tour_scores() -> None:
@@ -256,6 +314,13 @@ def tables(results: list[dict]) -> str:
             step_rows += [["… its estimate, shown after step 1 (probe timed then)",
                            f"{r['recompute_estimate_s']:.0f} ({vs(r['recompute_s'], r['recompute_estimate_s'])})"],
                           ["… its progress bar never went back", "yes" if r.get("monotone") else "**no**"]]
+        if r.get("heal_s") is not None:
+            step_rows += [["6 · heal the cut (least-squares refit + one-minute recovery, live)", f"{r['heal_s']:.1f}"],
+                          ["… its estimate, shown when it starts",
+                           f"{r['heal_estimate_s']:.0f} ({vs(r['heal_s'], r['heal_estimate_s'])})"],
+                          ["… its progress bar never went back", "yes" if r.get("heal_monotone") else "**no**"],
+                          ["… KL to the original: cut → refit → recovered",
+                           " → ".join(f"{kl:.3f}" for kl in r["heal_kl"][1:])]]
         step_rows += [["machine load average at the end", f"{r.get('load', '—')}"]]
         parts += [f"#### Tour end to end ({r['scenario']}{beside(r)})", markdown_table(["step", "seconds"], step_rows)]
     rows = [[r["preset"], f"{r['halvings']}", f"{r['heldout_samples']} × {r['heldout_seq_len']}", r["fidelity"],
@@ -270,7 +335,67 @@ def tables(results: list[dict]) -> str:
                   markdown_table(["preset", "halvings", "held-out windows × tokens", "fidelity", "seconds",
                                   "estimate shown before (took ÷ estimate)", "bar never went back",
                                   "quality at a glance", "CPU burners beside", "load avg"], rows)]
+    rows = [[f"{r['rows']}", r["eval"], f"**{r['seconds']:.0f}**",
+             f"{r['estimate']} ({vs(r['seconds'], r['estimate_s'])})", yes_no(r), r.get("burners", 0),
+             r.get("load", "—")] for r in results if r.get("kind") == "sweep"]
+    if rows:
+        parts += [("#### Criteria × ratio sweep from the Prune tab (its defaults: entropy, cross-entropy and the "
+                   f"random baseline × {SWEEP['ratios']}, uniform, after the Tour's scores)"),
+                  markdown_table(["rows", "held-out windows × tokens", "seconds", "estimate shown before (took ÷ "
+                                  "estimate)", "bar never went back", "CPU burners beside", "load avg"], rows)]
+    rows = [[f"{r['models']}", f"{r['budget_s']:g}", f"**{r['seconds']:.0f}**",
+             f"{r['estimate']} ({vs(r['seconds'], r['estimate_s'])})", ", ".join(str(n) for n in r["repeats"]),
+             yes_no(r), r.get("burners", 0), r.get("load", "—")] for r in results if r.get("kind") == "measure"]
+    if rows:
+        parts += [(f"#### Measure from the Quantize & measure tab (its defaults: prefill {MEASURE['prefill']}, "
+                   f"decode {MEASURE['decode']}, at least {MEASURE['repeats']} repeats, a {MEASURE['budget']:g} s "
+                   "budget per model; the original and the Tour's two 30 % cuts; Measure → last row and the "
+                   "size-vs-quality plot)"),
+                  markdown_table(["models", "budget per model (s)", "seconds", "estimate shown before (took ÷ "
+                                  "estimate)", "repeats per model", "bar never went back", "CPU burners beside",
+                                  "load avg"], rows)]
+    parts += alone_vs_load(results)
     return "\n\n".join(parts) + "\n"
+
+
+def yes_no(r: dict, key: str = "monotone") -> str:
+    return {True: "yes", False: "**no**"}.get(r.get(key), "—")
+
+
+def jobs(r: dict) -> list[tuple[str, float, float | None, bool | None]]:
+    """(job, seconds, estimate shown, bar never went back) for each timed job of a result row."""
+    kind = r.get("kind")
+    if kind == "tour":
+        out = [("Tour: five clicks", r["five_clicks_s"], None, None)]
+        if r.get("heal_s") is not None:
+            out.append(("Tour: step 6, heal the cut", r["heal_s"], r.get("heal_estimate_s"), r.get("heal_monotone")))
+        return out + [("Tour: step 1 Recompute", r["recompute_s"], r.get("recompute_estimate_s"), r.get("monotone"))]
+    if kind == "adaptive":
+        return [(f"adaptive prune ({r['preset']})", r["seconds"], r.get("estimate_s"), r.get("monotone"))]
+    if kind in ("sweep", "measure"):
+        label = "sweep (9 rows)" if kind == "sweep" else f"Measure ({r['models']} models)"
+        return [(label, r["seconds"], r.get("estimate_s"), r.get("monotone"))]
+    return []
+
+
+def alone_vs_load(results: list[dict]) -> list[str]:
+    """One table: each job alone and beside CPU burners, the estimate shown before it beside the time taken."""
+    quiet = {job: (s, e, m) for r in results if not r.get("burners") for job, s, e, m in jobs(r)}
+    loaded = {job: (s, e, m, r["burners"], r.get("load")) for r in results if r.get("burners")
+              for job, s, e, m in jobs(r)}
+    if not loaded:
+        return []
+
+    def cell(seconds: float, estimate: float | None) -> str:
+        return f"{seconds:.0f}" + (f" / {estimate:.0f} ({seconds / estimate:.1f}×)" if estimate else " / —")
+
+    rows = [[job, cell(*quiet[job][:2]) if job in quiet else "—", cell(*loaded[job][:2]), f"{loaded[job][3]}",
+             f"{loaded[job][4]}", "yes" if all(v is not False for v in (quiet.get(job, (0, 0, None))[2],
+                                                                         loaded[job][2])) else "**no**"]
+            for job in loaded]
+    return ["#### Alone and under load: seconds taken / the estimate shown before (taken ÷ estimate; the "
+            "dashboard's promise is within 2×)",
+            markdown_table(["job", "alone", "beside CPU burners", "burners", "load avg", "bar never went back"], rows)]
 
 
 def vs(actual: float, estimate: float | None) -> str:
@@ -284,9 +409,9 @@ def beside(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="responsiveness,tour,adaptive",
-                        help="comma-separated scenarios: responsiveness, tour, adaptive (the others keep their "
-                             "stored rows)")
+    parser.add_argument("--only", default="responsiveness,tour,adaptive,sweep,measure",
+                        help="comma-separated scenarios: responsiveness, tour, adaptive, sweep, measure (the others "
+                             "keep their stored rows)")
     parser.add_argument("--skip-fresh", action="store_true", help="skip the fresh-cache scenario (GGUF conversion)")
     parser.add_argument("--thorough", action="store_true", help="also time the thorough adaptive preset")
     parser.add_argument("--write-tour-scores", action="store_true", help="(re)make assets/tour and exit")
@@ -318,9 +443,13 @@ def main() -> None:
             results.append(tour(env("tour")))
         if "adaptive" in only:
             results += adaptive(env("adaptive"), presets)
+        if "sweep" in only:
+            results.append(sweep(env("sweep")))
+        if "measure" in only:
+            results.append(measure(env("measure")))
     for r in results[fresh_rows:]:
         r["burners"] = args.burners
-    order = {"responsiveness": 0, "tour": 1, "adaptive": 2}
+    order = {"responsiveness": 0, "tour": 1, "adaptive": 2, "sweep": 3, "measure": 4}
     results.sort(key=lambda r: (order.get(r.get("kind", "responsiveness"), 3), r.get("burners", 0),
                                 r.get("preset") != "quick"))
     text = tables(results)
