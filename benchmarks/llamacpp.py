@@ -28,17 +28,17 @@ VARIANTS = "uniform:0.2,uniform:0.3,global:0.2,global:0.3"  # allocation:ratio, 
 TARGET = 0.9  # pruning alone, Q8_0 vs Q8_0 at 20 %: speed-up ≥ 90 % of the FLOP ideal
 
 
-def prune(loaded, scores, allocation: str, ratio: float, round_to: int):
+def prune(loaded, scores, allocation: str, ratio: float, round_to: int, refit: bool = True):
     from core.methods.oneshot import prune_with_scores
     from core.prune.compensate import CompensationOptions
 
     result = prune_with_scores(loaded, scores, ratio, allocation=allocation, round_to=round_to, progress=False,
-                               compensation=CompensationOptions(method="lsq"))
+                               compensation=CompensationOptions(method="lsq" if refit else "none"))
     return result.model, result.meta
 
 
-def export_all(loaded, scores, work: Path, formats: tuple[str, ...], variants: list[tuple[str, float]]
-               ) -> tuple[dict, dict]:
+def export_all(loaded, scores, work: Path, formats: tuple[str, ...], variants: list[tuple[str, float]],
+               refit: bool = True) -> tuple[dict, dict]:
     """{format: {name: path}} for the dense model and every pruned variant, and {name: (model, meta)} of the
     pruned torch models (for their fp32 KL), keyed '<allocation>-<percent>' ('…@256' for the K-quant cut)."""
     from core.export.gguf import GGUFOptions, block_of, save_gguf
@@ -52,7 +52,7 @@ def export_all(loaded, scores, work: Path, formats: tuple[str, ...], variants: l
         for allocation, ratio in variants:
             name = f"{allocation}-{round(100 * ratio)}%" + ("" if block == 32 else f"@{block}")
             if name not in models:
-                models[name] = prune(loaded, scores, allocation, ratio, block)
+                models[name] = prune(loaded, scores, allocation, ratio, block, refit)
                 print(f"  pruned {name}: widths {min(models[name][1]['intermediate_sizes'])}–"
                       f"{max(models[name][1]['intermediate_sizes'])}", flush=True)
             files[fmt][name] = save_gguf(models[name][0], loaded.tokenizer, work / f"{name}-{fmt}.gguf",
@@ -108,9 +108,52 @@ def targets(rows: list[dict]) -> list[str]:
             verdict = "met" if got >= TARGET * ideal else "missed"
             lines.append(f"- {r['model']} Q8_0 {phase}: {got:.3f}× of a {ideal:.3f}× FLOP ideal = "
                          f"{100 * got / ideal:.0f} % (target ≥ {100 * TARGET:.0f} %): **{verdict}**")
-        shrink, params = 1 - r["file_ratio"], 1 - r["param_ratio"]
-        lines.append(f"- {r['model']} Q8_0 file: −{100 * shrink:.2f} % for −{100 * params:.2f} % of the parameters "
-                     f"(target: at least in proportion): **{'met' if shrink >= params else 'missed'}**")
+        lines.append(size_target(r))
+    return lines
+
+
+def size_target(r: dict) -> str:
+    """'- uniform-20% Q8_0 file: −12.17 % …': the file's shrink against the parameters', and (where the row has
+    it) the tensor data's, which is what pruning can shrink — the tokenizer and header stay."""
+    shrink, params = 1 - r["file_ratio"], 1 - r["param_ratio"]
+    line = (f"- {r['model']} {r['format'].upper()} file: −{100 * shrink:.2f} % for −{100 * params:.2f} % of the "
+            f"parameters (target: at least in proportion): **{'met' if shrink >= params else 'missed'}**")
+    if r.get("tensor_ratio") is None:
+        return line
+    tensors = 1 - r["tensor_ratio"]
+    fixed = (r["file_bytes"] - r["tensor_bytes"]) / 2**20
+    return (line + f"; tensor data −{100 * tensors:.2f} % (**{'met' if tensors >= params else 'missed'}**), the other "
+            f"{fixed:.2f} MiB of the file (header, tokenizer, alignment) do not shrink with pruning")
+
+
+def sizes_only(loaded, scores, work: Path, formats: tuple[str, ...], variants: list[tuple[str, float]]) -> list[str]:
+    """File and tensor-data sizes of the dense and pruned exports (sizes depend on the widths only, so the
+    pruned models skip the refit); writes llamacpp_sizes.{json,md} and returns its lines."""
+    from core.measure.llamacpp import gguf_counts
+
+    files, _ = export_all(loaded, scores, work, formats, variants, refit=False)
+    rows, lines = [], []
+    for fmt, group in files.items():
+        counts = {name: gguf_counts(path) for name, path in group.items()}
+        base = counts["dense"]
+        for name, c in counts.items():
+            rows.append({"format": fmt, "model": name, "widths": c.widths, "file_bytes": c.file_bytes,
+                         "tensor_bytes": c.tensor_bytes, "params": c.params,
+                         "file_ratio": c.file_bytes / base.file_bytes,
+                         "tensor_ratio": c.tensor_bytes / base.tensor_bytes, "param_ratio": c.params / base.params})
+    table_rows = [[r["format"].upper(), r["model"], f"{r['file_bytes'] / 2**20:.2f}",
+                   f"{r['tensor_bytes'] / 2**20:.2f}", f"{(r['file_bytes'] - r['tensor_bytes']) / 2**20:.2f}",
+                   f"{r['file_ratio']:.4f}",
+                   f"{r['tensor_ratio']:.4f}", f"{r['param_ratio']:.4f}"] for r in rows]
+    lines = [f"# GGUF sizes: dense vs pruned {loaded.spec}", "",
+             f"{machine()}. Widths rounded to each format's block; sizes depend on the widths only (the pruned "
+             "files here skip the refit). 'other' = file − tensor data: header, tokenizer, alignment padding.", "",
+             markdown_table(["format", "model", "file MiB", "tensor data MiB", "other MiB", "file / dense",
+                             "tensor data / dense", "params / dense"], table_rows), "",
+             "## Targets (the file shrinks at least in proportion to the parameters removed)", "",
+             *[size_target(r) for r in rows if r["model"] != "dense"]]
+    write_json(RESULTS / "llamacpp_sizes.json", {"machine": machine(), "rows": rows, "variants": variants})
+    write_text(RESULTS / "llamacpp_sizes.md", "\n".join(lines) + "\n")
     return lines
 
 
@@ -125,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary one)")
     parser.add_argument("--out", default="llamacpp", help="result name under benchmarks/results/")
+    parser.add_argument("--sizes-only", action="store_true",
+                        help="only export and weigh the files: llamacpp_sizes.{json,md}")
     args = parser.parse_args(argv)
 
     import llama_cpp
@@ -150,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     variants = [(v.split(":")[0], float(v.split(":")[1])) for v in args.variants.split(",")]
+    if args.sizes_only:
+        print("\n".join(sizes_only(loaded, scores, work, formats, variants)))
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     files, models = export_all(loaded, scores, work, formats, variants)
     windows = evaluation_windows(loaded.tokenizer, "wiki", args.windows, args.seq_len)
     kl_torch = torch_kl(loaded, models, windows)

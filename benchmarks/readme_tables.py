@@ -45,11 +45,16 @@ SECTIONS = [
     ("Heal without a GPU: Gemma-3-270M, wiki", "heal_gemma3-270m_wiki.md", None),
     ("DDP vs one-shot at equal wall-clock budgets", "ddp.md", None),
     ("Prune → quantize → distil: the six orders", "pipeline.md", None),
+    ("Prune → quantize → distil in Q4_0, measured in llama.cpp", "pipeline_gguf-q4_0.md",
+     "flock /tmp/heavy.lock python benchmarks/pipeline.py --quant gguf-q4_0 --round-to 32 --compensate lsq "
+     "--params full --lr 3e-4 --steps 12 --eval-seq-len 256 --decode-tokens 64 --speed-repeats 9"),
     ("INT8 backends on this CPU", "int8_backends_cpu.md", "python benchmarks/int8_backends.py"),
     ("Vision: AMP on DINOv2-small", "vision.md", None),
     ("Scale on the CPU: 2-process scoring, checkpointing, GGUF export", "scale_cpu.md", "python benchmarks/scale.py"),
     ("Pruned where it runs: dense vs pruned in llama.cpp, same GGUF format", "llamacpp.md",
      "flock /tmp/heavy.lock python benchmarks/llamacpp.py"),
+    ("GGUF file sizes: what pruning shrinks and what it cannot (tokenizer, header, F32 norms)", "llamacpp_sizes.md",
+     "python benchmarks/llamacpp.py --sizes-only --formats f16,q8_0,q4_0"),
     ("Rank stability over calibration draws", "stability.md", None),
 ]
 

@@ -182,6 +182,9 @@ def test_gguf_counts_read_params_and_flops(tmp_path):
     assert counts.tensor_types == {"F16": 15}  # 7 matrices per layer and the embedding
     assert counts.flops_per_token(100) == 2 * counts.matmul_params + 4 * 64 * 100
     assert counts.file_bytes == (tmp_path / "m.gguf").stat().st_size
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # norms, stored F32
+    assert counts.tensor_bytes == 2 * matmul_params(model) + 4 * vectors  # F16 matrices: 2 bytes a value
+    assert 0 < counts.file_bytes - counts.tensor_bytes  # header and tokenizer: what pruning cannot shrink
 
 
 def test_bench_bad_input_is_one_sentence(tmp_path):

@@ -73,6 +73,7 @@ class GGUFCounts:
     architecture: str
     widths: list[int]  # MLP width per layer
     tensor_types: dict[str, int]  # GGML type → number of 2-D tensors stored in it
+    tensor_bytes: int = 0  # bytes of tensor data; file_bytes − tensor_bytes = header, tokenizer, alignment
 
     def flops_per_token(self, context: int) -> int:
         """2 × matmul weights + 4 × Σ heads·head_dim × ``context`` (scores and the weighted sum)."""
@@ -106,7 +107,7 @@ def gguf_counts(path: str | os.PathLike) -> GGUFCounts:
         matmul += sizes.get("token_embd.weight", 0)
     types = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2}
     return GGUFCounts(Path(path).stat().st_size, sum(sizes.values()), matmul, sum(h * head_dim for h in heads), arch,
-                      widths, type_counts(types))
+                      widths, type_counts(types), sum(int(t.n_bytes) for t in reader.tensors))
 
 
 def gguf_tokenizer(path: str | os.PathLike):
@@ -317,7 +318,8 @@ def llamacpp_row(name: str, path: Path, counts: dict[str, GGUFCounts], times: di
            "gen_tokens_per_s": options.gen_tokens / gen.median,
            "gen_tokens_per_s_q1_q3": [options.gen_tokens / gen.q3, options.gen_tokens / gen.q1],
            "prompt_s_all": times[name]["prompt_s"], "gen_s_all": times[name]["gen_s"],
-           "param_ratio": mine.params / base.params, "file_ratio": mine.file_bytes / base.file_bytes}
+           "param_ratio": mine.params / base.params, "file_ratio": mine.file_bytes / base.file_bytes,
+           "tensor_bytes": mine.tensor_bytes, "tensor_ratio": mine.tensor_bytes / max(1, base.tensor_bytes)}
     prompt_ideal = base.flops_per_token(options.prompt_tokens // 2) / mine.flops_per_token(options.prompt_tokens // 2)
     gen_ideal = base.flops_per_token(options.gen_tokens // 2) / mine.flops_per_token(options.gen_tokens // 2)
     row["same_format"] = set(mine.tensor_types) == set(base.tensor_types)
