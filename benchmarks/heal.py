@@ -244,7 +244,8 @@ class Bench:
         start = spent * 60 * self.threads  # CPU seconds before training began
         curve = [{"cpu_min": round((start + p.get("cpu", 0.0)) / self.threads / 60, 3), "heldout": p["heldout"],
                   "tokens": p["tokens"]} for p in t.curve if p["heldout"] is not None]
-        record = {"train_minutes": round(minutes, 2), "tokens": t.tokens, "steps": t.steps,
+        record = {"train_minutes": round(minutes, 2), "budget_cpu_min": None if spec.get("minutes") else total,
+                  "tokens": t.tokens, "steps": t.steps,
                   "tokens_per_second": round(t.tokens_per_second, 1),
                   "train_cpu_tokens_per_second": round(t.tokens / max(t.cpu_seconds / self.threads, 1e-9), 1),
                   "heldout_before": t.initial_heldout, "heldout_after": t.final_heldout, "curve": curve,
@@ -305,7 +306,8 @@ def recovery_text(row: dict) -> str:
     spec = row.get("recovery")
     if not spec:
         return "-"
-    return f"{spec['teacher']} teacher, {row.get('train_minutes', 0):g} min"
+    budget = f", fills {row['budget_cpu_min']:g} CPU-min" if row.get("budget_cpu_min") else ""
+    return f"{spec['teacher']} teacher, {row.get('train_minutes', 0):g} min{budget}"
 
 
 def render(setup: dict, rows: list[dict]) -> str:
@@ -357,7 +359,10 @@ def targets(rows: list[dict]) -> list[str]:
         uniform = next((r["kl"] for r in rows if r["config"] == "uniform+lsq" and r["ratio"] == ratio), None)
         oneshot = [r for r in rows if r["ratio"] == ratio and not r.get("recovery") and r["cpu_min"] <= 5
                    and r["config"] not in REFERENCE]
-        if ref is not None:
+        if ref is None:
+            out.append(f"- {ratio:.0%}, ≤ 5 CPU-min without training, ≥ 10 % below the best one-shot: not judged, "
+                       f"no reference row ({' or '.join(REFERENCE)}) at this ratio.")
+        else:
             best = min(oneshot, key=lambda r: r["kl"], default=None)
             if best is None:
                 out.append(f"- {ratio:.0%}, ≤ 5 CPU-min without training, ≥ 10 % below {ref:.4f}: no candidate row.")
