@@ -48,6 +48,10 @@ SECTIONS = [
     ("Prune → quantize → distil in Q4_0, measured in llama.cpp", "pipeline_gguf-q4_0.md",
      "flock /tmp/heavy.lock python benchmarks/pipeline.py --quant gguf-q4_0 --round-to 32 --compensate lsq "
      "--params full --lr 3e-4 --steps 12 --eval-seq-len 256 --decode-tokens 64 --speed-repeats 9"),
+    ("Prune → quantize → distil in Q8_0, measured in llama.cpp", "pipeline_gguf-q8_0.md",
+     "flock /tmp/heavy.lock python benchmarks/pipeline.py --quant gguf-q8_0 --round-to 32 --compensate lsq "
+     "--params full --lr 3e-4 --steps 12 --eval-seq-len 256 --decode-tokens 64 --speed-repeats 9 "
+     "--orders pqd,pdq,pq,p"),
     ("INT8 backends on this CPU", "int8_backends_cpu.md", "python benchmarks/int8_backends.py"),
     ("Vision: AMP on DINOv2-small", "vision.md", None),
     ("Scale on the CPU: 2-process scoring, checkpointing, GGUF export", "scale_cpu.md", "python benchmarks/scale.py"),
