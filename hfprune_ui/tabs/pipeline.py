@@ -96,6 +96,11 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
 
 
+def baseline_of(row: dict) -> str:
+    """What a finished run's speed-ups are over: the dense model in torch, or its F16 file in llama.cpp."""
+    return "the dense F16 file in llama.cpp" if row.get("engine") == "llama.cpp" else "dense fp32"
+
+
 def make_start(services: Services, ablation: bool):
     @user_errors
     def start(model_spec: str, order: str, ratio: float, criterion: str, allocation: str, quant: str, params: str,
@@ -151,7 +156,7 @@ def make_start(services: Services, ablation: bool):
             nan = float("nan")
             yield (f"**Done**: {describe_order(options.order)} → {result.record['format']}, KL to dense "
                    f"{row.get('kl_to_dense', nan):.4f}, prefill {row.get('prefill_speedup') or nan:.2f}× / decode "
-                   f"{row.get('decode_speedup') or nan:.2f}× vs dense fp32. Exported to `{result.out}`.",
+                   f"{row.get('decode_speedup') or nan:.2f}× vs {baseline_of(row)}. Exported to `{result.out}`.",
                    table_rows(rows), rows_figure(rows))
             return
         resumed = sum(1 for r in result.rows if r.get("resumed"))
