@@ -13,7 +13,9 @@ scores, an adaptive search at one ratio) runs once and is charged to each of the
 
 Recovery rows fill a total budget (``--total-minutes``, default 15 CPU-minutes): the training's wall
 budget is what is left after the one-shot stages and the teacher cache. Each row records the training's
-tokens/s and its held-out KL curve (calibration held-out slice, 8 × 128) against CPU minutes.
+tokens/s and its held-out KL curve (calibration held-out slice, 8 × 128) against CPU minutes. Any listed
+one-shot configuration names a recovery row: ``<name>+kd-<live|cached>`` fills the total budget,
+``<name>+kd-<live|cached>-<M>m`` trains for M wall minutes (``ce-adaptive-quick+lsq+kd-cached-2m``).
 
     flock /tmp/heavy.lock python benchmarks/heal.py --ratios 0.2 --configs uniform,uniform+lsq
     flock /tmp/heavy.lock python benchmarks/heal.py --ratios 0.2 --configs ce-adaptive+lsq+kd-cached
