@@ -138,14 +138,9 @@ def main() -> None:
 
     started = time.time()
     loaded = load_model(args.model)
-    options = PipelineOptions(ratio=args.ratio, quant=args.quant, criterion=args.criterion, round_to=args.round_to,
-                              params=args.params)
-    train = TrainOptions(steps=args.steps, minutes=args.minutes, lr=args.lr, warmup_steps=max(1, args.steps // 10),
-                         eval_every=max(1, args.steps // 4) if args.steps else 20, batch_size=4)
+    options, train, calibration, compensation = option_groups(args)
     measure = MeasureOptions(eval_windows=args.eval_windows, decode_tokens=args.decode_tokens,
                              speed_repeats=args.speed_repeats, zeroshot_limit=args.zeroshot_limit)
-    calibration = CalibrationOptions(samples=args.samples, seq_len=args.seq_len)
-    compensation = CompensationOptions(method=args.compensate)
 
     def say(event: dict) -> None:
         if event.get("state") in ("start", "resumed"):
@@ -265,20 +260,25 @@ def gguf_table(names: list[str], rows: dict[str, dict], torch_kl: dict[str, floa
     return markdown_table(head, out)
 
 
+def option_groups(args) -> tuple[PipelineOptions, TrainOptions, CalibrationOptions, CompensationOptions]:
+    """The pipeline, training, calibration and refit options both benchmarks (torch and GGUF) read from the flags."""
+    options = PipelineOptions(ratio=args.ratio, quant=args.quant, criterion=args.criterion, round_to=args.round_to,
+                              params=args.params)
+    train = TrainOptions(steps=args.steps, minutes=args.minutes, lr=args.lr, warmup_steps=max(1, args.steps // 10),
+                         eval_every=max(1, args.steps // 4) if args.steps else 20, batch_size=4)
+    return (options, train, CalibrationOptions(samples=args.samples, seq_len=args.seq_len),
+            CompensationOptions(method=args.compensate))
+
+
 def main_gguf(args) -> None:
     """The orders in a GGUF block format, each exported as a .gguf file, all measured together in llama.cpp."""
     started = time.time()
     kind = FORMATS[args.quant].gguf
     loaded = load_model(args.model)
-    options = PipelineOptions(ratio=args.ratio, quant=args.quant, criterion=args.criterion, round_to=args.round_to,
-                              params=args.params)
-    train = TrainOptions(steps=args.steps, minutes=args.minutes, lr=args.lr, warmup_steps=max(1, args.steps // 10),
-                         eval_every=max(1, args.steps // 4) if args.steps else 20, batch_size=4)
+    options, train, calibration, compensation = option_groups(args)
     measure = MeasureOptions(eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
                              prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
                              speed_repeats=args.speed_repeats, zeroshot_limit=0)
-    calibration = CalibrationOptions(samples=args.samples, seq_len=args.seq_len)
-    compensation = CompensationOptions(method=args.compensate)
     root = Path(args.out) / f"gguf-{kind}-{args.ratio}-{args.compensate}-{args.steps}-{args.lr}-{args.params}"
     root.mkdir(parents=True, exist_ok=True)
     shared = Shared(gguf_dir=root / "dense")
