@@ -10,9 +10,9 @@ CPU-burning process runs beside it for the whole test:
   the variant it quantizes.
 
 One test function (the steps share one page and depend on each other's state, and pytest-xdist may
-hand separate tests of a file to separate workers). Step 6's recovery is shortened to 6 s and its
-refit to 16 windows (as tests/test_tour_truth.py does): its estimate is computed from the same
-numbers, so the estimate check still holds; ``benchmarks/dashboard.py`` times the full step.
+hand separate tests of a file to separate workers). Step 6 runs as shipped (a one-minute recovery, a
+64-window refit): shortened to 6 s and 16 windows its fixed costs dominated and this very check read
+its estimate at 0.46-0.62x, so the estimate a class sees is what is checked.
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ pytestmark = [pytest.mark.real, pytest.mark.browser]
 
 BURNERS = 1  # CPU-burning processes beside the dashboard (the machine has 2 cores)
 SLACK_S = 3.0  # a browser round trip and a redraw, added to every time bound
-HEAL = {"HEAL_MINUTES": 0.1, "HEAL_WINDOWS": 16}
 
 
 @pytest.fixture()
@@ -446,11 +445,7 @@ def quantize_keeps_its_source(page) -> None:
     assert source in now and made in now and dropped.group(1) not in now and len(now) == 4, now
 
 
-def test_the_dashboard_keeps_its_word_beside_a_cpu_burner(burner, monkeypatch, request):
-    from hfprune_ui.tabs import tour
-
-    for name, value in HEAL.items():
-        monkeypatch.setattr(tour, name, value)
+def test_the_dashboard_keeps_its_word_beside_a_cpu_burner(burner, request):
     page, timings = request.getfixturevalue("browser_page"), {}  # the module's page, started beside the burner
     began = time.monotonic()
     tour_steps_1_to_5(page, timings)

@@ -179,10 +179,13 @@ def make_bench(services: Services, measured: dict[str, tuple[int, int]] | None =
         picked = chosen_variants(session, names)
         models = 1 + len(picked)
         spec = session.model_spec
-        total = (services.bench_seconds(spec, models, int(prefill), int(decode), int(repeats), budget,
-                                        PERPLEXITY_WINDOWS * PERPLEXITY_LEN)[1]
-                 if spec and services.models.cached(spec) else None)  # what the tab showed: the time left starts here
-        tracker = JobProgress(progress, "Measure", stages=models + 1, estimate_s=total)
+        each, total = (services.bench_seconds(spec, models, int(prefill), int(decode), int(repeats), budget,
+                                              PERPLEXITY_WINDOWS * PERPLEXITY_LEN)
+                       if spec and services.models.cached(spec) else (None, None))  # what the tab showed
+        # each model weighs its estimated seconds and the closing perplexity what is left of the total, so the
+        # bar (and the time left read from its rate) does not treat a ~10 s evaluation like a model's timings
+        weights = [each] * models + [max(total - models * each, 0.05 * each)] if each else None
+        tracker = JobProgress(progress, "Measure", stages=models + 1, estimate_s=total, weights=weights)
         rows: list[dict] = []
         measured[sid] = (0, models)
 
