@@ -209,3 +209,11 @@ def test_the_estimate_times_a_decode_step_on_the_spot_and_holds_within_2x(three_
     rows = list(services.bench(session, [], 16, 8, 3, max_repeats=3, budget_s=0.0))
     took = time.monotonic() - began
     assert len(rows) == 1 and each / 2 <= took <= 2 * each, (each, took)
+
+
+def test_heal_parts_add_up_to_the_estimate_and_the_recovery_dominates():
+    from core.measure.timing import heal_parts, heal_seconds
+
+    parts = heal_parts(0.003, 64 * 64, 1.0, 4 * 64)  # 3 ms per token, 64 × 64 refit tokens, 1 min, 4 × 64 eval
+    assert len(parts) == 4 and abs(sum(parts) - heal_seconds(0.003, 64 * 64, 1.0, 4 * 64, 3)) < 1e-9
+    assert parts[2] > 60 and parts[2] > 2 * (parts[0] + parts[1] + parts[3])  # the minute of recovery weighs most

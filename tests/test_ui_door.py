@@ -25,7 +25,7 @@ ENGINE = ("core.measure", "core.studies", "core.methods")
 PURE = {"neuron_at_rank", "stability_verdict", "check_sweep_draws", "parse_ratios", "scoring_seconds",
         "sweep_seconds", "speed_seconds", "budgeted_speed_seconds", "zeroshot_seconds", "resolvable_difference",
         "separates",
-        "describe_order", "row_label", "heal_seconds", "heal_claims", "draw_claims", "draw_rows", "single_draw_claim"}
+        "describe_order", "row_label", "heal_seconds", "heal_parts", "heal_claims", "draw_claims", "draw_rows", "single_draw_claim"}
 # the Vision tab still runs its encoders itself, under its own lock and cache (a separate change)
 NOT_YET = {"vision.py"}
 

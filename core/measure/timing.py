@@ -134,6 +134,15 @@ def zeroshot_seconds(per_token: float, models: int, items: int, choices: int = 4
 RECOVERY_OVERHEAD_TOKENS = 8 * 128 * 4  # a recovery's held-out checks before and after, teacher and student
 
 
+def heal_parts(per_token: float, compensation_tokens: int, minutes: float, eval_tokens: int) -> list[float]:
+    """The Tour's healing step in its four parts, seconds each: measuring the cut, the least-squares refit
+    and its measurement, the recovery with its held-out checks, measuring the recovered model (what a
+    progress bar weighs its steps by)."""
+    measuring = evaluation_seconds(per_token, eval_tokens)
+    return [measuring, refit_seconds(per_token, compensation_tokens) + measuring,
+            60 * minutes + per_token * RECOVERY_OVERHEAD_TOKENS, measuring]
+
+
 def heal_seconds(per_token: float, compensation_tokens: int, minutes: float, eval_tokens: int, models: int) -> float:
     """The Tour's healing step: a least-squares refit (the dense model over its calibration tokens,
     about twice a forward with the statistics), a recovery of ``minutes`` plus its held-out checks, and

@@ -15,7 +15,7 @@ import pandas as pd
 
 from core import paths
 from core.errors import HFPruneError, SelectionError, Stopped
-from core.measure.timing import RECOVERY_OVERHEAD_TOKENS, evaluation_seconds, heal_seconds, refit_seconds
+from core.measure.timing import heal_parts, heal_seconds
 from core.models.loading import DEFAULT_MODEL
 from core.studies.claims import Claim, heal_claims
 from core.studies.stability import draw_claims, draw_rows, single_draw_claim
@@ -277,9 +277,7 @@ def make_step6(services: Services):
         seconds = heal_seconds(per_token, refit_tokens, minutes, eval_tokens, 3)
         # the bar's four steps weigh their estimated seconds (the same parts as heal_seconds), so the minute of
         # recovery is most of the bar and the time left read from its rate holds through the last measurement
-        measuring = evaluation_seconds(per_token, eval_tokens)
-        weights = [measuring, refit_seconds(per_token, refit_tokens) + measuring,
-                   60 * minutes + per_token * RECOVERY_OVERHEAD_TOKENS, measuring]
+        weights = heal_parts(per_token, refit_tokens, minutes, eval_tokens)
         tracker = JobProgress(progress, "Tour step 6", unit="step", weights=weights, estimate_s=seconds)
         estimate = f"Estimated time: **about {duration(seconds)}** on this machine"
         quality: dict[str, dict] = {}
