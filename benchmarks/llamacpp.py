@@ -132,7 +132,7 @@ def sizes_only(loaded, scores, work: Path, formats: tuple[str, ...], variants: l
     from core.measure.llamacpp import gguf_counts
 
     files, _ = export_all(loaded, scores, work, formats, variants, refit=False)
-    rows, lines = [], []
+    rows = []
     for fmt, group in files.items():
         counts = {name: gguf_counts(path) for name, path in group.items()}
         base = counts["dense"]
