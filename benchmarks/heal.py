@@ -59,8 +59,10 @@ from core.train.teacher_cache import TeacherOptions
 # quick for the dashboard's adaptive settings, else the CLI's thorough ones),
 # compensation (a core.prune.compensate mode), recovery (None, or {"teacher": live | cached, plus
 # "total": CPU-minutes to fill, or "minutes": a fixed training budget}) and base (the one-shot
-# configuration a recovery row starts from). A row whose criterion or compensation this checkout does
-# not have is skipped with a note, so modes other work adds can be listed before they land.
+# configuration a recovery row starts from), refit_probes (adaptive: the search probes each width with the
+# lsq refit applied, AllocationOptions.refit_probes; False where unset: the rows measured before it existed).
+# A row whose criterion or compensation this checkout does not have is skipped with a note, so modes other
+# work adds can be listed before they land.
 CONFIGS: list[dict] = [
     {"name": "uniform", "criterion": "entropy", "allocation": "uniform", "compensation": "none"},
     {"name": "uniform+lsq", "criterion": "entropy", "allocation": "uniform", "compensation": "lsq"},
@@ -70,6 +72,20 @@ CONFIGS: list[dict] = [
     {"name": "ce-adaptive+lsq", "criterion": "cross_entropy", "allocation": "adaptive", "compensation": "lsq"},
     {"name": "ce-adaptive-quick+lsq", "criterion": "cross_entropy", "allocation": "adaptive", "preset": "quick",
      "compensation": "lsq"},
+    # the search probes with the refit applied (core.prune.adaptive.RefitMaskedEvaluator)
+    {"name": "refit-adaptive-quick+lsq", "criterion": "entropy", "allocation": "adaptive", "preset": "quick",
+     "compensation": "lsq", "refit_probes": True},
+    {"name": "ce-refit-adaptive-quick+lsq", "criterion": "cross_entropy", "allocation": "adaptive",
+     "preset": "quick", "compensation": "lsq", "refit_probes": True},
+    {"name": "ce-refit-adaptive+lsq", "criterion": "cross_entropy", "allocation": "adaptive",
+     "compensation": "lsq", "refit_probes": True},
+    # the refit's statistics on 512 × 128 calibration tokens instead of the default 128 × 128
+    {"name": "uniform+lsq512", "criterion": "entropy", "allocation": "uniform", "compensation": "lsq",
+     "lsq": {"samples": 512}},
+    {"name": "ce-adaptive-quick+lsq512", "criterion": "cross_entropy", "allocation": "adaptive", "preset": "quick",
+     "compensation": "lsq", "lsq": {"samples": 512}},
+    {"name": "ce-refit-adaptive-quick+lsq512", "criterion": "cross_entropy", "allocation": "adaptive",
+     "preset": "quick", "compensation": "lsq", "lsq": {"samples": 512}, "refit_probes": True},
     # issue 21 §2 / §3 (core.importance.obs, core.prune.region), at their defaults
     {"name": "obs+lsq", "criterion": "obs", "allocation": "uniform", "compensation": "lsq"},
     {"name": "uniform+region", "criterion": "entropy", "allocation": "uniform", "compensation": "region"},
@@ -102,6 +118,17 @@ def config(name: str) -> dict:
     if "base" in found:
         return {**config(found["base"]), **found}
     return dict(found)
+
+
+def allocation_options(cfg: dict) -> AllocationOptions:
+    """The adaptive search's knobs of a configuration: its preset, and refit probes only where it asks."""
+    return AllocationOptions(**ADAPTIVE_PRESETS[cfg.get("preset", "thorough")],
+                             refit_probes=bool(cfg.get("refit_probes", False)))
+
+
+def compensation_options(cfg: dict) -> CompensationOptions:
+    """The compensation of a configuration: its mode, with the knobs it sets (``"lsq": {"samples": 512}``)."""
+    return CompensationOptions(cfg["compensation"], **cfg.get("lsq", {}))
 
 
 def missing(cfg: dict) -> str | None:
@@ -148,6 +175,7 @@ class Bench:
         self.folder = cache_dir() / "bench" / "heal" / f"{Path(args.model).name}-{args.text}"
         self.shared: dict = results.setdefault("shared", {})  # stage costs / widths, kept across runs
         self.scores: dict[str, ScoreResult] = {}
+        self.plans: dict[str, WidthPlan] = {}  # this process's searches, with the refit statistics they carry
 
     def measure(self, model) -> dict:
         result = evaluate(model, self.eval_ids, self.reference, progress=False)
@@ -176,16 +204,19 @@ class Bench:
         if cfg["allocation"] != "adaptive":
             return None, None
         preset = cfg.get("preset", "thorough")
-        key = f"adaptive|{cfg['criterion']}|{ratio:g}" + ("" if preset == "thorough" else f"|{preset}")
+        key = (f"adaptive|{cfg['criterion']}|{ratio:g}" + ("" if preset == "thorough" else f"|{preset}")
+               + (f"|refit{compensation_options(cfg).samples}" if cfg.get("refit_probes") else ""))
         full = mlp_widths(self.dense.model)
         if key not in self.shared:
             clock = Clock()
-            with clock.stage(key):
+            with clock.stage(key):  # with refit probes this includes the refit's statistics, reused below
                 plan = preview_widths(self.dense, ratio, "adaptive", scores=scores, progress=False,
-                                      options=AllocationOptions(**ADAPTIVE_PRESETS[preset]))
+                                      options=allocation_options(cfg),
+                                      compensation=compensation_options(cfg))
             self.shared[key] = {**clock.stages[key], "widths": plan.widths}
+            self.plans[key] = plan
         cost = {k: v for k, v in self.shared[key].items() if k != "widths"}
-        return WidthPlan("adaptive", ratio, list(self.shared[key]["widths"]), full), cost
+        return self.plans.get(key) or WidthPlan("adaptive", ratio, list(self.shared[key]["widths"]), full), cost
 
     def oneshot(self, cfg: dict, ratio: float) -> tuple[Path, dict, dict]:
         """(saved folder, stages, extra) of a one-shot configuration; built once, then read from disk."""
@@ -199,10 +230,10 @@ class Bench:
         clock.add("score", score_cost["cpu_s"], score_cost["wall_s"])
         if plan_cost:
             clock.add("adaptive search", plan_cost["cpu_s"], plan_cost["wall_s"])
-        compensation = CompensationOptions(cfg["compensation"])
+        compensation = compensation_options(cfg)
         with clock.stage("prune + compensation"):
             pruned = prune_with_scores(self.dense, scores, ratio, allocation=cfg["allocation"], plan=plan,
-                                       options=AllocationOptions(**ADAPTIVE_PRESETS[cfg.get("preset", "thorough")]),
+                                       options=allocation_options(cfg),
                                        compensation=compensation, progress=False)
         if folder.exists():
             shutil.rmtree(folder)
@@ -277,8 +308,10 @@ def code_state() -> str:
 
 def run_one(bench: Bench, cfg: dict, ratio: float) -> dict:
     base_folder, stages, extra = bench.oneshot(cfg, ratio)
-    row = {"config": cfg["name"], "ratio": ratio, "criterion": cfg["criterion"], "allocation": cfg["allocation"],
-           "compensation": cfg["compensation"], "recovery": cfg.get("recovery"), "code": CODE}
+    allocation = cfg["allocation"] + (" (refit probes)" if cfg.get("refit_probes") else "")
+    row = {"config": cfg["name"], "ratio": ratio, "criterion": cfg["criterion"], "allocation": allocation,
+           "compensation": cfg["compensation"] + (f" ({cfg['lsq']['samples']} windows)" if cfg.get("lsq") else ""),
+           "recovery": cfg.get("recovery"), "code": CODE}
     if cfg.get("recovery"):
         stages, record = bench.recovery(cfg, ratio, base_folder, stages)
         model = record.pop("model")

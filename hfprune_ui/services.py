@@ -313,7 +313,7 @@ class Services:
             engine_name, options = engine_allocation(allocation, adaptive)
             phase("widths")
             plan = engine.preview_widths(loaded, float(ratio), engine_name, scores=scores, round_to=int(round_to),
-                                         options=options, progress=bars, stop=stop)
+                                         options=options, progress=bars, stop=stop, compensation=compensation)
             if compensation.method != "none":
                 phase("refit")
             result = engine.prune_with_scores(loaded, scores, float(ratio), allocation=engine_name, options=options,
@@ -641,7 +641,8 @@ class Services:
                       params: dict | None = None, adaptive: dict | None = None,
                       compensate_windows: int = 0, region: dict | None = None) -> dict[str, float]:
         """About how long each part of a Prune takes on this machine now, in :attr:`PRUNE_PHASES` order:
-        scoring (0 when the scores are stored), the widths (the adaptive search; others are instant), the
+        scoring (0 when the scores are stored), the widths (the adaptive search; others are instant; a search
+        that probes with the refit computes the refit's statistics first, so they count here), the
         least-squares refit (with ``region``: and the whole-MLP reconstruction, about 2.5 forward passes
         over its tokens plus its Adam steps) and the quality at a glance — scaled from a probe timed on the spot."""
         per_token = self.seconds_per_token(model_spec)
@@ -653,6 +654,8 @@ class Services:
             widths = self.adaptive_seconds(model_spec, options.halvings, options.heldout_samples,
                                            options.heldout_seq_len, sequential=allocation == SEQUENTIAL)
         refit = refit_seconds(per_token, int(compensate_windows) * data.seq_len)
+        if widths and refit and options.refit_probes:  # the search probes with the refit: its statistics come first
+            widths, refit = widths + refit, 0.0
         if region:
             knobs = engine.CompensationOptions("region", **{f"region_{k}": v for k, v in region.items()})
             refit += (2.5 * refit_seconds(per_token, knobs.region_samples * data.seq_len)

@@ -28,7 +28,7 @@ from core.importance.stats import (
 from core.models.adapters import mlp_widths
 from core.models.loading import LoadedModel
 from core.models.slicing import prune_mlp_neurons
-from core.prune.adaptive import adaptive_search, heldout_windows
+from core.prune.adaptive import RefitMaskedEvaluator, adaptive_search, heldout_windows
 from core.prune.allocate import (
     AllocationOptions,
     check_ratio,
@@ -155,6 +155,9 @@ class WidthPlan:
     widths: list[int]
     full_widths: list[int]
     adaptive: "AdaptiveResult | None" = None
+    # the refit's statistics when the search probed with the refit (RefitMaskedEvaluator), so the refit after
+    # the cut reuses them: (per-layer Grams, the (source, samples, seq_len, seed) they were computed on)
+    refit_grams: "tuple[list[torch.Tensor], tuple] | None" = field(default=None, repr=False, compare=False)
 
     @property
     def achieved_ratio(self) -> float:
@@ -167,6 +170,18 @@ class WidthPlan:
         if self.adaptive is not None:
             out["adaptive"] = self.adaptive.to_dict()
         return out
+
+
+def refit_probing(allocation: str, options: AllocationOptions, compensation: CompensationOptions | None) -> bool:
+    """Whether an adaptive search probes with the least-squares refit applied: it does when the cut will
+    be refitted (lsq or region) and ``options.refit_probes`` is on."""
+    return (allocation == "adaptive" and options.refit_probes and compensation is not None
+            and compensation.method != "none")
+
+
+def grams_key(options: CompensationOptions, calibration: CalibrationOptions) -> tuple:
+    """What a set of refit statistics was computed on: (source, samples, seq_len, seed)."""
+    return (calibration.source, options.samples, options.seq_len, calibration.seed)
 
 
 def compensation_grams(loaded: LoadedModel, options: CompensationOptions, *, source: str = CalibrationOptions.source,
@@ -182,19 +197,24 @@ def compensation_grams(loaded: LoadedModel, options: CompensationOptions, *, sou
 
 
 def apply_compensation(loaded: LoadedModel, pruned: nn.Module, kept: list[torch.Tensor], meta: dict, *,
-                       progress: bool = True, stop: Callable[[], bool] | None = None) -> nn.Module:
+                       progress: bool = True, stop: Callable[[], bool] | None = None,
+                       grams: "tuple[list[torch.Tensor], tuple] | None" = None) -> nn.Module:
     """Redo the least-squares refit a prune recorded in its ``meta`` (deterministic: same source,
     seed, windows and damping), e.g. when a stored run is rebuilt from its kept indices; for ``region``
     also the layer-by-layer MLP reconstruction (:func:`reconstruct_mlps`, seeded), whose per-layer
-    errors and time go to ``meta["region"]``. In place."""
+    errors and time go to ``meta["region"]``. ``grams``: statistics already computed (a refit-probing
+    search's :attr:`WidthPlan.refit_grams`), used when they were made on the same windows. In place."""
     recorded = dict(meta.get("compensation") or {})
     if recorded.get("method", "none") == "none":
         return pruned
     options = CompensationOptions.from_dict(recorded)
     calibration = CalibrationOptions.from_dict(meta.get("calibration"))
-    grams = compensation_grams(loaded, options, source=calibration.source, seed=calibration.seed,
-                               progress=progress, stop=stop)
-    compensate_pruned(pruned, loaded.model, kept, grams, options.damping)
+    if grams is not None and grams[1] == grams_key(options, calibration):
+        grams_list = grams[0]
+    else:
+        grams_list = compensation_grams(loaded, options, source=calibration.source, seed=calibration.seed,
+                                        progress=progress, stop=stop)
+    compensate_pruned(pruned, loaded.model, kept, grams_list, options.damping)
     if options.method == "region":
         report = reconstruct_mlps(loaded, pruned, options, source=calibration.source, seed=calibration.seed,
                                   progress=progress, stop=stop)
@@ -233,19 +253,26 @@ def adaptive_heldout(loaded: LoadedModel, result: "ScoreResult | None", options:
 def preview_widths(loaded: LoadedModel, ratio: float, allocation: str = "uniform", *,
                    scores: "ScoreResult | list[torch.Tensor] | None" = None, round_to: int = 1,
                    options: AllocationOptions | None = None, batch_size: int = 4, progress: bool = True,
-                   stop: Callable[[], bool] | None = None) -> WidthPlan:
+                   stop: Callable[[], bool] | None = None,
+                   compensation: CompensationOptions | None = None) -> WidthPlan:
     """Per-layer widths an allocation would give, without pruning. ``global`` needs scores;
     ``adaptive`` also runs the search on held-out calibration windows (seconds to minutes on CPU) and
-    returns its per-layer trace in ``plan.adaptive.traces``. ``ratio`` is checked here (:func:`check_ratio`)."""
+    returns its per-layer trace in ``plan.adaptive.traces``. ``compensation``: the refit the cut will get
+    (default ``CompensationOptions()``, lsq); with one, the search probes every width refitted
+    (:func:`refit_probing`) and the plan carries the refit's statistics for :func:`prune_with_scores`.
+    ``ratio`` is checked here (:func:`check_ratio`)."""
     return _preview_widths(loaded, check_ratio(ratio), allocation, scores=scores, round_to=round_to, options=options,
-                           batch_size=batch_size, progress=progress, stop=stop)
+                           batch_size=batch_size, progress=progress, stop=stop,
+                           compensation=compensation or CompensationOptions())
 
 
 def _preview_widths(loaded: LoadedModel, ratio: float, allocation: str, *,
                     scores: "ScoreResult | list[torch.Tensor] | None", round_to: int, options: AllocationOptions | None,
-                    batch_size: int = 4, progress: bool, stop: Callable[[], bool] | None) -> WidthPlan:
+                    batch_size: int = 4, progress: bool, stop: Callable[[], bool] | None,
+                    compensation: CompensationOptions | None = None) -> WidthPlan:
     """:func:`preview_widths` for a ratio the caller has checked."""
     options = options or AllocationOptions()
+    refit_grams = None
     result = scores if isinstance(scores, ScoreResult) else None
     score_list = scores.scores if isinstance(scores, ScoreResult) else scores
     full = mlp_widths(loaded.model)
@@ -256,13 +283,22 @@ def _preview_widths(loaded: LoadedModel, ratio: float, allocation: str, *,
         if [s.numel() for s in score_list] != full:
             raise PruneConfigError("These scores were computed for a model with different MLP widths.")
         windows = adaptive_heldout(loaded, result, options)
+        evaluator = None
+        if refit_probing(allocation, options, compensation):
+            calibration = result.calibration if result is not None else CalibrationOptions()
+            grams = compensation_grams(loaded, compensation, source=calibration.source, seed=calibration.seed,
+                                       batch_size=batch_size, progress=progress, stop=stop)
+            refit_grams = (grams, grams_key(compensation, calibration))
+            evaluator = RefitMaskedEvaluator(loaded.model, windows, score_list, grams, compensation.damping,
+                                             options.fidelity, batch_size)
         adaptive = adaptive_search(loaded.model, score_list, ratio, windows, fidelity=options.fidelity,
                                    mode=options.mode, halvings=options.halvings, min_keep=options.adaptive_min_keep,
-                                   round_to=round_to, batch_size=batch_size, progress=progress, stop=stop)
+                                   round_to=round_to, batch_size=batch_size, progress=progress, stop=stop,
+                                   evaluator=evaluator)
         widths = adaptive.widths
     else:
         widths = _plan_widths(loaded.model, ratio, allocation, round_to, score_list, options)
-    return WidthPlan(allocation, ratio, widths, full, adaptive)
+    return WidthPlan(allocation, ratio, widths, full, adaptive, refit_grams)
 
 
 def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *, allocation: str = "uniform",
@@ -284,7 +320,7 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
     if (plan is None or plan.allocation != allocation or plan.ratio != ratio
             or plan.full_widths != widths_before):
         plan = _preview_widths(loaded, ratio, allocation, scores=result, round_to=round_to, options=options,
-                               progress=progress, stop=stop)
+                               progress=progress, stop=stop, compensation=compensation)
     widths = plan.widths
     kept = top_k_indices(result.scores, widths)
     model = prune_mlp_neurons(loaded.model, kept)
@@ -310,8 +346,8 @@ def prune_with_scores(loaded: LoadedModel, result: ScoreResult, ratio: float, *,
         a = plan.adaptive
         meta["adaptive"] = {"tolerance": a.tolerance, "fidelity": a.fidelity, "mode": a.mode,
                             "search_ratio": a.search_ratio, "evaluations": a.evaluations,
-                            "heldout_tokens": a.heldout_tokens,
+                            "heldout_tokens": a.heldout_tokens, "refit_probes": plan.refit_grams is not None,
                             "trace": [{"layer": t.layer, "tried": t.tried, "chosen": t.chosen, "width": t.width}
                                       for t in a.traces]}
-    apply_compensation(loaded, model, kept, meta, progress=progress, stop=stop)
+    apply_compensation(loaded, model, kept, meta, progress=progress, stop=stop, grams=plan.refit_grams)
     return PruneResult(model, widths, kept, meta)

@@ -41,6 +41,7 @@ from core.models.forward import base_forward, batches, hooks
 from core.models.reference import REFERENCE_BUDGET_BYTES, Reference, entropy_sum, head_logits
 from core.progress import check_stop
 from core.prune.allocate import check_ratio
+from core.prune.compensate import compensated_down
 
 FIDELITIES = ("kl", "entropy")
 MODES = ("sequential", "independent")
@@ -249,6 +250,53 @@ class MaskedEvaluator(MaskedModel):
                 entropy_sum(logits_of, hidden.shape[0], self.vocab_size)
         return total / self.tokens
 
+
+
+class RefitMaskedEvaluator(MaskedEvaluator):
+    """A :class:`MaskedEvaluator` whose probes apply the least-squares refit that the ``lsq``
+    compensation applies after the cut, so the search asks how much a layer loses *after* the refit.
+
+    While layer l keeps its top-k neurons K, its ``down_proj`` weight (H, d_ff) is swapped for one whose
+    K columns are the refit ``W_K + W_R G_RK (G_KK + λI)^{-1}`` (:func:`compensated_down`) and whose other
+    columns are zero (the mask zeroes their inputs too). ``grams``: per layer the dense model's
+    ``down_proj`` input Gram Σ a aᵀ (d_ff, d_ff) fp64 — the very statistics the refit uses afterwards, so
+    they are computed once; ``damping``: its λ as a share of mean diag G_KK. One Cholesky solve per probe
+    (k × k, fp64), small beside the probe's forward through the rest of the model and the head."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, scores: list[torch.Tensor], grams: list[torch.Tensor],
+                 damping: float, fidelity: str = "kl", batch_size: int = 4,
+                 budget_bytes: int = REFERENCE_BUDGET_BYTES):
+        super().__init__(model, windows, scores, fidelity, batch_size, budget_bytes)
+        if [tuple(g.shape) for g in grams] != [(h.width, h.width) for h in self.handles]:
+            raise PruneConfigError("The refit statistics do not match this model's MLP widths.")
+        self.grams, self.damping = grams, damping
+        self.refit: list[torch.Tensor | None] = [None] * len(self.handles)  # the swapped-in weight per layer
+
+    def width_mask(self, layer: int, keep: int) -> torch.Tensor | None:
+        """The 0/1 mask of the top ``keep`` neurons; also prepares the layer's refitted weight."""
+        mask = super().width_mask(layer, keep)
+        self.refit[layer] = None
+        if mask is not None:
+            down = self.handles[layer].down.weight
+            kept = self.orders[layer][:keep].sort().values  # (k,) ascending
+            weight = torch.zeros_like(down)  # (H, d_ff); removed columns stay 0
+            weight[:, kept.to(down.device)] = compensated_down(down, self.grams[layer], kept, self.damping)
+            self.refit[layer] = weight
+        return mask
+
+    @contextlib.contextmanager
+    def _mask_hooks(self) -> Iterator[None]:
+        swapped: dict[int, torch.Tensor] = {}
+        try:
+            for h in self.handles:
+                if self.masks[h.index] is not None and self.refit[h.index] is not None:
+                    swapped[h.index] = h.down.weight.data
+                    h.down.weight.data = self.refit[h.index]
+            with super()._mask_hooks():
+                yield
+        finally:
+            for index, weight in swapped.items():
+                self.handles[index].down.weight.data = weight
 
 # Probes (masked forwards) a search runs, relative to layers × (halvings + 1): the outer bisection on
 # the tolerance re-asks most (layer, width) pairs, which independent mode memoises; sequential mode

@@ -34,10 +34,11 @@ VARIANT_COLUMNS = ["name", "criterion", "ratio", "allocation", "compensation", "
 SWEEP_COLUMNS = ["criterion", "ratio", "allocation", "perplexity", "kl_to_dense", "top1_agreement", "params"]
 
 
-def adaptive_knobs(halvings: float, heldout_samples: float, heldout_seq_len: float, fidelity: str) -> dict:
+def adaptive_knobs(halvings: float, heldout_samples: float, heldout_seq_len: float, fidelity: str,
+                   refit_probes: bool = AllocationOptions.refit_probes) -> dict:
     """Form values → the adaptive search's knobs (validated by the engine's AllocationOptions)."""
     knobs = {"halvings": int(halvings), "heldout_samples": int(heldout_samples),
-             "heldout_seq_len": int(heldout_seq_len), "fidelity": fidelity}
+             "heldout_seq_len": int(heldout_seq_len), "fidelity": fidelity, "refit_probes": bool(refit_probes)}
     AllocationOptions(**knobs)  # a bad value is one clear sentence before anything runs
     return knobs
 
@@ -173,11 +174,12 @@ def make_prune(services: Services):
               upload: str | None, samples: float, seq_len: float, seed: float, criterion_knobs: dict,
               halvings: float = 4, heldout_samples: float = 2, heldout_seq_len: float = 64,
               fidelity: str = "kl", region: bool = False, region_windows: float = 32, region_steps: float = 0,
-              region_target: str = "local", request: gr.Request = None, progress=TRACK):
+              region_target: str = "local", refit_probes: bool = AllocationOptions.refit_probes,
+              request: gr.Request = None, progress=TRACK):
         """Score if needed (cached), prune into a new variant, store the run, measure it at a glance."""
         session = services.sessions.get(session_id(request))
         job = session.new_job()
-        knobs = adaptive_knobs(halvings, heldout_samples, heldout_seq_len, fidelity)
+        knobs = adaptive_knobs(halvings, heldout_samples, heldout_seq_len, fidelity, refit_probes)
         data = services.data_spec(source, upload, samples, seq_len, seed)
         spec = (model or "").strip()
         windows = int(compensate_windows) if compensate else 0
@@ -191,7 +193,9 @@ def make_prune(services: Services):
                                          params=criterion_knobs.get(criterion), compensate_windows=windows,
                                          region=rebuild)
         tracker.replan(list(seconds.values()), estimate_s=sum(seconds.values()))
-        labels = {"widths": "adaptive search" if allocation in ("adaptive", SEQUENTIAL) else "pruning",
+        probing = allocation in ("adaptive", SEQUENTIAL) and windows > 0 and knobs["refit_probes"]
+        labels = {"widths": ("refit statistics, then the adaptive search probing with the refit" if probing else
+                             "adaptive search" if allocation in ("adaptive", SEQUENTIAL) else "pruning"),
                   "refit": "least-squares refit" + (" and whole-MLP reconstruction" if rebuild else "")}
         phases = list(seconds)
         tracker.stage(0, f"scores for {criterion}")
@@ -454,6 +458,9 @@ def build(ctx: Ctx) -> None:
                 heldout_seq_len = gr.Slider(label="Tokens per held-out window",
                                             **{**AllocationOptions.ui("heldout_seq_len"),
                                                "value": quick["heldout_seq_len"]})
+            refit_probes = gr.Checkbox(label="Probe each width with the least-squares refit applied (when the "
+                                       "refit below is on)", **AllocationOptions.ui("refit_probes"),
+                                       elem_id="refit-probes")
             estimate = gr.Markdown("", elem_id="adaptive-estimate")
         advice = recipe_advice()  # generated from the stored benchmark result, shown before anything is picked
         gr.Markdown(advice["adaptive"], elem_id="adaptive-advice")
@@ -565,7 +572,7 @@ def build(ctx: Ctx) -> None:
     prune_event = prune_button.click(make_prune(services), [criterion, ratio, allocation, round_to, compensate,
                                                             compensate_windows, name, *ctx.data_inputs,
                                                             *ctx.criterion_inputs, *knobs, region, region_windows,
-                                                            region_steps, region_target],
+                                                            region_steps, region_target, refit_probes],
                                      [status, export_variant, trace_plot, *panel_outputs, preview_plot],
                                      api_name="prune", show_progress_on=status,
                                      **model_events())
