@@ -15,6 +15,7 @@ from core.models.slicing import prune_mlp_neurons
 from core.prune.adaptive import MaskedEvaluator, RefitMaskedEvaluator
 from core.prune.allocate import AllocationOptions
 from core.prune.compensate import activation_grams, compensate_pruned
+from core.studies.sweep import FidelitySweep
 
 WINDOWS = torch.randint(0, 1000, (6, 24), generator=torch.Generator().manual_seed(3))
 
@@ -70,3 +71,18 @@ def test_prune_computes_the_refit_statistics_once_and_records_refit_probes(tiny_
     plan = preview_widths(loaded, 0.3, "adaptive", scores=scores, options=options, progress=False,
                           compensation=CompensationOptions("none"))
     assert plan.refit_grams is None and not calls
+
+
+def test_the_sweeps_adaptive_lsq_rows_search_with_refit_probes_unless_switched_off(tiny_loaded):
+    loaded = tiny_loaded("llama", intermediate_size=48, layers=3)
+    scores = ScoreResult([torch.rand(48, generator=torch.Generator().manual_seed(i)) for i in range(3)],
+                         {"criterion": "random", "source": "wiki", "samples": 4, "seq_len": 32, "seed": 0}, 0.0)
+    knobs = dict(halvings=2, heldout_samples=2, heldout_seq_len=16)
+    lsq = CompensationOptions("lsq", samples=4, seq_len=32)
+    for probes in (True, False):
+        sweep = FidelitySweep(loaded, WINDOWS[:2], options=AllocationOptions(**knobs, refit_probes=probes),
+                              compensation=lsq, progress=False)
+        plain, refit = list(sweep.rows({"random": scores}, ["adaptive", "adaptive+lsq"], [0.3]))
+        assert sorted(sweep._evaluators) == ([False, True] if probes else [False])
+        assert isinstance(sweep._evaluators.get(True, (None, None))[1], RefitMaskedEvaluator) == probes
+        assert "compensate_s" in refit and refit["kl_to_dense"] < plain["kl_to_dense"]

@@ -31,7 +31,7 @@ from core.methods.oneshot import (
 from core.models.loading import LoadedModel
 from core.models.slicing import pruned_view
 from core.progress import check_stop
-from core.prune.adaptive import MaskedEvaluator, adaptive_search
+from core.prune.adaptive import MaskedEvaluator, RefitMaskedEvaluator, adaptive_search
 from core.prune.allocate import check_ratio
 from core.prune.compensate import compensate_pruned
 
@@ -89,7 +89,8 @@ class FidelitySweep:
         self.reference: Reference | None = None  # computed on the first row
         self.grams: list[torch.Tensor] | None = None
         self.grams_seconds: float | None = None
-        self._evaluator: tuple[ScoreResult, MaskedEvaluator] | None = None
+        # per probe kind (True: with the refit applied), the criterion's held-out evaluator
+        self._evaluators: dict[bool, tuple[ScoreResult, MaskedEvaluator]] = {}
 
     def _reference(self) -> Reference:
         if self.reference is None:
@@ -106,16 +107,27 @@ class FidelitySweep:
         options = replace(self.options, **overrides)
         if allocation != "adaptive":
             return plan_widths(self.loaded.model, ratio, allocation, self.round_to, result.scores, options), {}
-        if self._evaluator is None or self._evaluator[0] is not result:  # one held-out dense pass per criterion
-            self._evaluator = None
+        refit = self.refit_probing(spec)
+        held = self._evaluators.get(refit)
+        if held is None or held[0] is not result:  # one held-out dense pass per criterion and probe kind
+            self._evaluators.pop(refit, None)
             heldout = adaptive_heldout(self.loaded, result, options)
-            self._evaluator = (result, MaskedEvaluator(self.loaded.model, heldout, result.scores, options.fidelity,
+            evaluator = (RefitMaskedEvaluator(self.loaded.model, heldout, result.scores, self._grams(result),
+                                              self.compensation.damping, options.fidelity, self.batch_size)
+                         if refit else MaskedEvaluator(self.loaded.model, heldout, result.scores, options.fidelity,
                                                        self.batch_size))
-        found = adaptive_search(self.loaded.model, result.scores, ratio, None, evaluator=self._evaluator[1],
+            held = self._evaluators[refit] = (result, evaluator)
+        found = adaptive_search(self.loaded.model, result.scores, ratio, None, evaluator=held[1],
                                 mode=options.mode, halvings=options.halvings, min_keep=options.adaptive_min_keep,
                                 round_to=self.round_to, progress=self.progress, stop=self.stop)
         return found.widths, {"tolerance": found.tolerance, "evaluations": found.evaluations,
                               "search_ratio": found.search_ratio}
+
+    def refit_probing(self, spec: str) -> bool:
+        """Whether ``spec``'s search probes with the refit applied (an adaptive ``+lsq`` spec with
+        ``refit_probes`` on): then it searches its own widths instead of reusing the plain spec's."""
+        allocation, overrides, lsq = split_allocation(spec)
+        return allocation == "adaptive" and lsq and replace(self.options, **overrides).refit_probes
 
     def _grams(self, result: ScoreResult) -> list[torch.Tensor]:
         if self.grams is None:  # the dense model's statistics, on the first criterion's calibration source
@@ -158,7 +170,7 @@ class FidelitySweep:
 
     def rows(self, results: dict[str, ScoreResult], specs: Iterable[str], ratios: Iterable[float]) -> Iterator[dict]:
         """Every (criterion, allocation, ratio) row, criterion-major; a ``+lsq`` spec reuses the widths
-        of its plain spec when that was swept first."""
+        of its plain spec when that was swept first (not an adaptive one that probes with the refit)."""
         specs, ratios = list(specs), list(ratios)
         for spec in specs:
             split_allocation(spec)  # an unknown spec fails before any work
@@ -167,7 +179,8 @@ class FidelitySweep:
             for spec in specs:
                 for ratio in ratios:
                     base = spec.partition("+")[0]
-                    row = self.row(name, result, spec, ratio, reuse=done.get((base, ratio)) if base != spec else None)
+                    reuse = done.get((base, ratio)) if base != spec and not self.refit_probing(spec) else None
+                    row = self.row(name, result, spec, ratio, reuse=reuse)
                     done.setdefault((base, ratio), row)
                     yield row
 
