@@ -79,6 +79,7 @@ CONFIGS: list[dict] = [
      "preset": "quick", "compensation": "lsq", "refit_probes": True},
     {"name": "ce-refit-adaptive+lsq", "criterion": "cross_entropy", "allocation": "adaptive",
      "compensation": "lsq", "refit_probes": True},
+    {"name": "fisher+lsq", "criterion": "fisher", "allocation": "uniform", "compensation": "lsq"},
     # the refit's statistics on 512 × 128 calibration tokens instead of the default 128 × 128
     {"name": "uniform+lsq512", "criterion": "entropy", "allocation": "uniform", "compensation": "lsq",
      "lsq": {"samples": 512}},
