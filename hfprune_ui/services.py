@@ -72,7 +72,7 @@ from core.paths import cache_dir
 from core.progress import check_stop
 from core.quantize.backends import check_method, quantize_model
 from core.runs import RunStore
-from core.studies.claims import adaptive_claim, load_recipe_evidence, refit_claim
+from core.studies.claims import adaptive_claim, load_probe_evidence, load_recipe_evidence, probe_claim, refit_claim
 from core.studies.neuron import InspectOptions, NeuronReport, inspect_neuron
 from core.studies.report import build_report, rebuild_run_model, write_report
 from core.studies.stability import (
@@ -118,10 +118,12 @@ def allocations() -> list[tuple[str, str]]:
 def recipe_advice() -> dict[str, str]:
     """The Prune tab's two recipe sentences, generated from the stored criteria benchmark
     (core.studies.claims): ``refit`` (what the default refit buys and costs) and ``adaptive`` (its gain
-    over uniform widths and its export consequence); empty strings when the result file is missing."""
+    over uniform widths and its export consequence), and from the stored heal tables ``probes`` (what
+    probing the search with the refit changed); empty strings when the result files are missing."""
     evidence = load_recipe_evidence()
-    refit, adaptive = refit_claim(evidence), adaptive_claim(evidence)
-    return {"refit": refit.text if refit else "", "adaptive": adaptive.text if adaptive else ""}
+    refit, adaptive, probes = refit_claim(evidence), adaptive_claim(evidence), probe_claim(load_probe_evidence())
+    return {"refit": refit.text if refit else "", "adaptive": adaptive.text if adaptive else "",
+            "probes": probes.text if probes else ""}
 
 
 def engine_allocation(choice: str, knobs: dict | None = None) -> tuple[str, engine.AllocationOptions]:

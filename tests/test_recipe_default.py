@@ -3,6 +3,8 @@ the CLI and the Prune tab alike (one declaration, CompensationOptions), and the 
 sentences are generated from the stored benchmark numbers they cite."""
 from __future__ import annotations
 
+import json
+
 import gradio as gr
 import pytest
 import torch
@@ -121,3 +123,36 @@ def test_the_default_refit_reloads_from_every_export(allocation, tiny_loaded, tm
             assert mlp_widths(model) == pruned.widths, mode
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4, msg=mode)
+
+
+def test_the_probe_sentence_is_made_from_the_heal_tables(tmp_path):
+    from core.studies.claims import PROBE_PAIR, load_probe_evidence, probe_claim
+
+    def row(config, ratio, kl, cpu):
+        return {"config": config, "ratio": ratio, "kl": kl, "cpu_min": cpu}
+
+    (tmp_path / "heal_m_wiki.json").write_text(json.dumps({"rows": [
+        row(PROBE_PAIR[0], 0.2, 0.40, 2.3), row(PROBE_PAIR[1], 0.2, 0.36, 2.4),
+        row(PROBE_PAIR[0], 0.3, 0.60, 2.0), row(PROBE_PAIR[1], 0.3, 0.595, 2.1),
+        row(PROBE_PAIR[0], 0.4, 0.9, 2.0)]}))  # no pair at 40 %: left out
+    (tmp_path / "heal_m_news.json").write_text("not json")
+    evidence = load_probe_evidence(tmp_path)
+    assert [(e["table"], e["ratio"]) for e in evidence] == [("m, wiki", 0.2), ("m, wiki", 0.3)]
+    claim = probe_claim(evidence)
+    assert "m, wiki at 20 %: 0.400 → 0.360 (-10.0 %, 2.3 → 2.4 CPU-min)" in claim.text
+    assert "in all 2 measured cases" in claim.text and "1 of them changed by less than 3 %" in claim.text
+    assert claim.inside_noise and claim.better is None  # one case inside the noise: no blanket verdict
+    worse = probe_claim([dict(evidence[0], refit=0.45)])
+    assert "in 0 of 1 measured cases" in worse.text and worse.better is None
+    assert probe_claim([]) is None
+
+
+def test_the_shipped_heal_tables_back_the_probe_sentence():
+    from core.studies.claims import load_probe_evidence, probe_claim
+
+    evidence = load_probe_evidence()
+    if not evidence:
+        pytest.skip("no heal table with both probe rows in this checkout")
+    claim = probe_claim(evidence)
+    for case in evidence:
+        assert f"{case['mask']:.3f} → {case['refit']:.3f}" in claim.text

@@ -461,8 +461,9 @@ def build(ctx: Ctx) -> None:
             refit_probes = gr.Checkbox(label="Probe each width with the least-squares refit applied (when the "
                                        "refit below is on)", **AllocationOptions.ui("refit_probes"),
                                        elem_id="refit-probes")
+            advice = recipe_advice()  # generated from the stored benchmark results, shown before anything is picked
+            gr.Markdown(advice["probes"], elem_id="probe-advice")
             estimate = gr.Markdown("", elem_id="adaptive-estimate")
-        advice = recipe_advice()  # generated from the stored benchmark result, shown before anything is picked
         gr.Markdown(advice["adaptive"], elem_id="adaptive-advice")
         with gr.Row():
             compensate = gr.Checkbox(COMPENSATE_DEFAULT, label="Least-squares compensation (refit down_proj after "
