@@ -126,21 +126,24 @@ def test_the_default_refit_reloads_from_every_export(allocation, tiny_loaded, tm
 
 
 def test_the_probe_sentence_is_made_from_the_heal_tables(tmp_path):
-    from core.studies.claims import PROBE_PAIR, load_probe_evidence, probe_claim
+    from core.studies.claims import PROBE_PAIRS, load_probe_evidence, probe_claim
 
     def row(config, ratio, kl, cpu):
         return {"config": config, "ratio": ratio, "kl": kl, "cpu_min": cpu}
 
     (tmp_path / "heal_m_wiki.json").write_text(json.dumps({"rows": [
-        row(PROBE_PAIR[0], 0.2, 0.40, 2.3), row(PROBE_PAIR[1], 0.2, 0.36, 2.4),
-        row(PROBE_PAIR[0], 0.3, 0.60, 2.0), row(PROBE_PAIR[1], 0.3, 0.595, 2.1),
-        row(PROBE_PAIR[0], 0.4, 0.9, 2.0)]}))  # no pair at 40 %: left out
+        row(PROBE_PAIRS[0][0], 0.2, 0.40, 2.3), row(PROBE_PAIRS[0][1], 0.2, 0.36, 2.4),
+        row(PROBE_PAIRS[0][0], 0.3, 0.60, 2.0), row(PROBE_PAIRS[0][1], 0.3, 0.595, 2.1),
+        row(PROBE_PAIRS[1][0], 0.3, 0.50, 4.0), row(PROBE_PAIRS[1][1], 0.3, 0.45, 4.1),
+        row(PROBE_PAIRS[0][0], 0.4, 0.9, 2.0)]}))  # no pair at 40 %: left out
     (tmp_path / "heal_m_news.json").write_text("not json")
     evidence = load_probe_evidence(tmp_path)
-    assert [(e["table"], e["ratio"]) for e in evidence] == [("m, wiki", 0.2), ("m, wiki", 0.3)]
+    assert [(e["table"], e["ratio"], e["windows"]) for e in evidence] == [("m, wiki", 0.2, ""), ("m, wiki", 0.3, ""),
+                                                                          ("m, wiki", 0.3, "512")]
     claim = probe_claim(evidence)
     assert "m, wiki at 20 %: 0.400 → 0.360 (-10.0 %, 2.3 → 2.4 CPU-min)" in claim.text
-    assert "in all 2 measured cases" in claim.text and "1 of them changed by less than 3 %" in claim.text
+    assert "m, wiki at 30 % (refit on 512 windows): 0.500 → 0.450" in claim.text
+    assert "in all 3 measured cases" in claim.text and "1 of them changed by less than 3 %" in claim.text
     assert claim.inside_noise and claim.better is None  # one case inside the noise: no blanket verdict
     worse = probe_claim([dict(evidence[0], refit=0.45)])
     assert "in 0 of 1 measured cases" in worse.text and worse.better is None

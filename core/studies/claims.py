@@ -212,21 +212,26 @@ def load_recipe_evidence(path: str | Path | None = None, criterion: str = "entro
 # the adaptive search's refit probes, in a sentence made from benchmarks/heal.py's stored tables
 # ----------------------------------------------------------------------------------------------
 
-PROBE_PAIR = ("ce-adaptive-quick+lsq", "ce-refit-adaptive-quick+lsq")  # same scores and settings; probes differ
+# heal.py rows that differ only in the search's probes (mask, refit): same scores, preset and refit windows
+PROBE_PAIRS = (("ce-adaptive-quick+lsq", "ce-refit-adaptive-quick+lsq"),
+               ("ce-adaptive-quick+lsq512", "ce-refit-adaptive-quick+lsq512"))
 
 
 def probe_evidence(tables: dict[str, dict]) -> list[dict]:
-    """Each (table, ratio) where heal.py measured both :data:`PROBE_PAIR` rows: ``{"table", "ratio",
-    "mask", "refit", "mask_cpu", "refit_cpu"}`` (KL to the original, CPU minutes dense → saved).
+    """Each (table, ratio, refit windows) where heal.py measured both rows of a :data:`PROBE_PAIRS` pair:
+    ``{"table", "ratio", "windows", "mask", "refit", "mask_cpu", "refit_cpu"}`` (KL to the original, CPU
+    minutes dense → saved; ``windows``: '' for the default refit, '512' for the 512-window one).
     ``tables``: a stored heal result's name ('smollm2-135m, wiki') → its JSON ({"rows": [...]})."""
     found = []
     for name, stored in tables.items():
         rows = {(r.get("config"), round(float(r.get("ratio", 0)), 4)): r for r in stored.get("rows", [])}
         for ratio in sorted({key[1] for key in rows}):
-            mask, refit = rows.get((PROBE_PAIR[0], ratio)), rows.get((PROBE_PAIR[1], ratio))
-            if mask and refit:
-                found.append({"table": name, "ratio": ratio, "mask": float(mask["kl"]), "refit": float(refit["kl"]),
-                              "mask_cpu": float(mask["cpu_min"]), "refit_cpu": float(refit["cpu_min"])})
+            for plain, probed in PROBE_PAIRS:
+                mask, refit = rows.get((plain, ratio)), rows.get((probed, ratio))
+                if mask and refit:
+                    found.append({"table": name, "ratio": ratio, "windows": plain.rpartition("lsq")[2],
+                                  "mask": float(mask["kl"]), "refit": float(refit["kl"]),
+                                  "mask_cpu": float(mask["cpu_min"]), "refit_cpu": float(refit["cpu_min"])})
     return found
 
 
@@ -237,7 +242,9 @@ def probe_claim(evidence: list[dict], noise: float = 0.03) -> Claim | None:
     if not evidence:
         return None
     changes = [e["refit"] / e["mask"] - 1 for e in evidence]
-    cases = "; ".join(f"{e['table']} at {percent(e['ratio'])}: {e['mask']:.3f} → {e['refit']:.3f} "
+    cases = "; ".join(f"{e['table']} at {percent(e['ratio'])}"
+                      + (f" (refit on {e['windows']} windows)" if e.get("windows") else "")
+                      + f": {e['mask']:.3f} → {e['refit']:.3f} "
                       f"({percent(c, 1)}, {e['mask_cpu']:.1f} → {e['refit_cpu']:.1f} CPU-min)"
                       for e, c in zip(evidence, changes))
     wins = sum(c < 0 for c in changes)
