@@ -85,6 +85,8 @@ CONFIGS: list[dict] = [
      "lsq": {"samples": 512}},
     {"name": "ce-adaptive-quick+lsq512", "criterion": "cross_entropy", "allocation": "adaptive", "preset": "quick",
      "compensation": "lsq", "lsq": {"samples": 512}},
+    {"name": "ce-adaptive-quick+lsq384", "criterion": "cross_entropy", "allocation": "adaptive", "preset": "quick",
+     "compensation": "lsq", "lsq": {"samples": 384}},  # the news calibration text holds 442 windows, not 512
     {"name": "ce-refit-adaptive-quick+lsq512", "criterion": "cross_entropy", "allocation": "adaptive",
      "preset": "quick", "compensation": "lsq", "lsq": {"samples": 512}, "refit_probes": True},
     # issue 21 §2 / §3 (core.importance.obs, core.prune.region), at their defaults
