@@ -65,6 +65,8 @@ SECTIONS = [
 
 PLOTS = {"recovery.md": ("recovery.png", "KL to dense vs training minutes"),
          "heal_smollm2-135m_wiki.md": ("heal_smollm2-135m_wiki.png", "KL to dense vs CPU minutes from dense to saved"),
+         "heal_smollm2-135m_news.md": ("heal_smollm2-135m_news.png", "KL to dense vs CPU minutes, news text"),
+         "heal_gemma3-270m_wiki.md": ("heal_gemma3-270m_wiki.png", "KL to dense vs CPU minutes, Gemma-3-270M"),
          "pipeline.md": ("pipeline.png", "The six orders: speed-up vs KL to dense")}
 
 

@@ -115,12 +115,12 @@ def test_cli_prune_global_remote_code_then_eval(tmp_path, real_tokenizer):
     assert abs(report["achieved_ratio"] - 0.4) <= 0.005
     meta = json.loads((out / "pruning_meta.json").read_text())
     assert meta["adaptive"]["mode"] == "sequential" and meta["criterion_params"]["temperature"] == 0.3
-    assert meta["adaptive"]["refit_probes"] is True  # the default refit is on, so the search probed with it
-    plain = cli("prune", "--model", str(folder), "--ratio", "0.4", "--allocation", "adaptive", "--halvings", "2",
-                "--heldout-samples", "2", "--heldout-seq-len", "16", "--samples", "2", "--seq-len", "16",
-                "--compensate-samples", "4", "--no-refit-probes", "--out", str(tmp_path / "plain"))
-    assert plain.returncode == 0, plain.stderr
-    assert json.loads((tmp_path / "plain" / "pruning_meta.json").read_text())["adaptive"]["refit_probes"] is False
+    assert meta["adaptive"]["refit_probes"] is False  # opt-in: the search probed the plain cut
+    probed = cli("prune", "--model", str(folder), "--ratio", "0.4", "--allocation", "adaptive", "--halvings", "2",
+                 "--heldout-samples", "2", "--heldout-seq-len", "16", "--samples", "2", "--seq-len", "16",
+                 "--compensate-samples", "4", "--refit-probes", "--out", str(tmp_path / "probed"))
+    assert probed.returncode == 0, probed.stderr
+    assert json.loads((tmp_path / "probed" / "pruning_meta.json").read_text())["adaptive"]["refit_probes"] is True
     # eval of the padded folder: the padding is counted in mlp_params, the real widths in effective_*
     ev = cli("eval", "--model", str(out), "--windows", "1", "--seq-len", "16", "--json")
     assert ev.returncode == 0, ev.stderr

@@ -1,6 +1,6 @@
-"""The adaptive search that probes with the least-squares refit applied: a probe measures exactly the
+"""The adaptive search that probes with the least-squares refit applied (opt-in): a probe measures exactly the
 cut-and-refitted layer, leaves the dense weights as they were, and prune_with_scores computes the refit's
-statistics once (the search's are reused by the refit) and records that it probed this way."""
+statistics once (the search's are reused by the refit) and records whether it probed this way."""
 from __future__ import annotations
 
 import torch
@@ -54,7 +54,7 @@ def test_prune_computes_the_refit_statistics_once_and_records_refit_probes(tiny_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(oneshot, "activation_grams", counting)
-    options = AllocationOptions(halvings=2, heldout_samples=2, heldout_seq_len=16)
+    options = AllocationOptions(halvings=2, heldout_samples=2, heldout_seq_len=16, refit_probes=True)
     lsq = CompensationOptions("lsq", samples=4, seq_len=32)
     result = prune_with_scores(loaded, scores, 0.3, allocation="adaptive", options=options, compensation=lsq,
                                progress=False)
@@ -62,10 +62,9 @@ def test_prune_computes_the_refit_statistics_once_and_records_refit_probes(tiny_
     assert result.meta["adaptive"]["refit_probes"] is True
     assert abs(result.meta["achieved_ratio"] - 0.3) < 0.02
 
-    calls.clear()  # switched off, or with no refit to come: a plain masked search and no statistics before it
+    calls.clear()  # off (the default), or with no refit to come: a plain masked search, no statistics before it
     off = prune_with_scores(loaded, scores, 0.3, allocation="adaptive", compensation=lsq, progress=False,
-                            options=AllocationOptions(halvings=2, heldout_samples=2, heldout_seq_len=16,
-                                                      refit_probes=False))
+                            options=AllocationOptions(halvings=2, heldout_samples=2, heldout_seq_len=16))
     assert off.meta["adaptive"]["refit_probes"] is False and len(calls) == 1
     calls.clear()
     plan = preview_widths(loaded, 0.3, "adaptive", scores=scores, options=options, progress=False,

@@ -36,9 +36,10 @@ class AllocationOptions(Options):
                                 step=16, flag="heldout-seq-len")
     adaptive_min_keep: float = knob(0.05, "adaptive: minimum kept fraction of every layer", low=0.0, high=1.0,
                                     low_open=True, step=0.01, flag="adaptive-min-keep")
-    refit_probes: bool = knob(True, "adaptive, with the lsq or region compensation: probe every width with the "
+    refit_probes: bool = knob(False, "adaptive, with the lsq or region compensation: probe every width with the "
                               "least-squares refit applied, so the widths suit the refitted model (the refit's "
-                              "statistics are computed before the search and reused by the refit)",
+                              "statistics are computed before the search and reused by the refit; same time). Off "
+                              "by default: in benchmarks/heal.py it was a tie within a quick search's noise",
                               flag="refit-probes")
 
 
