@@ -145,6 +145,8 @@ def test_the_probe_sentence_is_made_from_the_heal_tables(tmp_path):
     assert "m, wiki at 30 % (refit on 512 windows): 0.500 → 0.450" in claim.text
     assert "in all 3 measured cases" in claim.text and "1 of them changed by less than 3 %" in claim.text
     assert claim.inside_noise and claim.better is None  # one case inside the noise: no blanket verdict
+    assert claim.text.endswith("do not show a gain beyond that noise.")
+    assert probe_claim(evidence[:1]).text.endswith("Worth switching on.")  # one clear win alone
     worse = probe_claim([dict(evidence[0], refit=0.45)])
     assert "in 0 of 1 measured cases" in worse.text and worse.better is None
     assert probe_claim([]) is None

@@ -254,10 +254,13 @@ def probe_claim(evidence: list[dict], noise: float = 0.03) -> Claim | None:
                f"Probing with the refit gave the closer cut in all {len(evidence)} measured cases")
     noise_text = (f" {small} of them changed by less than {percent(noise)}, which one search on a 2 × 64-token "
                   "held-out slice can move either way: read those as a tie." if small else "")
-    text = (f"{verdict} (cross-entropy scores, the quick search, then the refit; KL to the original, "
-            f"benchmarks/heal.py): {cases}.{noise_text} The search costs the same, because the refit's "
-            "statistics are computed before it instead of after, and the cut exports like any other.")
     better = wins == len(evidence) and small == 0
+    advice = ("It costs the same search time, because the refit's statistics are computed before the search "
+              "instead of after, and the cut exports like any other.")
+    advice += (" Worth switching on." if better else
+               " It is off by default: the measured cases do not show a gain beyond that noise.")
+    text = (f"{verdict} (cross-entropy scores, the quick search, then the refit; KL to the original, "
+            f"benchmarks/heal.py): {cases}.{noise_text} {advice}")
     return Claim(text, "recipe", better="refit probes" if better else None, worse="mask probes" if better else None,
                  inside_noise=small > 0, values={"cases": evidence})
 
