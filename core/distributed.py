@@ -60,10 +60,17 @@ def shutdown() -> None:
 def process_group() -> Iterator[bool]:
     """``with process_group() as parallel:`` — init on entry (when launched), shutdown on exit."""
     started = launched() and not (dist.is_available() and dist.is_initialized())
+    finished = False
     try:
         yield init()
+        finished = True
     finally:
         if started:
+            if finished and active():
+                # every rank done before any tears the group down: a rank that destroys gloo while another is
+                # still writing its result can abort that one's exit ("terminate called without an active
+                # exception", seen once in CI); after an error, no barrier that could wait for a dead rank
+                dist.barrier()
             shutdown()
 
 
