@@ -27,6 +27,7 @@ from core.methods.oneshot import (
     adaptive_heldout,
     compensation_grams,
     plan_widths,
+    refit_probing,
 )
 from core.models.loading import LoadedModel
 from core.models.slicing import pruned_view
@@ -127,7 +128,7 @@ class FidelitySweep:
         """Whether ``spec``'s search probes with the refit applied (an adaptive ``+lsq`` spec with
         ``refit_probes`` on): then it searches its own widths instead of reusing the plain spec's."""
         allocation, overrides, lsq = split_allocation(spec)
-        return allocation == "adaptive" and lsq and replace(self.options, **overrides).refit_probes
+        return refit_probing(allocation, replace(self.options, **overrides), self.compensation if lsq else None)
 
     def _grams(self, result: ScoreResult) -> list[torch.Tensor]:
         if self.grams is None:  # the dense model's statistics, on the first criterion's calibration source
